@@ -1,0 +1,64 @@
+"""User-facing errors: ``file:line:col: message``, the source line, a caret.
+
+A phase collects every :class:`Diagnostic` it finds and raises them together
+as one :class:`SpecError`.  Anything else that escapes is a compiler bug.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir import Loc
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    message: str
+    loc: Loc | None = None
+    hint: str | None = None
+
+    def format(self, sources: dict[str, str] | None = None) -> str:
+        head = f"{self.loc}: error: {self.message}" if self.loc else f"error: {self.message}"
+        lines = [head]
+        text = (sources or {}).get(self.loc.file) if self.loc else None
+        if text is not None and self.loc.line >= 1:
+            src_lines = text.splitlines()
+            if self.loc.line <= len(src_lines):
+                src = src_lines[self.loc.line - 1].expandtabs(1)
+                lines.append(f"  {src}")
+                lines.append("  " + " " * max(self.loc.col - 1, 0) + "^")
+        if self.hint:
+            lines.append(f"  note: {self.hint}")
+        return "\n".join(lines)
+
+
+class SpecError(Exception):
+    """One or more user mistakes in a spec (or in arguments to the compiler)."""
+
+    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, str] | None = None):
+        self.diagnostics = list(diagnostics)
+        self.sources = dict(sources or {})
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        return "\n".join(d.format(self.sources) for d in self.diagnostics)
+
+
+class Collector:
+    """Accumulates the diagnostics of one phase; ``raise_if_any`` ends the phase."""
+
+    def __init__(self, sources: dict[str, str] | None = None):
+        self.diagnostics: list[Diagnostic] = []
+        self.sources = sources or {}
+
+    def error(self, message: str, loc: Loc | None = None, hint: str | None = None) -> None:
+        d = Diagnostic(message, loc, hint)
+        if d not in self.diagnostics:
+            self.diagnostics.append(d)
+
+    def raise_if_any(self) -> None:
+        if self.diagnostics:
+            ordered = sorted(
+                self.diagnostics,
+                key=lambda d: (d.loc.file, d.loc.line, d.loc.col) if d.loc else ("", 0, 0),
+            )
+            raise SpecError(ordered, self.sources)

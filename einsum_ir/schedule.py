@@ -1,0 +1,166 @@
+"""Data-flow order of a cascade, including the loops of iterative ranks.
+
+Order of evaluation follows data dependencies, not the order in the file.  An
+iterative rank ``I`` becomes a :class:`Loop`: its body is every update
+``T[i+1,..]`` plus every Einsum that carries ``i`` on its left and reads an
+iterative tensor at ``i``/``i+1`` (directly or through other body Einsums).
+Inits run before the loop; readers of ``T[I, ...]`` after it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .diagnostics import Collector, SpecError
+from .exprs import walk
+from .ir import Access, Binary, Definition, Einsum, Index, IterativeEinsum, Module, Num, Statement
+
+
+@dataclass(frozen=True)
+class Loop:
+    """``for i in range(I)`` over the ``body`` statements, in dependency order."""
+
+    rank: str
+    body: tuple[Statement, ...]
+
+
+Step = Statement | Loop
+
+
+def statement_reads(st: Statement) -> list[Access]:
+    accesses = [n for n in walk(st.expr) if isinstance(n, Access)]
+    if st.where is not None:
+        accesses += [n for n in walk(st.where) if isinstance(n, Access)]
+    return accesses
+
+
+def _reads_step(acc: Access, defn: Definition, rank: str) -> str | None:
+    """'i' or 'i+1' when ``acc`` reads along ``rank`` at the current step, else None."""
+    ranks = defn.tensor_ranks(acc.tensor)
+    if rank not in ranks:
+        return None
+    sub = acc.subscripts[ranks.index(rank)]
+    if sub == Index(rank):
+        return "i"
+    if sub == Binary("+", Index(rank), Num(1)):
+        return "i+1"
+    return None
+
+
+def loop_bodies(defn: Definition) -> dict[str, list[Statement]]:
+    """Iterative rank -> its body statements (file order), by fixpoint."""
+    iterative = defn.iterative_tensors
+    bodies: dict[str, list[Statement]] = {}
+    for rank in defn.iterative_ranks:
+        members = {st.tensor for st in defn.statements
+                   if isinstance(st, IterativeEinsum) and not st.init and st.iter_rank == rank}
+        changed = True
+        while changed:
+            changed = False
+            for st in defn.statements:
+                if st.tensor in members or not isinstance(st, Einsum) or rank not in st.lhs:
+                    continue
+                for acc in statement_reads(st):
+                    step = _reads_step(acc, defn, rank)
+                    inside = acc.tensor in members or iterative.get(acc.tensor) == rank
+                    if step is not None and inside:
+                        members.add(st.tensor)
+                        changed = True
+                        break
+        bodies[rank] = [st for st in defn.statements if st.tensor in members
+                        and not (isinstance(st, IterativeEinsum) and st.init)]
+    return bodies
+
+
+def dataflow_graph(defn: Definition) -> nx.DiGraph:
+    """The cascade as a DAG of tensors: an edge ``A -> B`` when B's Einsum reads A."""
+    g = nx.DiGraph()
+    for arg in defn.tensor_args:
+        g.add_node(arg.name, kind="input")
+    for st in defn.statements:
+        g.add_node(st.tensor, kind="iterative" if isinstance(st, IterativeEinsum) else "einsum")
+    for st in defn.statements:
+        for acc in statement_reads(st):
+            if acc.tensor != st.tensor:
+                g.add_edge(acc.tensor, st.tensor)
+    return g
+
+
+def _topo(g: nx.DiGraph, order: dict, what: str, defn: Definition, errors: Collector) -> list | None:
+    try:
+        return list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(g)
+        names = [getattr(n, "tensor", None) or f"loop over {n.rank}" for n, _ in cycle]
+        first = next((n for n, _ in cycle if hasattr(n, "loc")), None)
+        errors.error(f"dependency cycle {what}: " + " -> ".join(names + names[:1]),
+                     getattr(first, "loc", None) or defn.loc)
+        return None
+
+
+def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, ...]:
+    """The definition's statements as a data-flow ordered list of statements and loops."""
+    own = errors or Collector()
+    bodies = loop_bodies(defn)
+    node_of: dict[str, object] = {}
+    loops = {rank: Loop(rank, ()) for rank in bodies}
+    in_body = {st.tensor: rank for rank, sts in bodies.items() for st in sts}
+    for st in defn.statements:
+        if isinstance(st, IterativeEinsum) and st.init:
+            continue
+        node_of[st.tensor] = loops[in_body[st.tensor]] if st.tensor in in_body else st
+    g = nx.DiGraph()
+    order: dict = {}
+    for i, st in enumerate(defn.statements):
+        node = node_of.get(st.tensor) if not (isinstance(st, IterativeEinsum) and st.init) else st
+        g.add_node(node)
+        order.setdefault(node, i)
+        for acc in statement_reads(st):
+            src = node_of.get(acc.tensor)
+            if isinstance(st, IterativeEinsum) and st.init and acc.tensor == st.tensor:
+                continue
+            if src is not None and src is not node:
+                g.add_edge(src, node)
+        if isinstance(st, IterativeEinsum) and st.init:
+            g.add_edge(st, node_of[st.tensor])
+    steps = _topo(g, order, "between statements", defn, own)
+    if steps is None:
+        if errors is None:
+            own.raise_if_any()
+        return ()
+    out: list[Step] = []
+    for step in steps:
+        if isinstance(step, Loop):
+            body = _order_body(defn, step.rank, bodies[step.rank], own)
+            out.append(Loop(step.rank, tuple(body or ())))
+        else:
+            out.append(step)
+    if errors is None:
+        own.raise_if_any()
+    return tuple(out)
+
+
+def _order_body(defn, rank, body, errors) -> list | None:
+    g = nx.DiGraph()
+    producers = {st.tensor: st for st in body}
+    order = {st: i for i, st in enumerate(body)}
+    for st in body:
+        g.add_node(st)
+        for acc in statement_reads(st):
+            src = producers.get(acc.tensor)
+            if src is None or src is st:
+                continue
+            is_state = isinstance(src, IterativeEinsum)
+            if is_state and _reads_step(acc, defn, rank) != "i+1":
+                continue  # T[i] is last step's value: no edge within a step
+            g.add_edge(src, st)
+    return _topo(g, order, f"inside the loop over {rank.lower()}", defn, errors)
+
+
+def check_schedules(module: Module, errors: Collector) -> None:
+    for defn in module.definitions:
+        try:
+            schedule(defn, errors)
+        except SpecError as err:  # pragma: no cover - schedule() reports into errors
+            errors.diagnostics.extend(err.diagnostics)

@@ -1,0 +1,116 @@
+"""``canonicalize``: one reduction per Einsum, at the root of its right-hand side.
+
+Every reduction that is nested in, or sits inside a map of, a larger
+expression moves into an Einsum of its own, innermost first.  Before → after::
+
+    SD[p] = sum[m](SN[p,m]) + exp(-GM[p])
+    SD_sum[p] = sum[m](SN[p,m])
+    SD[p] = SD_sum[p] + exp(-GM[p])
+
+    O[p,f] = sum[m](exp(S[p,m] - max[m](S[p,m])) * V[m,f])   where m <= p
+    O_max[p] = max[m](S[p,m])                                  where m <= p
+    O[p,f] = sum[m](exp(S[p,m] - O_max[p]) * V[m,f])         where m <= p
+
+The temporary's ranks are the reduction's free variables, plus the ``where``'s
+variables when the ``where`` applies at that reduction's level, so it keeps
+the source statement's meaning (absent where nothing was computed).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..einsum_ir.exprs import children, free_ranks, with_children
+from ..einsum_ir.ir import Access, Definition, Einsum, Expr, IterativeEinsum, Reduce, Statement
+
+
+def _taken_names(defn: Definition) -> set[str]:
+    names = {p.name for p in defn.params} | set(defn.ranks) | {r.lower() for r in defn.ranks}
+    return names | {st.tensor for st in defn.statements}
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _lhs_scope(st: Statement) -> tuple[str, ...]:
+    if isinstance(st, IterativeEinsum) and st.init:
+        return tuple(r for r in st.lhs if r != st.iter_rank)
+    return st.lhs
+
+
+def _innermost_nonroot(e: Expr, path=()):
+    """Path of a reduction to extract: one whose body holds no reduction, not the root."""
+    found = None
+    for i, c in enumerate(children(e)):
+        found = found or _innermost_nonroot(c, path + (i,))
+    if found is not None:
+        return found
+    if isinstance(e, Reduce) and path:
+        return path
+    return None
+
+
+def _scope_at(e: Expr, path, outer: tuple[str, ...]) -> tuple[str, ...]:
+    scope = list(outer)
+    for i in path:
+        if isinstance(e, Reduce):
+            scope += [r for r in e.ranks if r not in scope]
+        e = children(e)[i]
+    return tuple(scope)
+
+
+def _node_at(e: Expr, path):
+    for i in path:
+        e = children(e)[i]
+    return e
+
+
+def _replace_at(e: Expr, path, new: Expr) -> Expr:
+    if not path:
+        return new
+    kids = list(children(e))
+    kids[path[0]] = _replace_at(kids[path[0]], path[1:], new)
+    return with_children(e, tuple(kids))
+
+
+def _extract_one(st: Statement, path, taken: set[str]) -> tuple[Einsum, Statement]:
+    red: Reduce = _node_at(st.expr, path)
+    scope = _scope_at(st.expr, path, _lhs_scope(st))
+    need = set(free_ranks(red))
+    where = None
+    if st.where is not None and free_ranks(st.where) <= set(scope) | set(red.ranks):
+        where = st.where
+        need |= free_ranks(st.where) - set(red.ranks)
+    ranks = tuple(r for r in scope if r in need)
+    name = _fresh(f"{st.tensor}_{red.op}", taken)
+    temp = Einsum(name, ranks, red, where, loc=st.loc)
+    use = Access(name, tuple(_index(r, red) for r in ranks), loc=red.loc)
+    return temp, dataclasses.replace(st, expr=_replace_at(st.expr, path, use))
+
+
+def _index(rank: str, red: Reduce):
+    from ..einsum_ir.ir import Index
+
+    return Index(rank, loc=red.loc)
+
+
+def split_reductions(st: Statement, taken: set[str]) -> list[Statement]:
+    out: list[Statement] = []
+    while (path := _innermost_nonroot(st.expr)) is not None:
+        temp, st = _extract_one(st, path, taken)
+        out.append(temp)
+    out.append(st)
+    return out
+
+
+def canonicalize(defn: Definition) -> Definition:
+    """Split reductions so that each Einsum holds at most one, at its root."""
+    taken = _taken_names(defn)
+    statements: list[Statement] = []
+    for st in defn.statements:
+        statements += split_reductions(st, taken)
+    return dataclasses.replace(defn, statements=tuple(statements))

@@ -1,0 +1,61 @@
+"""Backends: a registry of code generators, atomic output, loading generated modules."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from ..einsum_ir.ir import Module
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    render: Callable[[Module, str], dict[str, str]]  # (module, stem) -> {filename: text}
+    doc: str
+
+
+def _numpy(module: Module, stem: str) -> dict[str, str]:
+    from .numpy_backend import render_module
+
+    return {f"{stem}.py": render_module(module, f"{stem}.attn")}
+
+
+BACKENDS: dict[str, Backend] = {
+    "numpy": Backend("numpy", _numpy, "plain numpy module, per-Einsum vectorised"),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_generated(path: Path, name: str | None = None) -> ModuleType:
+    """Import a generated module from its file (without touching sys.path)."""
+    name = name or f"attnc_generated_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

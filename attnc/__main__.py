@@ -1,0 +1,5 @@
+import sys
+
+from attnc.frontends.cli import main
+
+sys.exit(main())

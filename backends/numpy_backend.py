@@ -1,0 +1,436 @@
+"""The numpy backend: a Cascade rendered as a plain, per-Einsum vectorised module.
+
+Each statement becomes a few lines over a grid of axes (one per LHS variable,
+one per variable of each reduction, so a reduction's variable shadows an outer
+use of the same rank).  Values travel with their presence masks (``None`` when
+everything is present), so absent elements follow the contract exactly.  A sum
+over a product of tensors becomes one ``np.einsum``.  The jinja2 template lays
+out the module; this file renders expressions, where precedence is easy.
+
+    QK[p,m] = sum[e](Q[p,e] * K[m,e] * scale)   where m <= p + M - P
+    ->
+    _p0 = _ix(P, 0, 3); _m1 = _ix(M, 1, 3)
+    _w0 = _holds(_m1 <= _p0 + M - P, None)
+    _t1, _k1 = _contract('...ac,...bc->...ab', (0, 1), 3, (Q, K), (None, None), (E,))
+    QK, QK_m = _store(_t1 * scale, _and(_k1, _w0), batch + (P, M), 2, 3, ct)
+"""
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import jinja2
+import sympy
+
+from .. import __version__
+from ..einsum_ir.exprs import free_ranks, product_factors, walk
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
+from ..einsum_ir.printer import format_number, print_definition, print_size, print_statement
+from ..einsum_ir.schedule import Loop, schedule
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "numpy"
+RESERVED = {"np", "Fraction", "math", "batch", "ct", "out_dtype"}
+
+UNARY_NP = {"exp": "np.exp", "exp2": "np.exp2", "log": "np.log", "log2": "np.log2",
+            "sqrt": "np.sqrt", "tanh": "np.tanh", "abs": "np.abs"}
+
+
+def pyname(name: str) -> str:
+    """A user name as a safe Python identifier (user names never start with '_u')."""
+    if keyword.iskeyword(name) or name.startswith("_") or name in RESERVED:
+        return f"u_{name}"
+    return name
+
+
+def mask_name(tensor: str) -> str:
+    return f"{pyname(tensor)}_m"
+
+
+# ----------------------------------------------------------------------------
+# sizes and defaults (sympy -> Python)
+# ----------------------------------------------------------------------------
+
+
+def size_code(e: sympy.Expr, exact: bool) -> str:
+    """sympy size expression -> Python; ``exact`` uses Fraction arithmetic for lets."""
+    if e.is_Symbol:
+        return f"Fraction({pyname(e.name)})" if exact else pyname(e.name)
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_Rational:
+        return f"Fraction({e.p}, {e.q})" if exact else f"({e.p} / {e.q})"
+    if e.is_Float:
+        return repr(float(e))
+    if e is sympy.pi:
+        return "np.pi"
+    if e is sympy.oo:
+        return "np.inf"
+    if e.is_Add:
+        return "(" + " + ".join(size_code(a, exact) for a in e.args) + ")"
+    if e.is_Mul:
+        return "(" + " * ".join(size_code(a, exact) for a in e.args) + ")"
+    if e.is_Pow:
+        base, exp = e.args
+        if exp.is_Integer and exp < 0:
+            return f"(1 / {size_code(base ** -exp, exact)})" if exact else \
+                f"(1.0 / {size_code(base ** -exp, exact)})"
+        if exp == sympy.Rational(1, 2):
+            return f"np.sqrt({size_code(base, False)})"
+        if exp == -sympy.Rational(1, 2):
+            return f"(1.0 / np.sqrt({size_code(base, False)}))"
+        return f"({size_code(base, exact)} ** {size_code(exp, exact)})"
+    if isinstance(e, sympy.ceiling):
+        return f"_ceil({size_code(e.args[0], True)})"
+    if isinstance(e, sympy.floor):
+        return f"_floor({size_code(e.args[0], True)})"
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        fn = "min" if isinstance(e, sympy.Min) else "max"
+        return f"{fn}(" + ", ".join(size_code(a, exact) for a in e.args) + ")"
+    if isinstance(e, sympy.exp):
+        return f"np.exp({size_code(e.args[0], False)})"
+    if isinstance(e, sympy.log):
+        return f"np.log({size_code(e.args[0], False)})"
+    if isinstance(e, sympy.Abs):
+        return f"abs({size_code(e.args[0], exact)})"
+    raise NotImplementedError(f"size expression {e}")
+
+
+# ----------------------------------------------------------------------------
+# statements
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Temps:
+    """Deterministic temporary names, numbered per generated function."""
+
+    count: int = 0
+
+    def new(self, prefix: str) -> str:
+        self.count += 1
+        return f"_{prefix}{self.count}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """How an index variable is bound: a grid axis, or a loop's scalar step."""
+
+    rank: str
+    axis: int | None
+    code: str
+
+
+@dataclass
+class StatementRenderer:
+    """Renders one statement's right-hand side over its grid."""
+
+    defn: Definition
+    st: Einsum | IterativeEinsum
+    temps: Temps
+    loop_rank: str | None = None
+    static_present: frozenset[str] = frozenset()
+    lines: list[str] = field(default_factory=list)
+    nd: int = 0
+    axes_of: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    index_arrays: dict[int, str] = field(default_factory=dict)
+
+    # --- grid -------------------------------------------------------------
+    def lhs_env(self) -> dict[str, Bound]:
+        env: dict[str, Bound] = {}
+        for r in self.st.lhs:
+            if isinstance(self.st, IterativeEinsum) and r == self.st.iter_rank:
+                if not self.st.init:
+                    env[r] = Bound(r, None, r.lower())
+            elif r == self.loop_rank:
+                env[r] = Bound(r, None, r.lower())
+            else:
+                env[r] = Bound(r, len([b for b in env.values() if b.axis is not None]), "")
+        return env
+
+    def assign_axes(self, nl: int) -> None:
+        self.nd = nl
+        for node in walk(self.st.expr):
+            if isinstance(node, Reduce):
+                self.axes_of[id(node)] = tuple(range(self.nd, self.nd + len(node.ranks)))
+                self.nd += len(node.ranks)
+
+    def index(self, b: Bound) -> str:
+        """Code for an index variable's integer values."""
+        if b.axis is None:
+            return b.code
+        if b.axis not in self.index_arrays:
+            name = f"_{b.rank.lower()}{b.axis}"
+            self.lines.append(f"{name} = _ix({pyname(b.rank)}, {b.axis}, {self.nd})")
+            self.index_arrays[b.axis] = name
+        return self.index_arrays[b.axis]
+
+    # --- expressions ---------------------------------------------------------
+    def value(self, e: Expr, env: dict[str, Bound]) -> tuple[str, list[str]]:
+        """(Python code for the value, names of the masks it depends on)."""
+        if isinstance(e, Num):
+            return format_number(float(e.value)) if not isinstance(e.value, bool) else str(e.value), []
+        if isinstance(e, Const):
+            return ("np.inf" if e.name == "inf" else "np.pi"), []
+        if isinstance(e, Size):
+            return pyname(e.rank), []
+        if isinstance(e, Param):
+            return pyname(e.name), []
+        if isinstance(e, Index):
+            b = env[e.rank]
+            return (b.code if b.axis is None else f"{self.index(b)}.astype(ct)"), []
+        if isinstance(e, Access):
+            return self.access(e, env)
+        if isinstance(e, Unary):
+            v, m = self.value(e.operand, env)
+            return (f"(-{v})" if e.op == "-" else f"({v} == 0)"), m
+        if isinstance(e, Binary):
+            return self.binary(e, env)
+        if isinstance(e, Call):
+            return self.call(e, env)
+        if isinstance(e, Reduce):
+            return self.reduce(e, env)
+        raise TypeError(e)
+
+    def binary(self, e: Binary, env) -> tuple[str, list[str]]:
+        a, ma = self.value(e.left, env)
+        b, mb = self.value(e.right, env)
+        if e.op == "and":
+            return f"np.logical_and({a} != 0, {b} != 0)", ma + mb
+        if e.op == "or":
+            return f"np.logical_or({a} != 0, {b} != 0)", ma + mb
+        if e.op == "//":
+            return f"np.floor_divide({a}, {b})", ma + mb
+        return f"({a} {e.op} {b})", ma + mb
+
+    def call(self, e: Call, env) -> tuple[str, list[str]]:
+        parts = [self.value(a, env) for a in e.args]
+        args = [p[0] for p in parts]
+        masks = [m for p in parts for m in p[1]]
+        if e.fn == "select":
+            return f"np.where({args[0]} != 0, {args[1]}, {args[2]})", masks
+        if e.fn in ("max", "min") and len(args) == 2:
+            return f"np.{e.fn}imum({args[0]}, {args[1]})", masks
+        if e.fn == "rsqrt":
+            return f"(1.0 / np.sqrt({args[0]}))", masks
+        if e.fn == "sigmoid":
+            return f"(0.5 + 0.5 * np.tanh(0.5 * {args[0]}))", masks
+        if e.fn == "relu":
+            return f"np.maximum({args[0]}, 0.0)", masks
+        return f"{UNARY_NP[e.fn]}({args[0]})", masks
+
+    def subscript(self, e: Expr, env) -> str:
+        if isinstance(e, Index):
+            return self.index(env[e.rank])
+        if isinstance(e, Size):
+            return pyname(e.rank)
+        if isinstance(e, Num):
+            return str(int(e.value))
+        if isinstance(e, Unary):
+            return f"(-{self.subscript(e.operand, env)})"
+        if isinstance(e, Binary):
+            return f"({self.subscript(e.left, env)} {e.op} {self.subscript(e.right, env)})"
+        raise TypeError(f"not an affine subscript: {e}")
+
+    def plain_axes(self, e: Access, env) -> tuple[int, ...] | None:
+        """Grid axes of an access whose subscripts are its own ranks' variables, else None."""
+        ranks = self.defn.tensor_ranks(e.tensor)
+        axes = []
+        for sub, rank in zip(e.subscripts, ranks):
+            if not (isinstance(sub, Index) and sub.rank == rank and env[rank].axis is not None):
+                return None
+            axes.append(env[rank].axis)
+        if self.defn.iterative_tensors.get(e.tensor) or len(set(axes)) != len(axes):
+            return None
+        return tuple(axes)
+
+    def mask_of(self, tensor: str) -> str | None:
+        return None if tensor in self.static_present else mask_name(tensor)
+
+    def access(self, e: Access, env) -> tuple[str, list[str]]:
+        t, m = pyname(e.tensor), self.mask_of(e.tensor)
+        axes = self.plain_axes(e, env)
+        if axes is not None:
+            masks = [] if m is None else [f"_view({m}, {axes}, {self.nd})"]
+            return f"_view({t}, {axes}, {self.nd})", masks
+        subs = [self.subscript(s, env) for s in e.subscripts]
+        v, k = self.temps.new("t"), self.temps.new("k")
+        self.lines.append(f"{v}, {k} = _gather({t}, {m}, {tup(subs)}, {self.nd})")
+        return v, [k]
+
+    def filter_at(self, env: dict[str, Bound]) -> str | None:
+        """The where-filter at a level whose variables are ``env``, if it applies there."""
+        if self.st.where is None or not free_ranks(self.st.where) <= set(env):
+            return None
+        v, masks = self.value(self.st.where, env)
+        w = self.temps.new("w")
+        self.lines.append(f"{w} = _holds({v}, {_and(masks)})")
+        return w
+
+    def reduce(self, e: Reduce, env) -> tuple[str, list[str]]:
+        axes = self.axes_of[id(e)]
+        inner = dict(env)
+        for r, a in zip(e.ranks, axes):
+            inner[r] = Bound(r, a, "")
+        filt = self.filter_at(inner)
+        extents = tup(pyname(r) for r in e.ranks)
+        fast = self.contraction(e, inner, axes, extents) if e.op == "sum" and filt is None else None
+        if fast is not None:
+            return fast
+        body, masks = self.value(e.body, inner)
+        v, k = self.temps.new("t"), self.temps.new("k")
+        self.lines.append(f"{v}, {k} = _reduce({e.op!r}, {body}, {_and(masks)}, {filt}, "
+                          f"{axes}, {extents}, {self.nd})")
+        return v, [k]
+
+    def contraction(self, e: Reduce, env, axes, extents) -> tuple[str, list[str]] | None:
+        """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape."""
+        tensors, scalars = [], []
+        for f in product_factors(e.body):
+            if isinstance(f, Access) and self.plain_axes(f, env) is not None:
+                tensors.append((f, self.plain_axes(f, env)))
+            elif not free_ranks(f) and not any(isinstance(n, (Access, Reduce)) for n in walk(f)):
+                scalars.append(self.value(f, env)[0])
+            else:
+                return None
+        used = {a for _, ax in tensors for a in ax}
+        if not tensors or not set(axes) <= used:
+            return None
+        letters = lambda ax: "".join(chr(ord("a") + a) for a in ax)  # noqa: E731
+        out_axes = tuple(sorted(used - set(axes)))
+        spec = ",".join("..." + letters(ax) for _, ax in tensors) + "->..." + letters(out_axes)
+        ops = tup(pyname(f.tensor) for f, _ in tensors)
+        masks = tup(str(self.mask_of(f.tensor)) for f, _ in tensors)
+        v, k = self.temps.new("t"), self.temps.new("k")
+        self.lines.append(f"{v}, {k} = _contract({spec!r}, {out_axes}, {self.nd}, {ops}, {masks}, "
+                          f"{extents})")
+        value = " * ".join([v] + scalars)
+        return (f"({value})" if scalars else v), [k]
+
+    # --- the statement ----------------------------------------------------------
+    def render(self) -> tuple[list[str], str, str | None, int]:
+        """Lines computing the RHS; returns (lines, value, mask, nl)."""
+        env = self.lhs_env()
+        nl = sum(1 for b in env.values() if b.axis is not None)
+        self.assign_axes(nl)
+        value, masks = self.value(self.st.expr, env)
+        filt = self.filter_at(env)
+        mask = _and(masks + ([filt] if filt else []))
+        return self.lines, value, mask, nl
+
+
+def tup(items) -> str:
+    """A Python tuple literal."""
+    items = list(items)
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+
+
+def _and(masks: list[str]) -> str:
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return "None"
+    if len(masks) == 1:
+        return masks[0]
+    return f"_and({', '.join(masks)})"
+
+
+# ----------------------------------------------------------------------------
+# functions and the module
+# ----------------------------------------------------------------------------
+
+
+class FunctionRenderer:
+    """One generated function per definition."""
+
+    def __init__(self, defn: Definition):
+        self.defn = defn
+        self.temps = Temps()
+        self.static = frozenset(a.name for a in defn.tensor_args)
+        self.iterative = defn.iterative_tensors
+
+    def shape(self, st, extra_step: bool) -> str:
+        dims = []
+        for r in st.lhs:
+            size = pyname(r)
+            if extra_step and self.iterative.get(st.tensor) == r:
+                size = f"{size} + 1"
+            dims.append(size)
+        return f"batch + {tup(dims)}"
+
+    def statement(self, st, loop_rank: str | None = None) -> list[str]:
+        r = StatementRenderer(self.defn, st, self.temps, loop_rank, self.static)
+        lines, value, mask, nl = r.render()
+        out = [f"# {print_statement(st)}"] + lines
+        t, m = pyname(st.tensor), mask_name(st.tensor)
+        nd = r.nd
+        if isinstance(st, IterativeEinsum) and st.init:
+            shape = self.shape(st, True)
+            out += [f"{t} = np.zeros({shape}, ct)", f"{m} = np.zeros({shape}, bool)",
+                    f"_write_step({t}, {m}, {st.iter_pos}, 0, {value}, {mask}, {nl}, {nd})"]
+        elif isinstance(st, IterativeEinsum):
+            out.append(f"_update_step({t}, {m}, {st.iter_pos}, {st.iter_rank.lower()}, {value}, "
+                       f"{mask}, {nl}, {nd})")
+        elif loop_rank is not None and loop_rank in st.lhs:
+            out.append(f"_write_step({t}, {m}, {st.lhs.index(loop_rank)}, {loop_rank.lower()}, "
+                       f"{value}, {mask}, {nl}, {nd})")
+        else:
+            out.append(f"{t}, {m} = _store({value}, {mask}, {self.shape(st, False)}, {nl}, {nd}, ct)")
+        return out
+
+    def loop(self, loop: Loop) -> list[str]:
+        out = [f"# loop over the iterative rank {loop.rank}"]
+        for st in loop.body:
+            if isinstance(st, Einsum):
+                shape = self.shape(st, False)
+                out += [f"{pyname(st.tensor)} = np.zeros({shape}, ct)",
+                        f"{mask_name(st.tensor)} = np.zeros({shape}, bool)"]
+        out.append(f"for {loop.rank.lower()} in range({pyname(loop.rank)}):")
+        for st in loop.body:
+            out += ["    " + line for line in self.statement(st, loop.rank)]
+        return out
+
+    def body(self) -> list[str]:
+        out: list[str] = []
+        for step in schedule(self.defn):
+            out += self.loop(step) if isinstance(step, Loop) else self.statement(step)
+            out.append("")
+        return out
+
+    def context(self) -> dict:
+        d = self.defn
+        args = d.tensor_args
+        lets = [(pyname(let.name), size_code(let.value, True), print_size(let.value)) for let in d.lets]
+        params = []
+        for p in d.scalar_params:
+            default = size_code(p.default, False) if p.default is not None else None
+            params.append((pyname(p.name), p.name, default))
+        outputs = []
+        for o in d.outputs:
+            shape = f"batch + {tup(pyname(r) for r in o.ranks)}"
+            outputs.append((pyname(o.name), mask_name(o.name), shape, o.dtype))
+        sig = [pyname(a.name) for a in args]
+        sig += ["*"] + [f"{p[0]}=None" for p in params] if params else []
+        return dict(
+            name=pyname(d.name), signature=", ".join(sig), args=[(pyname(a.name), a.name, a.ranks, a.dtype) for a in args],
+            ranks=[pyname(r) for r in dict.fromkeys(r for a in args for r in a.ranks)],
+            lets=lets, params=params, outputs=outputs, body=self.body(),
+            doc=print_definition(d).rstrip(),
+        )
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def render_module(module: Module, source_name: str) -> str:
+    """The generated Python module's text (deterministic for a given module)."""
+    env = _environment()
+    runtime = (TEMPLATES / "runtime.py.jinja").read_text()
+    functions = [FunctionRenderer(d).context() for d in module.definitions]
+    return env.get_template("module.py.jinja").render(
+        version=__version__, source=source_name, runtime=runtime, functions=functions,
+        names=[f["name"] for f in functions])

@@ -1,0 +1,241 @@
+"""The ``attnc`` command line: compile, check, report, run.
+
+User mistakes (bad specs, bad options, unreadable files) print located errors
+and exit with code 2, never a traceback.  ``check`` exits 1 on a mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .. import __version__
+from ..backends import get_backend, load_generated, write_atomic
+from ..einsum_ir.diagnostics import SpecError
+from ..einsum_ir.ir import Module
+from ..einsum_ir.printer import print_module
+from ..passes.pipeline import PASSES, run_pipeline
+from . import parse_file
+
+EXIT_MISMATCH = 1
+EXIT_USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A bad option value: reported like a spec error, exit code 2."""
+
+
+def _parse_sizes(text: str | None) -> dict[str, int]:
+    if not text:
+        return {}
+    sizes = {}
+    for item in text.split(","):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip() or not value.strip().isdigit():
+            raise UsageError(f"--size expects NAME=INT[,NAME=INT...], got {item!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def _pass_list(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
+    try:
+        return run_pipeline(module, _pass_list(getattr(args, "passes", None)),
+                            getattr(args, "stop_after", None), echo)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _backend(name: str):
+    try:
+        return get_backend(name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def cmd_compile(args) -> int:
+    module = parse_file(args.spec)
+
+    def echo(name, mod):
+        if args.print_after_all:
+            print(f"# ---- after {name} ----")
+            print(print_module(mod))
+
+    final = _pipeline(module, args, echo)[-1][1]
+    if args.emit == "ir":
+        print(print_module(final), end="")
+        return 0
+    backend = _backend(args.backend)
+    files = backend.render(final, Path(args.spec).stem)
+    if args.emit == "code":
+        for text in files.values():
+            print(text, end="")
+        return 0
+    out_dir = Path(args.output)
+    for name, text in sorted(files.items()):
+        write_atomic(out_dir / name, text)
+        print(f"wrote {out_dir / name}")
+    return 0
+
+
+def _compile_to_temp(spec: str, module: Module, backend_name: str, tmp: str):
+    backend = _backend(backend_name)
+    stem = Path(spec).stem
+    files = backend.render(module, stem)
+    for name, text in files.items():
+        write_atomic(Path(tmp) / name, text)
+    return load_generated(Path(tmp) / f"{stem}.py")
+
+
+def cmd_check(args) -> int:
+    from ..backends.check import check_definition
+
+    module = parse_file(args.spec)
+    final = _pipeline(module, args)[-1][1]
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = _compile_to_temp(args.spec, final, args.backend, tmp)
+        for defn in module.definitions:
+            rows = check_definition(defn, getattr(generated, defn.name), args.seed)
+            worst: dict[str, float] = {}
+            for row in rows:
+                worst[row.output] = max(worst.get(row.output, 0.0), row.rel_error)
+                if not row.ok:
+                    failed = True
+                    print(f"MISMATCH {defn.name}.{row.output} sizes={row.sizes} "
+                          f"batch={row.batch}: relative error {row.rel_error:.3g}")
+            for out, err in worst.items():
+                status = "ok" if err <= 1e-9 else "FAIL"
+                print(f"{defn.name:24s} {out:12s} max relative error {err:.2e} over "
+                      f"{len(rows) // len(worst)} shapes  {status}")
+    return EXIT_MISMATCH if failed else 0
+
+
+def cmd_report(args) -> int:
+    from ..passes.report import build_report, render_report, report_dot
+
+    module = parse_file(args.spec)
+    sizes = _parse_sizes(args.size)
+    stages = _pipeline(module, args)
+    try:
+        report = build_report(module, sizes, stages)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.dot:
+        write_atomic(Path(args.dot), report_dot(stages[-1][1]))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_report(report), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Compile, import the generated module, run it on random inputs, show the result."""
+    import numpy as np
+
+    from ..backends.check import random_call, relative_error
+    from ..einsum_ir.interpreter import interpret
+    from ..einsum_ir.sizes import evaluate_lets
+
+    module = parse_file(args.spec)
+    final = _pipeline(module, args)[-1][1]
+    given = _parse_sizes(args.size)
+    rng = np.random.default_rng(args.seed)
+    np.set_printoptions(precision=4, suppress=True, linewidth=100)
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = _compile_to_temp(args.spec, final, args.backend, tmp)
+        for defn in module.definitions:
+            ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
+            unknown = set(given) - set(ranks)
+            if unknown:
+                raise UsageError(f"--size names {', '.join(sorted(unknown))}, not input ranks of "
+                                 f"{defn.name} ({', '.join(ranks)})")
+            sizes = {r: given.get(r, 8) for r in ranks}
+            try:
+                evaluate_lets(defn, sizes)
+            except ValueError as err:
+                raise UsageError(f"{defn.name}: {err}") from None
+            call, params = random_call(defn, rng, sizes)
+            outs = getattr(generated, defn.name)(*call, **params)
+            refs = interpret(defn, *call, **params)
+            if len(defn.outputs) == 1:
+                outs, refs = (outs,), (refs,)
+            shown = ", ".join(f"{a.name}{list(x.shape)}" for a, x in zip(defn.tensor_args, call))
+            print(f"{defn.name}({shown}) with sizes {sizes}")
+            for o, got, want in zip(defn.outputs, outs, refs):
+                print(f"  {o.name}{list(got.shape)} {got.dtype}: "
+                      f"relative error vs the interpreter {relative_error(got, want):.2e}")
+                print("  " + str(got[(0,) * max(got.ndim - 2, 0)][:4]).replace("\n", "\n  "))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnc", description="A compiler for attention cascades (.attn).")
+    p.add_argument("--version", action="version", version=f"attnc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, backend=True, pipeline=True):
+        sp.add_argument("spec", help="the .attn file")
+        if backend:
+            sp.add_argument("--backend", default="numpy", help="numpy (default)")
+        if pipeline:
+            sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
+            sp.add_argument("--stop-after", dest="stop_after", help="stop after this pass")
+
+    c = sub.add_parser("compile", help="compile a spec to a module")
+    common(c)
+    c.add_argument("-o", "--output", default=".", help="output folder (default: .)")
+    c.add_argument("--emit", choices=("ir", "code"), help="print the IR or the code instead of writing")
+    c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    c.set_defaults(fn=cmd_compile)
+
+    k = sub.add_parser("check", help="compare the compiled code with the interpreter")
+    common(k)
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(fn=cmd_check)
+
+    r = sub.add_parser("report", help="pass-count bounds, footprints and costs")
+    common(r, backend=False)
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--size", help="evaluate costs at sizes, e.g. M=8192,P=8192,E=128,F=128")
+    r.add_argument("--dot", help="write the cascade as a Graphviz file")
+    r.set_defaults(fn=cmd_report)
+
+    u = sub.add_parser("run", help="compile, then run the generated module on random inputs")
+    common(u)
+    u.add_argument("--size", help="input rank sizes, e.g. P=6,M=9 (default 8 each)")
+    u.add_argument("--seed", type=int, default=0)
+    u.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as err:
+        print(err.format(), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UsageError as err:
+        print(f"attnc: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a compiler bug: say so plainly
+        print("attnc: internal compiler error (this is a bug in attnc, not in your spec):",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

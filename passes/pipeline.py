@@ -1,0 +1,61 @@
+"""The compiler's pipeline: one list of named stages, each ``Definition -> Definition``.
+
+The CLI prints after or stops at any stage, and ``attnc report`` shows every
+stage's analysis.  Registries list their valid choices when given a bad name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from ..einsum_ir.ir import Definition, Module
+from .canonicalize import canonicalize
+
+Pass = Callable[[Definition], Definition]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Pass
+    doc: str
+
+
+PASSES: dict[str, Stage] = {
+    "canonicalize": Stage("canonicalize", canonicalize, "one reduction per Einsum, at its root"),
+}
+
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize",)
+
+
+def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:
+    """Stages by name; a ValueError lists the valid choices."""
+    names = DEFAULT_PIPELINE if names is None else names
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown pass {unknown[0]!r}; valid passes are "
+                         + ", ".join(sorted(PASSES)))
+    return [PASSES[n] for n in names]
+
+
+def apply(stage: Stage, module: Module) -> Module:
+    return dataclasses.replace(module, definitions=tuple(stage.run(d) for d in module.definitions))
+
+
+def run_pipeline(module: Module, names=None, stop_after: str | None = None,
+                 after_each: Callable[[str, Module], None] | None = None) -> list[tuple[str, Module]]:
+    """Run the stages in order; returns ``[("input", module), (stage, result), ...]``."""
+    stages = resolve(names)
+    if stop_after is not None and stop_after not in [s.name for s in stages]:
+        raise ValueError(f"--stop-after {stop_after!r} is not in the pipeline "
+                         f"({', '.join(s.name for s in stages)})")
+    results = [("input", module)]
+    for stage in stages:
+        module = apply(stage, module)
+        results.append((stage.name, module))
+        if after_each is not None:
+            after_each(stage.name, module)
+        if stage.name == stop_after:
+            break
+    return results

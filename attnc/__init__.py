@@ -1,2 +1,15 @@
-"""attnc: a compiler for attention variants written as cascades of Einsums."""
+"""attnc: a compiler for attention variants written as cascades of Einsums.
+
+Installed, the subpackages (``attnc.einsum_ir``, ``attnc.frontends``, …) come from
+the top-level folders of the source tree through setuptools' ``package-dir``.  When
+Python runs inside a checkout, this folder shadows the installed package, so the
+checkout's root joins the package path and the same subpackages are found there.
+"""
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "einsum_ir" / "__init__.py").is_file() and not (
+        _Path(__file__).resolve().parent / "einsum_ir").exists():
+    __path__.append(str(_checkout))  # noqa: F821 - the package's own __path__

@@ -411,7 +411,7 @@ class FunctionRenderer:
             shape = f"batch + {tup(pyname(r) for r in o.ranks)}"
             outputs.append((pyname(o.name), mask_name(o.name), shape, o.dtype))
         sig = [pyname(a.name) for a in args]
-        sig += ["*"] + [f"{p[0]}=None" for p in params] if params else []
+        sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params] if params else []
         return dict(
             name=pyname(d.name), signature=", ".join(sig), args=[(pyname(a.name), a.name, a.ranks, a.dtype) for a in args],
             ranks=[pyname(r) for r in dict.fromkeys(r for a in args for r in a.ranks)],
@@ -426,10 +426,10 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined)
 
 
-def render_module(module: Module, source_name: str) -> str:
+def render_module(module: Module, source_name: str, include_runtime: bool = True) -> str:
     """The generated Python module's text (deterministic for a given module)."""
     env = _environment()
-    runtime = (TEMPLATES / "runtime.py.jinja").read_text()
+    runtime = (TEMPLATES / "runtime.py.jinja").read_text() if include_runtime else "# (runtime)"
     functions = [FunctionRenderer(d).context() for d in module.definitions]
     return env.get_template("module.py.jinja").render(
         version=__version__, source=source_name, runtime=runtime, functions=functions,

@@ -1,0 +1,119 @@
+"""The attnc command line: outputs, exit codes, and clean errors for user mistakes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnc.backends import BACKENDS, Backend
+from attnc.frontends.cli import main
+
+from conftest import EXAMPLES
+
+CAUSAL = EXAMPLES / "causal.attn"
+
+
+def run_cli(*args, cwd=None):
+    """Run ``python -m attnc`` in a subprocess: what a user sees, exit code included."""
+    proc = subprocess.run([sys.executable, "-m", "attnc", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_compile_writes_module_deterministically(tmp_path):
+    assert main(["compile", str(CAUSAL), "-o", str(tmp_path / "a")]) == 0
+    assert main(["compile", str(CAUSAL), "-o", str(tmp_path / "b")]) == 0
+    a, b = (tmp_path / "a" / "causal.py").read_bytes(), (tmp_path / "b" / "causal.py").read_bytes()
+    assert a == b and b"def causal_softmax(" in a
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["causal.py"]
+
+
+def test_emit_ir_prints_the_canonical_cascade(capsys):
+    assert main(["compile", str(CAUSAL), "--emit", "ir"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("attention causal_softmax(")
+    assert "QK[p,m] = sum[e](Q[p,e] * K[m,e] * scale)   where m <= p + M - P" in out
+    from attnc.frontends import parse
+    parse(out)  # the printed IR is valid .attn
+
+
+def test_emit_code_prints_the_module(capsys):
+    assert main(["compile", str(CAUSAL), "--emit", "code"]) == 0
+    assert "def causal_softmax(Q, K, V, *, scale=None):" in capsys.readouterr().out
+
+
+def test_check_passes_and_reports_errors(capsys):
+    assert main(["check", str(CAUSAL)]) == 0
+    out = capsys.readouterr().out
+    assert "causal_softmax" in out and "AV" in out and "ok" in out
+
+
+def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):
+    real = BACKENDS["numpy"]
+
+    def broken(module, stem):
+        files = real.render(module, stem)
+        return {k: v.replace("return _output(", "return 1.0001 * _output(") for k, v in files.items()}
+
+    monkeypatch.setitem(BACKENDS, "broken", Backend("broken", broken, "test"))
+    assert main(["check", str(CAUSAL), "--backend", "broken"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_run_prints_a_checkable_result():
+    code, out, err = run_cli("run", CAUSAL, "--size", "P=3,M=5,E=4,F=2")
+    assert code == 0, err
+    assert "AV[3, 2]" in out and "relative error vs the interpreter" in out
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("attention f(Q[P,E]) -> O[P] {\n  O[p] = Q[p,e] +\n}\n", "bad.attn:2:"),
+    ("attention f(Q[P,E]) -> O[P] {\n  O[p] = sum[e](Qx[p,e])\n}\n", "unknown tensor 'Qx'"),
+    ("attention f(Q[P,E]) -> O[P] {\n  O[p] = sum[e](exq(Q[p,e]))\n}\n", "did you mean exp"),
+])
+def test_spec_errors_exit_2_without_traceback(tmp_path, text, needle):
+    spec = tmp_path / "bad.attn"
+    spec.write_text(text)
+    for cmd in ("compile", "check", "report", "run"):
+        code, out, err = run_cli(cmd, spec, cwd=tmp_path)
+        assert code == 2, (cmd, err)
+        assert needle in err and "Traceback" not in err
+        assert "^" in err  # the caret under the source line
+
+
+def test_all_errors_of_a_phase_at_once(tmp_path):
+    spec = tmp_path / "two.attn"
+    spec.write_text("attention f(Q[P,E]) -> O[P] {\n  A[p] = sum[e](Xa[p,e])\n"
+                    "  O[p] = sum[e](Xb[p,e]) + A[p]\n}\n")
+    code, _, err = run_cli("compile", spec)
+    assert code == 2
+    assert "two.attn:2:" in err and "two.attn:3:" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compile", "missing.attn"], "cannot read"),
+    (["compile", CAUSAL, "--backend", "fortran"], "valid backends are"),
+    (["compile", CAUSAL, "--passes", "canonicalise"], "valid passes are"),
+    (["report", CAUSAL, "--size", "M=lots"], "--size expects"),
+    (["run", CAUSAL, "--size", "Z=3"], "not input ranks"),
+])
+def test_usage_errors_exit_2(args, needle, tmp_path):
+    code, _, err = run_cli(*args, cwd=tmp_path)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_report_json_has_stages(capsys):
+    assert main(["report", str(CAUSAL), "--json", "--size", "M=64,P=64,E=16,F=16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    text = json.dumps(report)
+    assert "causal_softmax" in text and "stages" in text
+
+
+def test_print_after_all_and_stop_after(capsys):
+    assert main(["compile", str(CAUSAL), "--emit", "ir", "--print-after-all",
+                 "--stop-after", "canonicalize"]) == 0
+    out = capsys.readouterr().out
+    assert "# ---- after canonicalize ----" in out

@@ -274,16 +274,22 @@ class StatementRenderer:
         inner = dict(env)
         for r, a in zip(e.ranks, axes):
             inner[r] = Bound(r, a, "")
-        filt = self.filter_at(inner)
         extents = tup(pyname(r) for r in e.ranks)
-        fast = self.contraction(e, inner, axes, extents) if e.op == "sum" and filt is None else None
-        if fast is not None:
-            return fast
+        if e.op == "sum" and self.filter_outside(e):
+            # the where does not involve the summed ranks: filter the sum's result instead
+            fast = self.contraction(e, inner, axes, extents)
+            if fast is not None:
+                filt = self.filter_at(inner)
+                return fast[0], fast[1] + ([filt] if filt else [])
+        filt = self.filter_at(inner)
         body, masks = self.value(e.body, inner)
         v, k = self.temps.new("t"), self.temps.new("k")
         self.lines.append(f"{v}, {k} = _reduce({e.op!r}, {body}, {_and(masks)}, {filt}, "
                           f"{axes}, {extents}, {self.nd})")
         return v, [k]
+
+    def filter_outside(self, e: Reduce) -> bool:
+        return self.st.where is None or not (free_ranks(self.st.where) & set(e.ranks))
 
     def contraction(self, e: Reduce, env, axes, extents) -> tuple[str, list[str]] | None:
         """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape."""
@@ -315,6 +321,9 @@ class StatementRenderer:
         env = self.lhs_env()
         nl = sum(1 for b in env.values() if b.axis is not None)
         self.assign_axes(nl)
+        return self.render_from(env, nl)
+
+    def render_from(self, env: dict[str, Bound], nl: int):
         value, masks = self.value(self.st.expr, env)
         filt = self.filter_at(env)
         mask = _and(masks + ([filt] if filt else []))
@@ -426,11 +435,25 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined)
 
 
-def render_module(module: Module, source_name: str, include_runtime: bool = True) -> str:
+def function_renderer(defn: Definition, fused: bool) -> FunctionRenderer:
+    """The fused tile-loop form when the cascade has one, else the per-Einsum form."""
+    if fused:
+        from ..passes.tile import NotTileable, tile_program
+        from .numpy_fused import FusedFunctionRenderer
+
+        try:
+            return FusedFunctionRenderer(defn, tile_program(defn))
+        except NotTileable:
+            pass
+    return FunctionRenderer(defn)
+
+
+def render_module(module: Module, source_name: str, include_runtime: bool = True,
+                  fused: bool = True) -> str:
     """The generated Python module's text (deterministic for a given module)."""
     env = _environment()
     runtime = (TEMPLATES / "runtime.py.jinja").read_text() if include_runtime else "# (runtime)"
-    functions = [FunctionRenderer(d).context() for d in module.definitions]
+    functions = [function_renderer(d, fused).context() for d in module.definitions]
     return env.get_template("module.py.jinja").render(
         version=__version__, source=source_name, runtime=runtime, functions=functions,
         names=[f["name"] for f in functions])

@@ -1,0 +1,335 @@
+"""The fused numpy form: a tile program rendered as one loop over key tiles.
+
+Tensors of the loop body live for one tile (no ``m1`` dimension, rows relative
+to the tile's row range); the iterative state is two buffers (this step's and
+the next); tiles and rows that no update can change are skipped, and ``where``
+filters are dropped on tiles where they hold everywhere.  Memory is
+O(rows · tile) instead of O(rows · M).  Before → after::
+
+    for m1 in range(M1): ... BQK[m1,m0,p] ... RM[m1+1,p] = ...        (per-Einsum)
+    for m1 in range(M1):
+        _lo, _hi = rows this tile can change (from the update guards)
+        BQK[m0, p - _lo] = ...; RM_next[_lo:_hi] = ...; RM = RM_next  (fused)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, Index, IterativeEinsum, Num,
+                            Reduce, Size)
+from ..einsum_ir.printer import print_statement
+from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions, to_sympy
+from .numpy_backend import Bound, FunctionRenderer, StatementRenderer, mask_name, pyname, tup
+
+
+def guard_code(e: sympy.Expr, names: dict[str, str]) -> str:
+    """A sympy bound as vectorised numpy code (index symbols ``_R`` renamed by ``names``)."""
+    if e.is_Symbol:
+        if e.name.startswith("_"):
+            return names[e.name[1:]]
+        if e.name.startswith("param_"):
+            return pyname(e.name[len("param_"):])
+        return pyname(e.name)
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_Rational:
+        return f"({e.p} / {e.q})"
+    if e.is_Float:
+        return repr(float(e))
+    if e.is_Add:
+        return "(" + " + ".join(guard_code(a, names) for a in e.args) + ")"
+    if e.is_Mul:
+        return "(" + " * ".join(guard_code(a, names) for a in e.args) + ")"
+    if e.is_Pow and e.args[1].is_Integer:
+        base, exp = e.args
+        if exp < 0:
+            return f"(1.0 / {guard_code(base ** -exp, names)})"
+        return f"({guard_code(base, names)} ** {int(exp)})"
+    if isinstance(e, sympy.ceiling):
+        return f"np.ceil({guard_code(e.args[0], names)})"
+    if isinstance(e, sympy.floor):
+        return f"np.floor({guard_code(e.args[0], names)})"
+    raise NotTileable(f"cannot render the bound {e}")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The row range of the current tile: rank, and code names for its bounds."""
+
+    rank: str
+    lo: str = "_lo"
+    hi: str = "_hi"
+
+
+class FusedStatementRenderer(StatementRenderer):
+    """Renders a body statement for one tile (see the module docstring)."""
+
+    def __init__(self, defn, st, temps, tp: TileProgram, rows: Rows | None, full_flags: dict,
+                 in_loop: bool = True):
+        super().__init__(defn, st, temps, tp.loop_rank if in_loop else None,
+                         frozenset(a.name for a in defn.tensor_args))
+        self.tp, self.rows, self.full_flags, self.in_loop = tp, rows, full_flags, in_loop
+
+    # --- grid ---------------------------------------------------------------
+    def restricted(self, rank: str) -> bool:
+        return self.in_loop and self.rows is not None and rank == self.rows.rank
+
+    def index(self, b: Bound) -> str:
+        if b.axis is None or not self.restricted(b.rank):
+            return super().index(b)
+        if b.axis not in self.index_arrays:
+            name = f"_{b.rank.lower()}{b.axis}"
+            self.lines.append(f"{name} = _ix_range({self.rows.lo}, {self.rows.hi}, {b.axis}, {self.nd})")
+            self.index_arrays[b.axis] = name
+        return self.index_arrays[b.axis]
+
+    # --- storage ----------------------------------------------------------------
+    def kind(self, tensor: str) -> str:
+        if tensor in self.tp.state:
+            return "state"
+        if self.in_loop and tensor in self.tp.local:
+            return "local"
+        return "global"
+
+    def access(self, e: Access, env):
+        kind = self.kind(e.tensor)
+        if kind == "global" and not any(self.restricted(r) for r in free_ranks(e)):
+            return super().access(e, env)
+        ranks = list(self.defn.tensor_ranks(e.tensor))
+        subs = list(e.subscripts)
+        array, mask = pyname(e.tensor), self.mask_of(e.tensor)
+        if kind in ("local", "state"):
+            pos = ranks.index(self.tp.loop_rank)
+            step = subs[pos]
+            if kind == "state":
+                nxt = step == Binary("+", Index(self.tp.loop_rank), Num(1))
+                array, mask = (f"{array}_next", f"{mask}_next") if nxt else (array, mask)
+            elif step != Index(self.tp.loop_rank):
+                raise NotTileable(f"{e.tensor} is read at another tile than the current one")
+            del ranks[pos], subs[pos]
+        relative = kind == "local"
+        return self._access(array, mask, ranks, subs, env, relative)
+
+    def _access(self, array, mask, ranks, subs, env, relative):
+        plain = all(isinstance(s, Index) and s.rank == r and env[r].axis is not None
+                    for s, r in zip(subs, ranks))
+        axes = tuple(env[r].axis for r in ranks) if plain else ()
+        if plain and len(set(axes)) == len(axes):
+            if not relative:
+                for pos, r in enumerate(ranks):
+                    if self.restricted(r):
+                        rows = f"{pos}, {len(ranks)}, {self.rows.lo}, {self.rows.hi}"
+                        array = f"_rows({array}, {rows})"
+                        mask = None if mask is None else f"_rows({mask}, {rows})"
+            masks = [] if mask is None else [f"_view({mask}, {axes}, {self.nd})"]
+            return f"_view({array}, {axes}, {self.nd})", masks
+        codes = []
+        for s in subs:
+            code = self.subscript(s, env)
+            if relative and any(self.restricted(r) for r in free_ranks(s)):
+                code = f"({code} - {self.rows.lo})"
+            codes.append(code)
+        v, k = self.temps.new("t"), self.temps.new("k")
+        self.lines.append(f"{v}, {k} = _gather({array}, {mask}, {tup(codes)}, {self.nd})")
+        return v, [k]
+
+    def filter_at(self, env):
+        flag = self.full_flags.get(self.st.tensor) if self.in_loop else None
+        if flag is None:
+            return super().filter_at(env)
+        outer, self.lines = self.lines, []
+        w = super().filter_at(env)
+        inner, self.lines = self.lines, outer
+        if w is None:
+            return None
+        self.lines.append(f"if {flag}:")
+        self.lines.append(f"    {w} = None")
+        self.lines.append("else:")
+        self.lines += ["    " + ln for ln in inner]
+        return w
+
+    def render(self):
+        env = self.lhs_env()
+        nl = sum(1 for b in env.values() if b.axis is not None)
+        self.assign_axes(nl)
+        if self.in_loop and self.st.tensor in self.full_flags:
+            for b in env.values():  # eager: the filter may be computed under an `if`
+                if b.axis is not None:
+                    self.index(b)
+        return super().render_from(env, nl)
+
+
+def _nested(fn: str, args: list[str]) -> str:
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
+
+
+def _row_rank_usable(tp: TileProgram) -> str | None:
+    """The row rank, if every state tensor has it and no body Einsum reduces over it."""
+    r = tp.row_rank
+    if r is None or tp.kept:
+        return None
+    for st in tp.inits:
+        if r not in st.lhs:
+            return None
+    for st in tp.body:
+        if any(r in red.ranks for red in walk(st.expr) if isinstance(red, Reduce)):
+            return None
+    return r
+
+
+class FusedFunctionRenderer(FunctionRenderer):
+    """A definition's function in the fused tile-loop form."""
+
+    def __init__(self, defn: Definition, tp: TileProgram):
+        super().__init__(defn)
+        if tp.kept:
+            raise NotTileable(f"{sorted(tp.kept)} are read after the loop")
+        self.tp = tp
+        self.rows = Rows(_row_rank_usable(tp)) if _row_rank_usable(tp) else None
+        self.full_flags: dict[str, str] = {}
+
+    def shape_without(self, st, drop: str, relative: bool) -> str:
+        dims = []
+        for r in st.lhs:
+            if r == drop:
+                continue
+            if relative and self.rows and r == self.rows.rank:
+                dims.append(f"{self.rows.hi} - {self.rows.lo}")
+            else:
+                dims.append(pyname(r))
+        return f"batch + {tup(dims)}" if dims else "batch"
+
+    def statement_outside(self, st) -> list[str]:
+        r = FusedStatementRenderer(self.defn, st, self.temps, self.tp, self.rows, {}, in_loop=False)
+        lines, value, mask, nl = r.render()
+        out = [f"# {print_statement(st)}"] + lines
+        t, m = pyname(st.tensor), mask_name(st.tensor)
+        if isinstance(st, IterativeEinsum):  # an init: the state without its step dimension
+            shape = self.shape_without(st, st.iter_rank, False)
+            out.append(f"{t}, {m} = _state({value}, {mask}, {shape}, {nl}, {r.nd}, ct)")
+        else:
+            out.append(f"{t}, {m} = _store({value}, {mask}, {self.shape(st, False)}, {nl}, {r.nd}, ct)")
+        return out
+
+    def statement_inside(self, st) -> list[str]:
+        r = FusedStatementRenderer(self.defn, st, self.temps, self.tp, self.rows, self.full_flags)
+        lines, value, mask, nl = r.render()
+        out = [f"# {print_statement(st)}"] + lines
+        t, m = pyname(st.tensor), mask_name(st.tensor)
+        if isinstance(st, IterativeEinsum):
+            pos = [x for x in st.lhs if x != st.iter_rank].index(self.rows.rank) if self.rows else 0
+            rows = f"{self.rows.lo}, {self.rows.hi}" if self.rows else "0, None"
+            out.append(f"_update_rows({t}_next, {m}_next, {t}, {m}, {pos}, {nl}, {rows}, "
+                       f"{value}, {mask}, {r.nd})")
+        else:
+            shape = self.shape_without(st, self.tp.loop_rank, True)
+            out.append(f"{t}, {m} = _store({value}, {mask}, {shape}, {nl}, {r.nd}, ct)")
+        return out
+
+    # --- tile skipping -------------------------------------------------------------
+    def bounds(self, g: Guard) -> list[list] | None:
+        """Per conjunction of ``g``: affine bounds of the tile rank, or None if not affine."""
+        dnf = conjunctions(g.cond)
+        known = {self.tp.loop_rank, self.tp.tile_rank} | ({self.rows.rank} if self.rows else set())
+        if dnf is None or self.tp.tile_rank is None or not free_ranks(g.cond) <= known:
+            return None
+        out = []
+        for conj in dnf:
+            bounds = []
+            for atom in conj:
+                b = atom_bound(atom, self.tp.tile_rank) if isinstance(atom, Binary) else None
+                if b is None or isinstance(b, bool):
+                    return None
+                bounds.append(b)
+            out.append(bounds)
+        return out
+
+    def names(self) -> dict[str, str]:
+        names = {self.tp.loop_rank: self.tp.loop_rank.lower()}
+        if self.rows:
+            names[self.rows.rank] = "_allrows"
+        return names
+
+    def interval_code(self, bounds) -> tuple[str, str]:
+        """Code for (lowest, highest) tile index a conjunction allows, per row."""
+        lows = [guard_code(b.value, self.names()) for b in bounds if b.lower]
+        highs = [guard_code(b.value, self.names()) for b in bounds if not b.lower]
+        return _nested("np.maximum", ["0"] + lows), _nested("np.minimum", [str(self.tp.tile_size - 1)] + highs)
+
+    def guard_lines(self) -> list[str]:
+        """Per tile: the rows any update can change (``_lo``, ``_hi``), and full-tile flags."""
+        tp = self.tp
+        if self.rows is None:
+            return []
+        everything = ["_lo, _hi = 0, _allrows.shape[0]"]
+        if tp.tile_size is None:
+            return everything
+        lines = []
+        live_terms = []
+        for tensor, guards in tp.guards:
+            some_terms = []
+            for g in guards:
+                if tp.tile_rank not in g.exists:
+                    continue
+                conj = self.bounds(g)
+                if conj is None:
+                    continue
+                parts = []
+                for bounds in conj:
+                    lo, hi = self.interval_code(bounds)
+                    parts.append(f"(({lo}) <= ({hi}))")
+                some_terms.append(" | ".join(parts))
+            if not some_terms:
+                return everything  # an update that may always be computed: no row is skippable
+            live_terms.append(" & ".join(f"({t})" for t in dict.fromkeys(some_terms)))
+        live = " | ".join(f"({t})" for t in dict.fromkeys(live_terms))
+        lines.append(f"_live = np.broadcast_to({live}, (_allrows.shape[0],))")
+        lines.append("_lo, _hi = _row_range(_live)")
+        lines.append("if _lo >= _hi:")
+        lines.append("    continue")
+        lines += self.full_flag_lines()
+        return lines
+
+    def full_flag_lines(self) -> list[str]:
+        """``_full_T``: statement T's where holds at every point of this tile's rows."""
+        lines = []
+        for st in self.tp.body:
+            if st.where is None or self.tp.tile_rank not in free_ranks(st.where):
+                continue
+            conj = self.bounds(Guard(st.where, frozenset({self.tp.tile_rank})))
+            if conj is None or len(conj) != 1:
+                continue
+            lo, hi = self.interval_code(conj[0])
+            flag = f"_full_{pyname(st.tensor)}"
+            lines.append(f"{flag} = _all_rows(({lo}) <= 0, ({hi}) >= {self.tp.tile_size - 1}, "
+                         f"_lo, _hi)")
+            self.full_flags[st.tensor] = flag
+        return lines
+
+    def body(self) -> list[str]:
+        tp = self.tp
+        out: list[str] = []
+        for st in tp.prologue + tp.inits:
+            out += self.statement_outside(st) + [""]
+        if self.rows:
+            out.append(f"_allrows = np.arange({pyname(self.rows.rank)})")
+        out.append(f"# stream {tp.stream_rank or tp.loop_rank} tile by tile")
+        out.append(f"for {tp.loop_rank.lower()} in range({pyname(tp.loop_rank)}):")
+        inner = self.guard_lines()
+        for t in tp.state:
+            inner.append(f"{pyname(t)}_next, {mask_name(t)}_next = {pyname(t)}.copy(), "
+                         f"{mask_name(t)}.copy()")
+        for st in tp.body:
+            inner += self.statement_inside(st)
+        for t in tp.state:
+            inner.append(f"{pyname(t)}, {mask_name(t)} = {pyname(t)}_next, {mask_name(t)}_next")
+        out += ["    " + ln for ln in inner] + [""]
+        for st in tp.epilogue:
+            out += self.statement_outside(st) + [""]
+        return out

@@ -1,0 +1,332 @@
+"""``tile`` + ``fuse``: lower a one-pass cascade to a **tile program**.
+
+A tile program is the loop nest every backend renders: a grid over the batch
+and the other ranks, one loop over the tiles of the streamed rank carrying the
+iterative state, a prologue before the loop and an epilogue after it.  Every
+Einsum that carries the tile index ``m1`` is fused into the loop and computed
+one tile at a time, so memory is O(rows · tile) instead of O(rows · M).
+Before → after (FuseMax Cascade 5)::
+
+    BK[m1,m0,e] = K[m1*M0 + m0, e]          for m1 in 0..M1:            # key tiles
+    BQK[m1,m0,p] = Q[p,e] * BK[m1,m0,e]         BK[m0,e]  = K[m1*M0 + m0, e]
+    LM[m1,p] = max[m0](BQK[m1,m0,p])             BQK[m0,p] = Q[p,e] * BK[m0,e]
+    RM[m1+1,p] = max(RM[m1,p], LM[m1,p])         LM[p] = max[m0](BQK[m0,p])
+    ...                                          RM'[p] = max(RM[p], LM[p])  ...
+    AV[p,f] = RNV[M1,p,f] / RD[M1,p]         AV[p,f] = RNV[p,f] / RD[p]     # epilogue
+
+**Tile skipping.**  A loop step contributes nothing to a row when none of its
+state updates is computed there (contract rule 2: the state carries).  Each
+update gets *guards*: necessary conditions for it to be computed, derived from
+the ``where`` clauses by presence propagation (a map needs all its operands; a
+reduction over ``m0`` needs *some* computed point, so its guards become
+existential over ``m0``).  A backend evaluates the guards per tile — exactly
+for affine conditions, on the grid for data-dependent ones — and skips the rows
+(or whole tiles) where some guard of every update fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, IterativeEinsum, Num, Reduce,
+                            Statement, Unary, index_var)
+from ..einsum_ir.printer import print_expr, print_size, print_statement
+from ..einsum_ir.schedule import Loop, schedule
+
+
+class NotTileable(Exception):
+    """The cascade has no one-pass streamed loop; the message says why."""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A necessary condition: ``cond`` holds for some values of the ``exists`` ranks."""
+
+    cond: Expr
+    exists: frozenset[str]
+
+    def __str__(self) -> str:
+        if not self.exists:
+            return print_expr(self.cond)
+        return f"exists {','.join(sorted(index_var(r) for r in self.exists))}: {print_expr(self.cond)}"
+
+
+@dataclass(frozen=True)
+class TileProgram:
+    """The loop nest of one definition (see the module docstring)."""
+
+    name: str
+    cascade: Definition
+    prologue: tuple[Statement, ...]
+    loop_rank: str                      # the iterative rank, e.g. M1
+    tile_rank: str | None               # the rank inside a tile, e.g. M0
+    tile_size: int | None
+    stream_rank: str | None             # the rank that is tiled, e.g. M
+    inits: tuple[IterativeEinsum, ...]
+    body: tuple[Statement, ...]         # one tile, in dependency order
+    epilogue: tuple[Statement, ...]
+    kept: frozenset[str]                # body tensors read after the loop (every step kept)
+    guards: tuple[tuple[str, tuple[Guard, ...]], ...]   # per state update
+    row_rank: str | None                # the rank whose rows a tile may skip
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        return tuple(st.tensor for st in self.inits)
+
+    @property
+    def local(self) -> frozenset[str]:
+        """Body tensors that live only for one tile."""
+        return frozenset(st.tensor for st in self.body if isinstance(st, Einsum)) - self.kept
+
+
+def _blocked_source(defn: Definition, loop_rank: str):
+    """(tile rank, stream rank) from a blocked access ``X[m1*M0 + m0, ...]``, if any."""
+    for st in defn.statements:
+        for node in walk(st.expr):
+            if not isinstance(node, Access) or node.tensor not in {a.name for a in defn.tensor_args}:
+                continue
+            ranks = defn.tensor_ranks(node.tensor)
+            for sub, rank in zip(node.subscripts, ranks):
+                used = free_ranks(sub)
+                if loop_rank in used and len(used) == 2:
+                    (tile,) = used - {loop_rank}
+                    return tile, rank
+    return None, None
+
+
+def _let_value(defn: Definition, rank: str | None) -> int | None:
+    for let in defn.lets:
+        if let.name == rank and let.value.is_Integer:
+            return int(let.value)
+    return None
+
+
+def _split_schedule(steps, loop: Loop):
+    at = steps.index(loop)
+    if sum(isinstance(s, Loop) for s in steps) > 1:
+        raise NotTileable("the cascade has more than one iterative loop")
+    return list(steps[:at]), list(steps[at + 1:])
+
+
+def _reads(st: Statement) -> set[str]:
+    out = {n.tensor for n in walk(st.expr) if isinstance(n, Access)}
+    if st.where is not None:
+        out |= {n.tensor for n in walk(st.where) if isinstance(n, Access)}
+    return out
+
+
+def tile_program(defn: Definition) -> TileProgram:
+    """Lower a one-pass cascade (one iterative loop) to a tile program."""
+    steps = schedule(defn)
+    loops = [s for s in steps if isinstance(s, Loop)]
+    if not loops:
+        raise NotTileable(f"{defn.name}: no iterative rank to stream over (run the 'online' "
+                          f"pass, or the cascade is not one-pass)")
+    loop = loops[0]
+    before, after = _split_schedule(steps, loop)
+    carried = [s for s in before if loop.rank in s.lhs and not isinstance(s, IterativeEinsum)]
+    inits = tuple(s for s in before if isinstance(s, IterativeEinsum))
+    prologue = tuple(s for s in before if s not in carried and s not in inits)
+    body = tuple(carried) + loop.body
+    body_names = {s.tensor for s in body if isinstance(s, Einsum)}
+    for s in prologue:
+        if _reads(s) & body_names:
+            raise NotTileable(f"'{s.tensor}' reads every tile of "
+                              f"{sorted(_reads(s) & body_names)[0]} before the loop: not one-pass")
+    kept = frozenset(n for s in after for n in _reads(s) & body_names)
+    tile_rank, stream_rank = _blocked_source(defn, loop.rank)
+    guards = update_guards(defn, body, loop.rank)
+    return TileProgram(
+        name=defn.name, cascade=defn, prologue=prologue, loop_rank=loop.rank,
+        tile_rank=tile_rank, tile_size=_let_value(defn, tile_rank), stream_rank=stream_rank,
+        inits=inits, body=body, epilogue=tuple(after), kept=kept, guards=guards,
+        row_rank=_row_rank(guards, loop.rank, tile_rank))
+
+
+# ----------------------------------------------------------------------------
+# guards: necessary conditions for an update to be computed
+# ----------------------------------------------------------------------------
+
+
+def _where_levels(st: Statement):
+    """(applies at the LHS level, applies at the root reduction's level)."""
+    if st.where is None:
+        return False, False
+    need = free_ranks(st.where)
+    lhs = set(st.lhs) - ({st.iter_rank} if isinstance(st, IterativeEinsum) and st.init else set())
+    at_lhs = need <= lhs
+    at_red = isinstance(st.expr, Reduce) and need <= lhs | set(st.expr.ranks)
+    return at_lhs, at_red
+
+
+def _access_guards(e: Expr, known: dict[str, frozenset[Guard]]) -> frozenset[Guard]:
+    """Guards of every tensor read in ``e`` outside nested reductions."""
+    out: frozenset[Guard] = frozenset()
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Access):
+            out |= known.get(node.tensor, frozenset())
+        if not isinstance(node, Reduce):
+            from ..einsum_ir.exprs import children
+
+            stack.extend(children(node))
+    return out
+
+
+def _statement_guards(st: Statement, known, state: set[str]) -> frozenset[Guard]:
+    at_lhs, at_red = _where_levels(st)
+    own = frozenset({Guard(st.where, frozenset())}) if at_lhs else frozenset()
+    guards = _access_guards(st.expr, known) | own
+    for red in (n for n in walk(st.expr) if isinstance(n, Reduce)):
+        inner = _access_guards(red.body, known)
+        if at_red and red is st.expr:
+            inner |= {Guard(st.where, frozenset())}
+        guards |= {Guard(g.cond, (g.exists | frozenset(red.ranks)) & free_ranks(g.cond))
+                   for g in inner}
+    return frozenset(g for g in guards if not (_reads_any(g.cond) & state))
+
+
+def _reads_any(e: Expr) -> set[str]:
+    return {n.tensor for n in walk(e) if isinstance(n, Access)}
+
+
+def update_guards(defn: Definition, body, loop_rank: str):
+    state = set(defn.iterative_tensors)
+    known: dict[str, frozenset[Guard]] = {}
+    out = []
+    for st in body:
+        g = _statement_guards(st, known, state)
+        if isinstance(st, IterativeEinsum):
+            out.append((st.tensor, tuple(sorted(g, key=str))))
+        else:
+            known[st.tensor] = g
+    return tuple(out)
+
+
+def _row_rank(guards, loop_rank: str, tile_rank: str | None) -> str | None:
+    """The one rank (besides the tile's) that every guard condition may depend on."""
+    ranks: set[str] = set()
+    for _, gs in guards:
+        for g in gs:
+            ranks |= free_ranks(g.cond) - {loop_rank} - ({tile_rank} if tile_rank else set())
+    return next(iter(ranks)) if len(ranks) == 1 else None
+
+
+# ----------------------------------------------------------------------------
+# affine guards as intervals of the tile rank
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``var >= value`` (lower) or ``var <= value`` (upper); value is sympy over other ranks."""
+
+    lower: bool
+    value: sympy.Expr
+
+
+def to_sympy(e: Expr, params=frozenset()) -> sympy.Expr | None:
+    """An affine numeric expression as sympy (index variables as ``_<rank>``), else None."""
+    from ..einsum_ir.ir import Index, Param, Size
+
+    if isinstance(e, Num):
+        return sympy.nsimplify(e.value)
+    if isinstance(e, Index):
+        return sympy.Symbol(f"_{e.rank}", integer=True)
+    if isinstance(e, Size):
+        return sympy.Symbol(e.rank, integer=True, positive=True)
+    if isinstance(e, Param):
+        return sympy.Symbol(f"param_{e.name}", real=True)
+    if isinstance(e, Unary) and e.op == "-":
+        x = to_sympy(e.operand)
+        return None if x is None else -x
+    if isinstance(e, Binary) and e.op in ("+", "-", "*"):
+        a, b = to_sympy(e.left), to_sympy(e.right)
+        if a is None or b is None:
+            return None
+        out = a + b if e.op == "+" else a - b if e.op == "-" else a * b
+        return out if _index_degree(out) <= 1 else None
+    if isinstance(e, Binary) and e.op == "//":
+        return None
+    return None
+
+
+def _index_degree(e: sympy.Expr) -> int:
+    gens = sorted((s for s in e.free_symbols if s.name.startswith("_")), key=str)
+    if not gens:
+        return 0
+    return sympy.Poly(sympy.expand(e), *gens).total_degree()
+
+
+def atom_bound(cmp: Binary, var: str) -> Bound | bool | None:
+    """An affine comparison solved for ``var``: a Bound, True/False if free of it, None if not affine."""
+    if cmp.op not in ("<", "<=", ">", ">="):
+        return None
+    a, b = to_sympy(cmp.left), to_sympy(cmp.right)
+    if a is None or b is None:
+        return None
+    diff = sympy.expand(b - a if cmp.op in ("<", "<=") else a - b)  # diff >= 0 (or > 0)
+    strict = cmp.op in ("<", ">")
+    x = sympy.Symbol(f"_{var}", integer=True)
+    coeff = diff.coeff(x)
+    rest = sympy.expand(diff - coeff * x)
+    if coeff == 0:
+        return None
+    if not coeff.is_number:
+        return None
+    # coeff*x + rest >= 0 (> 0 when strict)
+    if coeff > 0:
+        v = -rest / coeff
+        return Bound(True, sympy.floor(v) + 1 if strict else sympy.ceiling(v))
+    v = rest / -coeff
+    return Bound(False, sympy.ceiling(v) - 1 if strict else sympy.floor(v))
+
+
+def conjunctions(cond: Expr) -> list[list[Expr]] | None:
+    """``cond`` in disjunctive normal form (lists of atoms), or None if it has ``not``."""
+    if isinstance(cond, Binary) and cond.op == "or":
+        a, b = conjunctions(cond.left), conjunctions(cond.right)
+        return None if a is None or b is None else a + b
+    if isinstance(cond, Binary) and cond.op == "and":
+        a, b = conjunctions(cond.left), conjunctions(cond.right)
+        if a is None or b is None:
+            return None
+        return [x + y for x in a for y in b]
+    if isinstance(cond, Unary) and cond.op == "not":
+        return None
+    return [[cond]]
+
+
+# ----------------------------------------------------------------------------
+# printing (golden tests, --emit tiles)
+# ----------------------------------------------------------------------------
+
+
+def print_tile_program(tp: TileProgram) -> str:
+    lines = [f"tile_program {tp.name}:"]
+    if tp.tile_rank:
+        lines.append(f"  stream {tp.stream_rank} in tiles of {tp.tile_rank} = {tp.tile_size}, "
+                     f"{tp.loop_rank} = {print_size(_let_expr(tp.cascade, tp.loop_rank))} tiles")
+    lines.append(f"  rows: {tp.row_rank or '-'}")
+    lines.append("  prologue:")
+    lines += [f"    {print_statement(s)}" for s in tp.prologue] or ["    -"]
+    lines.append("  state:")
+    lines += [f"    {print_statement(s)}" for s in tp.inits]
+    lines.append(f"  for {tp.loop_rank.lower()} in 0..{tp.loop_rank}:")
+    for tensor, gs in tp.guards:
+        lines.append(f"    # {tensor} is updated only where " + (" and ".join(f"({g})" for g in gs) or "always"))
+    lines += [f"    {print_statement(s)}" + ("   [kept]" if s.tensor in tp.kept else "")
+              for s in tp.body]
+    lines.append("  epilogue:")
+    lines += [f"    {print_statement(s)}" for s in tp.epilogue]
+    return "\n".join(lines) + "\n"
+
+
+def _let_expr(defn: Definition, rank: str):
+    for let in defn.lets:
+        if let.name == rank:
+            return let.value
+    return sympy.Symbol(rank)

@@ -20,6 +20,11 @@ class Stage:
     name: str
     run: Pass
     doc: str
+    options: tuple[str, ...] = ()  # keyword options the pass accepts (e.g. "tile")
+
+    def __call__(self, defn: Definition, options: dict | None = None) -> Definition:
+        kwargs = {k: v for k, v in (options or {}).items() if k in self.options and v is not None}
+        return self.run(defn, **kwargs)
 
 
 PASSES: dict[str, Stage] = {
@@ -39,12 +44,13 @@ def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:
     return [PASSES[n] for n in names]
 
 
-def apply(stage: Stage, module: Module) -> Module:
-    return dataclasses.replace(module, definitions=tuple(stage.run(d) for d in module.definitions))
+def apply(stage: Stage, module: Module, options: dict | None = None) -> Module:
+    return dataclasses.replace(module, definitions=tuple(stage(d, options) for d in module.definitions))
 
 
 def run_pipeline(module: Module, names=None, stop_after: str | None = None,
-                 after_each: Callable[[str, Module], None] | None = None) -> list[tuple[str, Module]]:
+                 after_each: Callable[[str, Module], None] | None = None,
+                 options: dict | None = None) -> list[tuple[str, Module]]:
     """Run the stages in order; returns ``[("input", module), (stage, result), ...]``."""
     stages = resolve(names)
     if stop_after is not None and stop_after not in [s.name for s in stages]:
@@ -52,7 +58,7 @@ def run_pipeline(module: Module, names=None, stop_after: str | None = None,
                          f"({', '.join(s.name for s in stages)})")
     results = [("input", module)]
     for stage in stages:
-        module = apply(stage, module)
+        module = apply(stage, module, options)
         results.append((stage.name, module))
         if after_each is not None:
             after_each(stage.name, module)

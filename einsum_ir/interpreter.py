@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .exprs import free_ranks
-from .ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index, IterativeEinsum,
+from .ir import (Access, Binary, Call, Const, Definition, Expr, Index, IterativeEinsum,
                  Num, Param, Reduce, Size, Unary)
 from .schedule import Loop, schedule
 from .sizes import bind_sizes, param_values
@@ -102,10 +102,15 @@ class _Eval:
         return x.reshape(x.shape + (1,) * (nd - x.ndim))
 
     def filter_at(self, axes: dict[str, Axis], nd: int) -> np.ndarray | None:
-        """The where-mask at a level with these axes, if all its variables are in scope."""
+        """The where-mask at a level with these axes, if all its variables are in scope.
+
+        A reduction inside the ``where`` itself is not filtered by it (that would
+        be circular): the condition is evaluated by a where-less evaluator.
+        """
         if self.where is None or not free_ranks(self.where) <= set(axes):
             return None
-        c = self.eval(self.where, axes)
+        plain = _Eval(self.defn, self.sizes, self.params, self.store, None)
+        c = plain.eval(self.where, axes)
         return self.lift(c.present & (c.val != 0), nd)
 
     def eval(self, e: Expr, axes: dict[str, Axis]) -> Value:
@@ -222,21 +227,20 @@ class Interpreter:
                 if isinstance(step, Loop):
                     for i in range(sizes[step.rank]):
                         for st in step.body:
-                            self._statement(st, sizes, params, store, step=i)
+                            self._statement(st, sizes, params, store, (step.rank, i))
                 else:
                     self._statement(step, sizes, params, store)
         return store
 
-    def _statement(self, st, sizes, params, store, step: int | None = None) -> None:
+    def _statement(self, st, sizes, params, store, step: tuple[str, int] | None = None) -> None:
+        """Evaluate ``st`` over its grid; inside a loop, ``step`` is (loop rank, i)."""
         ev = _Eval(self.defn, sizes, params, store, st.where)
         axes: dict[str, Axis] = {}
         for r in st.lhs:
-            if isinstance(st, IterativeEinsum) and r == st.iter_rank:
-                if st.init:
-                    continue
-                axes[r] = Axis(len(axes), step, 1)
-            elif step is not None and isinstance(st, Einsum) and r in sizes and self._is_loop_rank(r, st):
-                axes[r] = Axis(len(axes), step, 1)
+            if isinstance(st, IterativeEinsum) and st.init and r == st.iter_rank:
+                continue
+            if step is not None and r == step[0]:
+                axes[r] = Axis(len(axes), step[1], 1)
             else:
                 axes[r] = Axis(len(axes), 0, sizes[r])
         nd = len(axes)
@@ -249,17 +253,14 @@ class Interpreter:
         val = np.broadcast_to(out.val, present.shape)
         self._write(st, store[st.tensor], val, present, step)
 
-    def _is_loop_rank(self, r: str, st) -> bool:
-        return r in self.defn.iterative_ranks
-
-    def _write(self, st, target: Value, val, present, step) -> None:
+    def _write(self, st, target: Value, val, present, step: tuple[str, int] | None) -> None:
         if not isinstance(st, IterativeEinsum):
             if step is None:
                 target.val[...] = np.where(present, val, 0.0)
                 target.present[...] = present
                 return
-            pos = [a for a in st.lhs].index(next(r for r in st.lhs if r in self.defn.iterative_ranks))
-            sl = (slice(None),) * pos + (slice(step, step + 1),)
+            rank, i = step
+            sl = (slice(None),) * st.lhs.index(rank) + (slice(i, i + 1),)
             target.val[sl] = np.where(present, val, 0.0)
             target.present[sl] = present
             return
@@ -269,8 +270,9 @@ class Interpreter:
             target.val[sl] = np.where(present, val, 0.0)
             target.present[sl] = present
             return
-        before = (slice(None),) * pos + (slice(step, step + 1),)
-        after = (slice(None),) * pos + (slice(step + 1, step + 2),)
+        i = step[1]
+        before = (slice(None),) * pos + (slice(i, i + 1),)
+        after = (slice(None),) * pos + (slice(i + 1, i + 2),)
         target.val[after] = np.where(present, val, target.val[before])
         target.present[after] = present | target.present[before]
 
@@ -285,7 +287,23 @@ def _batch_split(defn: Definition, args: list) -> tuple[tuple[int, ...], dict[st
                              f"[{','.join(arg.ranks)}], got shape {x.shape}")
         arrays[arg.name] = x
         batches.append(x.shape[: x.ndim - len(arg.ranks)])
-    return np.broadcast_shapes(*batches) if batches else (), arrays
+    try:
+        batch = np.broadcast_shapes(*batches) if batches else ()
+    except ValueError:
+        shown = ", ".join(f"'{a.name}' {b}" for a, b in zip(defn.tensor_args, batches))
+        raise ValueError(f"{defn.name}: leading (batch) dims do not broadcast: {shown}") from None
+    return batch, arrays
+
+
+def _core(defn: Definition, arrays: dict[str, np.ndarray], batch, b) -> dict[str, np.ndarray]:
+    """The core-shaped slices of the inputs at batch index ``b`` (broadcast like numpy)."""
+    core = {}
+    for arg in defn.tensor_args:
+        x = arrays[arg.name]
+        nb = x.ndim - len(arg.ranks)
+        full = np.broadcast_to(x, batch[len(batch) - nb:] + x.shape[nb:])
+        core[arg.name] = full[b[len(batch) - nb:]] if nb else x
+    return core
 
 
 def interpret(defn: Definition, *args, **params):
@@ -293,21 +311,20 @@ def interpret(defn: Definition, *args, **params):
     if len(args) != len(defn.tensor_args):
         raise TypeError(f"{defn.name} takes {len(defn.tensor_args)} tensors, got {len(args)}")
     batch, arrays = _batch_split(defn, list(args))
+    core_shapes = {a.name: arrays[a.name].shape[arrays[a.name].ndim - len(a.ranks):]
+                   for a in defn.tensor_args}
+    sizes = bind_sizes(defn, core_shapes)  # checks core sizes even when the batch is empty
+    param_values(defn, sizes, params)  # checks parameters even when the batch is empty
     interp = Interpreter(defn)
     results: list[list[np.ndarray]] = [[] for _ in defn.outputs]
     for b in np.ndindex(*batch):
-        core = {}
-        for arg in defn.tensor_args:
-            x = arrays[arg.name]
-            nb = x.ndim - len(arg.ranks)
-            full = np.broadcast_to(x, batch[len(batch) - nb:] + x.shape[nb:]) if nb else x
-            core[arg.name] = full[b[len(batch) - nb:]] if nb else x
-        store = interp.run(core, params)
+        store = interp.run(_core(defn, arrays, batch, b), params, sizes)
         for k, out in enumerate(defn.outputs):
             v = store[out.name]
             results[k].append(np.where(v.present, v.val, 0.0))
     outs = []
     for k, out in enumerate(defn.outputs):
-        stacked = np.stack(results[k]) if results[k] else np.zeros((0,))
-        outs.append(stacked.reshape(batch + stacked.shape[1:]))
+        core = tuple(sizes[r] for r in out.ranks)
+        stacked = np.stack(results[k]) if results[k] else np.zeros((0,) + core)
+        outs.append(stacked.reshape(batch + core))
     return outs[0] if len(outs) == 1 else tuple(outs)

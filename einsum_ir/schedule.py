@@ -5,6 +5,10 @@ iterative rank ``I`` becomes a :class:`Loop`: its body is every update
 ``T[i+1,..]`` plus every Einsum that carries ``i`` on its left and reads an
 iterative tensor at ``i``/``i+1`` (directly or through other body Einsums).
 Inits run before the loop; readers of ``T[I, ...]`` after it.
+
+Errors (reported into a :class:`Collector`): a dependency cycle, a statement
+reading itself included (an update may read its own ``T[i]``, not ``T[i+1]``),
+and a read of an iterative tensor at ``i``/``i+1`` outside its loop.
 """
 from __future__ import annotations
 
@@ -113,17 +117,19 @@ def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, .
     g = nx.DiGraph()
     order: dict = {}
     for i, st in enumerate(defn.statements):
-        node = node_of.get(st.tensor) if not (isinstance(st, IterativeEinsum) and st.init) else st
+        init = isinstance(st, IterativeEinsum) and st.init
+        node = st if init else node_of[st.tensor]
         g.add_node(node)
         order.setdefault(node, i)
         for acc in statement_reads(st):
             src = node_of.get(acc.tensor)
-            if isinstance(st, IterativeEinsum) and st.init and acc.tensor == st.tensor:
-                continue
-            if src is not None and src is not node:
+            # reads between members of one loop are ordered by _order_body; a
+            # plain Einsum reading itself is a cycle (a self-loop here)
+            if src is not None and not (src is node and isinstance(node, Loop)):
                 g.add_edge(src, node)
-        if isinstance(st, IterativeEinsum) and st.init:
+        if init:
             g.add_edge(st, node_of[st.tensor])
+    _check_reads_outside_loops(defn, in_body, own)
     steps = _topo(g, order, "between statements", defn, own)
     if steps is None:
         if errors is None:
@@ -141,6 +147,22 @@ def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, .
     return tuple(out)
 
 
+def _check_reads_outside_loops(defn: Definition, in_body: dict[str, str], errors: Collector) -> None:
+    """Outside its loop an iterative tensor can be read only at its final step ``T[I, ...]``."""
+    iterative = defn.iterative_tensors
+    for st in defn.statements:
+        if in_body.get(st.tensor) is not None:
+            continue
+        for acc in statement_reads(st):
+            rank = iterative.get(acc.tensor)
+            step = _reads_step(acc, defn, rank) if rank is not None else None
+            if step is not None:
+                v = rank.lower()
+                errors.error(f"iterative tensor '{acc.tensor}' is read at {step.replace('i', v)} "
+                             f"outside its loop over {v}", acc.loc or st.loc,
+                             f"outside the loop read its final step, {acc.tensor}[{rank}, ...]")
+
+
 def _order_body(defn, rank, body, errors) -> list | None:
     g = nx.DiGraph()
     producers = {st.tensor: st for st in body}
@@ -149,11 +171,12 @@ def _order_body(defn, rank, body, errors) -> list | None:
         g.add_node(st)
         for acc in statement_reads(st):
             src = producers.get(acc.tensor)
-            if src is None or src is st:
+            if src is None:
                 continue
             is_state = isinstance(src, IterativeEinsum)
             if is_state and _reads_step(acc, defn, rank) != "i+1":
                 continue  # T[i] is last step's value: no edge within a step
+            # anything else, a statement reading itself included, orders within the step
             g.add_edge(src, st)
     return _topo(g, order, f"inside the loop over {rank.lower()}", defn, errors)
 

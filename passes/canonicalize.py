@@ -13,14 +13,28 @@ expression moves into an Einsum of its own, innermost first.  Before → after::
 
 The temporary's ranks are the reduction's free variables, plus the ``where``'s
 variables when the ``where`` applies at that reduction's level, so it keeps
-the source statement's meaning (absent where nothing was computed).
+the source statement's meaning (absent where nothing was computed).  A
+``where`` that no level of the rewritten statement has in scope any more is
+dropped from it (it applied only inside the extracted reduction)::
+
+    GM[p] = exp(max[m](QK[p,m]))   where m <= p
+    GM_max[p] = max[m](QK[p,m])    where m <= p
+    GM[p] = exp(GM_max[p])
+
+A reduction inside a ``where`` is not filtered by that ``where``; it becomes an
+unfiltered temporary over its free variables::
+
+    X[p] = A[p,0]   where A[p,0] > max[m](A[p,m])
+    X_max[p] = max[m](A[p,m])
+    X[p] = A[p,0]   where A[p,0] > X_max[p]
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ..einsum_ir.exprs import children, free_ranks, with_children
-from ..einsum_ir.ir import Access, Definition, Einsum, Expr, IterativeEinsum, Reduce, Statement
+from ..einsum_ir.exprs import children, free_ranks, walk, with_children
+from ..einsum_ir.ir import (Access, Definition, Einsum, Expr, Index, IterativeEinsum, Reduce,
+                            Statement)
 
 
 def _taken_names(defn: Definition) -> set[str]:
@@ -88,21 +102,69 @@ def _extract_one(st: Statement, path, taken: set[str]) -> tuple[Einsum, Statemen
     ranks = tuple(r for r in scope if r in need)
     name = _fresh(f"{st.tensor}_{red.op}", taken)
     temp = Einsum(name, ranks, red, where, loc=st.loc)
-    use = Access(name, tuple(_index(r, red) for r in ranks), loc=red.loc)
+    use = Access(name, tuple(Index(r, loc=red.loc) for r in ranks), loc=red.loc)
     return temp, dataclasses.replace(st, expr=_replace_at(st.expr, path, use))
 
 
-def _index(rank: str, red: Reduce):
-    from ..einsum_ir.ir import Index
+def _extract_from_where(st: Statement, taken: set[str]) -> tuple[Einsum, Statement] | None:
+    """Move the innermost reduction of ``st.where`` into an unfiltered temporary."""
+    if st.where is None or (path := _innermost_reduce(st.where)) is None:
+        return None
+    red: Reduce = _node_at(st.where, path)
+    free = free_ranks(red)
+    scope = _scope_at(st.where, path, tuple(_rank_order(st.where)))
+    ranks = tuple(r for r in scope if r in free)
+    name = _fresh(f"{st.tensor}_{red.op}", taken)
+    temp = Einsum(name, ranks, red, None, loc=st.loc)
+    use = Access(name, tuple(Index(r, loc=red.loc) for r in ranks), loc=red.loc)
+    return temp, dataclasses.replace(st, where=_replace_at(st.where, path, use))
 
-    return Index(rank, loc=red.loc)
+
+def _innermost_reduce(e: Expr, path=()):
+    for i, c in enumerate(children(e)):
+        if (found := _innermost_reduce(c, path + (i,))) is not None:
+            return found
+    return path if isinstance(e, Reduce) else None
+
+
+def _rank_order(e: Expr) -> list[str]:
+    """Ranks used in ``e`` (free or bound), in order of first use: a deterministic layout."""
+    order: dict[str, None] = {}
+    for n in walk(e):
+        if isinstance(n, Index):
+            order.setdefault(n.rank, None)
+        elif isinstance(n, Reduce):
+            for r in n.ranks:
+                order.setdefault(r, None)
+    return list(order)
+
+
+def _where_applies(st: Statement) -> bool:
+    """Whether some level of ``st`` (its LHS or a reduction) has all the where's variables."""
+    need = free_ranks(st.where)
+    return any(need <= scope for scope in _level_scopes(st.expr, frozenset(_lhs_scope(st))))
+
+
+def _level_scopes(e: Expr, scope: frozenset[str]):
+    yield scope
+    if isinstance(e, Reduce):
+        scope = scope | frozenset(e.ranks)
+        yield scope
+    for c in children(e):
+        yield from _level_scopes(c, scope)
 
 
 def split_reductions(st: Statement, taken: set[str]) -> list[Statement]:
+    """``st`` as temporaries plus itself, each with at most one reduction, at its root."""
     out: list[Statement] = []
+    while (moved := _extract_from_where(st, taken)) is not None:
+        temp, st = moved
+        out.append(temp)
     while (path := _innermost_nonroot(st.expr)) is not None:
         temp, st = _extract_one(st, path, taken)
         out.append(temp)
+    if st.where is not None and not _where_applies(st):
+        st = dataclasses.replace(st, where=None)
     out.append(st)
     return out
 

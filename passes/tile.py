@@ -136,6 +136,7 @@ def tile_program(defn: Definition) -> TileProgram:
             raise NotTileable(f"'{s.tensor}' reads every tile of "
                               f"{sorted(_reads(s) & body_names)[0]} before the loop: not one-pass")
     kept = frozenset(n for s in after for n in _reads(s) & body_names)
+    kept |= frozenset(o.name for o in defn.outputs) & body_names
     tile_rank, stream_rank = _blocked_source(defn, loop.rank)
     guards = update_guards(defn, body, loop.rank)
     return TileProgram(

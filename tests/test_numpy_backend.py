@@ -45,7 +45,7 @@ def test_example_matches_interpreter(rel, tmp_path):
 @pytest.mark.parametrize("rel", EXAMPLE_IDS)
 def test_generated_code_golden(rel, golden):
     module = parse_file(EXAMPLES / rel)
-    golden(render_module(module, Path(rel).name, include_runtime=False), rel.replace("/", "_"))
+    golden(render_module(module, Path(rel).name, include_runtime=False))
 
 
 def test_generated_module_is_deterministic_and_needs_only_numpy(tmp_path):

@@ -1,0 +1,354 @@
+"""The cascade report: passes, dependencies, costs and fusion groups of every definition.
+
+``build_report`` gathers everything as a JSON-able dict with a stable key order (the
+schema is in ``docs/report.md``); ``render_report`` lays it out as aligned text;
+``report_dot`` draws the cascade as a Graphviz graph, Einsums coloured by pass.  Each
+stage of a report is one version of the module ("input", then one per transformation
+pass); a definition's list of stages shows how the passes change.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import sympy
+
+from ..einsum_ir.ir import Access, Definition, IterativeEinsum, Module, Num, Statement
+from ..einsum_ir.printer import print_definition, print_size, print_statement
+from ..einsum_ir.schedule import statement_reads
+from .costs import COMPUTE_BYTES, CascadeCosts, cascade_costs, evaluate, known_sizes
+from .fusion import STREAM, FusionGroup, fusion_groups
+from .passcount import (Dependency, PassAnalysis, count_passes, iteration_space,
+                        reduced_ranks, statement_label)
+
+SCHEMA = "attnc.report/1"
+PASS_COLOURS = ("#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69",
+                "#fccde5")
+INPUT_COLOUR = "#eeeeee"
+
+
+# ----------------------------------------------------------------------------
+# build_report
+# ----------------------------------------------------------------------------
+
+
+def build_report(module: Module, sizes: Mapping[str, int] | None = None,
+                 stages: Sequence[tuple[str, Module]] | None = None) -> dict:
+    """The report of every definition of ``module``, one entry per stage.
+
+    ``sizes`` binds rank sizes (``{"M": 8192}``) for the values next to each symbolic
+    cost; a name that is no rank of any definition is a ``ValueError``; ranks left out stay
+    symbolic.  ``stages`` defaults to ``[("input", module)]``; each stage's definitions are
+    analysed in canonical form.
+    """
+    stages = list(stages) if stages is not None else [("input", module)]
+    _check_size_names(sizes or {}, [module] + [m for _, m in stages])
+    definitions = []
+    for defn in module.definitions:
+        versions = [(name, _find(m, defn.name)) for name, m in stages]
+        definitions.append({
+            "name": defn.name,
+            "stages": [stage_report(name, d, sizes) for name, d in versions if d is not None],
+        })
+    return {"schema": SCHEMA, "sizes": dict(sizes or {}), "definitions": definitions}
+
+
+def _check_size_names(sizes: Mapping[str, int], modules: list[Module]) -> None:
+    ranks = {r for m in modules for d in m.definitions for r in d.ranks}
+    unknown = sorted(set(sizes) - ranks)
+    if unknown:
+        raise ValueError(f"unknown size name(s) {', '.join(unknown)}: the ranks are "
+                         f"{', '.join(sorted(ranks)) or '(none)'}")
+
+
+def _find(module: Module, name: str) -> Definition | None:
+    return next((d for d in module.definitions if d.name == name), None)
+
+
+def stage_report(after: str, defn: Definition, sizes: Mapping[str, int] | None) -> dict:
+    """One stage of one definition: passes, dependencies, costs, fusion, the cascade."""
+    analysis = count_passes(defn)
+    canonical = analysis.definition
+    known = known_sizes(canonical, sizes)
+    costs = cascade_costs(analysis)
+    groups = fusion_groups(analysis)
+    return {
+        "after": after,
+        "pass_bound": analysis.pass_bound,
+        "passes": analysis.passes,
+        "bound_rank": analysis.bound_rank,
+        "ranks": [_rank_entry(canonical, rp, foot, known)
+                  for rp, foot in zip(analysis.ranks, costs.footprints)],
+        "einsums": _einsum_entries(analysis, costs, groups, known),
+        "flops": _quantity(costs.total_flops, known),
+        "compulsory_bytes": {**_quantity(costs.compulsory_bytes, known),
+                             "tensors": [_traffic_entry(t, known) for t in costs.traffic]},
+        "arithmetic_intensity": _quantity(costs.intensity, known),
+        "footprint": {"elements": _quantity(costs.footprint_elements, known),
+                      "bytes": _quantity(costs.footprint_bytes, known)},
+        "fusion": [_group_entry(g) for g in groups],
+        "cascade": print_definition(canonical),
+    }
+
+
+def _quantity(expr: sympy.Expr, known: Mapping[str, int]) -> dict:
+    return {"expr": str(expr), "value": evaluate(expr, known)}
+
+
+def _rank_size_text(defn: Definition, rank: str) -> str:
+    let = next((x for x in defn.lets if x.name == rank), None)
+    return print_size(let.value) if let is not None else rank
+
+
+def _rank_entry(defn: Definition, rp, foot, known: Mapping[str, int]) -> dict:
+    return {
+        "rank": rp.rank,
+        "size": _rank_size_text(defn, rp.rank),
+        "value": known.get(rp.rank),
+        "constant": rp.constant,
+        "passes": rp.count,
+        "einsum_pass": dict(rp.einsum_pass),
+        "chain": [_dependency_entry(d) for d in rp.chain],
+        "footprint": {**_quantity(foot.elements, known), "reason": foot.reason},
+    }
+
+
+def _dependency_entry(dep: Dependency) -> dict:
+    return {"pass": dep.pass_number, "earlier": dep.earlier, "later": dep.later,
+            "through": list(dep.through), "tensor": dep.tensor, "kind": dep.kind,
+            "text": dep.describe()}
+
+
+def _einsum_entries(analysis: PassAnalysis, costs: CascadeCosts, groups, known) -> list[dict]:
+    where = {m.einsum: (g.number, m.role) for g in groups for m in g.members}
+    out = []
+    for st in analysis.definition.statements:
+        label = statement_label(st)
+        space = iteration_space(st)
+        out.append({
+            "name": label,
+            "statement": print_statement(st),
+            "space": list(space),
+            "reduces": list(reduced_ranks(st)),
+            "passes": {rp.rank: rp.einsum_pass[label] for rp in analysis.ranks
+                       if label in rp.einsum_pass},
+            "group": where[label][0],
+            "role": where[label][1],
+            "flops": _quantity(costs.flops[label], known),
+        })
+    return out
+
+
+def _traffic_entry(t, known) -> dict:
+    return {"name": t.name, "role": t.role, "dtype": t.dtype,
+            "elements": _quantity(t.elements, known), "bytes": _quantity(t.bytes, known)}
+
+
+def _group_entry(g: FusionGroup) -> dict:
+    return {"group": g.number, "rank": g.rank,
+            "members": [{"einsum": m.einsum, "role": m.role} for m in g.members],
+            "blocked_by": [_dependency_entry(d) for d in g.blocked_by]}
+
+
+# ----------------------------------------------------------------------------
+# render_report
+# ----------------------------------------------------------------------------
+
+
+def render_report(report: dict) -> str:
+    """The report as aligned plain text, one block per definition and stage."""
+    blocks = []
+    sizes = report.get("sizes") or {}
+    for defn in report["definitions"]:
+        stages = defn["stages"]
+        if len(stages) > 1:
+            blocks.append(_render_summary(defn["name"], stages))
+        for before, stage in zip([None] + stages, stages):
+            if before is not None and before["cascade"] == stage["cascade"]:
+                blocks.append(f"== {defn['name']} (after {stage['after']}): "
+                              f"the cascade after {before['after']}, unchanged\n")
+            else:
+                blocks.append(_render_stage(defn["name"], stage, sizes))
+    return "\n".join(blocks)
+
+
+def _render_summary(name: str, stages: list[dict]) -> str:
+    ranks = list(dict.fromkeys(r for s in stages for r in s["passes"]))
+    rows = [[s["after"], str(s["pass_bound"])] + [str(s["passes"].get(r, "-")) for r in ranks]
+            + [_fmt(s["flops"]["value"]), _fmt(s["footprint"]["elements"]["value"])]
+            for s in stages]
+    header = ["after", "pass bound"] + [f"passes({r})" for r in ranks] + ["flops", "footprint"]
+    return "\n".join([f"== {name}: stages", ""] + _indent(_table(header, rows))) + "\n"
+
+
+def _render_stage(name: str, stage: dict, sizes: Mapping[str, int]) -> str:
+    bound = stage["bound_rank"]
+    over = f" over {bound}" if bound else ""
+    lines = [f"== {name} (after {stage['after']}): {stage['pass_bound']}-pass{over}"]
+    if sizes:
+        lines.append("sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    lines += ["", "cascade:"] + _indent(stage["cascade"].rstrip("\n").splitlines())
+    lines += ["", "ranks:"] + _indent(_table(["rank", "size", "value", "kind", "passes",
+                                               "footprint", ""], _rank_rows(stage)))
+    for r in stage["ranks"]:
+        if r["chain"]:
+            lines += ["", f"dependencies over {r['rank']}:"]
+            lines += _indent([d["text"] for d in r["chain"]])
+    lines += ["", "einsums:"] + _indent(_table(_einsum_header(stage), _einsum_rows(stage)))
+    lines += ["", "totals:"] + _indent(_table(["", "", ""], _total_rows(stage), show_header=False))
+    lines += ["", "fusion groups" + (f" over {bound}:" if bound else ":")]
+    lines += _indent(_group_lines(stage))
+    return "\n".join(lines) + "\n"
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["  " + line for line in lines]
+
+
+def _table(header: list[str], rows: list[list[str]], show_header: bool = True) -> list[str]:
+    cells = ([header] if show_header else []) + rows
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return f"{value:,}"
+
+
+def _rank_rows(stage: dict) -> list[list[str]]:
+    rows = []
+    for r in stage["ranks"]:
+        foot = r["footprint"]
+        rows.append([r["rank"], r["size"], _fmt(r["value"]),
+                     "constant" if r["constant"] else "symbolic", str(r["passes"]),
+                     foot["expr"], foot["reason"]])
+    return rows
+
+
+def _einsum_header(stage: dict) -> list[str]:
+    bound = stage["bound_rank"]
+    return ["einsum", f"pass({bound})" if bound else "pass", "group", "flops", "value"]
+
+
+def _einsum_rows(stage: dict) -> list[list[str]]:
+    bound = stage["bound_rank"]
+    rows = []
+    for e in stage["einsums"]:
+        own = e["passes"].get(bound) if bound else 1
+        role = "" if e["role"] == STREAM else f" ({e['role']})"
+        rows.append([e["name"], "-" if own is None else str(own), f"{e['group']}{role}",
+                     e["flops"]["expr"], _fmt(e["flops"]["value"])])
+    return rows
+
+
+def _total_rows(stage: dict) -> list[list[str]]:
+    foot = stage["footprint"]
+    return [
+        ["flops", stage["flops"]["expr"], _fmt(stage["flops"]["value"])],
+        ["compulsory bytes", stage["compulsory_bytes"]["expr"],
+         _fmt(stage["compulsory_bytes"]["value"])],
+        ["arithmetic intensity", stage["arithmetic_intensity"]["expr"],
+         _fmt(stage["arithmetic_intensity"]["value"])],
+        ["live footprint (elements)", foot["elements"]["expr"], _fmt(foot["elements"]["value"])],
+        [f"live footprint (bytes, {COMPUTE_BYTES}/element)", foot["bytes"]["expr"],
+         _fmt(foot["bytes"]["value"])],
+    ]
+
+
+def _group_lines(stage: dict) -> list[str]:
+    lines = []
+    for g in stage["fusion"]:
+        names = []
+        for m in g["members"]:
+            names.append(m["einsum"] if m["role"] == STREAM else f"{m['einsum']} ({m['role']})")
+        lines.append(f"group {g['group']}: " + ", ".join(names))
+        for dep in g["blocked_by"]:
+            lines.append(f"  not fused with group {g['group'] - 1}: {dep['text']}")
+    return lines
+
+
+# ----------------------------------------------------------------------------
+# report_dot
+# ----------------------------------------------------------------------------
+
+
+def report_dot(module: Module) -> str:
+    """The module's canonical cascades as one Graphviz digraph, Einsums coloured by pass."""
+    lines = ["digraph attnc {", "  rankdir=TB;",
+             '  node [fontname="Helvetica", style=filled];', "  compound=true;"]
+    for defn in module.definitions:
+        lines += _indent(_dot_cluster(defn))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + escaped + '"'
+
+
+def _dot_cluster(defn: Definition) -> list[str]:
+    analysis = count_passes(defn)
+    canonical = analysis.definition
+    groups = {m.einsum: g.number for g in fusion_groups(analysis) for m in g.members}
+    bound = analysis.bound_rank
+    title = f"{defn.name}: {analysis.pass_bound}-pass" + (f" over {bound}" if bound else "")
+    lines = [f"subgraph {_quote('cluster_' + defn.name)} {{", f"  label={_quote(title)};"]
+    outputs = {o.name for o in canonical.outputs}
+    for arg in canonical.tensor_args:
+        lines.append(f"  {_node_id(defn, arg.name)} [shape=box, fillcolor={_quote(INPUT_COLOUR)}, "
+                     f"label={_quote(arg.name + '[' + ','.join(arg.ranks) + ']')}];")
+    for st in canonical.statements:
+        lines.append("  " + _dot_statement(defn, st, groups, bound, st.tensor in outputs))
+    for src, dst in _dot_edges(canonical):
+        lines.append(f"  {_node_id(defn, src)} -> {_node_id(defn, dst)};")
+    lines.append("}")
+    return lines
+
+
+def _node_id(defn: Definition, label: str) -> str:
+    return _quote(f"{defn.name}/{label}")
+
+
+def _dot_statement(defn: Definition, st: Statement, groups: dict[str, int],
+                   bound: str | None, is_output: bool) -> str:
+    label = statement_label(st)
+    number = groups[label]
+    colour = PASS_COLOURS[(number - 1) % len(PASS_COLOURS)]
+    where = f"pass {number}" if bound is None or bound in iteration_space(st) else \
+        f"between passes (group {number})"
+    extra = ", peripheries=2" if is_output else ""
+    return (f"{_node_id(defn, label)} [shape=ellipse, fillcolor={_quote(colour)}{extra}, "
+            f"label={_quote(label + chr(10) + where)}];")
+
+
+def _dot_edges(defn: Definition) -> list[tuple[str, str]]:
+    """(producer, consumer) labels: arguments by name, statements by label, no duplicates."""
+    init = {st.tensor: statement_label(st) for st in defn.statements
+            if isinstance(st, IterativeEinsum) and st.init}
+    plain = {st.tensor: statement_label(st) for st in defn.statements
+             if not (isinstance(st, IterativeEinsum) and st.init)}
+    edges: dict[tuple[str, str], None] = {}
+    for st in defn.statements:
+        me = statement_label(st)
+        for acc in statement_reads(st):
+            src = _dot_source(defn, acc, init, plain)
+            if src == me:
+                src = init.get(acc.tensor, src)
+            if src != me:
+                edges.setdefault((src, me), None)
+    return list(edges)
+
+
+def _dot_source(defn: Definition, acc: Access, init: dict[str, str], plain: dict[str, str]) -> str:
+    if acc.tensor in init:
+        rank = next(st.iter_rank for st in defn.statements
+                    if isinstance(st, IterativeEinsum) and st.tensor == acc.tensor)
+        step = acc.subscripts[defn.tensor_ranks(acc.tensor).index(rank)]
+        if step == Num(0):
+            return init[acc.tensor]
+    return plain.get(acc.tensor, acc.tensor)
+

@@ -26,8 +26,15 @@ def _numpy(module: Module, stem: str) -> dict[str, str]:
     return {f"{stem}.py": render_module(module, f"{stem}.attn")}
 
 
+def _triton(module: Module, stem: str) -> dict[str, str]:
+    from .triton_backend import render_module
+
+    return {f"{stem}.py": render_module(module, f"{stem}.attn")}
+
+
 BACKENDS: dict[str, Backend] = {
-    "numpy": Backend("numpy", _numpy, "plain numpy module, per-Einsum vectorised"),
+    "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)"),
+    "triton": Backend("triton", _triton, "Triton kernels and torch launchers"),
 }
 
 

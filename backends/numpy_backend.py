@@ -54,8 +54,11 @@ def mask_name(tensor: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def size_code(e: sympy.Expr, exact: bool) -> str:
-    """sympy size expression -> Python; ``exact`` uses Fraction arithmetic for lets."""
+def size_code(e: sympy.Expr, exact: bool, lib: str = "np") -> str:
+    """sympy size expression -> Python; ``exact`` uses Fraction arithmetic for lets.
+
+    ``lib`` names the math module of the generated code (``np`` or ``math``).
+    """
     if e.is_Symbol:
         return f"Fraction({pyname(e.name)})" if exact else pyname(e.name)
     if e.is_Integer:
@@ -65,36 +68,36 @@ def size_code(e: sympy.Expr, exact: bool) -> str:
     if e.is_Float:
         return repr(float(e))
     if e is sympy.pi:
-        return "np.pi"
+        return f"{lib}.pi"
     if e is sympy.oo:
-        return "np.inf"
+        return f"{lib}.inf"
     if e.is_Add:
-        return "(" + " + ".join(size_code(a, exact) for a in e.args) + ")"
+        return "(" + " + ".join(size_code(a, exact, lib) for a in e.args) + ")"
     if e.is_Mul:
-        return "(" + " * ".join(size_code(a, exact) for a in e.args) + ")"
+        return "(" + " * ".join(size_code(a, exact, lib) for a in e.args) + ")"
     if e.is_Pow:
         base, exp = e.args
         if exp.is_Integer and exp < 0:
-            return f"(1 / {size_code(base ** -exp, exact)})" if exact else \
-                f"(1.0 / {size_code(base ** -exp, exact)})"
+            return f"(1 / {size_code(base ** -exp, exact, lib)})" if exact else \
+                f"(1.0 / {size_code(base ** -exp, exact, lib)})"
         if exp == sympy.Rational(1, 2):
-            return f"np.sqrt({size_code(base, False)})"
+            return f"{lib}.sqrt({size_code(base, False, lib)})"
         if exp == -sympy.Rational(1, 2):
-            return f"(1.0 / np.sqrt({size_code(base, False)}))"
-        return f"({size_code(base, exact)} ** {size_code(exp, exact)})"
+            return f"(1.0 / {lib}.sqrt({size_code(base, False, lib)}))"
+        return f"({size_code(base, exact, lib)} ** {size_code(exp, exact, lib)})"
     if isinstance(e, sympy.ceiling):
-        return f"_ceil({size_code(e.args[0], True)})"
+        return f"_ceil({size_code(e.args[0], True, lib)})"
     if isinstance(e, sympy.floor):
-        return f"_floor({size_code(e.args[0], True)})"
+        return f"_floor({size_code(e.args[0], True, lib)})"
     if isinstance(e, (sympy.Min, sympy.Max)):
         fn = "min" if isinstance(e, sympy.Min) else "max"
-        return f"{fn}(" + ", ".join(size_code(a, exact) for a in e.args) + ")"
+        return f"{fn}(" + ", ".join(size_code(a, exact, lib) for a in e.args) + ")"
     if isinstance(e, sympy.exp):
-        return f"np.exp({size_code(e.args[0], False)})"
+        return f"{lib}.exp({size_code(e.args[0], False, lib)})"
     if isinstance(e, sympy.log):
-        return f"np.log({size_code(e.args[0], False)})"
+        return f"{lib}.log({size_code(e.args[0], False, lib)})"
     if isinstance(e, sympy.Abs):
-        return f"abs({size_code(e.args[0], exact)})"
+        return f"abs({size_code(e.args[0], exact, lib)})"
     raise NotImplementedError(f"size expression {e}")
 
 

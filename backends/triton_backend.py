@@ -1,0 +1,867 @@
+"""The Triton backend: one ``@triton.jit`` kernel per tile program, plus a torch launcher.
+
+The kernel is rendered from the tile program, not from a softmax template:
+
+* a program instance owns a block of rows (``BLOCK_<row>``) of one batch
+  element and one value of each *grid rank* (ranks that select which keys are
+  streamed, like the head ``h`` in ``K[h, m, e]`` or ``K[h // G, m, e]``);
+* it loops over the key tiles the update guards leave live, carrying the
+  iterative state in registers;
+* every Einsum is rendered over its *vector ranks* (rows, the tile, head
+  dims padded to a power of two) as Triton block operations: a sum over one
+  rank of two 2-D tensors becomes ``tl.dot``, other reductions ``tl.sum`` /
+  ``tl.max``, maps become elementwise code;
+* values travel with *presence terms* (boolean blocks over a few ranks whose
+  conjunction says where the value is present), so absent elements follow the
+  contract: reductions ignore absent points, an update not computed carries the
+  state, absent outputs are stored as 0.
+
+Before → after (one statement)::
+
+    BQK[m1,m0,p] = sum[e](Q[p,e] * BK[m1,m0,e] * scale)   where m1*M0 + m0 <= p + M - P
+    ->
+    q = tl.load(Q_ptr + ..., mask=rng_p[:, None] & rng_e[None, :], other=0.0)
+    k = tl.load(K_ptr + ..., mask=inb_0[:, None] & rng_e[None, :], other=0.0)
+    bqk = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+    w_1 = (m1 * M0 + offs_m0[None, :]) <= (offs_p[:, None] + M - P)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import sympy
+
+from .. import __version__
+from ..einsum_ir.exprs import children, free_ranks, product_factors, walk
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
+from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
+from .numpy_backend import pyname, size_code
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
+
+
+class TritonUnsupported(NotTileable):
+    """The tile program uses something this renderer cannot express yet."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """A presence term: a boolean block over ``layout`` (canonical rank order)."""
+
+    code: str
+    layout: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TVal:
+    """A rendered value: code, the vector ranks it varies over, its presence terms."""
+
+    code: str
+    layout: tuple[str, ...]
+    terms: tuple[Term, ...] = ()
+    loaded: bool = False     # a direct load: zero wherever it is absent
+    is_bool: bool = False
+    raw: str | None = None   # a load in its own dtype (for tl.dot operands)
+
+
+def _merge_terms(*groups: tuple[Term, ...]) -> tuple[Term, ...]:
+    out: dict[Term, None] = {}
+    for g in groups:
+        for t in g:
+            out.setdefault(t, None)
+    return tuple(out)
+
+
+@dataclass
+class Ranks:
+    """The roles of the ranks in one kernel."""
+
+    row: str | None
+    tile: str | None
+    loop: str
+    grid: tuple[str, ...]          # program-scalar ranks (besides the batch dims)
+    vector: tuple[str, ...]        # canonical order: row, tile, then the others
+
+    def block(self, r: str) -> str:
+        return f"BLOCK_{r}"
+
+
+def _inline_loads(tp: TileProgram) -> tuple[dict[str, Einsum], tuple]:
+    """Blocked copies ``BK[m1,m0,e] = K[m1*M0 + m0, e]`` become loads at their uses."""
+    inputs = {a.name for a in tp.cascade.tensor_args}
+    loads = {}
+    for st in tp.body:
+        if (isinstance(st, Einsum) and st.where is None and isinstance(st.expr, Access)
+                and st.expr.tensor in inputs and st.tensor not in tp.kept):
+            loads[st.tensor] = st
+    body = tuple(s for s in tp.body if s.tensor not in loads)
+    return loads, body
+
+
+def _substitute(e: Expr, mapping: dict[str, Expr]) -> Expr:
+    if isinstance(e, Index) and e.rank in mapping:
+        return mapping[e.rank]
+    kids = children(e)
+    if not kids:
+        return e
+    from ..einsum_ir.exprs import with_children
+
+    return with_children(e, tuple(_substitute(k, mapping) for k in kids))
+
+
+def _expand_loads(e: Expr, loads: dict[str, Einsum]) -> Expr:
+    """Replace each access of a blocked copy by the access it copies."""
+    if isinstance(e, Access) and e.tensor in loads:
+        st = loads[e.tensor]
+        mapping = dict(zip(st.lhs, e.subscripts))
+        return _substitute(st.expr, mapping)
+    kids = children(e)
+    if not kids:
+        return e
+    from ..einsum_ir.exprs import with_children
+
+    return with_children(e, tuple(_expand_loads(k, loads) for k in kids))
+
+
+def classify_ranks(tp: TileProgram, statements) -> Ranks:
+    """Row, tile, grid and vector ranks from how the statements use them."""
+    defn = tp.cascade
+    inputs = {a.name for a in defn.tensor_args}
+    streamed = set()
+    for st in statements:
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in inputs and any(
+                    tp.loop_rank in free_ranks(s) for s in acc.subscripts):
+                streamed.add(acc.tensor)
+    state_ranks = []
+    for st in tp.inits:
+        state_ranks += [r for r in st.lhs if r != st.iter_rank and r not in state_ranks]
+    in_streamed, in_other = set(), set()
+    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue):
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in inputs:
+                used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
+                (in_streamed if acc.tensor in streamed else in_other).update(used)
+    grid = [r for r in state_ranks if r in in_streamed and r in in_other]
+    rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
+    guard_ranks = set()
+    for _, gs in tp.guards:
+        for g in gs:
+            guard_ranks |= free_ranks(g.cond)
+    row = next((r for r in rows if r in guard_ranks), rows[-1] if rows else None)
+    grid += [r for r in rows if r != row]
+    vector = [r for r in (row, tp.tile_rank) if r]
+    every = set()
+    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue) + tuple(tp.inits):
+        every |= set(st.lhs) | free_ranks(st.expr)
+        for red in walk(st.expr):
+            if isinstance(red, Reduce):
+                every |= set(red.ranks)
+    for r in defn.ranks:
+        if r in every and r not in vector and r not in grid and r != tp.loop_rank:
+            vector.append(r)
+    return Ranks(row, tp.tile_rank, tp.loop_rank, tuple(grid), tuple(vector))
+
+
+@dataclass
+class KernelRenderer:
+    """Renders one tile program as a Triton kernel body (lines of Python)."""
+
+    tp: TileProgram
+    lines: list[str] = field(default_factory=list)
+    count: int = 0
+    memo: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.hoisted: list[str] = []
+        self.hoisted_memo: dict = {}
+        self.in_loop = False
+        self.defn = self.tp.cascade
+        self.loads, self.body = _inline_loads(self.tp)
+        self.body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, self.loads),
+                                              where=None if s.where is None else
+                                              _expand_loads(s.where, self.loads))
+                          for s in self.body)
+        self.ranks = classify_ranks(self.tp, self.body)
+        self.values: dict[str, TVal] = {}     # tensor -> register value (this tile / prologue)
+        self.state_prev: dict[str, TVal] = {}
+        self.inputs = {a.name: a for a in self.defn.tensor_args}
+        self.check_supported()
+
+    # --- helpers ------------------------------------------------------------
+    def new(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def canon(self, ranks) -> tuple[str, ...]:
+        s = set(ranks)
+        return tuple(r for r in self.ranks.vector if r in s)
+
+    def expand(self, code: str, layout: tuple[str, ...], target: tuple[str, ...]) -> str:
+        if layout == target or not layout:
+            return code
+        idx = ", ".join(":" if r in layout else "None" for r in target)
+        return f"({code})[{idx}]"
+
+    def shape(self, layout) -> str:
+        return "[" + ", ".join(self.ranks.block(r) for r in layout) + "]"
+
+    def check_supported(self):
+        vec = set(self.ranks.vector)
+        for st in self.body + self.tp.epilogue + self.tp.prologue:
+            for red in walk(st.expr):
+                if isinstance(red, Reduce) and not set(red.ranks) <= vec:
+                    raise TritonUnsupported(f"reduction over a grid rank in {st.tensor}")
+        if len([r for r in self.ranks.vector]) > 6:
+            raise TritonUnsupported("too many vector ranks")
+
+    # --- index variables ---------------------------------------------------------
+    def offs(self, r: str) -> str:
+        return f"offs_{r.lower()}"
+
+    def index_code(self, r: str, layout) -> tuple[str, tuple[str, ...]]:
+        """(code, layout) of index variable r's integer values."""
+        if r == self.ranks.loop:
+            return r.lower(), ()
+        if r in self.ranks.grid:
+            return f"idx_{r.lower()}", ()
+        return self.offs(r), (r,)
+
+    def range_term(self, r: str) -> Term | None:
+        if r == self.ranks.tile or r == self.ranks.loop or r in self.ranks.grid:
+            return None
+        return Term(f"rng_{r.lower()}", (r,))
+
+    # --- expressions -----------------------------------------------------------
+    def subscript(self, e: Expr) -> tuple[str, tuple[str, ...]]:
+        """An affine subscript: (code, layout)."""
+        if isinstance(e, Index):
+            return self.index_code(e.rank, ())
+        if isinstance(e, Size):
+            return pyname(e.rank), ()
+        if isinstance(e, Num):
+            return str(int(e.value)), ()
+        if isinstance(e, Unary):
+            c, lay = self.subscript(e.operand)
+            return f"(-{c})", lay
+        if isinstance(e, Binary):
+            a, la = self.subscript(e.left)
+            b, lb = self.subscript(e.right)
+            lay = self.canon(set(la) | set(lb))
+            return f"({self.expand(a, la, lay)} {e.op} {self.expand(b, lb, lay)})", lay
+        raise TritonUnsupported(f"subscript {e}")
+
+    def load(self, e: Access) -> TVal:
+        key = ("load", e)
+        invariant = not any(self.ranks.loop in free_ranks(s) for s in e.subscripts)
+        if invariant and key in self.hoisted_memo:
+            return self.hoisted_memo[key]
+        if key in self.memo:
+            return self.memo[key]
+        if invariant and self.in_loop:
+            saved, self.lines = self.lines, self.hoisted
+            saved_memo, self.memo = self.memo, self.hoisted_memo
+            self.in_loop = False
+            out = self.load(e)
+            self.in_loop = True
+            self.lines, self.memo = saved, saved_memo
+            return out
+        name = e.tensor
+        arg = self.inputs[name]
+        parts = []
+        terms = []
+        for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
+            code, lay = self.subscript(sub)
+            parts.append((code, lay, k))
+            if isinstance(sub, Index) and sub.rank == rank and sub.rank in self.ranks.vector:
+                t = self.range_term(rank)
+                if t:
+                    terms.append(t)
+            elif isinstance(sub, Index) and sub.rank == rank:
+                pass  # grid/loop rank of its own size: in bounds
+            else:
+                bounds = f"({code} >= 0) & ({code} < {pyname(rank)})"
+                if ("inb", bounds) not in self.memo:
+                    inb = self.new("inb")
+                    self.emit(f"{inb} = {bounds}")
+                    self.memo[("inb", bounds)] = inb
+                terms.append(Term(self.memo[("inb", bounds)], lay))
+        layout = self.canon(set().union(*(set(p[1]) for p in parts)) if parts else set())
+        offset = " + ".join(f"{self.expand(c, lay, layout)} * stride_{name}_{k}"
+                            for c, lay, k in parts) or "0"
+        mask_code = self.mask_code(terms, layout)
+        v = self.new(name.lower())
+        mask = f", mask={mask_code}, other=0.0" if mask_code else ""
+        self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})")
+        out = TVal(f"{v}.to(tl.float32)", layout, tuple(terms), loaded=True, raw=v)
+        self.memo[key] = out
+        return out
+
+    def mask_code(self, terms, layout) -> str | None:
+        """The conjunction of presence terms over ``layout`` (named once per tile)."""
+        terms = tuple(t for t in terms if t is not None)
+        if not terms:
+            return None
+        if len(terms) == 1 and (terms[0].layout == layout or not terms[0].layout):
+            return terms[0].code
+        key = ("mask", terms, layout)
+        if key not in self.memo:
+            name = self.new("mask")
+            self.emit(f"{name} = " + " & ".join(self.expand(t.code, t.layout, layout) for t in terms))
+            self.memo[key] = name
+        return self.memo[key]
+
+    def access(self, e: Access, env_layout) -> TVal:
+        t = e.tensor
+        if t in self.inputs:
+            return self.load(e)
+        ranks = list(self.defn.tensor_ranks(t))
+        subs = list(e.subscripts)
+        if t in self.tp.state:
+            pos = ranks.index(self.ranks.loop)
+            step = subs[pos]
+            del ranks[pos], subs[pos]
+            nxt = step == Binary("+", Index(self.ranks.loop), Num(1)) or step == Size(self.ranks.loop)
+            val = self.values[t] if nxt else self.state_prev[t]
+        else:
+            if self.ranks.loop in ranks:
+                pos = ranks.index(self.ranks.loop)
+                if subs[pos] != Index(self.ranks.loop):
+                    raise TritonUnsupported(f"{t} read at another tile")
+                del ranks[pos], subs[pos]
+            if t not in self.values:
+                raise TritonUnsupported(f"{t} is not available in registers here")
+            val = self.values[t]
+        for s, r in zip(subs, ranks):
+            if not (isinstance(s, Index) and s.rank == r):
+                raise TritonUnsupported(f"{t} is read with a shifted subscript")
+        return val
+
+    def value(self, e: Expr, st) -> TVal:
+        if isinstance(e, Num):
+            return TVal(format_number(float(e.value)), ())
+        if isinstance(e, Const):
+            return TVal("float('inf')" if e.name == "inf" else "3.141592653589793", ())
+        if isinstance(e, Size):
+            return TVal(pyname(e.rank), ())
+        if isinstance(e, Param):
+            return TVal(pyname(e.name), ())
+        if isinstance(e, Index):
+            code, lay = self.index_code(e.rank, ())
+            return TVal(f"({code}).to(tl.float32)" if lay else code, lay)
+        if isinstance(e, Access):
+            return self.access(e, ())
+        if isinstance(e, Unary):
+            x = self.value(e.operand, st)
+            if e.op == "-":
+                return dataclasses.replace(x, code=f"(-{x.code})", loaded=False)
+            return TVal(f"({x.code} == 0)", x.layout, x.terms, is_bool=True)
+        if isinstance(e, Binary):
+            return self.binary(e, st)
+        if isinstance(e, Call):
+            return self.call(e, st)
+        if isinstance(e, Reduce):
+            return self.reduce(e, st)
+        raise TritonUnsupported(str(e))
+
+    def binary(self, e: Binary, st) -> TVal:
+        a, b = self.value(e.left, st), self.value(e.right, st)
+        lay = self.canon(set(a.layout) | set(b.layout))
+        ac, bc = self.expand(a.code, a.layout, lay), self.expand(b.code, b.layout, lay)
+        terms = _merge_terms(a.terms, b.terms)
+        if e.op in ("and", "or"):
+            op = "&" if e.op == "and" else "|"
+            ac = ac if a.is_bool else f"({ac} != 0)"
+            bc = bc if b.is_bool else f"({bc} != 0)"
+            return TVal(f"({ac} {op} {bc})", lay, terms, is_bool=True)
+        if e.op in ("<", "<=", ">", ">=", "==", "!="):
+            if _integer_affine(e.left) and _integer_affine(e.right):
+                (ia, la), (ib, lb) = self.subscript(e.left), self.subscript(e.right)
+                lay = self.canon(set(la) | set(lb))
+                ac, bc = self.expand(ia, la, lay), self.expand(ib, lb, lay)
+            return TVal(f"({ac} {e.op} {bc})", lay, terms, is_bool=True)
+        if e.op == "**":
+            if isinstance(e.right, Num) and float(e.right.value) == 2.0:
+                return TVal(f"({ac} * {ac})", lay, terms)
+            return TVal(f"tl.exp2({bc} * tl.log2({ac}))", lay, terms)
+        if e.op == "//":
+            return TVal(f"tl.floor({ac} / {bc})", lay, terms)
+        if a.is_bool:
+            ac = f"{ac}.to(tl.float32)"
+        if b.is_bool:
+            bc = f"{bc}.to(tl.float32)"
+        return TVal(f"({ac} {e.op} {bc})", lay, terms)
+
+    def call(self, e: Call, st) -> TVal:
+        args = [self.value(a, st) for a in e.args]
+        lay = self.canon(set().union(*(set(a.layout) for a in args)))
+        codes = [self.expand(a.code, a.layout, lay) for a in args]
+        codes = [f"{c}.to(tl.float32)" if a.is_bool and e.fn != "select" else c
+                 for c, a in zip(codes, args)]
+        terms = _merge_terms(*(a.terms for a in args))
+        fn = e.fn
+        if fn == "select":
+            c = codes[0] if args[0].is_bool else f"({codes[0]} != 0)"
+            return TVal(f"tl.where({c}, {codes[1]}, {codes[2]})", lay, terms)
+        if fn in ("max", "min") and len(codes) == 2:
+            return TVal(f"tl.{fn}imum({codes[0]}, {codes[1]})", lay, terms)
+        x = codes[0]
+        table = {
+            "exp": f"tl.exp({x})", "exp2": f"tl.exp2({x})", "log": f"tl.log({x})",
+            "log2": f"tl.log2({x})", "sqrt": f"tl.sqrt({x})", "rsqrt": f"tl.rsqrt({x})",
+            "tanh": f"(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", "sigmoid": f"tl.sigmoid({x})",
+            "abs": f"tl.abs({x})", "relu": f"tl.maximum({x}, 0.0)",
+        }
+        return TVal(table[fn], lay, terms)
+
+    # --- where filters -------------------------------------------------------------
+    def filter_term(self, st, scope: set[str]) -> Term | None:
+        if st.where is None or not free_ranks(st.where) <= scope:
+            return None
+        key = ("where", st.where)
+        if key not in self.memo:
+            c = self.value(st.where, st)
+            code = c.code if c.is_bool else f"({c.code} != 0)"
+            w = self.new("w")
+            if c.terms:
+                code = f"{code} & {self.mask_code(c.terms, c.layout)}"
+            self.emit(f"{w} = {code}")
+            self.memo[key] = Term(w, c.layout)
+        return self.memo[key]
+
+    # --- reductions ---------------------------------------------------------------
+    def reduce(self, e: Reduce, st) -> TVal:
+        if e.op == "sum" and len(e.ranks) == 1:
+            fast = self.dot(e, st)
+            if fast is not None:
+                return fast
+        body = self.value(e.body, st)
+        lay = self.canon(set(body.layout) | set(e.ranks))
+        terms = list(body.terms)
+        outside_scope = set(st.lhs) | set(e.ranks)
+        filt = self.filter_term(st, outside_scope)
+        if filt:
+            terms.append(filt)
+        for r in e.ranks:
+            t = self.range_term(r)
+            if t:
+                terms.append(t)
+        fill = {"sum": "0.0", "max": "float('-inf')", "min": "float('inf')"}[e.op]
+        code = self.expand(body.code, body.layout, lay)
+        if body.layout != lay:
+            code = f"tl.broadcast_to({code}, {self.shape(lay)})"
+        mask = self.mask_code(terms, lay)
+        if mask:
+            code = f"tl.where({mask}, {code}, {fill})"
+        out_layout = lay
+        for r in sorted(e.ranks, key=lambda r: -lay.index(r)):
+            axis = out_layout.index(r)
+            code = f"tl.{e.op}({code}, axis={axis})"
+            out_layout = tuple(x for x in out_layout if x != r)
+        v = self.new(e.op)
+        self.emit(f"{v} = {code}")
+        return TVal(v, out_layout, self.reduce_terms(tuple(terms), set(e.ranks)))
+
+    def reduce_terms(self, terms: tuple[Term, ...], ranks: set[str]) -> tuple[Term, ...]:
+        """Presence after reducing ``ranks``: any point of the fiber present."""
+        keep = [t for t in terms if not set(t.layout) & ranks]
+        inner = [t for t in terms if set(t.layout) & ranks]
+        if not inner:
+            return tuple(keep)
+        ranges = {self.range_term(r) for r in ranks}
+        if all(t in ranges for t in inner):  # only rank ranges: "the rank is not empty"
+            return tuple(keep) + tuple(Term(f"({pyname(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner))
+        lay = self.canon(set().union(*(set(t.layout) for t in inner)))
+        key = ("any", tuple(inner), tuple(sorted(ranks)))
+        if key not in self.memo:
+            code = self.mask_code(inner, lay)
+            if set(lay) - ranks == set():
+                # only the reduced ranks: a scalar "some point exists"
+                code = f"tl.broadcast_to({code}, {self.shape(lay)})"
+            out_layout = lay
+            for r in sorted(ranks & set(lay), key=lambda r: -lay.index(r)):
+                code = f"tl.max(({code}).to(tl.int32), axis={out_layout.index(r)})"
+                out_layout = tuple(x for x in out_layout if x != r)
+            name = self.new("any")
+            self.emit(f"{name} = ({code}) > 0")
+            self.memo[key] = Term(name, out_layout)
+        return tuple(keep) + (self.memo[key],)
+
+    def dot(self, e: Reduce, st) -> TVal | None:
+        """``sum[r](A[a,r] * B[r,b] * c)`` as ``tl.dot``; None when not that shape."""
+        r = e.ranks[0]
+        if st.where is not None and r in free_ranks(st.where):
+            return None
+        tensors, scalars = [], []
+        for f in product_factors(e.body):
+            if free_ranks(f) & (set(self.ranks.vector)):
+                tensors.append(f)
+            else:
+                scalars.append(f)
+        if len(tensors) != 2:
+            return None
+        a, b = (self.value(t, st) for t in tensors)
+        if len(a.layout) != 2 or len(b.layout) != 2 or r not in a.layout or r not in b.layout:
+            return None
+        (ra,) = set(a.layout) - {r}
+        (rb,) = set(b.layout) - {r}
+        if ra == rb:
+            return None
+        ac = self.operand(a, (ra, r))
+        bc = self.operand(b, (r, rb))
+        v = self.new("dot")
+        lhs, rhs = self.dot_operands(a, ac, b, bc)
+        self.emit(f"{v} = tl.dot({lhs}, {rhs}, input_precision=INPUT_PRECISION)")
+        out = (ra, rb)
+        layout = self.canon({ra, rb})
+        code = v if out == layout else f"tl.trans({v})"
+        for s in scalars:
+            sv = self.value(s, st)
+            code = f"({code} * {sv.code})"
+        terms = _merge_terms(a.terms, b.terms)
+        filt = self.filter_term(st, set(st.lhs) | {r})
+        if filt:
+            terms = terms + (filt,)
+        range_r = self.range_term(r)
+        terms = terms + ((range_r,) if range_r else ())
+        return TVal(code, layout, self.reduce_terms(terms, {r}))
+
+    def operand(self, x: TVal, want: tuple[str, str]) -> str:
+        code = x.raw if x.loaded else x.code
+        if not x.loaded and x.terms:
+            code = f"tl.where({self.mask_code(x.terms, x.layout)}, {code}, 0.0)"
+        if x.layout != want:
+            code = f"tl.trans({code})"
+        return code
+
+    def dot_operands(self, a: TVal, ac: str, b: TVal, bc: str) -> tuple[str, str]:
+        """Tensor-core friendly operand types: match a loaded 16-bit operand's dtype."""
+        if a.loaded:
+            return ac, f"({bc}).to({a.raw}.dtype)"
+        if b.loaded:
+            return f"({ac}).to({b.raw}.dtype)", bc
+        return ac, bc
+
+    # --- statements --------------------------------------------------------------
+    def lhs_layout(self, st) -> tuple[str, ...]:
+        return self.canon(r for r in st.lhs if r in self.ranks.vector)
+
+    def statement(self, st) -> None:
+        self.emit(f"# {print_statement(st)}")
+        val = self.value(st.expr, st)
+        filt = self.filter_term(st, set(st.lhs) - ({st.iter_rank} if isinstance(st, IterativeEinsum) and st.init else set()))
+        terms = _merge_terms(val.terms, (filt,) if filt else ())
+        layout = self.lhs_layout(st)
+        code = self.expand(val.code, val.layout, layout)
+        if val.layout != layout:
+            code = f"tl.broadcast_to({code}, {self.shape(layout)})" if layout else code
+        if val.is_bool:
+            code = f"({code}).to(tl.float32)"
+        name = pyname(st.tensor).lower()
+        if isinstance(st, IterativeEinsum) and st.init:
+            init_code = f"tl.full({self.shape(layout)}, {val.code}, tl.float32)" if not val.layout and layout else code
+            self.emit(f"{name} = {init_code}")
+            if terms:
+                raise TritonUnsupported(f"the init of {st.tensor} may be absent")
+            self.values[st.tensor] = TVal(name, layout, ())
+            return
+        if isinstance(st, IterativeEinsum):
+            mask = self.mask_code(tuple(t for t in terms if t), layout)
+            new = f"tl.where({mask}, {code}, {name})" if mask else code
+            self.emit(f"{name} = {new}")
+            self.values[st.tensor] = TVal(name, layout, ())
+            return
+        self.emit(f"{name} = {code}")
+        self.values[st.tensor] = TVal(name, layout, terms, is_bool=False)
+
+    # --- tile range from the guards -----------------------------------------------------
+    def tile_bounds(self) -> tuple[str, str]:
+        """Code for the first and last+1 live tile of this program's rows."""
+        r = self.ranks
+        full = ("0", pyname(r.loop))
+        if r.tile is None or r.row is None:
+            return full
+        per_update = []
+        for _, guards in self.tp.guards:
+            ranges = []
+            for g in guards:
+                rng = self.guard_range(g)
+                if rng is not None:
+                    ranges.append(rng)
+            if not ranges:
+                return full
+            lo = _nest("tl.maximum", [x[0] for x in ranges])
+            hi = _nest("tl.minimum", [x[1] for x in ranges])
+            per_update.append((lo, hi))
+        lo = _nest("tl.minimum", [x[0] for x in per_update])
+        hi = _nest("tl.maximum", [x[1] for x in per_update])
+        return f"tl.maximum(0, {lo})", f"tl.minimum({pyname(r.loop)}, {hi})"
+
+    def guard_range(self, g) -> tuple[str, str] | None:
+        """[lo, hi) of tiles that may satisfy guard g for some row of the block."""
+        r = self.ranks
+        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
+            return None
+        dnf = conjunctions(g.cond)
+        if dnf is None:
+            return None
+        spans = []
+        for conj in dnf:
+            lo, hi = ["0"], [pyname(r.loop)]
+            for atom in conj:
+                b = self.atom_tiles(atom)
+                if b is None:
+                    return None
+                kind, code = b
+                (lo if kind == "lo" else hi).append(code)
+            spans.append((_nest("tl.maximum", lo), _nest("tl.minimum", hi)))
+        return _nest("tl.minimum", [s[0] for s in spans]), _nest("tl.maximum", [s[1] for s in spans])
+
+    def atom_tiles(self, atom) -> tuple[str, str] | None:
+        """An affine atom as a bound on the tile index m1, for some m0 and some row."""
+        r = self.ranks
+        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
+            return None
+        a, b = to_sympy(atom.left), to_sympy(atom.right)
+        if a is None or b is None:
+            return None
+        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)  # >= 0 (or > 0)
+        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
+        c0, cp = diff.coeff(x0), diff.coeff(xp)
+        rest = sympy.expand(diff - c0 * x0 - cp * xp)
+        c1 = rest.coeff(x1)
+        const = sympy.expand(rest - c1 * x1)
+        if any(s.name.startswith("param_") for s in const.free_symbols):
+            return None
+        if not (c0.is_number and cp.is_number):
+            return None
+        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if c0 > 0 else 0
+        p_best = sympy.Symbol("p_last") if cp > 0 else sympy.Symbol("p_first")
+        k = sympy.expand(const + c0 * m0_best + cp * p_best)  # c1*m1 + k >= 0
+        sign = _sign(c1)
+        if sign is None:
+            return None
+        names = {**{s.name: s.name for s in k.free_symbols}}
+        kcode = _int_code(k, r, names)
+        c1code = _int_code(c1 if sign > 0 else -c1, r, names)
+        if sign > 0:   # m1 >= -k / c1
+            return "lo", f"(({-1}) * ({kcode}) + {c1code} - 1) // {c1code}"
+        return "hi", f"({kcode}) // {c1code} + 1"  # m1 <= k / (-c1)
+
+    # --- the whole kernel --------------------------------------------------------------
+    def render(self) -> list[str]:
+        r = self.ranks
+        for st in self.tp.prologue:
+            self.statement(st)
+        for st in self.tp.inits:
+            self.statement(st)
+        lo, hi = self.tile_bounds()
+        self.emit(f"tile_lo = {lo}")
+        self.emit(f"tile_hi = {hi}")
+        outer = self.lines
+        self.lines = []
+        state = list(self.tp.state)
+        for t in state:
+            self.state_prev[t] = self.values[t]
+        saved_memo = self.memo
+        self.memo = {}
+        prev_names = []
+        for t in state:
+            prev = f"{pyname(t).lower()}_prev"
+            self.emit(f"{prev} = {pyname(t).lower()}")
+            self.state_prev[t] = dataclasses.replace(self.values[t], code=prev)
+            prev_names.append(prev)
+        self.in_loop = True
+        for st in self.body:
+            self.statement(st)
+        self.in_loop = False
+        body = self.lines
+        self.lines = outer
+        self.memo = saved_memo
+        self.lines += self.hoisted
+        self.emit(f"for {r.loop.lower()} in range(tile_lo, tile_hi):")
+        self.lines += ["    " + ln for ln in body]
+        for st in self.tp.epilogue:
+            self.statement(st)
+        return self.lines
+
+
+def _integer_affine(e: Expr) -> bool:
+    """An integer expression of index variables, sizes and integer literals (+, -, *)."""
+    if isinstance(e, (Index, Size)):
+        return True
+    if isinstance(e, Num):
+        return isinstance(e.value, int)
+    if isinstance(e, Unary):
+        return e.op == "-" and _integer_affine(e.operand)
+    if isinstance(e, Binary):
+        return e.op in ("+", "-", "*") and _integer_affine(e.left) and _integer_affine(e.right)
+    return False
+
+
+def _sign(e) -> int | None:
+    if e.is_number:
+        return 1 if e > 0 else -1 if e < 0 else None
+    if e.is_positive:
+        return 1
+    if e.is_negative:
+        return -1
+    return None
+
+
+def _int_code(e: sympy.Expr, ranks: Ranks, names) -> str:
+    """Integer code for a sympy bound (sizes are kernel arguments)."""
+    if e.is_Symbol:
+        n = e.name
+        if n.startswith("_"):
+            return n[1:].lower()
+        return n if n in ("p_first", "p_last") or n.startswith("BLOCK_") else pyname(n)
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_Add:
+        return "(" + " + ".join(_int_code(a, ranks, names) for a in e.args) + ")"
+    if e.is_Mul:
+        return "(" + " * ".join(_int_code(a, ranks, names) for a in e.args) + ")"
+    raise TritonUnsupported(f"bound {e}")
+
+
+def _nest(fn: str, args: list[str]) -> str:
+    args = list(dict.fromkeys(args))
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the kernel around the body, and the launcher
+# ----------------------------------------------------------------------------
+
+MAX_BATCH_DIMS = 4
+
+
+@dataclass
+class KernelSpec:
+    """Everything the module template needs for one definition."""
+
+    name: str
+    kernel: str
+    args: list            # (pyname, name, ranks, dtype)
+    outputs: list         # (pyname, name, ranks, dtype)
+    sizes: list           # rank names passed to the kernel (inputs, then lets)
+    lets: list            # (pyname, code, text)
+    params: list          # (pyname, name, default code or None)
+    signature: str
+    row: str | None
+    grid: tuple
+    vector: tuple
+    tile: str | None
+    tile_size: int | None
+    body: list
+    doc: str
+    input_ranks: list
+
+
+def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
+    r = kr.ranks
+    defn = kr.defn
+    pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"]
+    for g in reversed(r.grid):
+        pre += [f"idx_{g.lower()} = pid % {pyname(g)}", f"pid = pid // {pyname(g)}"]
+    for k in range(MAX_BATCH_DIMS - 1, 0, -1):
+        pre += [f"b{k} = pid % NB{k}", f"pid = pid // NB{k}"]
+    pre.append("b0 = pid")
+    tensors = [a.name for a in defn.tensor_args] + [o.name for o in defn.outputs]
+    for t in tensors:
+        pre.append(f"boff_{t} = " + " + ".join(f"b{k} * stride_{t}_b{k}" for k in range(MAX_BATCH_DIMS)))
+    for v in r.vector:
+        if v == r.row:
+            pre.append(f"offs_{v.lower()} = pid_row * BLOCK_{v} + tl.arange(0, BLOCK_{v})")
+            pre.append(f"p_first = pid_row * BLOCK_{v}")
+            pre.append(f"p_last = tl.minimum(p_first + BLOCK_{v}, {pyname(v)}) - 1")
+        else:
+            pre.append(f"offs_{v.lower()} = tl.arange(0, BLOCK_{v})")
+        if v != r.tile:
+            pre.append(f"rng_{v.lower()} = offs_{v.lower()} < {pyname(v)}")
+    body = kr.render()
+    post = []
+    for o in spec_outputs:
+        val = kr.values[o.name]
+        layout = kr.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
+        code = kr.expand(val.code, val.layout, layout)
+        if val.layout != layout:
+            code = f"tl.broadcast_to({code}, {kr.shape(layout)})"
+        present = kr.mask_code(val.terms, layout)
+        if present:
+            code = f"tl.where({present}, {code}, 0.0)"
+        offset = []
+        for k, rank in enumerate(o.ranks):
+            idx, lay = kr.index_code(rank, ())
+            offset.append(f"{kr.expand(idx, lay, layout)} * stride_{o.name}_{k}")
+        ranges = [Term(f"rng_{x.lower()}", (x,)) for x in layout]
+        mask = kr.mask_code(ranges, layout)
+        post.append(f"tl.store({pyname(o.name)}_ptr + boff_{o.name} + {' + '.join(offset) or '0'}, "
+                    f"{code}{', mask=' + mask if mask else ''})")
+    return pre + body + post
+
+
+def _check_outputs(kr: KernelRenderer) -> None:
+    r = kr.ranks
+    for o in kr.defn.outputs:
+        if r.row is not None and r.row not in o.ranks:
+            raise TritonUnsupported(f"output {o.name} does not have the row rank {r.row}")
+        for rank in o.ranks:
+            if rank not in r.vector and rank not in r.grid:
+                raise TritonUnsupported(f"output {o.name} has rank {rank}, not in the grid")
+        if o.name not in kr.values:
+            raise TritonUnsupported(f"output {o.name} is not computed in the kernel")
+
+
+def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
+    kr = KernelRenderer(tp)
+    lines = _kernel_lines(kr, defn.outputs)
+    _check_outputs(kr)
+    input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
+    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
+    params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None)
+              for p in defn.scalar_params]
+    sig = [pyname(a.name) for a in defn.tensor_args]
+    if params:
+        sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
+    return KernelSpec(
+        name=pyname(defn.name), kernel=f"_{pyname(defn.name)}_kernel",
+        args=[(pyname(a.name), a.name, list(a.ranks), a.dtype) for a in defn.tensor_args],
+        outputs=[(pyname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
+        sizes=input_ranks + [let.name for let in defn.lets], lets=lets, params=params,
+        signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid,
+        vector=kr.ranks.vector, tile=kr.ranks.tile, tile_size=tp.tile_size, body=lines,
+        doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def render_module(module: Module, source_name: str) -> str:
+    """The generated Triton module (kernels + launchers); raises TritonUnsupported."""
+    specs = []
+    for d in module.definitions:
+        try:
+            tp = tile_program(d)
+        except NotTileable as err:
+            raise TritonUnsupported(f"{d.name}: {err}") from None
+        specs.append(kernel_spec(d, tp))
+    stem = Path(source_name).stem
+    return _environment().get_template("module.py.jinja").render(
+        version=__version__, source=source_name, specs=specs, names=[s.name for s in specs],
+        namespace=f"attnc_{pyname(stem)}", max_batch=MAX_BATCH_DIMS)

@@ -16,17 +16,17 @@ from ..einsum_ir.ir import Module
 @dataclass(frozen=True)
 class Backend:
     name: str
-    render: Callable[[Module, str], dict[str, str]]  # (module, stem) -> {filename: text}
+    render: Callable[..., dict[str, str]]  # (module, stem, fused=True) -> {filename: text}
     doc: str
 
 
-def _numpy(module: Module, stem: str) -> dict[str, str]:
+def _numpy(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
     from .numpy_backend import render_module
 
-    return {f"{stem}.py": render_module(module, f"{stem}.attn")}
+    return {f"{stem}.py": render_module(module, f"{stem}.attn", fused=fused)}
 
 
-def _triton(module: Module, stem: str) -> dict[str, str]:
+def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
     from .triton_backend import render_module
 
     return {f"{stem}.py": render_module(module, f"{stem}.attn")}

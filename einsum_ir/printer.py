@@ -118,6 +118,12 @@ class _SizePrinter(StrPrinter):
     def _print_Pi(self, e):
         return "pi"
 
+    def _print_Exp1(self, e):
+        return "exp(1)"
+
+    def _print_Abs(self, e):
+        return f"abs({self._print(e.args[0])})"
+
     def _print_Pow(self, e, rational=False):
         base, exp = e.args
         if exp == sympy.Rational(1, 2):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..einsum_ir.diagnostics import Collector, SpecError
+from ..einsum_ir.diagnostics import Collector, Diagnostic, SpecError
 from ..einsum_ir.ir import Module
 from ..einsum_ir.schedule import check_schedules
 from .lower import lower_file
@@ -25,6 +25,7 @@ def parse(text: str, filename: str = "<string>") -> Module:
 
 
 def parse_file(path: str | Path) -> Module:
+    """Parse an ``.attn`` file; an unreadable file is a :class:`SpecError` too."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -34,6 +35,5 @@ def parse_file(path: str | Path) -> Module:
 
 
 def _io_error(path: Path, err: Exception) -> SpecError:
-    from ..einsum_ir.diagnostics import Diagnostic
-
-    return SpecError([Diagnostic(f"cannot read {path}: {err.strerror if hasattr(err, 'strerror') and err.strerror else err}")])
+    reason = getattr(err, "strerror", None) or str(err)
+    return SpecError([Diagnostic(f"cannot read {path}: {reason}")])

@@ -45,9 +45,12 @@ def _pass_list(text: str | None) -> list[str] | None:
 
 
 def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
+    names = _pass_list(getattr(args, "passes", None))
+    if getattr(args, "O0", False) and names is None:
+        names = ["canonicalize"]
+    options = {"tile": getattr(args, "tile", None)}
     try:
-        return run_pipeline(module, _pass_list(getattr(args, "passes", None)),
-                            getattr(args, "stop_after", None), echo)
+        return run_pipeline(module, names, getattr(args, "stop_after", None), echo, options)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -72,7 +75,7 @@ def cmd_compile(args) -> int:
         print(print_module(final), end="")
         return 0
     backend = _backend(args.backend)
-    files = backend.render(final, Path(args.spec).stem)
+    files = backend.render(final, Path(args.spec).stem, fused=not args.O0)
     if args.emit == "code":
         for text in files.values():
             print(text, end="")
@@ -84,10 +87,10 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_to_temp(spec: str, module: Module, backend_name: str, tmp: str):
+def _compile_to_temp(spec: str, module: Module, backend_name: str, tmp: str, fused: bool = True):
     backend = _backend(backend_name)
     stem = Path(spec).stem
-    files = backend.render(module, stem)
+    files = backend.render(module, stem, fused=fused)
     for name, text in files.items():
         write_atomic(Path(tmp) / name, text)
     return load_generated(Path(tmp) / f"{stem}.py")
@@ -100,7 +103,7 @@ def cmd_check(args) -> int:
     final = _pipeline(module, args)[-1][1]
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        generated = _compile_to_temp(args.spec, final, args.backend, tmp)
+        generated = _compile_to_temp(args.spec, final, args.backend, tmp, not args.O0)
         for defn in module.definitions:
             rows = check_definition(defn, getattr(generated, defn.name), args.seed)
             worst: dict[str, float] = {}
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         if pipeline:
             sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
             sp.add_argument("--stop-after", dest="stop_after", help="stop after this pass")
+            sp.add_argument("--tile", type=int, help="tile size of the streamed rank (online pass)")
+            sp.add_argument("-O0", dest="O0", action="store_true",
+                            help="no optimisation: the per-Einsum form of the canonical cascade")
 
     c = sub.add_parser("compile", help="compile a spec to a module")
     common(c)

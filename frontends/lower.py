@@ -8,28 +8,62 @@ knows explicit reductions.
 """
 from __future__ import annotations
 
-import difflib
+import keyword
+import math
 from dataclasses import dataclass, field
 
 import sympy
 
 from ..einsum_ir import ir
 from ..einsum_ir.diagnostics import Collector
-from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.exprs import accessed_tensors, children, free_ranks, walk
 from ..einsum_ir.ir import Loc
+from ..einsum_ir.printer import print_size
 from . import ast
 from .implicit import make_implicit_sums_explicit
 
 CONSTANTS = ("inf", "pi")
+MAX_SIZE_EXPONENT = 1024
+LANGUAGE_KEYWORDS = ("attention", "let", "where", "and", "or", "not")
 SIZE_FUNCS = {
     "ceil": sympy.ceiling, "floor": sympy.floor, "min": sympy.Min, "max": sympy.Max,
     "sqrt": sympy.sqrt, "exp": sympy.exp, "log": sympy.log, "abs": sympy.Abs,
 }
 
 
+def edit_distance(a: str, b: str) -> float:
+    """Optimal-string-alignment distance; a case-only difference costs half an edit."""
+    prev2: list[float] = []
+    prev = [float(j) for j in range(len(b) + 1)]
+    for i in range(1, len(a) + 1):
+        row = [float(i)] + [0.0] * len(b)
+        for j in range(1, len(b) + 1):
+            sub = 0.0 if a[i - 1] == b[j - 1] else 0.5 if a[i - 1].lower() == b[j - 1].lower() else 1.0
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + sub)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[len(b)]
+
+
+def _name_distance(name: str, candidate: str, limit: float) -> float:
+    """Edit distance, except that a long enough prefix (``ceil`` of ``ceiling``) counts as near."""
+    shorter = min(name, candidate, key=len)
+    if len(shorter) >= 3 and (name.startswith(candidate) or candidate.startswith(name)):
+        return min(limit, edit_distance(name, candidate))
+    return edit_distance(name, candidate)
+
+
 def suggest(name: str, candidates) -> str | None:
-    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else None
+    """``did you mean X?`` (or ``X or Y?`` on a tie) for the nearest candidates, if any is near."""
+    limit = max(1.0, len(name) / 3) if len(name) > 1 else 0.5  # one letter: case only
+    scored = sorted((_name_distance(name, c, limit), abs(len(c) - len(name)), c)
+                    for c in set(candidates) if c != name)
+    near = [s for s in scored if s[0] <= limit]
+    if not near:
+        return None
+    best = [c for d, _, c in near if d == near[0][0]][:2]
+    return "did you mean " + " or ".join(best) + "?"
 
 
 @dataclass
@@ -54,6 +88,7 @@ class DefinitionLowering:
         self.errors = errors
         self.scope = Scope()
         self.iter_ranks: dict[str, str] = {}  # iterative tensor -> rank
+        self.failed: set[str] = set()  # tensors with a statement that did not lower
 
     # --- entry ------------------------------------------------------------
     def lower(self) -> ir.Definition | None:
@@ -61,16 +96,26 @@ class DefinitionLowering:
         lets = self._declare_lets()
         self._declare_tensors()
         self._check_name_clashes()
+        self._check_reserved_names()
         params = tuple(self._lower_param(p) for p in self.decl.params)
-        statements = tuple(
-            st for st in (self._lower_einsum(s) for s in self.decl.body if isinstance(s, ast.EinsumStmt))
-            if st is not None
-        )
+        statements = self._lower_statements()
         self._check_iteratives(statements)
+        self._check_duplicate_outputs()
         outputs = tuple(self._lower_output(o, statements) for o in self.decl.outputs)
         if any(p is None for p in params) or any(o is None for o in outputs):
             return None
         return ir.Definition(self.decl.name.name, params, lets, outputs, statements, loc=self.decl.loc)
+
+    def _lower_statements(self) -> tuple[ir.Statement, ...]:
+        out = []
+        for s in self.decl.body:
+            if isinstance(s, ast.EinsumStmt):
+                st = self._lower_einsum(s)
+                if st is None:
+                    self.failed.add(s.tensor.name)
+                else:
+                    out.append(st)
+        return tuple(out)
 
     # --- declarations -------------------------------------------------------
     def _declare_rank(self, name: ast.Name) -> None:
@@ -118,12 +163,20 @@ class DefinitionLowering:
             if s.name.name in self.scope.ranks:
                 self.errors.error(f"size '{s.name.name}' is defined twice", s.name.loc)
                 continue
+            value = self.size_expr(s.value, later=pending)  # pending still holds itself
             pending.discard(s.name.name)
-            value = self.size_expr(s.value, later=pending)
             self._declare_rank(s.name)
-            if value is not None:
+            if value is not None and self._check_constant_size(s, value):
                 lets.append(ir.SizeLet(s.name.name, value, loc=s.loc))
         return tuple(lets)
+
+    def _check_constant_size(self, s: ast.LetStmt, value: sympy.Expr) -> bool:
+        """A constant ``let`` must be a positive whole number (others are checked at the call)."""
+        if not value.is_number or (value.is_integer and value > 0):
+            return True
+        self.errors.error(f"size '{s.name.name}' = {print_size(value)} is not a positive whole number",
+                          _sloc(s.value))
+        return False
 
     def _declare_tensors(self) -> None:
         for s in self.decl.body:
@@ -134,12 +187,21 @@ class DefinitionLowering:
                 self.errors.error(f"'{name}' is an input and cannot be assigned", s.tensor.loc)
                 continue
             ranks = tuple(self._lhs_rank(sub) for sub in s.subscripts)
+            self._note_iterative_rank(s)
             known = self.scope.tensors.get(name)
             if known is None or (None in known and len(known) == len(ranks)):
                 if known is not None:  # an init's '0' position: take the update's rank
                     ranks = tuple(r if r is not None else k for r, k in zip(ranks, known))
                 self.scope.tensors[name] = ranks  # type: ignore[assignment]
                 self.scope.tensor_locs.setdefault(name, s.tensor.loc)
+
+    def _note_iterative_rank(self, s: ast.EinsumStmt) -> None:
+        """Record ``T -> I`` for an update ``T[i+1, ...]`` before any statement is lowered."""
+        for sub in s.subscripts:
+            kind, var = _lhs_form(sub)
+            rank = self.scope.index_vars().get(var) if kind == "update" else None
+            if rank is not None:
+                self.iter_ranks.setdefault(s.tensor.name, rank)
 
     def _lhs_rank(self, sub: ast.SExpr) -> str | None:
         name = _lhs_index_name(sub)
@@ -165,6 +227,28 @@ class DefinitionLowering:
             elif name in CONSTANTS:
                 self.errors.error(f"'{name}' is a built-in constant", uses[0][1])
 
+    def _check_reserved_names(self) -> None:
+        """Names the generated Python module cannot use, and ranks whose index variable is taken."""
+        for kind, names in (("tensor", self.scope.tensor_locs), ("parameter", self.scope.params)):
+            for name, loc in names.items():
+                if keyword.iskeyword(name):
+                    self.errors.error(f"{kind} '{name}' is a Python keyword", loc,
+                                      f"the generated Python function cannot use it; rename it "
+                                      f"(e.g. '{name}_')")
+        for rank, loc in self.scope.ranks.items():
+            var = rank.lower()
+            if keyword.iskeyword(var) or var in LANGUAGE_KEYWORDS or var in CONSTANTS:
+                what = "a built-in constant" if var in CONSTANTS else "a reserved word"
+                self.errors.error(f"rank '{rank}' cannot be used: its index variable '{var}' is "
+                                  f"{what}", loc, "rename the rank")
+
+    def _check_duplicate_outputs(self) -> None:
+        seen: set[str] = set()
+        for o in self.decl.outputs:
+            if o.name.name in seen:
+                self.errors.error(f"output '{o.name.name}' is listed twice", o.name.loc)
+            seen.add(o.name.name)
+
     def _lower_param(self, p) -> ir.TensorArg | ir.ScalarParam | None:
         if isinstance(p, ast.TensorParamDecl):
             dtype = p.dtype.name if p.dtype else None
@@ -187,8 +271,9 @@ class DefinitionLowering:
             return None
         if not defs:
             if name not in self.scope.tensor_locs:
+                defined = set(self.scope.tensor_locs) - self.scope.inputs
                 self.errors.error(f"output '{name}' is never defined", o.name.loc,
-                                  suggest(name, self.scope.tensor_locs))
+                                  suggest(name, defined))
             return None
         if name in self.iter_ranks:
             self.errors.error(
@@ -206,7 +291,7 @@ class DefinitionLowering:
     def size_expr(self, e: ast.SExpr, later: set[str], allow_params: bool = False) -> sympy.Expr | None:
         """A size or default expression as sympy; None (with errors) if invalid."""
         try:
-            return self._size(e, later)
+            return _checked_size(self._size(e, later), e)
         except _SizeError as err:
             self.errors.error(str(err.message), err.loc, err.hint)
             return None
@@ -224,11 +309,13 @@ class DefinitionLowering:
                 return sympy.pi
             if e.name == "inf":
                 return sympy.oo
-            raise _SizeError(f"unknown size '{e.name}'", e.loc, suggest(e.name, self.scope.ranks))
+            raise self._not_a_size(e)
         if isinstance(e, ast.UnaryExpr) and e.op == "-":
             return -self._size(e.operand, later)
         if isinstance(e, ast.BinaryExpr) and e.op in ("+", "-", "*", "/", "//", "**"):
             a, b = self._size(e.left, later), self._size(e.right, later)
+            if e.op == "**" and b.is_Number and abs(b) > MAX_SIZE_EXPONENT:
+                raise _SizeError(f"exponent {b} is too large for a size", _sloc(e.right))
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
                     "//": lambda: sympy.floor(a / b), "**": lambda: a**b}[e.op]()
         if isinstance(e, ast.CallExpr) and e.fn.name in SIZE_FUNCS:
@@ -241,7 +328,18 @@ class DefinitionLowering:
             raise _SizeError(f"unknown size function '{e.fn.name}'", e.fn.loc,
                              suggest(e.fn.name, SIZE_FUNCS))
         raise _SizeError("a size expression may use only numbers, sizes, + - * / // ** and "
-                         "ceil/floor/min/max/sqrt", _sloc(e))
+                         + "/".join(SIZE_FUNCS), _sloc(e))
+
+    def _not_a_size(self, e: ast.Name) -> _SizeError:
+        if e.name in self.scope.tensors:
+            return _SizeError(f"tensor '{e.name}' cannot be used in a size", e.loc)
+        if e.name in self.scope.params:
+            return _SizeError(f"parameter '{e.name}' cannot be used in a size", e.loc,
+                              "sizes and defaults may use only rank sizes and numbers")
+        if e.name in self.scope.index_vars():
+            return _SizeError(f"index '{e.name}' cannot be used in a size", e.loc,
+                              f"did you mean the size {self.scope.index_vars()[e.name]}?")
+        return _SizeError(f"unknown size '{e.name}'", e.loc, suggest(e.name, self.scope.ranks))
 
     # --- statements -----------------------------------------------------------
     def _lower_einsum(self, s: ast.EinsumStmt) -> ir.Statement | None:
@@ -259,7 +357,11 @@ class DefinitionLowering:
         expr = make_implicit_sums_explicit(expr, bound)
         if where is not None:
             self._check_where_levels(where, expr, bound, s.where)
-        self._check_iterative_reads(expr, s)
+        role = "update" if iter_pos is not None and not init else "init" if init else "plain"
+        for part in (expr, where):
+            if part is not None:
+                self._check_self_reads(part, s, role)
+                self._check_iterative_reads(part, s, set(ranks), role)
         if iter_pos is None:
             return ir.Einsum(s.tensor.name, ranks, expr, where, loc=s.loc)
         return ir.IterativeEinsum(s.tensor.name, ranks, ranks[iter_pos], init, expr, where, loc=s.loc)
@@ -315,7 +417,10 @@ class DefinitionLowering:
         kind, var = _lhs_form(update.subscripts[iter_pos]) if iter_pos < len(update.subscripts) else (None, None)
         rank = self.scope.index_vars().get(var) if kind == "update" else None
         if rank is None:
-            return None  # reported at the update
+            if kind != "update":
+                self.errors.error(f"the '0' of '{name}' is not at the position of its update's "
+                                  f"'i+1'", _sloc(s.subscripts[iter_pos]))
+            return None
         ranks[iter_pos] = rank
         return tuple(ranks), iter_pos, True
 
@@ -330,7 +435,7 @@ class DefinitionLowering:
             if len(plain) > 1 or len(inits) > 1 or len(updates) > 1 or (plain and (inits or updates)):
                 self.errors.error(f"tensor '{name}' is defined twice", defs[1].loc,
                                   f"first defined at {defs[0].loc}")
-            elif updates and not inits:
+            elif updates and not inits and name not in self.failed:
                 self.errors.error(f"iterative tensor '{name}' has no init "
                                   f"(add '{name}[0, ...] = ...')", updates[0].loc)
             elif inits and updates and inits[0].lhs != updates[0].lhs:
@@ -348,20 +453,40 @@ class DefinitionLowering:
         self.errors.error(f"no level of this statement has all of the where's variables "
                           f"({names}) in scope", _sloc(src))
 
-    def _check_iterative_reads(self, expr: ir.Expr, s: ast.EinsumStmt) -> None:
-        for node in walk(expr):
-            if not isinstance(node, ir.Access) or node.tensor not in self.iter_ranks:
-                continue
-            rank = self.iter_ranks[node.tensor]
-            pos = self.scope.tensors[node.tensor].index(rank) if rank in self.scope.tensors[node.tensor] else None
-            if pos is None or pos >= len(node.subscripts):
-                continue
-            sub = node.subscripts[pos]
-            ok = sub in (ir.Index(rank), ir.Size(rank), ir.Binary("+", ir.Index(rank), ir.Num(1)))
-            if not ok:
-                v = rank.lower()
-                self.errors.error(f"iterative tensor '{node.tensor}' can be read only at "
-                                  f"{v}, {v}+1 or {rank}", sub.loc or node.loc)
+    def _check_self_reads(self, e: ir.Expr, s: ast.EinsumStmt, role: str) -> None:
+        """Only an update may read its own tensor (at the previous step)."""
+        name = s.tensor.name
+        if role == "update" or name not in accessed_tensors(e):
+            return
+        hint = (f"a recurrence needs an iterative rank: {name}[0, ...] = ... and "
+                f"{name}[i+1, ...] = ... {name}[i, ...]") if role == "plain" else None
+        self.errors.error(f"'{name}' reads itself", s.tensor.loc, hint)
+
+    def _check_iterative_reads(self, e: ir.Expr, s: ast.EinsumStmt, lhs: set[str], role: str) -> None:
+        for node in walk(e):
+            if isinstance(node, ir.Access) and node.tensor in self.iter_ranks:
+                own = node.tensor == s.tensor.name
+                self._check_iterative_read(node, lhs, "own update" if own and role == "update" else
+                                           "loop" if self.iter_ranks[node.tensor] in lhs else "outside")
+
+    def _check_iterative_read(self, node: ir.Access, lhs: set[str], where: str) -> None:
+        """At ``i`` in its own update; at ``i``, ``i+1`` or ``I`` in the loop; at ``I`` outside."""
+        rank = self.iter_ranks[node.tensor]
+        ranks = self.scope.tensors.get(node.tensor, ())
+        if rank not in ranks or ranks.index(rank) >= len(node.subscripts):
+            return
+        sub = node.subscripts[ranks.index(rank)]
+        v, name = rank.lower(), node.tensor
+        allowed = {
+            "own update": ((ir.Index(rank),), f"its own update can read '{name}' only at the "
+                                              f"previous step, {name}[{v}, ...]"),
+            "loop": ((ir.Index(rank), ir.Size(rank), ir.Binary("+", ir.Index(rank), ir.Num(1))),
+                     f"iterative tensor '{name}' can be read only at {v}, {v}+1 or {rank}"),
+            "outside": ((ir.Size(rank),), f"outside its loop, iterative tensor '{name}' can be "
+                                          f"read only at its final step, {name}[{rank}, ...]"),
+        }[where]
+        if sub not in allowed[0]:
+            self.errors.error(allowed[1], sub.loc or node.loc)
 
     # --- expressions ------------------------------------------------------------
     def expr(self, e: ast.SExpr) -> ir.Expr | None:
@@ -375,6 +500,9 @@ class DefinitionLowering:
         return method(e)
 
     def _expr_Number(self, e: ast.Number) -> ir.Expr:
+        if not math.isfinite(e.value):
+            self.errors.error(f"number literal {e.value!r} is out of range", e.loc,
+                              "write inf for infinity")
         return ir.Num(e.value, loc=e.loc)
 
     def _expr_Name(self, e: ast.Name) -> ir.Expr:
@@ -398,14 +526,20 @@ class DefinitionLowering:
 
     def _unknown_name(self, e: ast.Name) -> ir.Expr:
         n = e.name
-        if n.islower() and n.isidentifier() and len(n) <= 3:
+        cands = (list(self.scope.ranks) + list(self.scope.index_vars()) + list(self.scope.params)
+                 + list(self.scope.tensors) + list(CONSTANTS))
+        hint = suggest(n, cands)
+        if n.islower() and len(n) <= 3 and hint is None:
             self._unknown_index(n, e.loc)
         else:
-            cands = list(self.scope.ranks) + list(self.scope.params) + list(self.scope.tensors)
-            self.errors.error(f"unknown name '{n}'", e.loc, suggest(n, cands))
+            self.errors.error(f"unknown name '{n}'", e.loc, hint)
         return ir.Num(0, loc=e.loc)
 
     def _unknown_index(self, name: str, loc: Loc) -> None:
+        if name in self.scope.ranks:
+            self.errors.error(f"'{name}' is a rank, not an index variable", loc,
+                              f"write its index variable '{name.lower()}'")
+            return
         self.errors.error(f"index '{name}' belongs to no declared rank (no rank '{name.upper()}')",
                           loc, "declare the rank in an argument's dims or with 'let "
                           f"{name.upper()} = ...'")
@@ -429,14 +563,18 @@ class DefinitionLowering:
 
     def _subscript(self, s: ast.SExpr) -> ir.Expr:
         out = self._expr(s)
-        why = _non_affine_reason(out)
-        if why:
-            self.errors.error(f"subscript is not integer-affine: {why}", _sloc(s))
+        fault = _non_affine(out)
+        if fault:
+            why, node = fault
+            self.errors.error(f"subscript is not integer-affine: {why}", node.loc or _sloc(s))
         return out
 
     def _expr_CallExpr(self, e: ast.CallExpr) -> ir.Expr:
         fn = e.fn.name
         args = tuple(self._expr(a) for a in e.args)
+        if fn not in ir.FUNCTIONS and fn in self.scope.tensors:
+            self.errors.error(f"tensor '{fn}' is not a function", e.fn.loc, f"write {fn}[...]")
+            return ir.Num(0, loc=e.loc)
         if fn not in ir.FUNCTIONS:
             self.errors.error(f"unknown function '{fn}'", e.fn.loc,
                               suggest(fn, ir.FUNCTIONS) or "functions are " + ", ".join(ir.FUNCTIONS))
@@ -449,7 +587,9 @@ class DefinitionLowering:
 
     def _expr_ReduceExpr(self, e: ast.ReduceExpr) -> ir.Expr:
         op = e.op.name
+        before = len(self.errors.diagnostics)
         body = self._expr(e.body)
+        body_ok = len(self.errors.diagnostics) == before
         if op not in ir.REDUCE_OPS:
             if op in self.scope.tensors:
                 self.errors.error(f"tensor access '{op}[...]' cannot be called", e.loc)
@@ -457,23 +597,34 @@ class DefinitionLowering:
                 self.errors.error(f"unknown reduction '{op}'", e.op.loc,
                                   suggest(op, ir.REDUCE_OPS) or "reductions are sum, max, min")
             return ir.Num(0, loc=e.loc)
-        ranks = []
+        if not e.ranks:
+            self.errors.error(f"{op}[] lists no index variable", e.loc, f"write {op}[i](...)")
+        ranks = self._reduction_ranks(e)
+        if body_ok:
+            self._check_reduced_ranks_used(op, ranks, body)
+        return ir.Reduce(op, tuple(r for r, _ in ranks), body, loc=e.loc)
+
+    def _reduction_ranks(self, e: ast.ReduceExpr) -> list[tuple[str, Loc]]:
+        """The listed ranks with their locations; errors for anything else."""
+        out: list[tuple[str, Loc]] = []
         index_vars = self.scope.index_vars()
         for r in e.ranks:
             if not isinstance(r, ast.Name):
                 self.errors.error("a reduction lists index variables", _sloc(r))
             elif r.name not in index_vars:
                 self._unknown_index(r.name, r.loc)
-            elif index_vars[r.name] in ranks:
+            elif index_vars[r.name] in (rank for rank, _ in out):
                 self.errors.error(f"'{r.name}' is listed twice", r.loc)
             else:
-                ranks.append(index_vars[r.name])
+                out.append((index_vars[r.name], r.loc))
+        return out
+
+    def _check_reduced_ranks_used(self, op: str, ranks, body: ir.Expr) -> None:
         body_free = free_ranks(body)
-        for r, src in zip(ranks, e.ranks):
-            if r not in body_free:
-                self.errors.error(f"{op}[{r.lower()}] reduces over a rank its body does not use",
-                                  _sloc(src))
-        return ir.Reduce(op, tuple(ranks), body, loc=e.loc)
+        for rank, loc in ranks:
+            if rank not in body_free:
+                self.errors.error(f"{op}[{rank.lower()}] reduces over a rank its body does not use",
+                                  loc, f"'{rank.lower()}' does not occur in the reduction's body")
 
     def _expr_UnaryExpr(self, e: ast.UnaryExpr) -> ir.Expr:
         return ir.Unary(e.op, self._expr(e.operand), loc=e.loc)
@@ -493,6 +644,14 @@ class DefinitionLowering:
 class _SizeError(Exception):
     def __init__(self, message: str, loc: Loc, hint: str | None = None):
         self.message, self.loc, self.hint = message, loc, hint
+
+
+def _checked_size(value: sympy.Expr, src: ast.SExpr) -> sympy.Expr:
+    """``value`` unless it is undefined (``1/0``) or not real (``sqrt(-1)``)."""
+    if value.has(sympy.zoo, sympy.nan) or value.is_extended_real is False:
+        raise _SizeError(f"this size expression is undefined or not real ({value})", _sloc(src),
+                         "check for a division by zero or a root/log of a negative number")
+    return value
 
 
 def _sloc(e) -> Loc | None:
@@ -526,7 +685,6 @@ def _reduction_scopes(e: ir.Expr, outer: frozenset[str]):
         yield inner
         yield from _reduction_scopes(e.body, inner)
         return
-    from ..einsum_ir.exprs import children
     for c in children(e):
         yield from _reduction_scopes(c, outer)
 
@@ -535,24 +693,28 @@ def _depends(e: ir.Expr) -> bool:
     return bool(free_ranks(e))
 
 
-def _non_affine_reason(e: ir.Expr) -> str | None:
-    """Why ``e`` is not an integer-affine index expression, or None if it is."""
+def _non_affine(e: ir.Expr) -> tuple[str, ir.Expr] | None:
+    """Why ``e`` is not an integer-affine index expression and the node at fault, or None."""
     if isinstance(e, (ir.Index, ir.Size)):
         return None
     if isinstance(e, ir.Num):
-        return None if isinstance(e.value, int) else f"'{e.value}' is not an integer"
+        return None if isinstance(e.value, int) else (f"'{e.value}' is not an integer", e)
     if isinstance(e, ir.Unary) and e.op == "-":
-        return _non_affine_reason(e.operand)
+        return _non_affine(e.operand)
     if isinstance(e, ir.Binary) and e.op in ("+", "-"):
-        return _non_affine_reason(e.left) or _non_affine_reason(e.right)
-    if isinstance(e, ir.Binary) and e.op == "*":
-        if _depends(e.left) and _depends(e.right):
-            return "a product of two index variables"
-        return _non_affine_reason(e.left) or _non_affine_reason(e.right)
-    if isinstance(e, ir.Binary) and e.op == "//":
-        if _depends(e.right):
-            return "'//' must divide by a size or a constant"
-        return _non_affine_reason(e.left) or _non_affine_reason(e.right)
+        return _non_affine(e.left) or _non_affine(e.right)
+    if isinstance(e, ir.Binary) and e.op == "*" and _depends(e.left) and _depends(e.right):
+        return "a product of two index variables", e
+    if isinstance(e, ir.Binary) and e.op == "//" and _depends(e.right):
+        return "'//' must divide by a size or a constant", e
+    if isinstance(e, ir.Binary) and e.op == "//" and e.right == ir.Num(0):
+        return "division by zero", e
+    if isinstance(e, ir.Binary) and e.op in ("*", "//"):
+        return _non_affine(e.left) or _non_affine(e.right)
+    return _non_affine_leaf(e), e
+
+
+def _non_affine_leaf(e: ir.Expr) -> str:
     if isinstance(e, ir.Binary) and e.op == "/":
         return "'/' is not integer division (use '//')"
     if isinstance(e, ir.Param):
@@ -576,6 +738,9 @@ def lower_file(decl: ast.FileDecl, errors: Collector) -> ir.Module | None:
             errors.error(f"definition '{d.name.name}' is defined twice", d.name.loc,
                          f"first defined at {names[d.name.name]}")
         names.setdefault(d.name.name, d.name.loc)
+        if keyword.iskeyword(d.name.name):
+            errors.error(f"definition '{d.name.name}' is a Python keyword", d.name.loc,
+                         "each definition becomes a Python function; rename it")
         out = DefinitionLowering(d, errors).lower()
         if out is not None:
             defs.append(out)

@@ -24,6 +24,7 @@ TOKEN_NAMES = {
     "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'",
     "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'", "SEMICOLON": "';'",
     "COMP_OP": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '//'",
+    "POW_OP": "'**'",
     "__ANON_0": "'->'", "MORETHAN": "'>'",
 }
 
@@ -84,13 +85,38 @@ def _syntax_message(err: lark.exceptions.UnexpectedInput) -> str:
 
 def _error_position(err: lark.exceptions.UnexpectedInput, text: str) -> tuple[int, int]:
     line, col = getattr(err, "line", None), getattr(err, "column", None)
-    if not line or line < 1:
+    if not line or line < 1 or not col or col < 1:
         lines = text.splitlines() or [""]
         return len(lines), len(lines[-1]) + 1
-    if isinstance(err, lark.exceptions.UnexpectedToken) and err.token.type == "_NL":
-        # Point at the end of the line the statement broke on, not the next one.
-        return line, col
     return line, col
+
+
+def _unclosed_bracket(text: str, line: int, col: int) -> tuple[str, int, int] | None:
+    """The innermost ``(`` or ``[`` still open at ``line:col``, if it opened on an earlier line.
+
+    A newline inside brackets does not end a statement, so a missing ``)`` shows up as
+    an error lines later; pointing at the bracket says where the mistake really is.
+    """
+    stack: list[tuple[str, int, int]] = []
+    for n, src in enumerate(text.split("\n")[:line], start=1):
+        code = src.split("#", 1)[0]
+        if n == line:
+            code = code[: col - 1]
+        for c, ch in enumerate(code, start=1):
+            if ch in "([":
+                stack.append((ch, n, c))
+            elif ch in ")]" and stack:
+                stack.pop()
+            elif ch in "{}":
+                stack.clear()
+    return stack[-1] if stack and stack[-1][1] < line else None
+
+
+def _unclosed_hint(unclosed: tuple[str, int, int] | None) -> str | None:
+    if unclosed is None:
+        return None
+    bracket, line, col = unclosed
+    return f"the '{bracket}' at {line}:{col} is never closed"
 
 
 def _blank_line(text: str, line: int) -> str | None:
@@ -118,7 +144,10 @@ def parse_syntax(text: str, filename: str, errors: Collector) -> ast.FileDecl | 
             break
         except lark.exceptions.UnexpectedInput as err:
             line, col = _error_position(err, attempt)
-            errors.error(_syntax_message(err), Loc(filename, line, col))
+            unclosed = _unclosed_bracket(attempt, line, col)
+            errors.error(_syntax_message(err), Loc(filename, line, col), _unclosed_hint(unclosed))
+            if unclosed:
+                return None  # blanking lines cannot repair a bracket left open
             nxt = _blank_line(attempt, line)
             if nxt is None or nxt == attempt:
                 return None
@@ -209,9 +238,6 @@ class _ToAst(Transformer):
         if str(op) == "+":
             return a
         return ast.UnaryExpr("-", a, self._loc(meta))
-
-    def pow(self, meta, a, b):
-        return ast.BinaryExpr("**", a, b, self._loc(meta))
 
     def number(self, meta, tok):
         text = str(tok)

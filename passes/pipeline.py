@@ -11,6 +11,8 @@ from typing import Callable
 
 from ..einsum_ir.ir import Definition, Module
 from .canonicalize import canonicalize
+from .defer_normalization import defer_normalization
+from .online import online
 
 Pass = Callable[[Definition], Definition]
 
@@ -29,9 +31,12 @@ class Stage:
 
 PASSES: dict[str, Stage] = {
     "canonicalize": Stage("canonicalize", canonicalize, "one reduction per Einsum, at its root"),
+    "defer-normalization": Stage("defer-normalization", defer_normalization,
+                                 "move reduction-invariant normalizers out of reductions"),
+    "online": Stage("online", online, "derive the one-pass (online softmax) cascade", ("tile",)),
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize",)
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "online")
 
 
 def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:

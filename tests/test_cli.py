@@ -31,8 +31,16 @@ def test_compile_writes_module_deterministically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["causal.py"]
 
 
+def test_emit_ir_prints_the_final_cascade(capsys):
+    assert main(["compile", str(CAUSAL), "--emit", "ir", "--tile", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "let M0 = 32" in out and "RM[m1+1,p] = max(RM[m1,p], LM[m1,p])" in out
+    from attnc.frontends import parse
+    parse(out)
+
+
 def test_emit_ir_prints_the_canonical_cascade(capsys):
-    assert main(["compile", str(CAUSAL), "--emit", "ir"]) == 0
+    assert main(["compile", str(CAUSAL), "--emit", "ir", "--stop-after", "canonicalize"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("attention causal_softmax(")
     assert "QK[p,m] = sum[e](Q[p,e] * K[m,e] * scale)   where m <= p + M - P" in out
@@ -54,8 +62,8 @@ def test_check_passes_and_reports_errors(capsys):
 def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):
     real = BACKENDS["numpy"]
 
-    def broken(module, stem):
-        files = real.render(module, stem)
+    def broken(module, stem, fused=True):
+        files = real.render(module, stem, fused=fused)
         return {k: v.replace("return _output(", "return 1.0001 * _output(") for k, v in files.items()}
 
     monkeypatch.setitem(BACKENDS, "broken", Backend("broken", broken, "test"))

@@ -1,0 +1,769 @@
+"""``online``: derive the 1-pass online form (FuseMax's Cascade 5) of a cascade.
+
+Applies to a max reduction over a rank ``R`` whose result is subtracted
+inside ``exp``/``exp2`` and consumed, through such shifted exponentials, by
+sum reductions over ``R``.  ``R`` is split into tiles (``R1`` of ``R0``) and
+every reduction over ``R`` becomes a local reduction over the tile plus a
+running state over ``R1``; a sum that carries ``exp(X - GM)`` is rescaled by
+``exp(RM[r1] - RM[r1+1])`` when the running max moves.  Before → after (the
+deferred Cascade 4, tile 64)::
+
+    QK[p,m]  = sum[e](Q[p,e] * K[m,e])
+    GM[p]    = max[m](QK[p,m])
+    SN[p,m]  = exp(QK[p,m] - GM[p])
+    SD[p]    = sum[m](SN[p,m])
+    SNV[p,f] = sum[m](SN[p,m] * V[m,f])
+    AV[p,f]  = SNV[p,f] / SD[p]
+
+    let M0 = 64
+    let M1 = ceil(M/M0)
+    BK[m1,m0,e] = K[m1 * M0 + m0, e]                  # every input read along m, blocked
+    BV[m1,m0,f] = V[m1 * M0 + m0, f]
+    RM[0,p] = -inf                                     # running states: their inits
+    RD[0,p] = 0
+    RNV[0,p,f] = 0
+    BQK[m1,m0,p] = sum[e](Q[p,e] * BK[m1,m0,e])       # maps over m: per tile
+    LM[m1,p] = max[m0](BQK[m1,m0,p])                  # local max, running max
+    RM[m1+1,p] = max(RM[m1,p], LM[m1,p])
+    SLN[m1,m0,p] = exp(BQK[m1,m0,p] - RM[m1 + 1, p])  # shifted by the running max
+    SLD[m1,p] = sum[m0](SLN[m1,m0,p])                 # local sums
+    SLNV[m1,p,f] = sum[m0](SLN[m1,m0,p] * BV[m1,m0,f])
+    PRM[m1,p] = exp(RM[m1,p] - RM[m1 + 1, p])         # rescale factor
+    RD[m1+1,p] = SLD[m1,p] + RD[m1,p] * PRM[m1,p]     # running sums
+    RNV[m1+1,p,f] = SLNV[m1,p,f] + RNV[m1,p,f] * PRM[m1,p]
+    AV[p,f] = RNV[M1,p,f] / RD[M1,p]   where RD[M1,p] > 0
+
+It is generic: any number of sums share a max (denominator, numerator,
+softmax_1's ``+ exp(-GM)``, a log-sum-exp ``GM + log(SD)`` read after the
+loop); several maxes over ``R`` each get their own running state and rescale
+(differential attention); ``exp2`` and positive scalings of ``X - GM`` work;
+sums and maxes over ``R`` that do not involve the shift become plain running
+reductions.  Names come from the source tensors: ``GM`` → local ``LM``,
+running ``RM``, rescale ``PRM``; ``SD`` → ``SLD``, ``RD``; ``SN`` → ``SLN``; any other
+``T`` → ``LT``, ``RT``; maps before the shift → ``B<T>``; clashes get a number.
+
+**Absent elements.**  The derived cascade keeps the source's meaning:
+
+* A tile in which a fiber has no computed point gives an absent local
+  reduction, so the update is not computed and the state carries (rule 2).
+  A running sum is rescaled only when it is updated, so the pass requires
+  each rescaled sum to be computed at the points of its max (or nowhere, per
+  fiber), otherwise a max that moves in a tile where the sum has no point would
+  leave the sum unrescaled: that is a blocker.
+* Out-of-bounds reads of a ragged last tile are absent through the blocked
+  inputs; a tiled map that reads none of them gets ``where m1 * M0 + m0 < M``.
+* After the loop a state is always present (its init is), so every map that
+  reads a final state ``T[M1, ...]`` gets a guard: the presence analysis
+  (``defer_normalization.Presence``) finds a state with the same presence as
+  the source tensor and tests it — ``RD[M1,p] > 0`` for a sum of the shifted
+  exponential itself (its max point contributes ``exp(0) = 1``),
+  ``RM[M1,p] > -inf`` for a max — and, if none exists, a presence state
+  ``R<T>_seen`` (0, then 1 once a tile contributes).  So a fully masked row
+  gives 0, never NaN.  The first rescale ``exp(-inf - RM[1,p])`` is 0.
+
+When a max cannot be made one-pass, :func:`online_blockers` names the
+dependency that blocks it (the pass leaves that rank alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy
+
+from ..einsum_ir.exprs import children, free_ranks, transform, walk, with_children
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+                            IterativeEinsum, Num, Reduce, Size, SizeLet, Statement, Unary,
+                            size_symbol)
+from ..einsum_ir.printer import print_expr
+from ..einsum_ir.schedule import dataflow_graph, statement_reads
+from .canonicalize import canonicalize
+from .defer_normalization import (Capture, Presence, conjoin, fresh_name, is_reduction,
+                                  linear_terms, multiply, positive, simplify, substitute,
+                                  substitute_atom, taken_names, varying)
+
+SHIFT_FUNCTIONS = ("exp", "exp2")
+
+
+class Blocked(Exception):
+    """Why a statement keeps a rank from being made one-pass."""
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A factor ``fn(c * (X - GM[subs]))`` of a value; ``ops`` build ``c * (old - new)``."""
+
+    gm: str
+    fn: str
+    ops: tuple[tuple[str, Expr], ...]
+    subs: tuple[Expr, ...]
+
+    def at(self, mapping: dict[str, Expr]) -> "Shift":
+        return dataclasses.replace(self, subs=tuple(substitute(s, mapping) for s in self.subs))
+
+    @property
+    def rescale(self) -> tuple:
+        """What identifies the rescale factor tensor."""
+        return (self.gm, self.fn, self.ops)
+
+
+# ---------------------------------------------------------------------------
+# Analysis: the region of a rank and what blocks it
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """Everything over one rank ``R`` that the conversion rewrites."""
+
+    defn: Definition
+    rank: str
+    maps: dict[str, Einsum]          # carry R: computed per tile
+    reductions: dict[str, Einsum]    # reduce over R: local reduction + running state
+    maxes: frozenset[str]            # maxes over exactly R: the possible shifts
+    post: frozenset[str]             # other statements that read a reduction's result
+    shifts: dict[str, tuple[Shift, ...] | None] = field(default_factory=dict)
+    direct: list[tuple[Einsum, Shift]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def reads_shift(self, e: Expr) -> bool:
+        """``e`` reads a max of the region or a map that carries a shift."""
+        for n in walk(e):
+            if isinstance(n, Access) and (n.tensor in self.maxes or self.map_shifts(n.tensor)):
+                return True
+        return False
+
+    def map_shifts(self, name: str) -> tuple[Shift, ...]:
+        if name not in self.maps:
+            return ()
+        if name not in self.shifts:
+            self.shifts[name] = None  # a cycle is impossible: maps form a DAG
+            self.shifts[name] = _statement_shifts(self, self.maps[name])
+        return self.shifts[name] or ()
+
+
+def candidate_maxes(defn: Definition) -> dict[str, list[str]]:
+    """Rank -> the maxes over exactly that rank whose result is read inside exp/exp2."""
+    in_exp: set[str] = set()
+    for st in defn.statements:
+        for e in (st.expr, st.where):
+            for n in walk(e) if e is not None else ():
+                if isinstance(n, Call) and n.fn in SHIFT_FUNCTIONS:
+                    in_exp |= {a.tensor for a in walk(n) if isinstance(a, Access)}
+    out: dict[str, list[str]] = {}
+    for st in defn.statements:
+        if _is_max_over_one(st) and st.tensor in in_exp:
+            out.setdefault(st.expr.ranks[0], []).append(st.tensor)
+    return out
+
+
+def _is_max_over_one(st: Statement) -> bool:
+    return (is_reduction(st) and st.expr.op == "max" and len(st.expr.ranks) == 1
+            and st.expr.ranks[0] not in st.lhs)
+
+
+def analyze(defn: Definition, rank: str) -> Region:
+    """The region over ``rank``; ``region.problems`` lists what blocks the conversion."""
+    maps = {st.tensor: st for st in defn.statements if isinstance(st, Einsum) and rank in st.lhs}
+    reductions = {st.tensor: st for st in defn.statements
+                  if is_reduction(st) and rank in st.expr.ranks and rank not in st.lhs}
+    maxes = frozenset(n for n, st in reductions.items() if st.expr.ranks == (rank,)
+                      and st.expr.op == "max")
+    region = Region(defn, rank, maps, reductions, maxes, _post(defn, maps, reductions))
+    _check_structure(region)
+    for st in list(maps.values()) + list(reductions.values()):
+        _check_reads(region, st)
+    for name in maps:
+        region.map_shifts(name)
+    for st in reductions.values():
+        region.shifts[st.tensor] = _statement_shifts(region, st)
+    _check_presence(region)
+    return region
+
+
+def _post(defn: Definition, maps, reductions) -> frozenset[str]:
+    g = dataflow_graph(defn)
+    after: set[str] = set()
+    for name in reductions:
+        after |= nx.descendants(g, name)
+    return frozenset(after - set(maps) - set(reductions))
+
+
+def _check_structure(region: Region) -> None:
+    r = region.rank.lower()
+    for st in region.defn.statements:
+        if isinstance(st, IterativeEinsum) and region.rank in st.lhs:
+            region.problems.append(f"{st.tensor} is already iterative over {r}")
+        if st.tensor in region.maps and any(region.rank in red.ranks for red in _reduces(st)):
+            region.problems.append(f"{st.tensor} reduces over {r} while carrying {r}")
+        if st.tensor not in region.maps and st.tensor not in region.reductions:
+            _check_outside(region, st)
+    for out in region.defn.outputs:
+        if out.name in region.maps:
+            region.problems.append(f"output {out.name} carries {r}: it needs every tile at once")
+
+
+def _reduces(st: Statement) -> list[Reduce]:
+    return [n for n in walk(st.expr) if isinstance(n, Reduce)]
+
+
+def _check_outside(region: Region, st: Statement) -> None:
+    for acc in statement_reads(st):
+        if acc.tensor in region.maps:
+            region.problems.append(
+                f"{st.tensor} reads {print_expr(acc)} outside a reduction over "
+                f"{region.rank.lower()}, so {acc.tensor} cannot stay per-tile")
+
+
+def _check_reads(region: Region, st: Einsum) -> None:
+    r = region.rank.lower()
+    for acc in statement_reads(st):
+        name = acc.tensor
+        if name in region.maps and not _plain_along(acc, region.maps[name].lhs, region.rank):
+            region.problems.append(f"{st.tensor} reads {print_expr(acc)}: only {r} itself can be "
+                                   f"tiled along {r}")
+        elif name in region.reductions and name not in region.maxes:
+            op = region.reductions[name].expr.op
+            region.problems.append(
+                f"{st.tensor} reads {name}, a {op} over {r}, inside the loop over {r}: "
+                f"{name} is complete only after the last tile (defer-normalization moves such "
+                f"factors out of reductions)")
+        elif name in region.post:
+            region.problems.append(f"{st.tensor} reads {name}, which needs a reduction over "
+                                   f"{r}, inside the loop over {r}")
+        elif name in region.defn.iterative_tensors:
+            region.problems.append(f"{st.tensor} reads the iterative tensor {name}")
+
+
+def _plain_along(acc: Access, ranks: tuple[str, ...], rank: str) -> bool:
+    pos = ranks.index(rank)
+    others = [s for i, s in enumerate(acc.subscripts) if i != pos]
+    return acc.subscripts[pos] == Index(rank) and not any(rank in free_ranks(s) for s in others)
+
+
+# --- shifts -----------------------------------------------------------------------
+
+
+def _statement_shifts(region: Region, st: Einsum) -> tuple[Shift, ...] | None:
+    try:
+        if st.where is not None and region.reads_shift(st.where):
+            raise Blocked("reads the shifted exponential in its where")
+        found = _shifts(region, st, st.expr)
+        if st.tensor in region.reductions:
+            _check_reduction_shifts(region, st, found)
+        return found
+    except Blocked as why:
+        region.problems.append(f"{st.tensor} {why}")
+        return None
+
+
+def _check_reduction_shifts(region: Region, st: Einsum, found) -> None:
+    if found and st.expr.op != "sum":
+        raise Blocked(f"takes the {st.expr.op} of a shifted exponential")
+
+
+def _shifts(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
+    """The shift factors of ``e``; Blocked when the max enters it in any other way."""
+    if not region.reads_shift(e):
+        return ()
+    if isinstance(e, Access) and e.tensor in region.maps:
+        mapping = dict(zip(region.maps[e.tensor].lhs, e.subscripts))
+        return tuple(s.at(mapping) for s in region.map_shifts(e.tensor))
+    if isinstance(e, Call) and e.fn in SHIFT_FUNCTIONS:
+        shift = _exp_shift(region, e)
+        region.direct.append((st, shift))
+        return (shift,)
+    if isinstance(e, Binary) and e.op == "*":
+        return _shifts(region, st, e.left) + _shifts(region, st, e.right)
+    if isinstance(e, Binary) and e.op == "/" and not region.reads_shift(e.right):
+        return _shifts(region, st, e.left)
+    if isinstance(e, Unary) and e.op == "-":
+        return _shifts(region, st, e.operand)
+    if isinstance(e, Reduce) and (e.op == "sum" or e is st.expr):
+        inner = _shifts(region, st, e.body)
+        if any(free_ranks(sub) & set(e.ranks) for s in inner for sub in s.subs):
+            raise Blocked("reduces the shifted exponential along a rank of its max's result")
+        return inner
+    bare = _bare_max(region, e)
+    if bare is not None:
+        raise Blocked(f"uses {bare} outside exp(... - {bare}), inside the loop over "
+                      f"{region.rank.lower()}")
+    raise Blocked(f"combines a shifted exponential by {_describe(e)}, which does not factor out "
+                  f"of the sum")
+
+
+def _bare_max(region: Region, e: Expr) -> str | None:
+    """A max of the region that ``e`` reads other than inside exp/exp2."""
+    if isinstance(e, Access) and e.tensor in region.maxes:
+        return e.tensor
+    if isinstance(e, Call) and e.fn in SHIFT_FUNCTIONS:
+        return None
+    return next((m for c in children(e) if (m := _bare_max(region, c))), None)
+
+
+def _describe(e: Expr) -> str:
+    if isinstance(e, Binary):
+        return f"'{e.op}'"
+    if isinstance(e, Call):
+        return f"{e.fn}(...)"
+    if isinstance(e, Reduce):
+        return f"{e.op}[...]"
+    return print_expr(e)
+
+
+def _exp_shift(region: Region, call: Call) -> Shift:
+    arg = call.args[0]
+    if any(isinstance(n, Access) and region.map_shifts(n.tensor) for n in walk(arg)):
+        raise Blocked(f"applies {call.fn} to a shifted exponential")
+    arg, outer = _peel(region, arg)
+    terms = [(s, t) for s, t in linear_terms(arg) if region.reads_shift(t)]
+    if len(terms) != 1:
+        raise Blocked(f"subtracts {len(terms)} maxima in one {call.fn}")
+    sign, term = terms[0]
+    term, inner = _peel(region, term)
+    if not (isinstance(term, Access) and term.tensor in region.maxes) or sign > 0:
+        raise Blocked(f"has {call.fn}({print_expr(call.args[0])}), not {call.fn}(X - max)")
+    return Shift(term.tensor, call.fn, tuple(inner + outer), term.subscripts)
+
+
+def _peel(region: Region, e: Expr) -> tuple[Expr, list[tuple[str, Expr]]]:
+    """``(X - GM) * c`` -> ``X - GM, [("*", c)]``: positive constant factors around the max.
+
+    The ops are listed innermost first, the order in which they apply.
+    """
+    ops: list[tuple[str, Expr]] = []
+    while isinstance(e, Binary) and e.op in ("*", "/"):
+        left, right = region.reads_shift(e.left), region.reads_shift(e.right)
+        if left and not right:
+            op, e, c = e.op, e.left, e.right
+        elif right and not left and e.op == "*":
+            op, e, c = "*", e.right, e.left
+        else:
+            break
+        if not positive(c) or free_ranks(c) or any(isinstance(n, Access) for n in walk(c)):
+            raise Blocked(f"scales the max by {print_expr(c)}, which is not known to be a "
+                          f"positive constant")
+        ops.insert(0, (op, c))
+    return e, ops
+
+
+# --- presence ---------------------------------------------------------------------
+
+
+def _check_presence(region: Region) -> None:
+    """Every shift is taken where its max has points; rescaled sums sit on their max's points."""
+    presence = Presence(region.defn)
+    exclude = region.maxes
+    for st, shift in region.direct:
+        if st.tensor in region.reductions:
+            own, scope = presence.point(st, exclude), _point_scope(st)
+        else:
+            own, scope = presence.statement(st, exclude), frozenset(st.lhs)
+        if not _max_points(region, presence, shift, scope) <= own:
+            region.problems.append(
+                f"{st.tensor} computes {shift.fn}(... - {shift.gm}) at points where {shift.gm}'s "
+                f"max has none (their masks differ)")
+    for name, st in region.reductions.items():
+        for shift in region.shifts.get(name) or ():
+            if not _sits_on_max(region, presence, st, shift):
+                region.problems.append(
+                    f"{name} is summed at other points of {region.rank.lower()} than "
+                    f"{shift.gm}'s max (their masks differ), so its running sum could not be "
+                    f"rescaled in tiles where only the max moves")
+
+
+def _point_scope(st: Einsum) -> frozenset[str]:
+    return frozenset(st.lhs) | frozenset(st.expr.ranks)
+
+
+def _max_points(region: Region, presence: Presence, shift: Shift, scope) -> frozenset:
+    """When a point of ``shift``'s max counts, in the variables of the statement taking it."""
+    gm = region.reductions[shift.gm]
+    mapping = dict(zip(gm.lhs, shift.subs))
+    try:
+        atoms = frozenset(substitute_atom(a, mapping) for a in presence.point(gm))
+    except Capture:
+        return frozenset({("unknown", shift)})  # matches nothing: the check fails safely
+    return simplify(atoms, scope)
+
+
+def _sits_on_max(region: Region, presence: Presence, st: Einsum, shift: Shift) -> bool:
+    """Per fiber, the sum has exactly its max's points, or none (only invariant extra atoms)."""
+    own = presence.point(st, region.maxes)
+    points = _max_points(region, presence, shift, _point_scope(st))
+    return points <= own and not varying(own - points, {region.rank})
+
+
+# ---------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------
+
+
+def local_name(name: str) -> str:
+    """FuseMax's names: GM -> LM, SD -> SLD, SNV -> SLNV; else T -> LT."""
+    if len(name) > 1 and name[0] == "G":
+        return "L" + name[1:]
+    if len(name) > 1 and name[0] == "S":
+        return "SL" + name[1:]
+    return "L" + name
+
+
+def running_name(name: str) -> str:
+    """FuseMax's names: GM -> RM, SD -> RD, SNV -> RNV; else T -> RT."""
+    return "R" + name[1:] if len(name) > 1 and name[0] in "GS" else "R" + name
+
+
+@dataclass
+class _Tiling:
+    """The state of one conversion: names and the statements made on the way."""
+
+    region: Region
+    r0: str
+    r1: str
+    taken: set[str]
+    presence: Presence
+    names: dict[str, str] = field(default_factory=dict)       # map/reduction -> tiled/local
+    running: dict[str, str] = field(default_factory=dict)     # reduction -> running state
+    blocked: dict[tuple[str, int], Einsum] = field(default_factory=dict)
+    rescales: dict[tuple, Einsum] = field(default_factory=dict)
+    seen: dict[str, tuple[IterativeEinsum, IterativeEinsum]] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> str:
+        return self.region.rank
+
+    @property
+    def position(self) -> Expr:
+        """``m1 * M0 + m0``: the source index of a tile element."""
+        return Binary("+", Binary("*", Index(self.r1), Size(self.r0)), Index(self.r0))
+
+    @property
+    def tile_index(self) -> tuple[Expr, ...]:
+        return (Index(self.r1), Index(self.r0))
+
+    def step(self, when: str) -> Expr:
+        if when == "i":
+            return Index(self.r1)
+        if when == "i+1":
+            return Binary("+", Index(self.r1), Num(1))
+        return Size(self.r1)
+
+    def state(self, name: str, when: str, subs) -> Access:
+        return Access(self.running[name], (self.step(when),) + tuple(subs))
+
+    def local(self, name: str) -> Access:
+        st = self.region.reductions[name]
+        return Access(self.names[name], (Index(self.r1),) + _ids(st.lhs))
+
+    def fresh(self, base: str) -> str:
+        return fresh_name(base, self.taken)
+
+
+def _ids(ranks) -> tuple[Expr, ...]:
+    return tuple(Index(r) for r in ranks)
+
+
+def _fresh_rank(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken or name.lower() in taken:
+        name, k = f"{base}{k}", k + 1
+    taken |= {name, name.lower()}
+    return name
+
+
+def online(defn: Definition, tile: int = 64) -> Definition:
+    """The 1-pass form of every max-shifted rank that can have one (see the module doc)."""
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
+        raise ValueError(f"online: tile must be a positive integer, got {tile!r}")
+    tile = int(tile)
+    defn = canonicalize(defn)
+    tried: set[str] = set()
+    while (rank := next((r for r in candidate_maxes(defn) if r not in tried), None)) is not None:
+        tried.add(rank)
+        region = analyze(defn, rank)
+        if not region.problems:
+            defn = _convert(region, tile)
+    return defn
+
+
+def online_blockers(defn: Definition) -> list[str]:
+    """Why each max over a rank that is used inside exp cannot be made one-pass ([] if none)."""
+    defn = canonicalize(defn)
+    out: list[str] = []
+    for rank, maxes in candidate_maxes(defn).items():
+        for problem in dict.fromkeys(analyze(defn, rank).problems):
+            out.append(f"{', '.join(maxes)} (max over {rank.lower()}): {problem}")
+    return out
+
+
+def _convert(region: Region, tile: int) -> Definition:
+    defn = region.defn
+    taken = taken_names(defn)
+    r0 = _fresh_rank(f"{region.rank}0", taken)
+    r1 = _fresh_rank(f"{region.rank}1", taken)
+    t = _Tiling(region, r0, r1, taken, Presence(defn))
+    _name_region(t)
+    body = _body(t)
+    updates = [_update(t, st) for st in region.reductions.values() if st.expr.op == "sum"]
+    finals = _finals(t)
+    inits = [_init(t, st) for st in region.reductions.values()]
+    statements = (list(t.blocked.values()) + inits + [s[0] for s in t.seen.values()] + body
+                  + list(t.rescales.values()) + updates + [s[1] for s in t.seen.values()] + finals)
+    lets = defn.lets + (SizeLet(r0, sympy.Integer(tile)),
+                        SizeLet(r1, sympy.ceiling(size_symbol(region.rank) / size_symbol(r0))))
+    return dataclasses.replace(defn, lets=lets, statements=tuple(statements))
+
+
+def _name_region(t: _Tiling) -> None:
+    for st in t.region.defn.statements:
+        if st.tensor in t.region.maps:
+            shifted = bool(t.region.map_shifts(st.tensor))
+            t.names[st.tensor] = t.fresh(local_name(st.tensor) if shifted else "B" + st.tensor)
+        elif st.tensor in t.region.reductions:
+            t.names[st.tensor] = t.fresh(local_name(st.tensor))
+            t.running[st.tensor] = t.fresh(running_name(st.tensor))
+
+
+def _body(t: _Tiling) -> list[Statement]:
+    """Source order: maps per tile, local reductions (+ max updates); the rest as it was."""
+    out: list[Statement] = []
+    for st in t.region.defn.statements:
+        if st.tensor in t.region.maps:
+            out.append(_tiled_map(t, st))
+        elif st.tensor in t.region.reductions:
+            out.append(_local_reduction(t, st))
+            if st.expr.op != "sum":
+                out.append(_update(t, st))
+        elif st.tensor not in t.region.post:
+            out.append(st)
+    return out
+
+
+def _finals(t: _Tiling) -> list[Statement]:
+    """Statements after the loop, reading final states; reductions that are outputs copied."""
+    outputs = {o.name for o in t.region.defn.outputs}
+    out: list[Statement] = []
+    for st in t.region.defn.statements:
+        if st.tensor in t.region.reductions and st.tensor in outputs:
+            out.append(_copy(t, st))
+        elif st.tensor in t.region.post:
+            out.append(_finalize(t, st))
+    return out
+
+
+# --- per tile -----------------------------------------------------------------------
+
+
+def _tile(t: _Tiling, e: Expr) -> Expr:
+    """An expression of the region rewritten per tile: ``m`` -> ``m1 * M0 + m0``, reads blocked."""
+    if isinstance(e, Index) and e.rank == t.rank:
+        return t.position
+    if isinstance(e, Access):
+        return _tile_access(t, e)
+    if isinstance(e, Reduce):
+        ranks = tuple(t.r0 if r == t.rank else r for r in e.ranks)
+        return dataclasses.replace(e, ranks=ranks, body=_tile(t, e.body))
+    kids = children(e)
+    return with_children(e, tuple(_tile(t, k) for k in kids)) if kids else e
+
+
+def _tile_access(t: _Tiling, acc: Access) -> Access:
+    region, name = t.region, acc.tensor
+    if name in region.maps:
+        pos = region.maps[name].lhs.index(t.rank)
+        rest = tuple(_tile(t, s) for i, s in enumerate(acc.subscripts) if i != pos)
+        return Access(t.names[name], t.tile_index + rest, loc=acc.loc)
+    if name in region.maxes:
+        return t.state(name, "i+1", acc.subscripts)
+    pos = _input_position(t, acc)
+    if pos is None:
+        return Access(name, tuple(_tile(t, s) for s in acc.subscripts), loc=acc.loc)
+    rest = tuple(s for i, s in enumerate(acc.subscripts) if i != pos)
+    return Access(_blocked_input(t, name, pos), t.tile_index + rest, loc=acc.loc)
+
+
+def _input_position(t: _Tiling, acc: Access) -> int | None:
+    """Where an input is read at plain ``m`` (and nowhere else along m): it gets a blocked copy."""
+    if acc.tensor not in {a.name for a in t.region.defn.tensor_args}:
+        return None
+    plain = [i for i, s in enumerate(acc.subscripts) if s == Index(t.rank)]
+    if len(plain) != 1:
+        return None
+    others = [s for i, s in enumerate(acc.subscripts) if i != plain[0]]
+    return None if any(t.rank in free_ranks(s) for s in others) else plain[0]
+
+
+def _blocked_input(t: _Tiling, name: str, pos: int) -> str:
+    """``BK[m1,m0,e] = K[m1 * M0 + m0, e]`` (absent past the end), made on first use."""
+    if (name, pos) not in t.blocked:
+        arg = next(a for a in t.region.defn.tensor_args if a.name == name)
+        subs = list(_ids(arg.ranks))
+        subs[pos] = t.position
+        lhs = (t.r1, t.r0) + tuple(r for i, r in enumerate(arg.ranks) if i != pos)
+        exact = t.presence.in_range(arg, pos, Index(t.rank))
+        where = None if exact else Binary("<", t.position, Size(t.rank))
+        t.blocked[(name, pos)] = Einsum(t.fresh("B" + name), lhs, Access(name, tuple(subs)), where)
+    return t.blocked[(name, pos)].tensor
+
+
+def _bound(t: _Tiling, expr: Expr, where: Expr | None) -> Expr | None:
+    """Add ``m1 * M0 + m0 < M`` unless a blocked read already makes the ragged end absent."""
+    bounded = {st.tensor for st in t.blocked.values()} | {
+        t.names[n] for n in t.region.maps}
+    for e in (expr, where):
+        if e is not None and any(isinstance(n, Access) and n.tensor in bounded for n in walk(e)):
+            return where
+    return conjoin(where, Binary("<", t.position, Size(t.rank)))
+
+
+def _tiled_map(t: _Tiling, st: Einsum) -> Einsum:
+    lhs = (t.r1, t.r0) + tuple(r for r in st.lhs if r != t.rank)
+    expr = _tile(t, st.expr)
+    where = _tile(t, st.where) if st.where is not None else None
+    return Einsum(t.names[st.tensor], lhs, expr, _bound(t, expr, where), loc=st.loc)
+
+
+def _local_reduction(t: _Tiling, st: Einsum) -> Einsum:
+    """``LM[m1,p] = max[m0](...)``: the reduction over one tile."""
+    expr = _tile(t, st.expr)
+    where = _tile(t, st.where) if st.where is not None else None
+    return Einsum(t.names[st.tensor], (t.r1,) + st.lhs, expr, _bound(t, expr, where), loc=st.loc)
+
+
+# --- running states -------------------------------------------------------------------
+
+INITS = {"max": Unary("-", Const("inf")), "min": Const("inf"), "sum": Num(0)}
+
+
+def _init(t: _Tiling, st: Einsum) -> IterativeEinsum:
+    return IterativeEinsum(t.running[st.tensor], (t.r1,) + st.lhs, t.r1, True,
+                           INITS[st.expr.op], loc=st.loc)
+
+
+def _update(t: _Tiling, st: Einsum) -> IterativeEinsum:
+    """``RM[m1+1] = max(RM[m1], LM[m1])``; ``RD[m1+1] = SLD[m1] + RD[m1] * PRM[m1]``."""
+    before = t.state(st.tensor, "i", _ids(st.lhs))
+    if st.expr.op == "sum":
+        factors = [before] + [_rescale(t, s) for s in t.region.shifts.get(st.tensor) or ()]
+        expr = Binary("+", t.local(st.tensor), multiply(factors))
+    else:
+        expr = Call(st.expr.op, (before, t.local(st.tensor)))
+    return IterativeEinsum(t.running[st.tensor], (t.r1,) + st.lhs, t.r1, False, expr, loc=st.loc)
+
+
+def _rescale(t: _Tiling, shift: Shift) -> Access:
+    """``PRM[m1,p] = exp(RM[m1,p] - RM[m1+1,p])``, made once per max, function and scale."""
+    if shift.rescale not in t.rescales:
+        gm = t.region.reductions[shift.gm]
+        ids = _ids(gm.lhs)
+        diff: Expr = Binary("-", t.state(gm.tensor, "i", ids), t.state(gm.tensor, "i+1", ids))
+        for op, c in shift.ops:
+            diff = Binary(op, diff, c)
+        name = t.fresh("P" + t.running[gm.tensor])
+        t.rescales[shift.rescale] = Einsum(name, (t.r1,) + gm.lhs, Call(shift.fn, (diff,)))
+    return Access(t.rescales[shift.rescale].tensor, (Index(t.r1),) + shift.subs)
+
+
+# --- after the loop -------------------------------------------------------------------
+
+
+def _final_reads(t: _Tiling, e: Expr | None) -> Expr | None:
+    def final(n: Expr) -> Expr | None:
+        if isinstance(n, Access) and n.tensor in t.region.reductions:
+            return t.state(n.tensor, "final", n.subscripts)
+        return None
+
+    return None if e is None else transform(e, final)
+
+
+def _finalize(t: _Tiling, st: Statement) -> Statement:
+    guards = _guards(t, statement_reads(st), st.lhs)
+    where = conjoin(_final_reads(t, st.where), *guards)
+    return dataclasses.replace(st, expr=_final_reads(t, st.expr), where=where)
+
+
+def _copy(t: _Tiling, st: Einsum) -> Einsum:
+    """An output that is a reduction: ``GM[p] = RM[M1,p]  where RM[M1,p] > -inf``."""
+    use = Access(st.tensor, _ids(st.lhs))
+    guards = _guards(t, [use], st.lhs)
+    return Einsum(st.tensor, st.lhs, _final_reads(t, use), conjoin(*guards), loc=st.loc)
+
+
+def _guards(t: _Tiling, reads: list[Access], lhs: tuple[str, ...]) -> list[Expr]:
+    """Conditions that make a map absent where the source's reductions it reads were."""
+    states = list(dict.fromkeys(a for a in reads if a.tensor in t.region.reductions))
+    covered: frozenset = frozenset()
+    for acc in reads:
+        if acc.tensor not in t.region.reductions:
+            covered |= t.presence.access(acc)
+    guards: list[Expr] = []
+    for acc in states:
+        key = t.presence.access(acc)
+        if key <= covered:
+            continue
+        guards.append(_witness(t, key, states, lhs) or _seen_guard(t, acc))
+        covered |= key
+    return guards
+
+
+def _witness(t: _Tiling, key: frozenset, states: list[Access], lhs) -> Expr | None:
+    """A test on a final state that holds exactly where ``key`` does."""
+    own = [Access(n, _ids(st.lhs)) for n, st in t.region.reductions.items() if set(st.lhs) <= set(lhs)]
+    for kind in ("positive", "max", "min"):
+        for acc in states + own:
+            if _witness_kind(t, acc.tensor) == kind and t.presence.access(acc) == key:
+                return _test(kind, t.state(acc.tensor, "final", acc.subscripts))
+    return None
+
+
+def _witness_kind(t: _Tiling, name: str) -> str | None:
+    op = t.region.reductions[name].expr.op
+    if op != "sum":
+        return op
+    return "positive" if _positive_sum(t.region, t.region.reductions[name]) else None
+
+
+def _test(kind: str, final: Access) -> Expr:
+    if kind == "positive":
+        return Binary(">", final, Num(0))
+    if kind == "max":
+        return Binary(">", final, Unary("-", Const("inf")))
+    return Binary("<", final, Const("inf"))
+
+
+def _positive_sum(region: Region, st: Einsum) -> bool:
+    """A sum of ``exp(X - GM)`` itself: its max point adds ``exp(0) = 1``, so present means > 0."""
+    e = st.expr.body
+    while isinstance(e, Access) and e.tensor in region.maps:
+        source = region.maps[e.tensor]
+        e = substitute(source.expr, dict(zip(source.lhs, e.subscripts)))
+    if not (isinstance(e, Call) and e.fn in SHIFT_FUNCTIONS and region.shifts.get(st.tensor)):
+        return False
+    try:
+        arg, _ = _peel(region, e.args[0])
+    except Blocked:
+        return False
+    terms = sorted(linear_terms(arg), key=lambda st_: -st_[0])
+    if len(terms) != 2 or [s for s, _ in terms] != [1, -1]:
+        return False
+    (_, x), (_, gm_read) = terms
+    if not (isinstance(gm_read, Access) and gm_read.tensor in region.maxes):
+        return False
+    gm = region.reductions[gm_read.tensor]
+    return x == substitute(gm.expr.body, dict(zip(gm.lhs, gm_read.subscripts)))
+
+
+def _seen_guard(t: _Tiling, acc: Access) -> Expr:
+    """A presence state: 0, then 1 once a tile contributes to ``acc``'s reduction."""
+    name = acc.tensor
+    if name not in t.seen:
+        st = t.region.reductions[name]
+        seen = t.fresh(t.running[name] + "_seen")
+        lhs = (t.r1,) + st.lhs
+        init = IterativeEinsum(seen, lhs, t.r1, True, Num(0), loc=st.loc)
+        mark = Binary("+", Num(1), Binary("*", Num(0), t.local(name)))
+        t.seen[name] = (init, IterativeEinsum(seen, lhs, t.r1, False, mark, loc=st.loc))
+    final = Access(t.seen[name][0].tensor, (Size(t.r1),) + acc.subscripts)
+    return Binary(">", final, Num(0))

@@ -249,6 +249,11 @@ class StatementRenderer:
             return None
         return tuple(axes)
 
+    def view_operand(self, e: Access, env) -> tuple[str, str | None, tuple[int, ...]] | None:
+        """(array code, mask code, grid axes of its core dims) of a viewable access, else None."""
+        axes = self.plain_axes(e, env)
+        return None if axes is None else (pyname(e.tensor), self.mask_of(e.tensor), axes)
+
     def mask_of(self, tensor: str) -> str | None:
         return None if tensor in self.static_present else mask_name(tensor)
 
@@ -298,20 +303,21 @@ class StatementRenderer:
         """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape."""
         tensors, scalars = [], []
         for f in product_factors(e.body):
-            if isinstance(f, Access) and self.plain_axes(f, env) is not None:
-                tensors.append((f, self.plain_axes(f, env)))
+            view = self.view_operand(f, env) if isinstance(f, Access) else None
+            if view is not None:
+                tensors.append(view)
             elif not free_ranks(f) and not any(isinstance(n, (Access, Reduce)) for n in walk(f)):
                 scalars.append(self.value(f, env)[0])
             else:
                 return None
-        used = {a for _, ax in tensors for a in ax}
+        used = {a for _, _, ax in tensors for a in ax}
         if not tensors or not set(axes) <= used:
             return None
         letters = lambda ax: "".join(chr(ord("a") + a) for a in ax)  # noqa: E731
         out_axes = tuple(sorted(used - set(axes)))
-        spec = ",".join("..." + letters(ax) for _, ax in tensors) + "->..." + letters(out_axes)
-        ops = tup(pyname(f.tensor) for f, _ in tensors)
-        masks = tup(str(self.mask_of(f.tensor)) for f, _ in tensors)
+        spec = ",".join("..." + letters(ax) for _, _, ax in tensors) + "->..." + letters(out_axes)
+        ops = tup(array for array, _, _ in tensors)
+        masks = tup(str(mask) for _, mask, _ in tensors)
         v, k = self.temps.new("t"), self.temps.new("k")
         self.lines.append(f"{v}, {k} = _contract({spec!r}, {out_axes}, {self.nd}, {ops}, {masks}, "
                           f"{extents})")

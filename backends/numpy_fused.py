@@ -94,10 +94,9 @@ class FusedStatementRenderer(StatementRenderer):
             return "local"
         return "global"
 
-    def access(self, e: Access, env):
+    def resolve(self, e: Access):
+        """(array, mask, core ranks, subscripts, rows relative) of an access in the tile loop."""
         kind = self.kind(e.tensor)
-        if kind == "global" and not any(self.restricted(r) for r in free_ranks(e)):
-            return super().access(e, env)
         ranks = list(self.defn.tensor_ranks(e.tensor))
         subs = list(e.subscripts)
         array, mask = pyname(e.tensor), self.mask_of(e.tensor)
@@ -110,8 +109,31 @@ class FusedStatementRenderer(StatementRenderer):
             elif step != Index(self.tp.loop_rank):
                 raise NotTileable(f"{e.tensor} is read at another tile than the current one")
             del ranks[pos], subs[pos]
-        relative = kind == "local"
+        return array, mask, ranks, subs, kind == "local"
+
+    def access(self, e: Access, env):
+        if self.kind(e.tensor) == "global" and not any(self.restricted(r) for r in free_ranks(e)):
+            return super().access(e, env)
+        array, mask, ranks, subs, relative = self.resolve(e)
         return self._access(array, mask, ranks, subs, env, relative)
+
+    def view_operand(self, e: Access, env):
+        if self.kind(e.tensor) == "global" and not any(self.restricted(r) for r in free_ranks(e)):
+            return super().view_operand(e, env)
+        array, mask, ranks, subs, relative = self.resolve(e)
+        if not all(isinstance(s, Index) and s.rank == r and env[r].axis is not None
+                   for s, r in zip(subs, ranks)):
+            return None
+        axes = tuple(env[r].axis for r in ranks)
+        if len(set(axes)) != len(axes):
+            return None
+        if not relative:
+            for pos, r in enumerate(ranks):
+                if self.restricted(r):
+                    rows = f"{pos}, {len(ranks)}, {self.rows.lo}, {self.rows.hi}"
+                    array = f"_rows({array}, {rows})"
+                    mask = None if mask is None else f"_rows({mask}, {rows})"
+        return array, mask, axes
 
     def _access(self, array, mask, ranks, subs, env, relative):
         plain = all(isinstance(s, Index) and s.rank == r and env[r].axis is not None

@@ -310,12 +310,19 @@ class KernelRenderer:
         terms = tuple(t for t in terms if t is not None)
         if not terms:
             return None
-        if len(terms) == 1 and (terms[0].layout == layout or not terms[0].layout):
+        if len(terms) == 1 and (terms[0].layout == layout or not (terms[0].layout or layout)):
             return terms[0].code
         key = ("mask", terms, layout)
         if key not in self.memo:
             name = self.new("mask")
-            self.emit(f"{name} = " + " & ".join(self.expand(t.code, t.layout, layout) for t in terms))
+            blocks = [self.expand(t.code, t.layout, layout) for t in terms if t.layout]
+            scalars = [t.code for t in terms if not t.layout]
+            if scalars and layout:  # a scalar condition joins a block as a block of int1
+                blocks.insert(0, f"(tl.full({self.shape(layout)}, 1, tl.int1) & "
+                                 f"{' & '.join(scalars)})")
+                scalars = []
+            code = " & ".join(blocks + scalars)
+            self.emit(f"{name} = {code}")
             self.memo[key] = name
         return self.memo[key]
 

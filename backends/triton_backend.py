@@ -505,10 +505,8 @@ class KernelRenderer:
     def dot(self, e: Reduce, st) -> TVal | None:
         """``sum[r](A[a,r] * B[r,b] * c)`` as ``tl.dot``; None when not that shape."""
         r = e.ranks[0]
-        if st.where is not None and r in free_ranks(st.where):
-            return None
         tensors, scalars = [], []
-        for f in product_factors(e.body):
+        for f in _factors(e.body):
             if free_ranks(f) & (set(self.ranks.vector)):
                 tensors.append(f)
             else:
@@ -522,6 +520,17 @@ class KernelRenderer:
         (rb,) = set(b.layout) - {r}
         if ra == rb:
             return None
+        filt = self.filter_term(st, set(st.lhs) | {r}) if st.where is not None else None
+        if filt is not None and r in filt.layout:
+            # a where over the summed rank masks the operand that has its other rank
+            if set(filt.layout) <= set(a.layout):
+                a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)), loaded=False,
+                                        code=a.raw or a.code if a.loaded else a.code)
+            elif set(filt.layout) <= set(b.layout):
+                b = dataclasses.replace(b, terms=_merge_terms(b.terms, (filt,)), loaded=False,
+                                        code=b.raw or b.code if b.loaded else b.code)
+            else:
+                return None
         ac = self.operand(a, (ra, r))
         bc = self.operand(b, (r, rb))
         v = self.new("dot")
@@ -533,13 +542,29 @@ class KernelRenderer:
         for s in scalars:
             sv = self.value(s, st)
             code = f"({code} * {sv.code})"
-        terms = _merge_terms(a.terms, b.terms)
-        filt = self.filter_term(st, set(st.lhs) | {r})
-        if filt:
-            terms = terms + (filt,)
+        if filt is not None and r not in filt.layout:
+            a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)))
         range_r = self.range_term(r)
-        terms = terms + ((range_r,) if range_r else ())
-        return TVal(code, layout, self.reduce_terms(terms, {r}))
+        a_terms = a.terms + ((range_r,) if range_r else ())
+        return TVal(code, layout, self.dot_presence(a_terms, b.terms, r, ra, rb, layout))
+
+    def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
+        """Presence of sum[r](A*B): any r where both are present (a mask dot if it must be 3-D)."""
+        terms = _merge_terms(a_terms, b_terms)
+        inner = [t for t in terms if r in t.layout]
+        span = set().union(*(set(t.layout) for t in inner)) if inner else set()
+        if not ({ra, rb} <= span):
+            return self.reduce_terms(terms, {r})
+        keep = tuple(t for t in terms if r not in t.layout)
+        ma = self.mask_code([t for t in a_terms if r in t.layout], (ra, r) if (ra, r) == self.canon({ra, r}) else self.canon({ra, r}))
+        mb = self.mask_code([t for t in b_terms if r in t.layout], self.canon({r, rb}))
+        la, lb = self.canon({ra, r}), self.canon({r, rb})
+        ma = ma if la == (ra, r) else f"tl.trans({ma})"
+        mb = mb if lb == (r, rb) else f"tl.trans({mb})"
+        name = self.new("anydot")
+        self.emit(f"{name} = tl.dot(({ma}).to(tl.float16), ({mb}).to(tl.float16)) > 0")
+        out = name if (ra, rb) == layout else f"tl.trans({name})"
+        return keep + (Term(out, layout),)
 
     def operand(self, x: TVal, want: tuple[str, str]) -> str:
         code = x.raw if x.loaded else x.code
@@ -551,10 +576,10 @@ class KernelRenderer:
 
     def dot_operands(self, a: TVal, ac: str, b: TVal, bc: str) -> tuple[str, str]:
         """Tensor-core friendly operand types: match a loaded 16-bit operand's dtype."""
-        if a.loaded:
-            return ac, f"({bc}).to({a.raw}.dtype)"
-        if b.loaded:
-            return f"({ac}).to({b.raw}.dtype)", bc
+        if a.raw:
+            return f"({ac}).to({a.raw}.dtype)", f"({bc}).to({a.raw}.dtype)"
+        if b.raw:
+            return f"({ac}).to({b.raw}.dtype)", f"({bc}).to({b.raw}.dtype)"
         return ac, bc
 
     # --- statements --------------------------------------------------------------
@@ -699,6 +724,15 @@ class KernelRenderer:
         for st in self.tp.epilogue:
             self.statement(st)
         return self.lines
+
+
+def _factors(e: Expr) -> list[Expr]:
+    """Factors of a product; ``x / c`` contributes ``x`` and ``1 / c``."""
+    if isinstance(e, Binary) and e.op == "*":
+        return _factors(e.left) + _factors(e.right)
+    if isinstance(e, Binary) and e.op == "/":
+        return _factors(e.left) + [Binary("/", Num(1.0), e.right)]
+    return [e]
 
 
 def _integer_affine(e: Expr) -> bool:

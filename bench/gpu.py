@@ -21,6 +21,7 @@ import argparse
 import datetime
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,8 +48,13 @@ START = time.time()
 
 
 def say(text: str = "") -> None:
+    """Print a result line and append it to $OUT/gpu_results.md at once (survives a kill)."""
     print(text, flush=True)
     LINES.append(text)
+    out = Path(os.environ.get("OUT", ROOT / "bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "gpu_results.md", "a") as f:
+        f.write(text + "\n")
 
 
 def compile_triton(spec: Path, tile: int, tmp: Path):
@@ -165,7 +171,7 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
         slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=device)
         scale = 1 / math.sqrt(D)
         for label, spec, kind, params in variants:
-            if time.time() - START > 420:
+            if time.time() - START > 200:
                 say(f"| {label} | {n} | skipped: time budget | | | |")
                 continue
             pairs = visible_pairs(n, kind, window)
@@ -291,29 +297,46 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: numerics,prefill,decode")
+    ap.add_argument("--section", choices=("numerics", "prefill", "decode"))
+    ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")], default=[150, 220, 60],
+                    help="seconds for numerics,prefill,decode")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    say(f"# attnc GPU run — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    say(f"{name}; torch {torch.__version__}; triton {triton.__version__}")
-    skip = set(args.skip.split(","))
-    with tempfile.TemporaryDirectory() as tmp:
-        for section, fn in (("numerics", lambda: numerics(Path(tmp), device, args.smoke)),
-                            ("prefill", lambda: prefill(Path(tmp), device,
-                                                        [int(x) for x in args.sizes.split(",")], args.smoke)),
-                            ("decode", lambda: decode(Path(tmp), device, args.smoke))):
-            if section in skip:
-                continue
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - keep the other sections
-                say(f"section {section} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")
-    say(f"\n(total {time.time() - START:.0f} s)")
+    if args.section is None:
+        out = Path(os.environ.get("OUT", ROOT / "bench"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_results.md").write_text(
+            f"# attnc GPU run — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+            f"{name}; torch {torch.__version__}; triton {triton.__version__}\n")
     out = Path(os.environ.get("OUT", ROOT / "bench"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_results.md").write_text("\n".join(LINES) + "\n")
+    if args.section is None:  # the driver: each section in its own process, with a time limit
+        for section, limit in (("numerics", args.limits[0]), ("prefill", args.limits[1]),
+                               ("decode", args.limits[2])):
+            if section in args.skip.split(","):
+                continue
+            cmd = [sys.executable, __file__, "--section", section, "--sizes", args.sizes]
+            cmd += ["--smoke"] if args.smoke else []
+            try:
+                subprocess.run(cmd, timeout=limit, check=False)
+            except subprocess.TimeoutExpired:
+                with open(out / "gpu_results.md", "a") as f:
+                    f.write(f"\n(section {section} stopped at its {limit} s limit)\n")
+        print((out / "gpu_results.md").read_text() if (out / "gpu_results.md").exists() else "")
+        return
+    sections = {"numerics": lambda: numerics(Path(tmp), device, args.smoke),
+                "prefill": lambda: prefill(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
+                                           args.smoke),
+                "decode": lambda: decode(Path(tmp), device, args.smoke)}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sections[args.section]()
+        except Exception:  # noqa: BLE001
+            say(f"section {args.section} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")
+    say(f"\n({args.section}: {time.time() - START:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,45 @@ running ``RM``, rescale ``PRM``; ``SD`` → ``SLD``, ``RD``; ``SN`` → ``SLN``;
 
 When a max cannot be made one-pass, :func:`online_blockers` names the
 dependency that blocks it (the pass leaves that rank alone).
+
+**Without a max.**  A cascade that is already one-pass over a rank ``R``
+(sums, maxes and mins over ``R`` whose results are read only after the
+reduction) gets the same tiled form with plain running reductions, when no
+max-shifted rank was converted: ``R[0] = 0`` (``-inf``, ``inf``) and
+``R[r1+1] = L[r1] + R[r1]`` (``max(...)``, ``min(...)``).  Before → after
+(causal linear attention with inputs ``FQ``, ``FK``, deferred, tile 64)::
+
+    S[p,m]    = sum[e](FQ[p,e] * FK[m,e])
+    SD[p]     = sum[m](S[p,m])            where m <= p + M - P
+    SV[p,f]   = sum[m](S[p,m] * V[m,f])   where m <= p + M - P
+    AV[p,f]   = SV[p,f] / SD[p]
+
+    let M0 = 64
+    let M1 = ceil(M/M0)
+    BFK[m1,m0,e] = FK[m1 * M0 + m0, e]                 # loads shared by both sums
+    BV[m1,m0,f] = V[m1 * M0 + m0, f]
+    RD[0,p] = 0
+    RV[0,p,f] = 0
+    RD_seen[0,p] = 0                                   # presence of SD (and of SV)
+    BS[m1,m0,p] = sum[e](FQ[p,e] * BFK[m1,m0,e])       # maps over m: per tile
+    SLD[m1,p] = sum[m0](BS[m1,m0,p])   where m1 * M0 + m0 <= p + M - P
+    SLV[m1,p,f] = sum[m0](BS[m1,m0,p] * BV[m1,m0,f])   where m1 * M0 + m0 <= p + M - P
+    RD[m1+1,p] = SLD[m1,p] + RD[m1,p]                  # running sums, no rescale
+    RV[m1+1,p,f] = SLV[m1,p,f] + RV[m1,p,f]
+    RD_seen[m1+1,p] = 1 + 0 * SLD[m1,p]                # 1 once a tile contributes
+    AV[p,f] = RV[M1,p,f] / RD[M1,p]   where RD_seen[M1,p] > 0
+
+A sum has no witness of its own presence (it may be 0 where present), so the
+final maps test the presence state of the reduction with the fewest ranks
+that is present exactly where the source one is, or, when the source's
+reduction is absent only if a rank is empty (no ``where``, no ragged reads),
+just ``M > 0``.  Which rank (:func:`streamable_regions`): one the pass count
+finds one-pass, symbolic, unblocked and streaming an input along it, whose
+running states hold no fiber that a later reduction contracts (``m``, not
+``e``, for ``S[p,m] = sum[e](...)`` summed over ``m``); of several, the one
+that stops the most intermediates shaped like no input (``S[p,m]``) from being
+materialised.  One rank per cascade: the backends render one loop.  Non-causal
+linear attention, ``FQ·(FK^T V)``, streams ``e``, the contraction it does last.
 """
 from __future__ import annotations
 
@@ -83,6 +122,7 @@ from .canonicalize import canonicalize
 from .defer_normalization import (Capture, Presence, conjoin, fresh_name, is_reduction,
                                   linear_terms, multiply, positive, simplify, substitute,
                                   substitute_atom, taken_names, varying)
+from .passcount import count_passes
 
 SHIFT_FUNCTIONS = ("exp", "exp2")
 
@@ -474,7 +514,8 @@ def _fresh_rank(base: str, taken: set[str]) -> str:
 
 
 def online(defn: Definition, tile: int = 64) -> Definition:
-    """The 1-pass form of every max-shifted rank that can have one (see the module doc)."""
+    """The 1-pass form of every max-shifted rank that can have one, else of one rank that
+    is reduced in one pass without a shift (see the module doc)."""
     if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
         raise ValueError(f"online: tile must be a positive integer, got {tile!r}")
     tile = int(tile)
@@ -485,7 +526,74 @@ def online(defn: Definition, tile: int = 64) -> Definition:
         region = analyze(defn, rank)
         if not region.problems:
             defn = _convert(region, tile)
+    if not defn.iterative_ranks:
+        region = next((r for r in streamable_regions(defn) if r.rank not in tried), None)
+        if region is not None:
+            defn = _convert(region, tile)
     return defn
+
+
+# --- ranks reduced in one pass without a shift ------------------------------------------
+
+
+def streamable_regions(defn: Definition) -> list[Region]:
+    """The regions of the ranks that plain running reductions can stream, best first.
+
+    A rank qualifies when the cascade makes one pass over it, it is symbolic (a tile
+    rank such as ``let M0 = 64`` is not), its region has no blocker, some reduction over
+    it streams an input along it, and no running state would carry a fiber that a later
+    reduction contracts (``QK[p,m] = sum[e](...)`` read by a sum over ``m``: streaming
+    ``e`` would keep a state of ``m``'s size).  Best is the rank whose tiling stops the
+    most *outer* intermediates from being materialised (tensors that carry the rank and
+    are not shaped like one input, like ``S[p,m]``), then declaration order.
+    """
+    passes = count_passes(defn)
+    graph = dataflow_graph(defn)
+    reductions = {st.tensor: st for st in defn.statements if is_reduction(st)}
+    ranked: list[tuple[tuple[int, int], Region]] = []
+    for order, rp in enumerate(passes.ranks):
+        if rp.constant or rp.count != 1 or not any(rp.rank in st.expr.ranks
+                                                   for st in reductions.values()):
+            continue
+        region = analyze(defn, rp.rank)
+        if region.problems or not any(_streams_input(region, st.expr.body)
+                                      for st in region.reductions.values()):
+            continue
+        if any(_contracted_later(graph, reductions, st, rp.rank)
+               for st in region.reductions.values()):
+            continue
+        outer = sum(not _input_shaped(defn, st.lhs) for st in region.maps.values())
+        ranked.append(((-outer, order), region))
+    return [region for _, region in sorted(ranked, key=lambda kr: kr[0])]
+
+
+def _contracted_later(graph: nx.DiGraph, reductions: dict[str, Einsum], st: Einsum,
+                      rank: str) -> bool:
+    """A reduction downstream of ``st`` reduces one of ``st``'s other ranks."""
+    others = set(st.lhs) - {rank}
+    return any(set(reductions[n].expr.ranks) & others
+               for n in nx.descendants(graph, st.tensor) if n in reductions)
+
+
+def _input_shaped(defn: Definition, ranks: tuple[str, ...]) -> bool:
+    return any(set(ranks) <= set(a.ranks) for a in defn.tensor_args)
+
+
+def _streams_input(region: Region, e: Expr, seen: frozenset[str] = frozenset()) -> bool:
+    """``e`` reads an argument along the region's rank, directly or through its maps."""
+    inputs = {a.name for a in region.defn.tensor_args}
+    for n in walk(e):
+        if not isinstance(n, Access):
+            continue
+        if n.tensor in inputs and any(region.rank in free_ranks(s) for s in n.subscripts):
+            return True
+        st = region.maps.get(n.tensor)
+        if st is not None and n.tensor not in seen:
+            seen = seen | {n.tensor}
+            if _streams_input(region, st.expr, seen) or (
+                    st.where is not None and _streams_input(region, st.where, seen)):
+                return True
+    return False
 
 
 def online_blockers(defn: Definition) -> list[str]:
@@ -679,7 +787,8 @@ def _final_reads(t: _Tiling, e: Expr | None) -> Expr | None:
 
 
 def _finalize(t: _Tiling, st: Statement) -> Statement:
-    guards = _guards(t, statement_reads(st), st.lhs)
+    scope = st.lhs + (st.expr.ranks if isinstance(st.expr, Reduce) else ())
+    guards = _guards(t, statement_reads(st), scope)
     where = conjoin(_final_reads(t, st.where), *guards)
     return dataclasses.replace(st, expr=_final_reads(t, st.expr), where=where)
 
@@ -691,31 +800,48 @@ def _copy(t: _Tiling, st: Einsum) -> Einsum:
     return Einsum(st.tensor, st.lhs, _final_reads(t, use), conjoin(*guards), loc=st.loc)
 
 
-def _guards(t: _Tiling, reads: list[Access], lhs: tuple[str, ...]) -> list[Expr]:
-    """Conditions that make a map absent where the source's reductions it reads were."""
+def _guards(t: _Tiling, reads: list[Access], scope: tuple[str, ...]) -> list[Expr]:
+    """Conditions that make a map absent where the source's reductions it reads were.
+
+    ``scope`` holds the index variables a guard may use: the left side, and the ranks
+    of the statement's reduction (a guard over them filters that reduction).
+    """
     states = list(dict.fromkeys(a for a in reads if a.tensor in t.region.reductions))
     covered: frozenset = frozenset()
     for acc in reads:
         if acc.tensor not in t.region.reductions:
             covered |= t.presence.access(acc)
+    candidates = states + [Access(n, _ids(st.lhs)) for n, st in t.region.reductions.items()
+                           if set(st.lhs) <= set(scope)]
     guards: list[Expr] = []
     for acc in states:
         key = t.presence.access(acc)
         if key <= covered:
             continue
-        guards.append(_witness(t, key, states, lhs) or _seen_guard(t, acc))
+        guards.append(_witness(t, key, candidates) or _extent_guard(key - covered)
+                      or _seen_guard(t, key, candidates))
         covered |= key
     return guards
 
 
-def _witness(t: _Tiling, key: frozenset, states: list[Access], lhs) -> Expr | None:
+def _witness(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr | None:
     """A test on a final state that holds exactly where ``key`` does."""
-    own = [Access(n, _ids(st.lhs)) for n, st in t.region.reductions.items() if set(st.lhs) <= set(lhs)]
     for kind in ("positive", "max", "min"):
-        for acc in states + own:
+        for acc in candidates:
             if _witness_kind(t, acc.tensor) == kind and t.presence.access(acc) == key:
                 return _test(kind, t.state(acc.tensor, "final", acc.subscripts))
     return None
+
+
+def _extent_guard(atoms: frozenset) -> Expr | None:
+    """``M > 0`` when all that is left to know is that some ranks are not empty.
+
+    An unfiltered reduction over in-range reads is present unless its extent is 0.
+    """
+    if not atoms or any(a[0] != "exists" or a[2] for a in atoms):
+        return None
+    ranks = sorted({r for a in atoms for r in a[1]})
+    return conjoin(*(Binary(">", Size(r), Num(0)) for r in ranks))
 
 
 def _witness_kind(t: _Tiling, name: str) -> str | None:
@@ -755,8 +881,14 @@ def _positive_sum(region: Region, st: Einsum) -> bool:
     return x == substitute(gm.expr.body, dict(zip(gm.lhs, gm_read.subscripts)))
 
 
-def _seen_guard(t: _Tiling, acc: Access) -> Expr:
-    """A presence state: 0, then 1 once a tile contributes to ``acc``'s reduction."""
+def _seen_guard(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr:
+    """A presence state: 0, then 1 once a tile contributes to a reduction present at ``key``.
+
+    Of the reductions present exactly there, the one with the fewest ranks keeps it
+    (``SD[p]`` rather than ``SNV[p,f]``).
+    """
+    acc = min((a for a in candidates if t.presence.access(a) == key),
+              key=lambda a: len(a.subscripts))
     name = acc.tensor
     if name not in t.seen:
         st = t.region.reductions[name]

@@ -20,6 +20,7 @@ from attnc.passes.canonicalize import canonicalize
 from attnc.passes.defer_normalization import defer_normalization
 from attnc.passes.online import online, online_blockers
 from attnc.passes.passcount import count_passes
+from attnc.passes.tile import tile_program
 from conftest import EXAMPLES as EXAMPLES_DIR
 from conftest import all_examples
 
@@ -319,8 +320,8 @@ def test_refused_cascades_are_left_alone_and_explained(name):
 
 
 @pytest.mark.parametrize("body", [
-    "AV[p,f] = sigmoid(Q[p,e] * K[m,e]) * V[m,f]",                      # no max
-    "S[p,m] = Q[p,e] * K[m,e]\n  AV[p,f] = S[p,m] * V[m,f] / max[m](S[p,m])",  # max not in exp
+    "S[p,m] = Q[p,e] * K[m,e]\n  AV[p,f] = S[p,m] * V[m,f] / max[m](S[p,m])",  # 2 passes over m
+    "S[p,m] = sigmoid(Q[p,e] * K[m,e])\n  AV[p,f] = S[p,m] / sum[m](S[p,m]) * V[m,f]",  # 2 passes
     CASCADE5,                                                            # already one-pass
 ])
 def test_noop_where_it_does_not_apply(body):
@@ -373,6 +374,7 @@ def test_every_example_through_every_pipeline_prefix(path, ref):
             assert_same(source, derived, args, **draws[0][1])
     if results["online-4"] != results["defer_normalization"]:
         assert count_passes(results["online-4"]).pass_bound == 1
+        assert tile_program(results["online-16"]).tile_size == 16
 
 
 # --- random softmax cascades --------------------------------------------------------------
@@ -414,6 +416,185 @@ def test_random_softmax_cascades(source, P, M, tile, seed):
     derived = one_pass(source, tile)
     assert online_blockers(defer_normalization(source)) == []
     assert count_passes(derived).pass_bound == 1
+    rng = np.random.default_rng(seed)
+    args = qkv(rng, P, M, batch=(2,))
+    if len(source.tensor_args) == 4:
+        args.append(rng.random(M) < 0.5)
+    assert_same(source, derived, args)
+
+
+# --- one-pass cascades without a max: plain running reductions ---------------------------
+
+SUM_ONLY_EXAMPLES = ["sigmoid.attn", "linear_causal.attn", "cosine.attn"]
+
+
+@pytest.mark.parametrize("tile", [4, 16])
+@pytest.mark.parametrize("path", SUM_ONLY_EXAMPLES)
+def test_sum_only_examples_stream_the_key_rank(path, tile):
+    source = parse_file(EXAMPLES_DIR / path).definitions[0]
+    derived = one_pass(source, tile)
+    assert count_passes(derived).pass_bound == 1
+    tp = tile_program(derived)
+    assert (tp.stream_rank, tp.loop_rank, tp.tile_size) == ("M", "M1", tile)
+    rng = np.random.default_rng(tile)
+    for P, M, batch in [(5, 37, ()), (9, 6, (2,)), (1, 1, (3, 1)), (4, 0, ())]:
+        assert_same(source, derived, qkv(rng, P, M, batch=batch))
+
+
+def test_linear_causal_golden(golden):
+    source = parse_file(EXAMPLES_DIR / "linear_causal.attn").definitions[0]
+    golden(print_ir(one_pass(source, tile=64)))
+
+
+def test_independent_sums_share_the_blocked_loads():
+    text = print_ir(one_pass(parse_file(EXAMPLES_DIR / "linear_causal.attn").definitions[0]))
+    assert text.count("= K[m1 * M0 + m0, e]") == 1 and text.count("= V[m1 * M0 + m0, f]") == 1
+    assert "RAV_sum[m1+1,p] = LAV_sum[m1,p] + RAV_sum[m1,p]" in text
+    assert "RV[m1+1,p,f] = SLV[m1,p,f] + RV[m1,p,f]" in text
+    # one presence state, on the smaller of the two sums that share the mask
+    assert "AV[p,f] = RV[M1,p,f] / RAV_sum[M1,p]   where RAV_sum_seen[M1,p] > 0" in text
+    assert "RV_seen" not in text
+
+
+def test_an_unmasked_sum_needs_only_a_nonempty_rank():
+    text = print_ir(one_pass(parse_file(EXAMPLES_DIR / "cosine.attn").definitions[0]))
+    assert "AV[p,f] = RAV[M1,p,f]   where E > 0 and M > 0" in text
+    assert "_seen" not in text
+
+
+SUM_ONLY = {
+    "max_and_min": (QKV, "(MX[P], MN[P], SS[P])", """
+      S[p,m]  = tanh(Q[p,e] * K[m,e])   where m <= p + M - P
+      MX[p]   = max[m](S[p,m])
+      MN[p]   = min[m](S[p,m] * V[m,0])
+      SS[p]   = sum[m](S[p,m])"""),
+    "key_padding": (QKV + ", KEEP[M]: bool", "AV[P,F]", """
+      S[p,m]  = sigmoid(Q[p,e] * K[m,e])   where KEEP[m]
+      AV[p,f] = S[p,m] * V[m,f] / sum[m](S[p,m])"""),
+    "where_on_the_reductions": (QKV, "AV[P,F]", """
+      S[p,m]  = relu(Q[p,e] * K[m,e]) + 0.5
+      AV[p,f] = S[p,m] * V[m,f] / sum[m](S[p,m])   where m < 2 or m > p"""),
+    "normalised_by_a_max": (QKV, "AV[P,F]", """
+      S[p,m]  = exp(Q[p,e] * K[m,e] * 0.5)
+      AV[p,f] = S[p,m] * V[m,f] / max[m](S[p,m])   where m <= p + M - P"""),
+    "state_over_e_and_f": (QKV, "(AV[P,F], KV[E,F])", """
+      S[p,m]  = sigmoid(Q[p,e] * K[m,e])   where m <= p + M - P
+      AV[p,f] = S[p,m] * V[m,f]
+      KV[e,f] = K[m,e] * V[m,f]"""),
+    "heads": ("Q[H,P,E], K[HK,M,E], V[HK,M,F]", "AV[H,P,F]", """
+      let G = H / HK
+      S[h,p,m]  = sigmoid(Q[h,p,e] * K[h // G, m, e])   where m <= p + M - P
+      AV[h,p,f] = S[h,p,m] * V[h // G, m, f]"""),
+}
+
+
+@pytest.mark.parametrize("tile", [3, 16])
+@pytest.mark.parametrize("name", sorted(SUM_ONLY))
+def test_sum_only_variant_matches_its_source(name, tile):
+    args, outs, body = SUM_ONLY[name]
+    source = spec(body, args, outs)
+    derived = one_pass(source, tile)
+    assert derived.iterative_ranks == ("M1",)
+    assert count_passes(derived).pass_bound == 1
+    tile_program(derived)
+    rng = np.random.default_rng(tile)
+    for P, M, batch in [(5, 37, ()), (9, 6, (2,)), (1, 1, ())]:
+        inputs = (variant_inputs("heads", rng, P, M, batch) if name == "heads"
+                  else qkv(rng, P, M, batch=batch))
+        if name == "key_padding":
+            inputs.append(rng.random(M) < 0.4)
+        assert_same(source, derived, inputs)
+
+
+def test_running_max_and_min_start_at_infinity():
+    args, outs, body = SUM_ONLY["max_and_min"]
+    text = print_ir(one_pass(spec(body, args, outs)))
+    for line in ("RMX[0,p] = -inf", "RMN[0,p] = inf", "RMX[m1+1,p] = max(RMX[m1,p], LMX[m1,p])",
+                 "RMN[m1+1,p] = min(RMN[m1,p], LMN[m1,p])",
+                 "MX[p] = RMX[M1,p]   where RMX[M1,p] > -inf"):
+        assert line in text
+
+
+def test_fully_masked_rows_of_a_running_sum_stay_absent():
+    source = parse_file(EXAMPLES_DIR / "sigmoid.attn").definitions[0]
+    derived = one_pass(source, tile=4)
+    rng = np.random.default_rng(0)
+    args = qkv(rng, 12, 5)
+    out = interpret(derived, *args)
+    assert np.all(out[:7] == 0) and np.all(out[7:] != 0)  # p + M - P < 0: no key visible
+    keep = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0], dtype=bool)  # tiles 1 and 3 empty
+    args, outs, body = SUM_ONLY["key_padding"]
+    assert_same(spec(body, args, outs), one_pass(spec(body, args, outs)), qkv(rng, 3, 13) + [keep])
+    assert_same(spec(body, args, outs), one_pass(spec(body, args, outs)),
+                qkv(rng, 3, 13) + [np.zeros(13, dtype=bool)])
+
+
+def test_the_rank_whose_states_stay_small_is_streamed():
+    # sigmoid: e is one-pass too, but its running state would be S_sum[p,m]
+    derived = one_pass(parse_file(EXAMPLES_DIR / "sigmoid.attn").definitions[0])
+    assert derived.iterative_ranks == ("M1",)
+    # linear attention FQ·(FK^T V) contracts e last: e streams, m is reduced per tile
+    derived = one_pass(parse_file(EXAMPLES_DIR / "linear.attn").definitions[0])
+    assert derived.iterative_ranks == ("E1",)
+    assert count_passes(derived).pass_bound == 1
+    # a small state over e does not stop m from streaming the P×M scores
+    args, outs, body = SUM_ONLY["state_over_e_and_f"]
+    assert one_pass(spec(body, args, outs)).iterative_ranks == ("M1",)
+
+
+def test_a_softmax_cascade_gets_no_second_loop():
+    derived = one_pass(spec(VARIANTS["sums_and_min_that_do_not_use_the_max"][2],
+                            outs=VARIANTS["sums_and_min_that_do_not_use_the_max"][1]))
+    assert derived.iterative_ranks == ("M1",)
+    tile_program(derived)
+
+
+SCORES = ["sigmoid({x})", "tanh({x})", "relu({x})", "abs({x})", "{x}", "exp({x} * 0.25)"]
+SUM_MASKS = ["", "m <= p + M - P", "KEEP[m]", "m < 2 or m > p", "KEEP[m] and m <= p"]
+
+
+@st.composite
+def sum_only_cascades(draw):
+    """A one-pass cascade over m with no max shift: scores, a mask, sums/maxes/mins."""
+    mask = draw(st.sampled_from(SUM_MASKS))
+    on_scores = draw(st.booleans())
+    x = draw(st.sampled_from(["Q[p,e] * K[m,e]", "Q[p,e] * K[m,e] * 0.5 + 0.1 * (p - m)"]))
+    score = draw(st.sampled_from(SCORES)).format(x=x)
+    where = f"   where {mask}" if mask else ""
+    lines = [f"S[p,m] = {score}" + (where if on_scores else "")]
+    red = "" if on_scores else where
+    kinds = draw(st.sets(st.sampled_from(["N", "D", "MX", "MN", "KS"]), min_size=1))
+    fused = "N" in kinds and "D" in kinds and draw(st.booleans())
+    if fused:  # the normaliser inside the sum: defer-normalization makes it one-pass
+        lines.append(f"D[p] = sum[m](sigmoid(S[p,m])){red}")
+        lines.append(f"AV[p,f] = S[p,m] * V[m,f] / D[p]{red}")
+        outs = ["AV[P,F]"]
+    else:
+        reductions = {"N": f"N[p,f] = sum[m](S[p,m] * V[m,f]){red}",
+                      "D": f"D[p] = sum[m](sigmoid(S[p,m])){red}",
+                      "MX": f"MX[p] = max[m](S[p,m]){red}",
+                      "MN": f"MN[p] = min[m](S[p,m] * V[m,0]){red}",
+                      "KS": "KS[f] = sum[m](V[m,f])" + (where if mask == "KEEP[m]" else "")}
+        lines += [reductions[k] for k in sorted(kinds)]
+        outs = []
+        if "N" in kinds:
+            av = "N[p,f]" + (" / D[p]" if "D" in kinds else "")
+            lines.append(f"AV[p,f] = {av}" + (" + MX[p]" if "MX" in kinds else ""))
+            outs.append("AV[P,F]")
+        outs += [f"{k}[P]" for k in ("D", "MX", "MN") if k in kinds and "N" not in kinds]
+        outs += ["MN[P]"] * ("MN" in kinds and "N" in kinds) + ["KS[F]"] * ("KS" in kinds)
+    args = QKV + (", KEEP[M]: bool" if "KEEP" in mask else "")
+    out_text = outs[0] if len(outs) == 1 else f"({', '.join(outs)})"
+    return spec("\n".join(lines), args, out_text)
+
+
+@given(sum_only_cascades(), st.integers(1, 9), st.integers(1, 40), st.sampled_from([1, 3, 4, 16]),
+       st.integers(0, 2**16))
+def test_random_sum_only_cascades(source, P, M, tile, seed):
+    derived = one_pass(source, tile)
+    assert derived.iterative_ranks == ("M1",)
+    assert count_passes(derived).pass_bound == 1
+    tile_program(derived)
     rng = np.random.default_rng(seed)
     args = qkv(rng, P, M, batch=(2,))
     if len(source.tensor_args) == 4:

@@ -38,6 +38,29 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def compile_module(module: Module, backend: str, stem: str, names=None, options=None,
+                   stop_after=None, after_each=None, fused: bool = True):
+    """Run the pipeline and render; returns (stages, files).
+
+    When the default pipeline's cost-based ``reassociate`` leaves a cascade the
+    backend cannot stream (a multi-kernel form), the one-pass form without it is
+    rendered instead: every backend gets a kernel.
+    """
+    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from ..passes.tile import NotTileable
+
+    chosen = get_backend(backend)
+    stages = run_pipeline(module, names, stop_after, after_each, options)
+    try:
+        return stages, chosen.render(stages[-1][1], stem, fused=fused)
+    except NotTileable:
+        if names is not None or stop_after is not None:
+            raise
+        fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
+        stages = run_pipeline(module, fallback, None, after_each, options)
+        return stages, chosen.render(stages[-1][1], stem, fused=fused)
+
+
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(sorted(BACKENDS))}")

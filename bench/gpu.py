@@ -35,12 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from attnc.backends import load_generated, write_atomic  # noqa: E402
+from attnc.backends import compile_module, load_generated, write_atomic  # noqa: E402
 from attnc.backends.check import random_call, random_sizes, relative_error  # noqa: E402
-from attnc.backends.triton_backend import TritonUnsupported, render_module  # noqa: E402
+from attnc.backends.triton_backend import TritonUnsupported  # noqa: E402
 from attnc.einsum_ir.interpreter import interpret  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
-from attnc.passes.pipeline import run_pipeline  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 LINES: list[str] = []
@@ -57,11 +56,13 @@ def say(text: str = "") -> None:
         f.write(text + "\n")
 
 
-def compile_triton(spec: Path, tile: int, tmp: Path):
+def compile_triton(spec: Path, tile: int, tmp: Path, workers: int | None = None):
     module = parse_file(spec)
-    final = run_pipeline(module, None, options={"tile": tile})[-1][1]
-    path = tmp / f"{spec.stem}_t{tile}.py"
-    write_atomic(path, render_module(final, spec.name))
+    names = None if workers is None else [
+        "canonicalize", "defer-normalization", "reassociate", "online", "split-k"]
+    _, files = compile_module(module, "triton", spec.stem, names, {"tile": tile, "workers": workers})
+    path = tmp / f"{spec.stem}_t{tile}_w{workers}.py"
+    write_atomic(path, files[f"{spec.stem}.py"])
     return module, load_generated(path)
 
 

@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 
 from .. import __version__
-from ..backends import get_backend, load_generated, write_atomic
+from ..backends import compile_module, get_backend, load_generated, write_atomic
+from ..passes.tile import NotTileable
 from ..einsum_ir.diagnostics import SpecError
 from ..einsum_ir.ir import Module
 from ..einsum_ir.printer import print_module
@@ -48,7 +49,9 @@ def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
     names = _pass_list(getattr(args, "passes", None))
     if getattr(args, "O0", False) and names is None:
         names = ["canonicalize"]
-    options = {"tile": getattr(args, "tile", None)}
+    options = {"tile": getattr(args, "tile", None), "workers": getattr(args, "workers", None)}
+    if getattr(args, "size", None):
+        options["sizes"] = _parse_sizes(args.size)
     try:
         return run_pipeline(module, names, getattr(args, "stop_after", None), echo, options)
     except ValueError as err:
@@ -70,12 +73,10 @@ def cmd_compile(args) -> int:
             print(f"# ---- after {name} ----")
             print(print_module(mod))
 
-    final = _pipeline(module, args, echo)[-1][1]
     if args.emit == "ir":
-        print(print_module(final), end="")
+        print(print_module(_pipeline(module, args, echo)[-1][1]), end="")
         return 0
-    backend = _backend(args.backend)
-    files = backend.render(final, Path(args.spec).stem, fused=not args.O0)
+    _, files = _compile(module, args, echo)
     if args.emit == "code":
         for text in files.values():
             print(text, end="")
@@ -87,23 +88,39 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_to_temp(spec: str, module: Module, backend_name: str, tmp: str, fused: bool = True):
-    backend = _backend(backend_name)
-    stem = Path(spec).stem
-    files = backend.render(module, stem, fused=fused)
+def _compile(module: Module, args, echo=None):
+    """(stages, files) for the spec's backend, through the requested pipeline."""
+    _backend(args.backend)
+    names = _pass_list(getattr(args, "passes", None))
+    if getattr(args, "O0", False) and names is None:
+        names = ["canonicalize"]
+    options = {"tile": getattr(args, "tile", None), "workers": getattr(args, "workers", None)}
+    if getattr(args, "size", None):
+        options["sizes"] = _parse_sizes(args.size)
+    try:
+        return compile_module(module, args.backend, Path(args.spec).stem, names, options,
+                              getattr(args, "stop_after", None), echo,
+                              fused=not getattr(args, "O0", False))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except NotTileable as err:
+        raise UsageError(f"the {args.backend} backend cannot compile this spec: {err}") from None
+
+
+def _compile_to_temp(spec: str, module: Module, args, tmp: str):
+    _, files = _compile(module, args)
     for name, text in files.items():
         write_atomic(Path(tmp) / name, text)
-    return load_generated(Path(tmp) / f"{stem}.py")
+    return load_generated(Path(tmp) / f"{Path(spec).stem}.py")
 
 
 def cmd_check(args) -> int:
     from ..backends.check import check_definition
 
     module = parse_file(args.spec)
-    final = _pipeline(module, args)[-1][1]
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        generated = _compile_to_temp(args.spec, final, args.backend, tmp, not args.O0)
+        generated = _compile_to_temp(args.spec, module, args, tmp)
         for defn in module.definitions:
             rows = check_definition(defn, getattr(generated, defn.name), args.seed)
             worst: dict[str, float] = {}
@@ -148,12 +165,11 @@ def cmd_run(args) -> int:
     from ..einsum_ir.sizes import evaluate_lets
 
     module = parse_file(args.spec)
-    final = _pipeline(module, args)[-1][1]
     given = _parse_sizes(args.size)
     rng = np.random.default_rng(args.seed)
     np.set_printoptions(precision=4, suppress=True, linewidth=100)
     with tempfile.TemporaryDirectory() as tmp:
-        generated = _compile_to_temp(args.spec, final, args.backend, tmp)
+        generated = _compile_to_temp(args.spec, module, args, tmp)
         for defn in module.definitions:
             ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
             unknown = set(given) - set(ranks)
@@ -192,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
             sp.add_argument("--stop-after", dest="stop_after", help="stop after this pass")
             sp.add_argument("--tile", type=int, help="tile size of the streamed rank (online pass)")
+            sp.add_argument("--workers", type=int, help="workers of the split-k / stream-k passes")
             sp.add_argument("-O0", dest="O0", action="store_true",
                             help="no optimisation: the per-Einsum form of the canonical cascade")
 
@@ -200,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default=".", help="output folder (default: .)")
     c.add_argument("--emit", choices=("ir", "code"), help="print the IR or the code instead of writing")
     c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    c.add_argument("--size", help="size assumptions for cost decisions, e.g. M=8192,E=128")
     c.set_defaults(fn=cmd_compile)
 
     k = sub.add_parser("check", help="compare the compiled code with the interpreter")

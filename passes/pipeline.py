@@ -13,6 +13,8 @@ from ..einsum_ir.ir import Definition, Module
 from .canonicalize import canonicalize
 from .defer_normalization import defer_normalization
 from .online import online
+from .reassociate import reassociate
+from .split_k import split_k, split_k_blockers, stream_k
 
 Pass = Callable[[Definition], Definition]
 
@@ -33,10 +35,22 @@ PASSES: dict[str, Stage] = {
     "canonicalize": Stage("canonicalize", canonicalize, "one reduction per Einsum, at its root"),
     "defer-normalization": Stage("defer-normalization", defer_normalization,
                                  "move reduction-invariant normalizers out of reductions"),
+    "reassociate": Stage("reassociate", reassociate,
+                         "cheapest contraction order of softmax-free chains", ("sizes", "tile")),
     "online": Stage("online", online, "derive the one-pass (online softmax) cascade", ("tile",)),
+    "split-k": Stage("split-k", lambda d, workers=2: _when_splittable(split_k, d, workers),
+                     "split the streamed loop over workers, merge with the derived combine",
+                     ("workers",)),
+    "stream-k": Stage("stream-k", lambda d, workers=2: _when_splittable(stream_k, d, workers),
+                      "balanced shares of the (unit, tile) space over workers", ("workers",)),
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "online")
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "reassociate", "online")
+
+
+def _when_splittable(split, defn: Definition, workers: int) -> Definition:
+    """Split definitions whose loop has a derivable combine; leave the others as they are."""
+    return defn if split_k_blockers(defn) else split(defn, workers)
 
 
 def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:

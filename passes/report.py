@@ -86,8 +86,16 @@ def stage_report(after: str, defn: Definition, sizes: Mapping[str, int] | None) 
         "footprint": {"elements": _quantity(costs.footprint_elements, known),
                       "bytes": _quantity(costs.footprint_bytes, known)},
         "fusion": [_group_entry(g) for g in groups],
+        "online_blockers": _online_blockers(defn) if analysis.pass_bound > 1 else [],
         "cascade": print_definition(canonical),
     }
+
+
+def _online_blockers(defn: Definition) -> list[str]:
+    """Why the online pass cannot make this stage one-pass (its own explanation)."""
+    from .online import online_blockers
+
+    return online_blockers(defn)
 
 
 def _quantity(expr: sympy.Expr, known: Mapping[str, int]) -> dict:
@@ -193,6 +201,8 @@ def _render_stage(name: str, stage: dict, sizes: Mapping[str, int]) -> str:
         if r["chain"]:
             lines += ["", f"dependencies over {r['rank']}:"]
             lines += _indent([d["text"] for d in r["chain"]])
+    if stage.get("online_blockers"):
+        lines += ["", "not one-pass because:"] + _indent(stage["online_blockers"])
     lines += ["", "einsums:"] + _indent(_table(_einsum_header(stage), _einsum_rows(stage)))
     lines += ["", "totals:"] + _indent(_table(["", "", ""], _total_rows(stage), show_header=False))
     lines += ["", "fusion groups" + (f" over {bound}:" if bound else ":")]

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The Triton backend is tested on CPU tensors through Triton's interpreter; the
+# variable must be set before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

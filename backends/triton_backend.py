@@ -147,7 +147,14 @@ def classify_ranks(tp: TileProgram, statements) -> Ranks:
             if isinstance(acc, Access) and acc.tensor in inputs:
                 used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
                 (in_streamed if acc.tensor in streamed else in_other).update(used)
-    grid = [r for r in state_ranks if r in in_streamed and r in in_other]
+    selectors = set()  # ranks that choose *which* keys stream (w in K[(w*MT + mt)*M0 + m0])
+    for st in statements:
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in streamed:
+                for sub in acc.subscripts:
+                    if not isinstance(sub, Index) and tp.loop_rank in free_ranks(sub):
+                        selectors |= free_ranks(sub) - {tp.loop_rank, tp.tile_rank}
+    grid = [r for r in state_ranks if (r in in_streamed and r in in_other) or r in selectors]
     rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
     guard_ranks = set()
     for _, gs in tp.guards:
@@ -177,6 +184,8 @@ class KernelRenderer:
     count: int = 0
     memo: dict = field(default_factory=dict)
 
+    ranks: Ranks | None = None
+
     def __post_init__(self):
         self.hoisted: list[str] = []
         self.hoisted_memo: dict = {}
@@ -187,7 +196,8 @@ class KernelRenderer:
                                               where=None if s.where is None else
                                               _expand_loads(s.where, self.loads))
                           for s in self.body)
-        self.ranks = classify_ranks(self.tp, self.body)
+        if self.ranks is None:
+            self.ranks = classify_ranks(self.tp, self.body)
         self.values: dict[str, TVal] = {}     # tensor -> register value (this tile / prologue)
         self.state_prev: dict[str, TVal] = {}
         self.inputs = {a.name: a for a in self.defn.tensor_args}
@@ -695,6 +705,10 @@ class KernelRenderer:
             self.statement(st)
         for st in self.tp.inits:
             self.statement(st)
+        if self.tp.loop_rank is None:  # a kernel without a streamed loop
+            for st in self.tp.epilogue:
+                self.statement(st)
+            return self.lines
         lo, hi = self.tile_bounds()
         self.emit(f"tile_lo = {lo}")
         self.emit(f"tile_hi = {hi}")
@@ -790,28 +804,48 @@ MAX_BATCH_DIMS = 4
 
 
 @dataclass
-class KernelSpec:
-    """Everything the module template needs for one definition."""
+class KernelPart:
+    """One ``@triton.jit`` kernel of a definition."""
 
-    name: str
     kernel: str
-    args: list            # (pyname, name, ranks, dtype)
-    outputs: list         # (pyname, name, ranks, dtype)
-    sizes: list           # rank names passed to the kernel (inputs, then lets)
-    lets: list            # (pyname, code, text)
-    params: list          # (pyname, name, default code or None)
-    signature: str
+    args: list            # (pyname, name, ranks)
+    outputs: list         # (pyname, name, ranks, workspace?)
+    sizes: list           # every rank size the kernel takes
+    params: list          # pynames of the scalar parameters
     row: str | None
     grid: tuple
     vector: tuple
     tile: str | None
     tile_size: int | None
     body: list
+
+
+@dataclass
+class Variant:
+    """A way to compute a definition: kernels in order, with their workspace."""
+
+    kernels: list
+    lets: list            # (pyname, code, text); a split's worker count is chosen at launch
+    split: str | None     # the worker rank of a split-K variant
+    loop_size: str | None  # the tile count the split divides
+
+
+@dataclass
+class KernelSpec:
+    """Everything the module template needs for one definition."""
+
+    name: str
+    args: list            # (pyname, name, ranks, dtype)
+    outputs: list         # (pyname, name, ranks, dtype)
+    params: list          # (pyname, name, default code or None)
+    signature: str
     doc: str
     input_ranks: list
+    variants: list
 
 
-def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
+def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
+    """The kernel's Python body: program ids, offsets, the statements, the stores."""
     r = kr.ranks
     defn = kr.defn
     pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"]
@@ -820,7 +854,7 @@ def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
         pre += [f"b{k} = pid % NB{k}", f"pid = pid // NB{k}"]
     pre.append("b0 = pid")
-    tensors = [a.name for a in defn.tensor_args] + [o.name for o in defn.outputs]
+    tensors = [a.name for a in defn.tensor_args] + [o.name for o in outputs]
     for t in tensors:
         pre.append(f"boff_{t} = " + " + ".join(f"b{k} * stride_{t}_b{k}" for k in range(MAX_BATCH_DIMS)))
     for v in r.vector:
@@ -834,7 +868,11 @@ def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
             pre.append(f"rng_{v.lower()} = offs_{v.lower()} < {pyname(v)}")
     body = kr.render()
     post = []
-    for o in spec_outputs:
+    for o in outputs:
+        if o.name not in kr.values:
+            raise TritonUnsupported(f"{o.name} is not computed in the kernel")
+        if r.row is not None and r.row not in o.ranks:
+            raise TritonUnsupported(f"output {o.name} does not have the row rank {r.row}")
         val = kr.values[o.name]
         layout = kr.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
         code = kr.expand(val.code, val.layout, layout)
@@ -845,6 +883,8 @@ def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
             code = f"tl.where({present}, {code}, 0.0)"
         offset = []
         for k, rank in enumerate(o.ranks):
+            if rank not in r.vector and rank not in r.grid:
+                raise TritonUnsupported(f"output {o.name} has rank {rank}, not in the grid")
             idx, lay = kr.index_code(rank, ())
             offset.append(f"{kr.expand(idx, lay, layout)} * stride_{o.name}_{k}")
         ranges = [Term(f"rng_{x.lower()}", (x,)) for x in layout]
@@ -854,37 +894,105 @@ def _kernel_lines(kr: KernelRenderer, spec_outputs) -> list[str]:
     return pre + body + post
 
 
-def _check_outputs(kr: KernelRenderer) -> None:
-    r = kr.ranks
-    for o in kr.defn.outputs:
-        if r.row is not None and r.row not in o.ranks:
-            raise TritonUnsupported(f"output {o.name} does not have the row rank {r.row}")
-        for rank in o.ranks:
-            if rank not in r.vector and rank not in r.grid:
-                raise TritonUnsupported(f"output {o.name} has rank {rank}, not in the grid")
-        if o.name not in kr.values:
-            raise TritonUnsupported(f"output {o.name} is not computed in the kernel")
+def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> KernelPart:
+    defn = kr.defn
+    lines = _kernel_lines(kr, outputs)
+    sizes = list(dict.fromkeys([r for a in defn.tensor_args for r in a.ranks]
+                               + [let.name for let in defn.lets]))
+    return KernelPart(
+        kernel=kernel, args=[(pyname(a.name), a.name, list(a.ranks)) for a in defn.tensor_args],
+        outputs=[(pyname(o.name), o.name, list(o.ranks), o.name in workspace) for o in outputs],
+        sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params],
+        row=kr.ranks.row, grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
+        tile_size=kr.tp.tile_size, body=lines)
 
 
-def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
-    kr = KernelRenderer(tp)
-    lines = _kernel_lines(kr, defn.outputs)
-    _check_outputs(kr)
-    input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
+def _final_reads(e: Expr, states: dict[str, str], defn: Definition) -> Expr:
+    """``T[.., I, ..]`` (a state's final step) -> ``T[.., ..]`` (the workspace tensor)."""
+    from ..einsum_ir.exprs import transform
+
+    def fix(n):
+        if isinstance(n, Access) and n.tensor in states:
+            pos = defn.tensor_ranks(n.tensor).index(states[n.tensor])
+            return Access(n.tensor, n.subscripts[:pos] + n.subscripts[pos + 1:], loc=n.loc)
+        return None
+    return transform(e, fix)
+
+
+def _combine_program(tp: TileProgram, k1: Ranks) -> tuple[TileProgram, Ranks, list]:
+    """The epilogue as a kernel of its own, reading the final states from a workspace."""
+    from ..einsum_ir.ir import Output, TensorArg
+
+    d = tp.cascade
+    states = {st.tensor: st.iter_rank for st in tp.inits}
+    workspace = [Output(t, tuple(r for r in d.tensor_ranks(t) if r != states[t])) for t in states]
+    args = tuple(TensorArg(o.name, o.ranks) for o in workspace) + d.tensor_args
+    statements = tuple(dataclasses.replace(st, expr=_final_reads(st.expr, states, d),
+                                           where=None if st.where is None else
+                                           _final_reads(st.where, states, d))
+                       for st in tp.epilogue)
+    defn2 = dataclasses.replace(d, name=d.name + "_combine", params=args + d.scalar_params,
+                                statements=statements)
+    tp2 = TileProgram(name=defn2.name, cascade=defn2, prologue=statements, loop_rank=None,
+                      tile_rank=None, tile_size=None, stream_rank=None, inits=(), body=(),
+                      epilogue=(), kept=frozenset(), guards=(), row_rank=None)
+    reduced = {r for st in statements for red in walk(st.expr) if isinstance(red, Reduce)
+               for r in red.ranks}
+    grid = tuple(g for g in k1.grid if g not in reduced)
+    every = []
+    for st in statements:
+        for r in list(st.lhs) + sorted(free_ranks(st.expr)) + sorted(reduced):
+            if r not in every:
+                every.append(r)
+    vector = tuple(r for r in [k1.row] + every if r and r not in grid)
+    vector = tuple(dict.fromkeys(vector))
+    return tp2, Ranks(k1.row, None, None, grid, vector), workspace
+
+
+def build_variant(defn: Definition, tag: str) -> Variant:
+    """The kernels for one cascade: one, or a streamed kernel plus a combine kernel."""
+    tp = tile_program(defn)
+    kr = KernelRenderer(dataclasses.replace(tp, epilogue=()))
+    reduced = {r for st in tp.epilogue for red in walk(st.expr) if isinstance(red, Reduce)
+               for r in red.ranks}
     lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
+    name = pyname(defn.name)
+    if not reduced & set(kr.ranks.grid):
+        kr = KernelRenderer(tp)
+        return Variant([_part(kr, f"_{name}_{tag}kernel", list(defn.outputs), set())], lets, None,
+                       tp.loop_rank)
+    from ..einsum_ir.ir import Output
+
+    tp2, ranks2, workspace = _combine_program(tp, kr.ranks)
+    first = _part(kr, f"_{name}_{tag}kernel", workspace, {w.name for w in workspace})
+    second = _part(KernelRenderer(tp2, ranks=ranks2), f"_{name}_{tag}combine_kernel",
+                   [Output(o.name, o.ranks) for o in defn.outputs], set())
+    split = next((r for r in kr.ranks.grid if r in reduced), None)
+    return Variant([first, second], lets, split, tp.loop_rank)
+
+
+def kernel_spec(defn: Definition) -> KernelSpec:
+    """The launcher's spec: the streamed variant, and a split-K variant for decode shapes."""
+    from ..passes.split_k import split_k, split_k_blockers
+
+    variants = [build_variant(defn, "")]
+    if variants[0].split is None and not split_k_blockers(defn):
+        try:
+            variants.append(build_variant(split_k(defn, 2), "split_"))
+        except NotTileable:
+            pass
     params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None)
               for p in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:
         sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
     return KernelSpec(
-        name=pyname(defn.name), kernel=f"_{pyname(defn.name)}_kernel",
+        name=pyname(defn.name),
         args=[(pyname(a.name), a.name, list(a.ranks), a.dtype) for a in defn.tensor_args],
         outputs=[(pyname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
-        sizes=input_ranks + [let.name for let in defn.lets], lets=lets, params=params,
-        signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid,
-        vector=kr.ranks.vector, tile=kr.ranks.tile, tile_size=tp.tile_size, body=lines,
-        doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
+        params=params, signature=", ".join(sig), doc=print_definition(defn).rstrip(),
+        input_ranks=list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks)),
+        variants=variants)
 
 
 def _environment() -> jinja2.Environment:
@@ -898,10 +1006,11 @@ def render_module(module: Module, source_name: str) -> str:
     specs = []
     for d in module.definitions:
         try:
-            tp = tile_program(d)
+            specs.append(kernel_spec(d))
+        except TritonUnsupported:
+            raise
         except NotTileable as err:
             raise TritonUnsupported(f"{d.name}: {err}") from None
-        specs.append(kernel_spec(d, tp))
     stem = Path(source_name).stem
     return _environment().get_template("module.py.jinja").render(
         version=__version__, source=source_name, specs=specs, names=[s.name for s in specs],

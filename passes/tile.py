@@ -25,13 +25,14 @@ for affine conditions, on the grid for data-dependent ones — and skips the row
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
 
 from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, IterativeEinsum, Num, Reduce,
-                            Statement, Unary, index_var)
+from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, Index, IterativeEinsum, Num,
+                            Reduce, Size, Statement, Unary, index_var)
 from ..einsum_ir.printer import print_expr, print_size, print_statement
 from ..einsum_ir.schedule import Loop, schedule
 
@@ -117,8 +118,114 @@ def _reads(st: Statement) -> set[str]:
     return out
 
 
+def _replace_index(e: Expr, rank: str, value: Expr) -> Expr:
+    from ..einsum_ir.exprs import transform
+    from ..einsum_ir.ir import Index
+
+    return transform(e, lambda n: value if isinstance(n, Index) and n.rank == rank else None)
+
+
+def _tile_reads(defn: Definition, loop) -> tuple[str, Expr] | None:
+    """(rank, index) when the loop reads a per-tile tensor at a computed tile index."""
+    found = None
+    body = {s.tensor for s in loop.body}
+    before = {s.tensor: s for s in defn.statements if s.tensor not in body and isinstance(s, Einsum)}
+    for st in loop.body:
+        for acc in (n for n in walk(st.expr) if isinstance(n, Access) and n.tensor in before):
+            for sub, rank in zip(acc.subscripts, before[acc.tensor].lhs):
+                if loop.rank in free_ranks(sub) and sub != Index(loop.rank):
+                    if found is not None and found != (rank, sub):
+                        raise NotTileable("per-tile tensors are read at two different tile indices")
+                    found = (rank, sub)
+    return found
+
+
+def reindex_tile_reads(defn: Definition) -> Definition:
+    """Re-index per-tile tensors that the loop reads at a computed tile index.
+
+    Split-K's workers read the tensors computed per tile before the loop at
+    their own tile ``w*MT + mt``; re-indexed by ``(w, mt)`` they become part of
+    the loop and are computed one tile at a time.  Before → after::
+
+        BQK[m1,m0,p] = sum[e](Q[p,e] * BK[m1,m0,e])
+        SLN[w,mt,m0,p] = exp(BQK[w * MT + mt, m0, p] - RM[w, mt + 1, p])
+        ->
+        BQK[w,mt,m0,p] = sum[e](Q[p,e] * BK[w,mt,m0,e])   where w * MT + mt < M1
+        SLN[w,mt,m0,p] = exp(BQK[w,mt,m0,p] - RM[w, mt + 1, p])
+    """
+    steps = schedule(defn)
+    loops = [s for s in steps if isinstance(s, Loop)]
+    if len(loops) != 1:
+        return defn
+    hit = _tile_reads(defn, loops[0])
+    if hit is None:
+        return defn
+    rank, index = hit
+    new_ranks = tuple(dict.fromkeys(r for r in _ranks_in_order(index)))
+    carried = {s.tensor: s for s in defn.statements
+               if isinstance(s, Einsum) and rank in s.lhs and s.tensor not in
+               {b.tensor for b in loops[0].body}}
+
+    def reread(e: Expr) -> Expr:
+        from ..einsum_ir.exprs import transform
+
+        def fix(n):
+            if isinstance(n, Access) and n.tensor in carried:
+                pos = carried[n.tensor].lhs.index(rank)
+                if n.subscripts[pos] != index:
+                    raise NotTileable(f"{n.tensor} is read at another tile index")
+                subs = n.subscripts[:pos] + tuple(Index(r) for r in new_ranks) + n.subscripts[pos + 1:]
+                return Access(n.tensor, subs, loc=n.loc)
+            return None
+        return transform(e, fix)
+
+    statements = []
+    for st in defn.statements:
+        if st.tensor in carried:
+            pos = st.lhs.index(rank)
+            lhs = st.lhs[:pos] + new_ranks + st.lhs[pos + 1:]
+            raw = _replace_index(st.expr, rank, index)
+            expr = reread(raw)
+            where = None if st.where is None else reread(_replace_index(st.where, rank, index))
+            if not _absent_past_the_end(defn, raw, rank, index, set(carried)):
+                inside = Binary("<", index, Size(rank))
+                where = inside if where is None else Binary("and", where, inside)
+            statements.append(dataclasses.replace(st, lhs=lhs, expr=expr, where=where))
+        else:
+            statements.append(dataclasses.replace(
+                st, expr=reread(st.expr), where=None if st.where is None else reread(st.where)))
+    return dataclasses.replace(defn, statements=tuple(statements))
+
+
+def _absent_past_the_end(defn: Definition, e: Expr, rank: str, index: Expr, carried) -> bool:
+    """Whether ``e`` is absent for tiles ``index >= rank``: it reads a per-tile tensor, or
+    an input at ``index * T + t`` where ``rank = ceil(N / T)`` and N is that input's dim."""
+    from ..einsum_ir.ir import size_symbol
+
+    let = next((x for x in defn.lets if x.name == rank), None)
+    inputs = {a.name: a for a in defn.tensor_args}
+    for acc in (n for n in walk(e) if isinstance(n, Access)):
+        if acc.tensor in carried:
+            return True
+        if acc.tensor not in inputs or let is None:
+            continue
+        for sub, dim in zip(acc.subscripts, inputs[acc.tensor].ranks):
+            if (isinstance(sub, Binary) and sub.op == "+" and isinstance(sub.left, Binary)
+                    and sub.left.op == "*" and sub.left.left == index
+                    and isinstance(sub.left.right, Size) and isinstance(sub.right, Index)
+                    and sub.right.rank == sub.left.right.rank
+                    and let.value == sympy.ceiling(size_symbol(dim) / size_symbol(sub.left.right.rank))):
+                return True
+    return False
+
+
+def _ranks_in_order(e: Expr) -> list[str]:
+    return [n.rank for n in walk(e) if isinstance(n, Index)]
+
+
 def tile_program(defn: Definition) -> TileProgram:
     """Lower a one-pass cascade (one iterative loop) to a tile program."""
+    defn = reindex_tile_reads(defn)
     steps = schedule(defn)
     loops = [s for s in steps if isinstance(s, Loop)]
     if not loops:

@@ -1,0 +1,1073 @@
+"""The CUDA C++ backend: one ``__global__`` kernel per tile program, plus a torch launcher.
+
+Like the Triton backend, the kernel is rendered from the tile program (no
+FlashAttention template with hooks), and it reuses that backend's analysis:
+the rank roles of ``classify_ranks`` (row / tile / grid / vector ranks), the
+blocked copies turned into loads, and presence terms that make absent elements
+follow the contract.  What differs is how a block value lives on the GPU:
+
+* one thread block of ``ATTNC_THREADS`` threads owns ``BLOCK_<row>`` rows of
+  one batch element and one value of each grid rank, and loops over the live
+  key tiles (``tile_lo_ .. tile_hi_``, from the update guards);
+* loads become shared-memory tiles (coalesced, bounds-checked, zero-filled);
+  loop-invariant ones (the query block) are loaded once, before the loop;
+* a statement is rendered as a C expression over *index variables*
+  (``i_p``, ``i_m0``, ...) and evaluated by an element-wise loop in which
+  thread ``t`` owns elements ``t, t + T, t + 2T, ...`` of a block; the online
+  state uses that same mapping, so it stays in registers (``r_rnv[k_]``) and
+  is mirrored to shared memory only where another loop shape reads it;
+* a sum over one rank of two 2-D operands (``Q·Kᵀ``, ``P·V``) runs on tensor
+  cores (``nvcuda::wmma`` 16×16×16, f16/bf16 in, f32 accumulate); an operand
+  that is not a loaded tile is first converted into a 16-bit shared tile;
+* other reductions use one warp per output element (shuffle reductions), and
+  compute "some point present" alongside the value when presence needs it;
+* a value's presence is a conjunction of boolean terms (ranges, in-bounds
+  tests, ``where`` filters, "any" buffers of reductions); an update not
+  computed carries the state, absent outputs are stored as 0.
+
+Before → after (one statement)::
+
+    SLD[m1,p] = sum[m0](SLN[m1,m0,p])
+    ->
+    for (int o_ = warp_; o_ < BLOCK_P; o_ += ATTNC_WARPS) {
+      const int i_p = o_;
+      float acc_ = 0.0f;
+      for (int j_ = lane_; j_ < BLOCK_M0; j_ += ATTNC_WARP) {
+        const int i_m0 = j_;
+        if (((row0_ + i_p) < P) && (...where...) && (...in bounds...)) acc_ += s_sln[...];
+      }
+      acc_ = attnc_warp_sum(acc_);
+      if (lane_ == 0) s_sum_7[i_p] = acc_;
+    }
+
+The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
+(one thread per block, scalar matrix products): the launcher runs it on CPU
+tensors under ``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated
+indexing, masks and tile bounds against the interpreter without a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import sympy
+
+from .. import __version__
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
+from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
+from .numpy_backend import pyname, size_code
+from .triton_backend import (Term, _expand_loads, _factors, _inline_loads, _integer_affine,
+                             _merge_terms, _sign, classify_ranks)
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
+MAX_BATCH_DIMS = 4
+ALIGN = 128            # bytes: every shared buffer starts on this boundary
+ROW_BLOCKS = (64, 32, 16)
+
+_C_KEYWORDS = frozenset("""
+auto break case char const continue default do double else enum extern float for goto if inline
+int long register restrict return short signed sizeof static struct switch typedef union unsigned
+void volatile while bool true false class namespace template typename this new delete operator
+private public protected virtual friend using catch try throw constexpr nullptr""".split())
+
+# element types of shared buffers: C type -> (bytes, skew of the last dim)
+_ELEM = {"scalar_t": ("sizeof(scalar_t)", 8), "float": ("4", 4), "uint8_t": ("1", 0),
+         "int32_t": ("4", 0), "int64_t": ("8", 0), "bool": ("1", 0), "double": ("8", 0),
+         "__half": ("2", 0), "__nv_bfloat16": ("2", 0)}
+_DTYPE_C = {"f32": "float", "f64": "double", "i32": "int32_t", "i64": "int64_t", "bool": "bool",
+            "f16": "__half", "bf16": "__nv_bfloat16"}
+_STATE_REF = re.compile(r"\$S\{(\w+)\}")
+
+
+class CudaUnsupported(NotTileable):
+    """The tile program uses something this renderer cannot express (the message says what)."""
+
+
+def cname(name: str) -> str:
+    """A user name as a C identifier that cannot collide with the kernel's own (``x_`` names)."""
+    if name in _C_KEYWORDS or name.endswith("_") or name.startswith("attnc") or name == "a":
+        return f"{name}_u"
+    return name
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A shared-memory array over ``layout`` (row-major, the last dim skewed)."""
+
+    name: str
+    layout: tuple[str, ...]
+    ctype: str
+    region: str          # "main" (before and in the loop) or "post" (after it)
+
+
+@dataclass(frozen=True)
+class CVal:
+    """A value: a C expression over the index variables of ``layout``, with presence terms."""
+
+    code: str
+    layout: tuple[str, ...]
+    terms: tuple[Term, ...] = ()
+    loaded: bool = False          # a direct load: zero wherever it is absent
+    is_bool: bool = False
+    buf: Buffer | None = None     # the 16-bit tile it was loaded into (a tensor-core operand)
+
+
+def _conj(codes) -> str | None:
+    codes = list(dict.fromkeys(c for c in codes if c))
+    if not codes:
+        return None
+    return codes[0] if len(codes) == 1 else "(" + " && ".join(codes) + ")"
+
+
+def _float_literal(v: float) -> str:
+    text = format_number(float(v))
+    if text in ("inf", "-inf"):
+        return "INFINITY" if text == "inf" else "(-INFINITY)"
+    if "e" not in text and "." not in text:
+        text += ".0"
+    return text + "f"
+
+
+@dataclass
+class KernelRenderer:
+    """Renders one tile program as the body of a CUDA kernel (lines of C++)."""
+
+    tp: TileProgram
+    lines: list[str] = field(default_factory=list)
+    count: int = 0
+    memo: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.defn = self.tp.cascade
+        self.loads, body = _inline_loads(self.tp)
+        self.body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, self.loads),
+                                              where=None if s.where is None else
+                                              _expand_loads(s.where, self.loads))
+                          for s in body)
+        self.ranks = classify_ranks(self.tp, self.body)
+        self.inputs = {a.name: a for a in self.defn.tensor_args}
+        self.values: dict[str, CVal] = {}
+        self.state_layout: dict[str, tuple[str, ...]] = {}
+        self.buffers: dict[str, Buffer] = {}
+        self.used_in: dict[str, set[str]] = {}
+        self.hoisted: list[str] = []
+        self.hoisted_memo: dict = {}
+        self.in_loop = False
+        self.phase = "pre"
+        self.dirty = False
+        self.indent = 1
+        self.uses = self._count_uses()
+        self.check_supported()
+
+    # --- helpers --------------------------------------------------------------------
+    def new(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("  " * self.indent + line if line else "")
+
+    def canon(self, ranks) -> tuple[str, ...]:
+        s = set(ranks)
+        return tuple(r for r in self.ranks.vector if r in s)
+
+    def block(self, r: str) -> str:
+        return f"BLOCK_{r}"
+
+    def size(self, r: str) -> str:
+        return cname(r)
+
+    def ivar(self, r: str) -> str:
+        return f"i_{r.lower()}"
+
+    def count_code(self, layout) -> str:
+        return " * ".join(self.block(r) for r in layout) or "1"
+
+    def _count_uses(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for st in self.body + self.tp.epilogue + self.tp.prologue:
+            for e in (st.expr, st.where):
+                for n in walk(e) if e is not None else ():
+                    if isinstance(n, Access):
+                        out[n.tensor] = out.get(n.tensor, 0) + 1
+        for o in self.defn.outputs:
+            out[o.name] = out.get(o.name, 0) + 1
+        return out
+
+    def check_supported(self):
+        vec = set(self.ranks.vector)
+        for st in self.body + self.tp.epilogue + self.tp.prologue:
+            for red in walk(st.expr):
+                if isinstance(red, Reduce) and not set(red.ranks) <= vec:
+                    raise CudaUnsupported(f"reduction over a grid rank in {st.tensor}")
+        if len(self.ranks.vector) > 4:
+            raise CudaUnsupported(f"{len(self.ranks.vector)} vector ranks "
+                                  f"({', '.join(self.ranks.vector)}); at most 4 fit in shared memory")
+        if self.ranks.tile is not None and (self.tp.tile_size or 0) % 16:
+            raise CudaUnsupported(f"tile size {self.ranks.tile} = {self.tp.tile_size} is not a "
+                                  f"multiple of 16 (tensor-core tiles)")
+        for st in self.tp.epilogue:
+            for n in walk(st.expr):
+                if isinstance(n, Access) and n.tensor in self.tp.local | self.tp.kept and \
+                        n.tensor not in self.tp.state:
+                    raise CudaUnsupported(f"{st.tensor} reads the loop's {n.tensor} after the loop")
+
+    # --- shared buffers -----------------------------------------------------------------
+    def buffer(self, prefix: str, layout, ctype: str) -> Buffer:
+        region = "post" if self.phase == "post" else "main"
+        buf = Buffer(self.new(f"s_{prefix}"), tuple(layout), ctype, region)
+        self.buffers[buf.name] = buf
+        self.used_in[buf.name] = {self.phase}
+        return buf
+
+    def at(self, buf: Buffer) -> str:
+        """The element of ``buf`` at the current index variables."""
+        self.used_in[buf.name].add(self.phase)
+        lay = buf.layout
+        if not lay:
+            return f"{buf.name}[0]"
+        lin = self.ivar(lay[0])
+        for r in lay[1:-1]:
+            lin = f"({lin}) * {self.block(r)} + {self.ivar(r)}"
+        if len(lay) > 1:
+            lin = f"({lin}) * cfg::LD_{buf.name} + {self.ivar(lay[-1])}"
+        return f"{buf.name}[{lin}]"
+
+    def ld(self, buf: Buffer) -> str:
+        return f"cfg::LD_{buf.name}"
+
+    # --- loops ---------------------------------------------------------------------
+    def sync_if_dirty(self):
+        if self.dirty:
+            self.emit("__syncthreads();")
+            self.dirty = False
+
+    def decode(self, src: str, layout, rem: str, body: str | None = None) -> list[str]:
+        """Index variables of ``layout`` from a flat index (only those ``body`` uses)."""
+        used = [r for r in layout if body is None or re.search(rf"\b{self.ivar(r)}\b", body)]
+        if not used:
+            return []
+        if len(layout) == 1:
+            return [f"const int {self.ivar(layout[0])} = {src};"]
+        first = min(layout.index(r) for r in used)
+        out = [f"int {rem} = {src};"]
+        for j in range(len(layout) - 1, 0, -1):
+            r = layout[j]
+            if r in used:
+                out.append(f"const int {self.ivar(r)} = {rem} % {self.block(r)};")
+            if first < j:
+                out.append(f"{rem} /= {self.block(r)};")
+        if layout[0] in used:
+            out.append(f"const int {self.ivar(layout[0])} = {rem};")
+        return out
+
+    def resolve(self, code: str, layout, registers: bool) -> str:
+        """Replace state references: registers where the loop maps elements like the state."""
+        def sub(m):
+            name = m.group(1)
+            lay = self.state_layout[name]
+            if not lay:
+                return name
+            if registers and lay == tuple(layout):
+                return f"{name}[k_]"
+            return self.at(self.mirror(name))
+        return _STATE_REF.sub(sub, code)
+
+    def mirror(self, name: str) -> Buffer:
+        """A shared copy of register state ``name`` (written once per phase / tile)."""
+        key = ("mirror", name)
+        if key not in self.memo:
+            lay = self.state_layout[name]
+            buf = self.buffer(f"{name}{'_out' if self.phase == 'post' else ''}", lay, "float")
+            self.elementwise(lay, [f"{self.at(buf)} = {name}[k_];"], reads_shared=False)
+            self.dirty = True
+            self.memo[key] = buf
+        return self.memo[key]
+
+    def elementwise(self, layout, body: list[str], reads_shared: bool = True) -> None:
+        """Run ``body`` for every element of ``layout``, thread t owning t, t+T, ... ."""
+        body = [self.resolve(b, layout, True) for b in body]
+        if reads_shared:
+            self.sync_if_dirty()
+        if not layout:
+            self.emit("{")
+            for b in body:
+                self.emit("  " + b)
+            self.emit("}")
+            return
+        n = self.count_code(layout)
+        if any("[k_]" in b for b in body):
+            self.emit("#pragma unroll")
+        self.emit(f"for (int k_ = 0; k_ < ATTNC_CEIL({n}); ++k_) {{")
+        self.emit(f"  const int idx_ = tid_ + k_ * ATTNC_THREADS;")
+        self.emit(f"  if (idx_ < {n}) {{")
+        for ln in self.decode("idx_", layout, "rem_", "\n".join(body)) + body:
+            self.emit("    " + ln)
+        self.emit("  }")
+        self.emit("}")
+
+    # --- index variables -------------------------------------------------------------
+    def index_code(self, r: str) -> tuple[str, tuple[str, ...]]:
+        if r == self.ranks.loop:
+            return r.lower(), ()
+        if r in self.ranks.grid:
+            return f"idx_{r.lower()}", ()
+        if r == self.ranks.row:
+            return f"(row0_ + {self.ivar(r)})", (r,)
+        return self.ivar(r), (r,)
+
+    def range_term(self, r: str) -> Term | None:
+        if r == self.ranks.tile or r == self.ranks.loop or r in self.ranks.grid:
+            return None
+        code, _ = self.index_code(r)
+        return Term(f"({code} < {self.size(r)})", (r,))
+
+    def subscript(self, e: Expr) -> tuple[str, tuple[str, ...]]:
+        """An integer-affine expression: (C code, layout)."""
+        if isinstance(e, Index):
+            return self.index_code(e.rank)
+        if isinstance(e, Size):
+            return self.size(e.rank), ()
+        if isinstance(e, Num):
+            return str(int(e.value)), ()
+        if isinstance(e, Unary) and e.op == "-":
+            c, lay = self.subscript(e.operand)
+            return f"(-{c})", lay
+        if isinstance(e, Binary) and e.op in ("+", "-", "*", "//"):
+            a, la = self.subscript(e.left)
+            b, lb = self.subscript(e.right)
+            lay = self.canon(set(la) | set(lb))
+            if e.op == "//":
+                return f"attnc_floordiv({a}, {b})", lay
+            return f"({a} {e.op} {b})", lay
+        raise CudaUnsupported(f"subscript {e}")
+
+    # --- loads -----------------------------------------------------------------------
+    def ctype(self, name: str) -> str:
+        dt = self.inputs[name].dtype
+        return "scalar_t" if dt in (None, "f16", "bf16") else _DTYPE_C[dt]
+
+    def load(self, e: Access) -> CVal:
+        key = ("load", e)
+        invariant = not any(self.ranks.loop in free_ranks(s) for s in e.subscripts)
+        if invariant and key in self.hoisted_memo:
+            return self.hoisted_memo[key]
+        if key in self.memo:
+            return self.memo[key]
+        if invariant and self.in_loop:
+            saved, self.lines = self.lines, self.hoisted
+            saved_memo, self.memo = self.memo, self.hoisted_memo
+            saved_dirty, saved_indent = self.dirty, self.indent
+            self.in_loop, self.indent = False, 1
+            out = self.load(e)
+            self.in_loop, self.indent, self.dirty = True, saved_indent, saved_dirty
+            self.lines, self.memo = saved, saved_memo
+            return out
+        name = e.tensor
+        arg = self.inputs[name]
+        terms, offset = [], []
+        for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
+            code, lay = self.subscript(sub)
+            offset.append(f"(long long)({code}) * a.s_{name}[{MAX_BATCH_DIMS + k}]")
+            if isinstance(sub, Index) and sub.rank == rank:
+                t = self.range_term(rank) if rank in self.ranks.vector else None
+                if t:
+                    terms.append(t)
+            else:
+                terms.append(Term(f"({code} >= 0 && {code} < {self.size(rank)})", lay))
+        layout = self.canon(set().union(set(), *(free_ranks(s) & set(self.ranks.vector)
+                                                 for s in e.subscripts)))
+        ctype = self.ctype(name)
+        addr = f"{cname(name)}[boff_{name} + {' + '.join(offset) or '0'}]"
+        mask = _conj(t.code for t in terms)
+        if not layout:
+            v = self.new(name.lower())
+            read = f"attnc_to_float({addr})"
+            self.emit(f"const float {v} = {f'{mask} ? {read} : 0.0f' if mask else read};")
+            out = CVal(v, (), tuple(terms), loaded=True)
+        else:
+            buf = self.buffer(name.lower(), layout, ctype)
+            zero = f"attnc_from_float<{ctype}>(0.0f)"
+            self.elementwise(layout, [f"{self.at(buf)} = {f'{mask} ? {addr} : {zero}' if mask else addr};"],
+                             reads_shared=False)
+            self.dirty = True
+            out = CVal(f"attnc_to_float({self.at(buf)})", layout, tuple(terms), loaded=True,
+                       buf=buf if ctype == "scalar_t" else None)
+        self.memo[key] = out
+        return out
+
+    def access(self, e: Access) -> CVal:
+        t = e.tensor
+        if t in self.inputs:
+            return self.load(e)
+        ranks, subs = list(self.defn.tensor_ranks(t)), list(e.subscripts)
+        if t in self.tp.state:
+            pos = ranks.index(self.ranks.loop)
+            step = subs[pos]
+            del ranks[pos], subs[pos]
+            nxt = step == Binary("+", Index(self.ranks.loop), Num(1)) or step == Size(self.ranks.loop)
+            val = self.values[t]
+            if not nxt:
+                name = f"r_{t.lower()}_prev"
+                val = dataclasses.replace(val, code=f"$S{{{name}}}")
+        else:
+            if self.ranks.loop in ranks:
+                pos = ranks.index(self.ranks.loop)
+                if subs[pos] != Index(self.ranks.loop):
+                    raise CudaUnsupported(f"{t} read at another tile")
+                del ranks[pos], subs[pos]
+            if t not in self.values:
+                raise CudaUnsupported(f"{t} is not available here")
+            val = self.values[t]
+        for s, r in zip(subs, ranks):
+            if not (isinstance(s, Index) and s.rank == r):
+                raise CudaUnsupported(f"{t} is read with a shifted subscript")
+        return val
+
+    # --- expressions --------------------------------------------------------------------
+    def value(self, e: Expr, st) -> CVal:
+        if isinstance(e, Num):
+            return CVal(_float_literal(e.value), ())
+        if isinstance(e, Const):
+            return CVal("INFINITY" if e.name == "inf" else "3.14159265358979f", ())
+        if isinstance(e, Size):
+            return CVal(f"(float){self.size(e.rank)}", ())
+        if isinstance(e, Param):
+            return CVal(cname(e.name), ())
+        if isinstance(e, Index):
+            code, lay = self.index_code(e.rank)
+            return CVal(f"(float){code}", lay)
+        if isinstance(e, Access):
+            return self.access(e)
+        if isinstance(e, Unary):
+            x = self.value(e.operand, st)
+            if e.op == "-":
+                return CVal(f"(-{self.num(x)})", x.layout, x.terms)
+            return CVal(f"(!{x.code})" if x.is_bool else f"({x.code} == 0.0f)", x.layout, x.terms,
+                        is_bool=True)
+        if isinstance(e, Binary):
+            return self.binary(e, st)
+        if isinstance(e, Call):
+            return self.call(e, st)
+        if isinstance(e, Reduce):
+            return self.reduce(e, st)
+        raise CudaUnsupported(str(e))
+
+    @staticmethod
+    def num(x: CVal) -> str:
+        return f"(float){x.code}" if x.is_bool else x.code
+
+    @staticmethod
+    def truth(x: CVal) -> str:
+        return x.code if x.is_bool else f"({x.code} != 0.0f)"
+
+    def binary(self, e: Binary, st) -> CVal:
+        a, b = self.value(e.left, st), self.value(e.right, st)
+        lay = self.canon(set(a.layout) | set(b.layout))
+        terms = _merge_terms(a.terms, b.terms)
+        if e.op in ("and", "or"):
+            op = "&&" if e.op == "and" else "||"
+            return CVal(f"({self.truth(a)} {op} {self.truth(b)})", lay, terms, is_bool=True)
+        if e.op in ("<", "<=", ">", ">=", "==", "!="):
+            ac, bc = self.num(a), self.num(b)
+            if _integer_affine(e.left) and _integer_affine(e.right):
+                ac, bc = self.subscript(e.left)[0], self.subscript(e.right)[0]
+            return CVal(f"({ac} {e.op} {bc})", lay, terms, is_bool=True)
+        ac, bc = self.num(a), self.num(b)
+        if e.op == "**":
+            if isinstance(e.right, Num) and float(e.right.value) == 2.0:
+                return CVal(f"({ac} * {ac})", lay, terms)
+            return CVal(f"powf({ac}, {bc})", lay, terms)
+        if e.op == "//":
+            return CVal(f"floorf({ac} / {bc})", lay, terms)
+        return CVal(f"({ac} {e.op} {bc})", lay, terms)
+
+    def call(self, e: Call, st) -> CVal:
+        args = [self.value(a, st) for a in e.args]
+        lay = self.canon(set().union(*(set(a.layout) for a in args)))
+        terms = _merge_terms(*(a.terms for a in args))
+        if e.fn == "select":
+            return CVal(f"({self.truth(args[0])} ? {self.num(args[1])} : {self.num(args[2])})", lay, terms)
+        codes = [self.num(a) for a in args]
+        if e.fn in ("max", "min") and len(codes) == 2:
+            return CVal(f"f{e.fn}f({codes[0]}, {codes[1]})", lay, terms)
+        x = codes[0]
+        table = {"exp": f"expf({x})", "exp2": f"exp2f({x})", "log": f"logf({x})",
+                 "log2": f"log2f({x})", "sqrt": f"sqrtf({x})", "rsqrt": f"rsqrtf({x})",
+                 "tanh": f"tanhf({x})", "sigmoid": f"(1.0f / (1.0f + expf(-{x})))",
+                 "abs": f"fabsf({x})", "relu": f"fmaxf({x}, 0.0f)"}
+        return CVal(table[e.fn], lay, terms)
+
+    # --- where filters --------------------------------------------------------------------
+    def filter_term(self, st, scope: set[str]) -> Term | None:
+        if st.where is None or not free_ranks(st.where) <= scope:
+            return None
+        key = ("where", st.where)
+        if key not in self.memo:
+            c = self.value(st.where, st)
+            code = _conj([self.truth(c)] + [t.code for t in c.terms])
+            self.memo[key] = Term(code, c.layout)
+        return self.memo[key]
+
+    # --- reductions -----------------------------------------------------------------------
+    def reduce(self, e: Reduce, st) -> CVal:
+        if e.op == "sum" and len(e.ranks) == 1:
+            fast = self.dot(e, st)
+            if fast is not None:
+                return fast
+        body = self.value(e.body, st)
+        lay = self.canon(set(body.layout) | set(e.ranks))
+        terms = list(body.terms)
+        filt = self.filter_term(st, set(st.lhs) | set(e.ranks))
+        if filt:
+            terms.append(filt)
+        terms += [t for t in (self.range_term(r) for r in e.ranks) if t]
+        red = tuple(r for r in lay if r in e.ranks)
+        out = tuple(r for r in lay if r not in e.ranks)
+        keep = [t for t in terms if not set(t.layout) & set(red)]
+        inner = [t for t in terms if set(t.layout) & set(red)]
+        ranges = {self.range_term(r) for r in red}
+        need_any = bool(inner) and not all(t in ranges for t in inner)
+        acc = self.buffer(e.op, out, "float")
+        anyb = self.buffer("any", out, "uint8_t") if need_any else None
+        fill = {"sum": "0.0f", "max": "(-INFINITY)", "min": "INFINITY"}[e.op]
+        step = {"sum": "acc_ += v_;", "max": "acc_ = fmaxf(acc_, v_);", "min": "acc_ = fminf(acc_, v_);"}[e.op]
+        code = self.resolve(self.num(body), lay, False)
+        pres = self.resolve(_conj(t.code for t in keep) or "", lay, False)
+        pin = self.resolve(_conj(t.code for t in inner) or "", lay, False)
+        self.sync_if_dirty()
+        n_out, n_red = self.count_code(out), self.count_code(red)
+        self.emit(f"// {e.op}[{','.join(r.lower() for r in e.ranks)}]: one warp per output element")
+        self.emit(f"for (int o_ = warp_; o_ < {n_out}; o_ += ATTNC_WARPS) {{")
+        text = "\n".join([code, pres, pin, self.at(acc)])
+        for ln in (self.decode("o_", out, "ro_", text) if out else []):
+            self.emit("  " + ln)
+        self.emit(f"  float acc_ = {fill};")
+        if need_any:
+            self.emit("  bool any_ = false;")
+        self.emit(f"  for (int j_ = lane_; j_ < {n_red}; j_ += ATTNC_WARP) {{")
+        for ln in self.decode("j_", red, "rj_", text):
+            self.emit("    " + ln)
+        cond = _conj([pres, pin])
+        inner_lines = [f"const float v_ = {code};", step] + (["any_ = true;"] if need_any else [])
+        if cond:
+            self.emit(f"    if ({cond}) {{")
+            for ln in inner_lines:
+                self.emit("      " + ln)
+            self.emit("    }")
+        else:
+            for ln in inner_lines:
+                self.emit("    " + ln)
+        self.emit("  }")
+        self.emit(f"  acc_ = attnc_warp_{e.op}(acc_);")
+        if need_any:
+            self.emit("  any_ = attnc_warp_any(any_);")
+        self.emit("  if (lane_ == 0) {")
+        self.emit(f"    {self.at(acc)} = acc_;")
+        if need_any:
+            self.emit(f"    {self.at(anyb)} = any_;")
+        self.emit("  }")
+        self.emit("}")
+        self.dirty = True
+        out_terms = list(keep)
+        if need_any:
+            out_terms.append(Term(f"({self.at(anyb)} != 0)", out))
+        elif inner:
+            out_terms += [Term(f"({self.size(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner)]
+        return CVal(self.at(acc), out, tuple(out_terms))
+
+    def dot(self, e: Reduce, st) -> CVal | None:
+        """``sum[r](A[a,r] * B[r,b] * c)`` on tensor cores; None when not that shape."""
+        r = e.ranks[0]
+        tensors, scalars = [], []
+        for f in _factors(e.body):
+            (tensors if free_ranks(f) & set(self.ranks.vector) else scalars).append(f)
+        if len(tensors) != 2:
+            return None
+        a, b = (self.value(t, st) for t in tensors)
+        if len(a.layout) != 2 or len(b.layout) != 2 or r not in a.layout or r not in b.layout:
+            return None
+        (ra,) = set(a.layout) - {r}
+        (rb,) = set(b.layout) - {r}
+        if ra == rb:
+            return None
+        filt = self.filter_term(st, set(st.lhs) | {r}) if st.where is not None else None
+        if filt is not None and r in filt.layout:
+            if set(filt.layout) <= set(a.layout):
+                a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)), loaded=False)
+            elif set(filt.layout) <= set(b.layout):
+                b = dataclasses.replace(b, terms=_merge_terms(b.terms, (filt,)), loaded=False)
+            else:
+                return None
+        abuf, bbuf = self.operand(a), self.operand(b)
+        c_lay = self.canon({ra, rb})
+        cbuf = self.buffer("dot", c_lay, "float")
+        self.sync_if_dirty()
+        a_row, b_row, c_row = abuf.layout == (ra, r), bbuf.layout == (r, rb), c_lay == (ra, rb)
+        flag = lambda x: "true" if x else "false"  # noqa: E731
+        self.emit(f"// {'·'.join(x.lower() for x in (ra, r))} x {'·'.join(x.lower() for x in (r, rb))}"
+                  f" on tensor cores")
+        self.emit(f"attnc_mma<{self.block(ra)}, {self.block(rb)}, {self.block(r)}, {flag(a_row)}, "
+                  f"{flag(b_row)}, {flag(c_row)}>({cbuf.name}, {self.ld(cbuf)}, {abuf.name}, "
+                  f"{self.ld(abuf)}, {bbuf.name}, {self.ld(bbuf)});")
+        for x in (abuf, bbuf, cbuf):
+            self.used_in[x.name].add(self.phase)
+        self.dirty = True
+        code = self.at(cbuf)
+        terms: tuple[Term, ...] = ()
+        for s in scalars:
+            sv = self.value(s, st)
+            code = f"({code} * {self.num(sv)})"
+            terms = _merge_terms(terms, sv.terms)
+        if filt is not None and r not in filt.layout:
+            a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)))
+        range_r = self.range_term(r)
+        a_terms = a.terms + ((range_r,) if range_r else ())
+        pres = self.dot_presence(a_terms, b.terms, r, ra, rb, c_lay)
+        return CVal(code, c_lay, _merge_terms(terms, pres))
+
+    def operand(self, x: CVal) -> Buffer:
+        """A 16-bit shared tile holding ``x`` (0 where absent): its load, or a converted copy."""
+        if x.loaded and x.buf is not None:
+            return x.buf
+        key = ("operand", x)
+        if key not in self.memo:
+            buf = self.buffer("op", x.layout, "scalar_t")
+            terms = list(x.terms) + [t for t in (self.range_term(r) for r in x.layout) if t]
+            mask = _conj(t.code for t in terms)
+            v = self.num(x)
+            self.elementwise(x.layout, [f"{self.at(buf)} = attnc_from_float<scalar_t>("
+                                        f"{f'{mask} ? {v} : 0.0f' if mask else v});"])
+            self.dirty = True
+            self.memo[key] = buf
+        return self.memo[key]
+
+    def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
+        """Presence of sum[r](A*B): some r where both are present."""
+        terms = _merge_terms(a_terms, b_terms)
+        inner = [t for t in terms if r in t.layout]
+        span = set().union(*(set(t.layout) for t in inner)) if inner else set()
+        if not ({ra, rb} <= span):
+            return self.reduce_presence(terms, {r})
+        keep = tuple(t for t in terms if r not in t.layout)
+        buf = self.buffer("anydot", layout, "uint8_t")
+        cond = self.resolve(_conj(t.code for t in inner), layout + (r,), False)
+        self.sync_if_dirty()
+        self.emit(f"// some {r.lower()} where both operands are present")
+        self.elementwise(layout, [f"bool any_ = false;",
+                                  f"for (int {self.ivar(r)} = 0; {self.ivar(r)} < {self.block(r)} "
+                                  f"&& !any_; ++{self.ivar(r)}) any_ = {cond};",
+                                  f"{self.at(buf)} = any_;"])
+        self.dirty = True
+        return keep + (Term(f"({self.at(buf)} != 0)", layout),)
+
+    def reduce_presence(self, terms, ranks: set[str]) -> tuple[Term, ...]:
+        """Presence after reducing ``ranks`` when it needs no buffer, else an "any" reduction."""
+        keep = [t for t in terms if not set(t.layout) & ranks]
+        inner = [t for t in terms if set(t.layout) & ranks]
+        if not inner:
+            return tuple(keep)
+        ranges = {self.range_term(r) for r in ranks}
+        if all(t in ranges for t in inner):
+            return tuple(keep) + tuple(Term(f"({self.size(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner))
+        key = ("any", tuple(inner), tuple(sorted(ranks)))
+        if key not in self.memo:
+            lay = self.canon(set().union(*(set(t.layout) for t in inner)))
+            red = tuple(x for x in lay if x in ranks)
+            out = tuple(x for x in lay if x not in ranks)
+            buf = self.buffer("any", out, "uint8_t")
+            cond = self.resolve(_conj(t.code for t in inner), lay, False)
+            self.sync_if_dirty()
+            self.emit(f"for (int o_ = warp_; o_ < {self.count_code(out)}; o_ += ATTNC_WARPS) {{")
+            for ln in (self.decode("o_", out, "ro_", cond + self.at(buf)) if out else []):
+                self.emit("  " + ln)
+            self.emit("  bool any_ = false;")
+            self.emit(f"  for (int j_ = lane_; j_ < {self.count_code(red)}; j_ += ATTNC_WARP) {{")
+            for ln in self.decode("j_", red, "rj_", cond):
+                self.emit("    " + ln)
+            self.emit(f"    any_ = any_ || {cond};")
+            self.emit("  }")
+            self.emit("  any_ = attnc_warp_any(any_);")
+            self.emit(f"  if (lane_ == 0) {self.at(buf)} = any_;")
+            self.emit("}")
+            self.dirty = True
+            self.memo[key] = Term(f"({self.at(buf)} != 0)", out)
+        return tuple(keep) + (self.memo[key],)
+
+    # --- statements -------------------------------------------------------------------
+    def lhs_layout(self, st) -> tuple[str, ...]:
+        return self.canon(r for r in st.lhs if r in self.ranks.vector)
+
+    def statement(self, st) -> None:
+        self.emit(f"// {print_statement(st)}")
+        val = self.value(st.expr, st)
+        init = isinstance(st, IterativeEinsum) and st.init
+        filt = self.filter_term(st, set(st.lhs) - ({st.iter_rank} if init else set()))
+        terms = _merge_terms(val.terms, (filt,) if filt else ())
+        layout = self.lhs_layout(st)
+        code = self.num(val)
+        name = f"r_{st.tensor.lower()}"
+        if init:
+            if terms:
+                raise CudaUnsupported(f"the init of {st.tensor} may be absent")
+            self.declare_state(name, layout)
+            self.elementwise(layout, [f"{name}{'[k_]' if layout else ''} = {code};"])
+            self.values[st.tensor] = CVal(f"$S{{{name}}}", layout)
+            return
+        if isinstance(st, IterativeEinsum):
+            mask = _conj(t.code for t in terms)
+            target = f"{name}{'[k_]' if layout else ''}"
+            self.elementwise(layout, [f"if ({mask}) {target} = {code};" if mask else f"{target} = {code};"])
+            self.values[st.tensor] = CVal(f"$S{{{name}}}", layout)
+            if layout:
+                self.memo.pop(("mirror", name), None)
+            return
+        calls = any(isinstance(n, (Call,)) or (isinstance(n, Binary) and n.op == "**")
+                    for n in walk(st.expr))
+        if self.uses.get(st.tensor, 0) > 1 and calls and not val.code.startswith("s_"):
+            buf = self.buffer(st.tensor.lower(), layout, "float")
+            self.elementwise(layout, [f"{self.at(buf)} = {code};"])
+            self.dirty = True
+            self.values[st.tensor] = CVal(self.at(buf), layout, terms)
+            return
+        self.values[st.tensor] = CVal(code, layout, terms, is_bool=False)
+
+    def declare_state(self, name: str, layout) -> None:
+        self.state_layout[name] = layout
+        self.state_layout[f"{name}_prev"] = layout
+        n = self.count_code(layout)
+        self.emit(f"float {name}{f'[ATTNC_CEIL({n})]' if layout else ''};")
+
+    # --- tile range from the guards ---------------------------------------------------------
+    def tile_bounds(self) -> tuple[str, str]:
+        r = self.ranks
+        full = ("0", self.size(r.loop))
+        if r.tile is None or r.row is None:
+            return full
+        per_update = []
+        for _, guards in self.tp.guards:
+            ranges = [x for x in (self.guard_range(g) for g in guards) if x is not None]
+            if not ranges:
+                return full
+            per_update.append((_nest("attnc_imax", [x[0] for x in ranges]),
+                               _nest("attnc_imin", [x[1] for x in ranges])))
+        lo = _nest("attnc_imin", [x[0] for x in per_update])
+        hi = _nest("attnc_imax", [x[1] for x in per_update])
+        return f"attnc_imax(0, {lo})", f"attnc_imin({self.size(r.loop)}, {hi})"
+
+    def guard_range(self, g) -> tuple[str, str] | None:
+        r = self.ranks
+        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
+            return None
+        dnf = conjunctions(g.cond)
+        if dnf is None:
+            return None
+        spans = []
+        for conj in dnf:
+            lo, hi = ["0"], [self.size(r.loop)]
+            for atom in conj:
+                b = self.atom_tiles(atom)
+                if b is None:
+                    return None
+                (lo if b[0] == "lo" else hi).append(b[1])
+            spans.append((_nest("attnc_imax", lo), _nest("attnc_imin", hi)))
+        return _nest("attnc_imin", [s[0] for s in spans]), _nest("attnc_imax", [s[1] for s in spans])
+
+    def atom_tiles(self, atom) -> tuple[str, str] | None:
+        """An affine atom as a bound on the tile index, for some tile element and some row."""
+        r = self.ranks
+        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
+            return None
+        a, b = to_sympy(atom.left), to_sympy(atom.right)
+        if a is None or b is None:
+            return None
+        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)
+        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
+        c0, cp = diff.coeff(x0), diff.coeff(xp)
+        rest = sympy.expand(diff - c0 * x0 - cp * xp)
+        c1 = rest.coeff(x1)
+        const = sympy.expand(rest - c1 * x1)
+        if any(s.name.startswith("param_") for s in const.free_symbols):
+            return None
+        if not (c0.is_number and cp.is_number):
+            return None
+        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if c0 > 0 else 0
+        p_best = sympy.Symbol("p_last_") if cp > 0 else sympy.Symbol("row0_")
+        k = sympy.expand(const + c0 * m0_best + cp * p_best)  # c1*m1 + k >= 0
+        sign = _sign(c1)
+        if sign is None:
+            return None
+        try:
+            kc, cc = self.int_code(k), self.int_code(c1 if sign > 0 else -c1)
+        except CudaUnsupported:
+            return None
+        if sign > 0:
+            return "lo", f"attnc_floordiv(-({kc}) + {cc} - 1, {cc})"
+        return "hi", f"attnc_floordiv({kc}, {cc}) + 1"
+
+    def int_code(self, e: sympy.Expr) -> str:
+        if e.is_Symbol:
+            n = e.name
+            if n.startswith("_"):
+                return self.index_code(n[1:])[0]
+            return n if n in ("row0_", "p_last_") or n.startswith("BLOCK_") else self.size(n)
+        if e.is_Integer:
+            return str(int(e))
+        if e.is_Add:
+            return "(" + " + ".join(self.int_code(x) for x in e.args) + ")"
+        if e.is_Mul:
+            return "(" + " * ".join(self.int_code(x) for x in e.args) + ")"
+        raise CudaUnsupported(f"bound {e}")
+
+    # --- the whole kernel body ----------------------------------------------------------
+    def render(self) -> list[str]:
+        r = self.ranks
+        for st in self.tp.prologue:
+            self.statement(st)
+        for st in self.tp.inits:
+            self.statement(st)
+        lo, hi = self.tile_bounds()
+        self.emit(f"const int tile_lo_ = {lo};")
+        self.emit(f"const int tile_hi_ = {hi};")
+        self.sync_if_dirty()
+        outer, self.lines = self.lines, []
+        saved_memo, self.memo = self.memo, {}
+        self.phase, self.in_loop, self.dirty, self.indent = "loop", True, False, 2
+        for t in self.tp.state:
+            name = f"r_{t.lower()}"
+            lay = self.state_layout[name]
+            if lay:
+                self.emit(f"float {name}_prev[ATTNC_CEIL({self.count_code(lay)})];")
+                self.emit("#pragma unroll")
+                self.emit(f"for (int k_ = 0; k_ < ATTNC_CEIL({self.count_code(lay)}); ++k_) "
+                          f"{name}_prev[k_] = {name}[k_];")
+            else:
+                self.emit(f"const float {name}_prev = {name};")
+        for st in self.body:
+            self.statement(st)
+        self.emit("__syncthreads();  // the next tile overwrites this tile's buffers")
+        body, self.lines = self.lines, outer
+        self.memo, self.in_loop, self.indent = saved_memo, False, 1
+        self.lines += self.hoisted
+        if self.hoisted:
+            self.emit("__syncthreads();")
+        self.emit(f"for (int {r.loop.lower()} = tile_lo_; {r.loop.lower()} < tile_hi_; "
+                  f"++{r.loop.lower()}) {{")
+        self.lines += body
+        self.emit("}")
+        self.emit("__syncthreads();  // buffers after the loop may reuse the loop's")
+        self.phase, self.dirty = "post", False
+        self.memo = {}
+        for st in self.tp.epilogue:
+            self.statement(st)
+        return self.lines
+
+    def store_outputs(self) -> None:
+        for o in self.defn.outputs:
+            val = self.values[o.name]
+            layout = self.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
+            present = _conj(t.code for t in val.terms)
+            v = self.num(val)
+            code = f"{present} ? {v} : 0.0f" if present else v
+            offset = [f"(long long){self.index_code(rank)[0]} * a.s_{o.name}[{MAX_BATCH_DIMS + k}]"
+                      for k, rank in enumerate(o.ranks)]
+            ranges = _conj(t.code for t in (self.range_term(x) for x in layout) if t)
+            ctype = f"out_{o.name}_t"
+            store = (f"{cname(o.name)}[boff_{o.name} + {' + '.join(offset) or '0'}] = "
+                     f"attnc_from_float<{ctype}>({code});")
+            self.emit(f"// store {o.name}")
+            self.elementwise(layout, [f"if ({ranges}) {store}" if ranges else store])
+
+
+def _nest(fn: str, args: list[str]) -> str:
+    args = list(dict.fromkeys(args))
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
+
+
+# ----------------------------------------------------------------------------
+# shared-memory plan, the kernel around the body, the launcher
+# ----------------------------------------------------------------------------
+
+
+def _smem_plan(kr: KernelRenderer) -> tuple[list[str], list[str]]:
+    """Buffer offsets as C ``constexpr`` lines and as the launcher's Python lines.
+
+    Placement: buffers still read after the loop ("pinned") first, then the
+    loop's, while buffers made after the loop overlay the loop's (after a barrier).
+    """
+    groups: dict[str, list[Buffer]] = {"pinned": [], "main": [], "post": []}
+    for buf in kr.buffers.values():
+        group = "post" if buf.region == "post" else "pinned" if "post" in kr.used_in[buf.name] else "main"
+        groups[group].append(buf)
+    c_lines, py_lines = [], []
+    ends = {}
+    prev = "0"
+    for group in ("pinned", "main", "post"):
+        if group == "post":
+            prev = ends.get("pinned", "0")
+        for buf in groups[group]:
+            bytes_c, skew = _ELEM[buf.ctype]
+            bytes_py = "isz" if buf.ctype == "scalar_t" else bytes_c
+            lay = buf.layout
+            n = buf.name
+            if len(lay) >= 2:
+                plus = f" + {skew}" if skew else ""
+                c_lines.append(f"static constexpr int LD_{n} = BLOCK_{lay[-1]}{plus};")
+                elems_c = " * ".join([f"BLOCK_{r}" for r in lay[:-1]] + [f"LD_{n}"])
+                elems_py = " * ".join([f"B[{r!r}]" for r in lay[:-1]] + [f"(B[{lay[-1]!r}]{plus})"])
+            else:
+                elems_c = f"BLOCK_{lay[0]}" if lay else "1"
+                elems_py = f"B[{lay[0]!r}]" if lay else "1"
+            c_lines.append(f"static constexpr int off_{n} = {prev};")
+            c_lines.append(f"static constexpr int end_{n} = attnc_align(off_{n} + {elems_c} * (int){bytes_c});")
+            py_lines.append(f"end_{n} = _align({prev} + {elems_py} * {bytes_py})")
+            prev = f"end_{n}"
+            ends[group] = prev
+        if group != "post":
+            ends.setdefault(group, prev)
+    main_end = ends.get("main", ends.get("pinned", "0"))
+    post_end = ends.get("post", ends.get("pinned", "0"))
+    c_lines.append(f"static constexpr int bytes = attnc_cmax({main_end}, {post_end});")
+    py_lines.append(f"return max({main_end}, {post_end})")
+    return c_lines, py_lines
+
+
+@dataclass
+class KernelSpec:
+    """Everything the templates need for one definition."""
+
+    name: str
+    args: list            # (cname, name, ranks, ctype, dtype)
+    outputs: list         # (cname, name, ranks, dtype)
+    sizes: list           # rank names passed to the kernel (inputs, then lets)
+    lets: list            # (pyname, code, text)
+    params: list          # (pyname, name, default code or None, cname)
+    signature: str
+    row: str | None
+    grid: tuple
+    blocks: list          # template block ranks (the row first), besides the tile
+    tile: str | None
+    tile_size: int | None
+    body: list
+    smem_c: list
+    smem_py: list
+    out_ctypes: list
+    doc: str
+    input_ranks: list
+
+
+def _kernel_body(kr: KernelRenderer) -> list[str]:
+    r = kr.ranks
+    defn = kr.defn
+    pre = ["const int tid_ = threadIdx.x;", "const int warp_ = tid_ / ATTNC_WARP;",
+           "const int lane_ = tid_ % ATTNC_WARP;", "(void)warp_; (void)lane_;",
+           "ATTNC_DYNAMIC_SMEM(smem_);"]
+    for a in defn.tensor_args:
+        pre.append(f"const {kr.ctype(a.name)}* __restrict__ {cname(a.name)} = "
+                   f"static_cast<const {kr.ctype(a.name)}*>(a.ptr_{a.name});")
+    for o in defn.outputs:
+        pre.append(f"out_{o.name}_t* __restrict__ {cname(o.name)} = static_cast<out_{o.name}_t*>(a.ptr_{o.name});")
+    for s in list(dict.fromkeys([x for t in defn.tensor_args for x in t.ranks] + [x.name for x in defn.lets])):
+        pre.append(f"const int {cname(s)} = a.size_{s}; (void){cname(s)};")
+    for p in defn.scalar_params:
+        pre.append(f"const float {cname(p.name)} = a.param_{p.name}; (void){cname(p.name)};")
+    pre.append("int pid_ = blockIdx.x;")
+    for g in reversed(r.grid):
+        pre += [f"const int idx_{g.lower()} = pid_ % {cname(g)};", f"pid_ /= {cname(g)};"]
+    for k in range(MAX_BATCH_DIMS - 1, 0, -1):
+        pre += [f"const int b{k}_ = pid_ % a.NB[{k}];", f"pid_ /= a.NB[{k}];"]
+    pre.append("const int b0_ = pid_;")
+    for t in [a.name for a in defn.tensor_args] + [o.name for o in defn.outputs]:
+        pre.append(f"const long long boff_{t} = " + " + ".join(
+            f"(long long)b{k}_ * a.s_{t}[{k}]" for k in range(MAX_BATCH_DIMS)) + ";")
+    if r.row:
+        pre.append(f"const int row0_ = blockIdx.y * BLOCK_{r.row};")
+        pre.append(f"const int p_last_ = attnc_imin(row0_ + BLOCK_{r.row}, {cname(r.row)}) - 1;")
+        pre.append("(void)p_last_;")
+    kr.render()
+    _check_outputs(kr)
+    kr.store_outputs()
+    body = kr.lines
+    decl = []
+    for name, buf in kr.buffers.items():
+        decl.append(f"{buf.ctype}* {name} = reinterpret_cast<{buf.ctype}*>(smem_ + cfg::off_{name});")
+    return ["  " + x for x in pre + decl] + body
+
+
+def _check_outputs(kr: KernelRenderer) -> None:
+    r = kr.ranks
+    for o in kr.defn.outputs:
+        if r.row is not None and r.row not in o.ranks:
+            raise CudaUnsupported(f"output {o.name} does not have the row rank {r.row}")
+        for rank in o.ranks:
+            if rank not in r.vector and rank not in r.grid:
+                raise CudaUnsupported(f"output {o.name} has rank {rank}, not in the grid")
+        if o.name not in kr.values:
+            raise CudaUnsupported(f"output {o.name} is not computed in the kernel")
+
+
+def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
+    kr = KernelRenderer(tp)
+    for o in defn.outputs:  # checked before rendering so that errors name the cause
+        if kr.ranks.row is not None and kr.ranks.row not in o.ranks:
+            raise CudaUnsupported(f"output {o.name} does not have the row rank {kr.ranks.row}")
+    body = _kernel_body(kr)
+    input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
+    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
+    params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None,
+               cname(p.name)) for p in defn.scalar_params]
+    sig = [pyname(a.name) for a in defn.tensor_args]
+    if params:
+        sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
+    blocks = [v for v in kr.ranks.vector if v != kr.ranks.tile]
+    smem_c, smem_py = _smem_plan(kr)
+    return KernelSpec(
+        name=cname(pyname(defn.name)),
+        args=[(cname(a.name), a.name, list(a.ranks), kr.ctype(a.name), a.dtype) for a in defn.tensor_args],
+        outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
+        sizes=input_ranks + [let.name for let in defn.lets], lets=lets, params=params,
+        signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid, blocks=blocks,
+        tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py,
+        out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in defn.outputs],
+        doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def kernel_specs(module: Module) -> list[KernelSpec]:
+    specs = []
+    for d in module.definitions:
+        try:
+            tp = tile_program(d)
+        except NotTileable as err:
+            raise CudaUnsupported(f"{d.name}: {err}") from None
+        try:
+            specs.append(kernel_spec(d, tp))
+        except CudaUnsupported as err:
+            raise CudaUnsupported(f"{d.name}: {err}") from None
+    return specs
+
+
+def render_files(module: Module, stem: str) -> dict[str, str]:
+    """``{stem}.cu`` (kernels) and ``{stem}.py`` (torch launcher); raises CudaUnsupported."""
+    specs = kernel_specs(module)
+    env = _environment()
+    ns = f"attnc_{cname(pyname(stem))}"
+    common = dict(version=__version__, source=f"{stem}.attn", specs=specs, stem=stem,
+                  names=[s.name for s in specs], namespace=ns, max_batch=MAX_BATCH_DIMS,
+                  row_blocks=ROW_BLOCKS, align=ALIGN)
+    return {f"{stem}.cu": env.get_template("kernels.cu.jinja").render(**common),
+            f"{stem}.py": env.get_template("launcher.py.jinja").render(**common)}

@@ -86,8 +86,8 @@ def stage_report(after: str, defn: Definition, sizes: Mapping[str, int] | None) 
         "footprint": {"elements": _quantity(costs.footprint_elements, known),
                       "bytes": _quantity(costs.footprint_bytes, known)},
         "fusion": [_group_entry(g) for g in groups],
-        "online_blockers": _online_blockers(defn) if analysis.pass_bound > 1 else [],
         "cascade": print_definition(canonical),
+        "online_blockers": _online_blockers(defn) if analysis.pass_bound > 1 else [],
     }
 
 

@@ -288,7 +288,7 @@ def test_report_json_schema():
     assert list(stage)[:3] == ["after", "pass_bound", "passes"]
     assert list(stage) == ["after", "pass_bound", "passes", "bound_rank", "ranks", "einsums",
                            "flops", "compulsory_bytes", "arithmetic_intensity", "footprint",
-                           "fusion", "cascade"]
+                           "fusion", "cascade", "online_blockers"]
     assert stage["after"] == "input" and stage["pass_bound"] == 2
     assert stage["passes"] == {"P": 1, "E": 1, "M": 2, "F": 1}
     assert list(stage["ranks"][0]) == ["rank", "size", "value", "constant", "passes",

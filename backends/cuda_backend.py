@@ -48,6 +48,7 @@ indexing, masks and tile bounds against the interpreter without a GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4
 ALIGN = 128            # bytes: every shared buffer starts on this boundary
 ROW_BLOCKS = (64, 32, 16)
+THREADS = 128
+STATE_PER_THREAD = 64   # register-state floats per thread beyond which ptxas may spill
 
 _C_KEYWORDS = frozenset("""
 auto break case char const continue default do double else enum extern float for goto if inline
@@ -205,7 +208,10 @@ class KernelRenderer:
         for st in self.body + self.tp.epilogue + self.tp.prologue:
             for red in walk(st.expr):
                 if isinstance(red, Reduce) and not set(red.ranks) <= vec:
-                    raise CudaUnsupported(f"reduction over a grid rank in {st.tensor}")
+                    extra = (" (a split-K / stream-K combine after the loop: the CUDA backend "
+                             "renders no combine kernel yet)" if st in self.tp.epilogue else "")
+                    raise CudaUnsupported(f"reduction over grid rank(s) "
+                                          f"{','.join(sorted(set(red.ranks) - vec))} in {st.tensor}{extra}")
         if len(self.ranks.vector) > 4:
             raise CudaUnsupported(f"{len(self.ranks.vector)} vector ranks "
                                   f"({', '.join(self.ranks.vector)}); at most 4 fit in shared memory")
@@ -961,6 +967,8 @@ class KernelSpec:
     smem_c: list
     smem_py: list
     out_ctypes: list
+    state_py: list        # element counts of the register state (Python, over B)
+    instances: list       # (tag, C type, block sizes): the default entries of the .cu
     doc: str
     input_ranks: list
 
@@ -1030,15 +1038,34 @@ def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
         sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
     blocks = [v for v in kr.ranks.vector if v != kr.ranks.tile]
     smem_c, smem_py = _smem_plan(kr)
+    state_py = [" * ".join(f"B[{r!r}]" for r in lay) or "1"
+                for name, lay in kr.state_layout.items() if not name.endswith("_prev")]
+    instances = [(tag, ctype, _default_blocks(kr, blocks, head))
+                 for tag, ctype, head in (("f16", "__half", 64), ("bf16", "__nv_bfloat16", 128))]
     return KernelSpec(
         name=cname(pyname(defn.name)),
         args=[(cname(a.name), a.name, list(a.ranks), kr.ctype(a.name), a.dtype) for a in defn.tensor_args],
         outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
         sizes=input_ranks + [let.name for let in defn.lets], lets=lets, params=params,
         signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid, blocks=blocks,
-        tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py,
+        tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py, state_py=state_py,
+        instances=instances,
         out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in defn.outputs],
         doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
+
+
+def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
+    """Block sizes the launcher picks at head dim ``head`` (shared memory aside): the largest
+    row block whose register state is at most STATE_PER_THREAD floats per thread."""
+    sizes = {b: head for b in blocks}
+    for rows in ROW_BLOCKS:
+        if kr.ranks.row:
+            sizes[kr.ranks.row] = rows
+        state = sum(-(-math.prod(sizes.get(r, kr.tp.tile_size or 1) for r in lay) // THREADS)
+                    for name, lay in kr.state_layout.items() if not name.endswith("_prev"))
+        if state <= STATE_PER_THREAD:
+            break
+    return [sizes[b] for b in blocks]
 
 
 def _environment() -> jinja2.Environment:
@@ -1053,7 +1080,8 @@ def kernel_specs(module: Module) -> list[KernelSpec]:
         try:
             tp = tile_program(d)
         except NotTileable as err:
-            raise CudaUnsupported(f"{d.name}: {err}") from None
+            text = str(err)
+            raise CudaUnsupported(text if text.startswith(f"{d.name}:") else f"{d.name}: {text}") from None
         try:
             specs.append(kernel_spec(d, tp))
         except CudaUnsupported as err:
@@ -1069,5 +1097,6 @@ def render_files(module: Module, stem: str) -> dict[str, str]:
     common = dict(version=__version__, source=f"{stem}.attn", specs=specs, stem=stem,
                   names=[s.name for s in specs], namespace=ns, max_batch=MAX_BATCH_DIMS,
                   row_blocks=ROW_BLOCKS, align=ALIGN)
+    common.update(threads=THREADS, state_per_thread=STATE_PER_THREAD)
     return {f"{stem}.cu": env.get_template("kernels.cu.jinja").render(**common),
             f"{stem}.py": env.get_template("launcher.py.jinja").render(**common)}

@@ -187,6 +187,9 @@ class KernelRenderer:
     ranks: Ranks | None = None
 
     def __post_init__(self):
+        self.full_tiles = False          # rendering the loop over tiles that need no mask
+        self.holds_on_full_tiles: set = set()
+        self.blocked_index = None
         self.hoisted: list[str] = []
         self.hoisted_memo: dict = {}
         self.in_loop = False
@@ -297,6 +300,8 @@ class KernelRenderer:
                     terms.append(t)
             elif isinstance(sub, Index) and sub.rank == rank:
                 pass  # grid/loop rank of its own size: in bounds
+            elif self.full_tiles and sub == self.blocked_index and rank == self.tp.stream_rank:
+                pass  # a full tile lies inside the stream rank
             else:
                 bounds = f"({code} >= 0) & ({code} < {pyname(rank)})"
                 if ("inb", bounds) not in self.memo:
@@ -443,6 +448,8 @@ class KernelRenderer:
     def filter_term(self, st, scope: set[str]) -> Term | None:
         if st.where is None or not free_ranks(st.where) <= scope:
             return None
+        if self.full_tiles and st.where in self.holds_on_full_tiles:
+            return None  # this loop only visits tiles where the condition holds everywhere
         key = ("where", st.where)
         if key not in self.memo:
             c = self.value(st.where, st)
@@ -475,7 +482,9 @@ class KernelRenderer:
         code = self.expand(body.code, body.layout, lay)
         if body.layout != lay:
             code = f"tl.broadcast_to({code}, {self.shape(lay)})"
-        mask = self.mask_code(terms, lay)
+        # only terms along the reduced ranks change which points count; the others stay
+        # in the result's presence (their lanes are absent whatever the reduction gives)
+        mask = self.mask_code([t for t in terms if set(t.layout) & set(e.ranks)], lay)
         if mask:
             code = f"tl.where({mask}, {code}, {fill})"
         out_layout = lay
@@ -541,8 +550,8 @@ class KernelRenderer:
                                         code=b.raw or b.code if b.loaded else b.code)
             else:
                 return None
-        ac = self.operand(a, (ra, r))
-        bc = self.operand(b, (r, rb))
+        ac = self.operand(a, (ra, r), r)
+        bc = self.operand(b, (r, rb), r)
         v = self.new("dot")
         lhs, rhs = self.dot_operands(a, ac, b, bc)
         self.emit(f"{v} = tl.dot({lhs}, {rhs}, input_precision=INPUT_PRECISION)")
@@ -576,10 +585,12 @@ class KernelRenderer:
         out = name if (ra, rb) == layout else f"tl.trans({name})"
         return keep + (Term(out, layout),)
 
-    def operand(self, x: TVal, want: tuple[str, str]) -> str:
+    def operand(self, x: TVal, want: tuple[str, str], summed: str) -> str:
+        """A dot operand laid out as ``want``, zero where it is absent along ``summed``."""
         code = x.raw if x.loaded else x.code
-        if not x.loaded and x.terms:
-            code = f"tl.where({self.mask_code(x.terms, x.layout)}, {code}, 0.0)"
+        along = [t for t in x.terms if summed in t.layout] if not x.loaded else []
+        if along:
+            code = f"tl.where({self.mask_code(along, x.layout)}, {code}, 0.0)"
         if x.layout != want:
             code = f"tl.trans({code})"
         return code
@@ -616,7 +627,8 @@ class KernelRenderer:
             self.values[st.tensor] = TVal(name, layout, ())
             return
         if isinstance(st, IterativeEinsum):
-            mask = self.mask_code(tuple(t for t in terms if t), layout)
+            ranges = {self.range_term(r) for r in self.ranks.vector}
+            mask = self.mask_code(tuple(t for t in terms if t and t not in ranges), layout)
             new = f"tl.where({mask}, {code}, {name})" if mask else code
             self.emit(f"{name} = {new}")
             self.values[st.tensor] = TVal(name, layout, ())
@@ -667,8 +679,9 @@ class KernelRenderer:
             spans.append((_nest("tl.maximum", lo), _nest("tl.minimum", hi)))
         return _nest("tl.minimum", [s[0] for s in spans]), _nest("tl.maximum", [s[1] for s in spans])
 
-    def atom_tiles(self, atom) -> tuple[str, str] | None:
-        """An affine atom as a bound on the tile index m1, for some m0 and some row."""
+    def atom_tiles(self, atom, worst: bool = False) -> tuple[str, str] | None:
+        """An affine atom as a bound on the tile index m1: where it holds for *some* m0
+        and row of the block, or (``worst``) for *every* m0 and row."""
         r = self.ranks
         if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
             return None
@@ -681,12 +694,15 @@ class KernelRenderer:
         rest = sympy.expand(diff - c0 * x0 - cp * xp)
         c1 = rest.coeff(x1)
         const = sympy.expand(rest - c1 * x1)
-        if any(s.name.startswith("param_") for s in const.free_symbols):
+        floating = any(s.name.startswith("param_") for s in const.free_symbols)
+        if (floating and worst) or not (c0.is_number and cp.is_number):
             return None
-        if not (c0.is_number and cp.is_number):
-            return None
-        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if c0 > 0 else 0
-        p_best = sympy.Symbol("p_last") if cp > 0 else sympy.Symbol("p_first")
+        if atom.op in ("<", ">") and not floating:
+            const -= 1  # integers: x > 0 is x >= 1
+        high_m0 = (c0 > 0) != worst
+        high_p = (cp > 0) != worst
+        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if high_m0 else 0
+        p_best = sympy.Symbol("p_last") if high_p else sympy.Symbol("p_first")
         k = sympy.expand(const + c0 * m0_best + cp * p_best)  # c1*m1 + k >= 0
         sign = _sign(c1)
         if sign is None:
@@ -694,9 +710,37 @@ class KernelRenderer:
         names = {**{s.name: s.name for s in k.free_symbols}}
         kcode = _int_code(k, r, names)
         c1code = _int_code(c1 if sign > 0 else -c1, r, names)
-        if sign > 0:   # m1 >= -k / c1
-            return "lo", f"(({-1}) * ({kcode}) + {c1code} - 1) // {c1code}"
-        return "hi", f"({kcode}) // {c1code} + 1"  # m1 <= k / (-c1)
+        if floating:  # a float parameter: a bound one tile wider on each side is safe
+            if sign > 0:
+                return "lo", f"((-({kcode})) / {c1code}).to(tl.int32) - 1"
+            return "hi", f"(({kcode}) / {c1code}).to(tl.int32) + 2"
+        if sign > 0:   # m1 >= ceil(-k / c1) = -floor(k / c1)
+            return "lo", f"-({_floor_div(kcode, c1code)})"
+        return "hi", f"{_floor_div(kcode, c1code)} + 1"  # m1 <= floor(k / (-c1))
+
+    def full_range(self) -> tuple[str, str] | None:
+        """[lo, hi) of tiles needing no mask: every ``where`` over the tile holds for every
+        row of the block and every point of the tile, and the tile is inside the stream."""
+        r = self.ranks
+        if r.tile is None or r.row is None or self.tp.stream_rank is None:
+            return None
+        self.blocked_index = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
+        lo, hi = ["0"], [f"{pyname(self.tp.stream_rank)} // {pyname(r.tile)}"]
+        for st in self.body:
+            if st.where is None or r.tile not in free_ranks(st.where):
+                continue
+            if not free_ranks(st.where) <= {r.loop, r.tile, r.row}:
+                return None
+            dnf = conjunctions(st.where)
+            if dnf is None or len(dnf) != 1:
+                return None
+            for atom in dnf[0]:
+                bound = self.atom_tiles(atom, worst=True)
+                if bound is None:
+                    return None
+                (lo if bound[0] == "lo" else hi).append(bound[1])
+            self.holds_on_full_tiles.add(st.where)
+        return _nest("tl.maximum", lo), _nest("tl.minimum", hi)
 
     # --- the whole kernel --------------------------------------------------------------
     def render(self) -> list[str]:
@@ -728,13 +772,31 @@ class KernelRenderer:
         self.in_loop = True
         for st in self.body:
             self.statement(st)
-        self.in_loop = False
         body = self.lines
+        full = self.full_range()
+        full_body = None
+        if full is not None:
+            self.lines, self.memo, self.full_tiles = [], {}, True
+            for t in state:
+                self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
+            for st in self.body:
+                self.statement(st)
+            full_body, self.full_tiles = self.lines, False
+        self.in_loop = False
         self.lines = outer
         self.memo = saved_memo
         self.lines += self.hoisted
-        self.emit(f"for {r.loop.lower()} in range(tile_lo, tile_hi):")
-        self.lines += ["    " + ln for ln in body]
+        if full_body is None:
+            self.emit(f"for {r.loop.lower()} in range(tile_lo, tile_hi):")
+            self.lines += ["    " + ln for ln in body]
+        else:
+            # masks only on the partial tiles: before, inside and after the full ones
+            self.emit(f"full_lo = tl.minimum(tl.maximum({full[0]}, tile_lo), tile_hi)")
+            self.emit(f"full_hi = tl.maximum(tl.minimum({full[1]}, tile_hi), full_lo)")
+            for lo, hi, lines in (("tile_lo", "full_lo", body), ("full_lo", "full_hi", full_body),
+                                  ("full_hi", "tile_hi", body)):
+                self.emit(f"for {r.loop.lower()} in range({lo}, {hi}):")
+                self.lines += ["    " + ln for ln in lines]
         for st in self.tp.epilogue:
             self.statement(st)
         return self.lines
@@ -778,14 +840,23 @@ def _int_code(e: sympy.Expr, ranks: Ranks, names) -> str:
         n = e.name
         if n.startswith("_"):
             return n[1:].lower()
+        if n.startswith("param_"):
+            return pyname(n[len("param_"):])
         return n if n in ("p_first", "p_last") or n.startswith("BLOCK_") else pyname(n)
     if e.is_Integer:
         return str(int(e))
+    if e.is_Float or e.is_Rational:
+        return repr(float(e))
     if e.is_Add:
         return "(" + " + ".join(_int_code(a, ranks, names) for a in e.args) + ")"
     if e.is_Mul:
         return "(" + " * ".join(_int_code(a, ranks, names) for a in e.args) + ")"
     raise TritonUnsupported(f"bound {e}")
+
+
+def _floor_div(a: str, b: str) -> str:
+    """Floor division for a positive divisor (Triton's ``//`` truncates toward zero)."""
+    return f"((({a}) - (((({a}) % ({b})) + ({b})) % ({b}))) // ({b}))"
 
 
 def _nest(fn: str, args: list[str]) -> str:

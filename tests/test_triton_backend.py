@@ -171,3 +171,29 @@ def test_split_variant_is_rendered_with_a_combine_kernel():
     code = files["gqa_decode.py"]
     assert "def _gqa_decode_split_kernel(" in code and "def _gqa_decode_split_combine_kernel(" in code
     assert "_split_count(programs, M1, device)" in code
+
+
+@pytest.mark.parametrize("rel, params", [
+    ("causal.attn", {}), ("sliding_window.attn", {"window": 21.0}),
+    ("sinks_window.attn", {"window": 17.0, "sinks": 3.0}), ("prefix_lm.attn", {}),
+    ("alibi.attn", {}), ("document_mask.attn", {}),
+])
+@pytest.mark.parametrize("P, M", [(70, 70), (90, 40), (30, 100)])
+def test_tile_skipping_and_unmasked_full_tiles(rel, params, P, M, tmp_path):
+    """Many tiles: skipped tiles, partial tiles with masks and full tiles without."""
+    module = parse_file(EXAMPLES / rel)
+    gen = compile_module(module, rel, tmp_path)
+    defn = module.definitions[0]
+    if rel == "prefix_lm.attn":
+        M = P
+    rng = np.random.default_rng(P + M)
+    sizes = {r: 3 for a in defn.tensor_args for r in a.ranks}
+    sizes.update({"P": P, "M": M, "E": 8, "F": 4})
+    args, defaults = random_call(defn, rng, sizes)
+    params = {k: v for k, v in params.items() if k in {p.name for p in defn.scalar_params}}
+    params = {**defaults, **params}
+    want = interpret(defn, *args, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
+    assert relative_error(got.numpy(), want) < 1e-5

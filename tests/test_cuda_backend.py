@@ -1,0 +1,298 @@
+"""The CUDA backend: rendering, nvcc compilation, goldens, the launcher, and emulated numerics.
+
+Without a GPU, three checks stand in for running the kernels:
+
+* every example's ``.cu`` compiles with ``nvcc`` for sm_80 and sm_90 (one nvcc run per
+  example, both targets, in parallel, cached by content within the session), and
+  ``-Xptxas -v`` shows no register spills in the kernels;
+* the same ``.cu`` compiled as plain C++ (``-DATTNC_HOST_EMULATION``, one thread per
+  block) through the generated launcher (``ATTNC_CUDA_EMULATE=1``) matches every
+  example's numpy reference: this checks the generated indexing, presence masks,
+  state carries and tile bounds;
+* the launcher's own nvcc path builds a loadable shared library with the entry it
+  looks up.
+What needs a GPU: tensor-core fragments, warp shuffles, barriers, speed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnc.backends.cuda_backend import CudaUnsupported, render_files
+from attnc.frontends import parse_file
+from attnc.passes.pipeline import run_pipeline
+from attnc.passes.tile import NotTileable
+
+from conftest import EXAMPLES as EXAMPLES_DIR
+from conftest import all_examples
+from example_refs import EXAMPLES
+
+NVCC = shutil.which("nvcc")
+CXX = shutil.which("g++") or shutil.which("c++")
+ARCHS = ("sm_80", "sm_90")
+# cascades the tile program cannot express as one streamed kernel (as for the Triton backend)
+UNSUPPORTED = {"cosine.attn": "no iterative rank", "fusemax/online_normalizer_2pass.attn": "grid rank",
+               "linear_causal.attn": "vector ranks"}
+GOLDEN_EXAMPLES = ("causal.attn", "gqa_decode.attn", "document_mask.attn")
+EXAMPLE_IDS = [p.relative_to(EXAMPLES_DIR).as_posix() for p in all_examples()]
+SUPPORTED = [p for p in EXAMPLE_IDS if p not in UNSUPPORTED]
+
+
+def render(path: str, tile: int = 64) -> dict[str, str]:
+    module = parse_file(EXAMPLES_DIR / path)
+    final = run_pipeline(module, None, options={"tile": tile})[-1][1]
+    return render_files(final, Path(path).stem)
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SUPPORTED)
+def test_renders_both_files(path):
+    stem = Path(path).stem
+    files = render(path)
+    assert set(files) == {f"{stem}.cu", f"{stem}.py"}
+    cu = files[f"{stem}.cu"]
+    assert "attnc_mma<" in cu, "no tensor-core contraction in the kernel"
+    assert "for (int m1 = tile_lo_" in cu or "for (int e1 = tile_lo_" in cu
+    compile(files[f"{stem}.py"], f"{stem}.py", "exec")
+
+
+@pytest.mark.parametrize("path", sorted(UNSUPPORTED))
+def test_unsupported_cascades_say_why(path):
+    with pytest.raises(CudaUnsupported, match=UNSUPPORTED[path]) as info:
+        render(path)
+    assert isinstance(info.value, NotTileable)
+
+
+def test_split_k_combine_is_reported_as_missing():
+    module = parse_file(EXAMPLES_DIR / "gqa_decode.attn")
+    names = ["canonicalize", "defer-normalization", "reassociate", "online", "split-k"]
+    final = run_pipeline(module, names, options={"tile": 64, "workers": 4})[-1][1]
+    with pytest.raises(CudaUnsupported, match="combine"):
+        render_files(final, "gqa_decode")
+
+
+def test_tile_size_must_suit_tensor_cores():
+    with pytest.raises(CudaUnsupported, match="multiple of 16"):
+        render("causal.attn", tile=24)
+
+
+@pytest.mark.parametrize("path", GOLDEN_EXAMPLES)
+def test_generated_cuda_golden(path, golden):
+    golden(render(path)[f"{Path(path).stem}.cu"])
+
+
+def test_rendering_is_deterministic():
+    assert render("document_mask.attn") == render("document_mask.attn")
+
+
+# --- nvcc: every example for sm_80 and sm_90 ----------------------------------------------------
+
+_COMPILED: dict[str, tuple[int, str]] = {}
+
+
+def _nvcc(source: str, workdir: Path) -> tuple[int, str]:
+    """(return code, nvcc output) of compiling ``source`` for ARCHS, once per content."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    if key not in _COMPILED:
+        src = workdir / f"{key}.cu"
+        src.write_text(source)
+        gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
+        done = subprocess.run([NVCC, "-std=c++17", "-O3", "-c", *gencode, "-Xptxas", "-v",
+                               "-o", str(workdir / f"{key}.o"), str(src)],
+                              capture_output=True, text=True)
+        _COMPILED[key] = (done.returncode, done.stdout + done.stderr)
+    return _COMPILED[key]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """nvcc results of every supported example, compiled two at a time."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH (CI has it): the CUDA compile checks need it")
+    workdir = tmp_path_factory.mktemp("nvcc")
+    sources = {p: render(p)[f"{Path(p).stem}.cu"] for p in SUPPORTED}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(sources, pool.map(lambda s: _nvcc(s, workdir), sources.values())))
+    return results
+
+
+def ptxas_report(output: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """(kernel, arch) -> (registers, spill store bytes) from ``-Xptxas -v`` output."""
+    out, current, spills = {}, None, 0
+    for line in output.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'", line)
+        if m:
+            current = m.groups()
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and current:
+            spills = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            out[current] = (int(m.group(1)), spills)
+            current, spills = None, 0
+    return out
+
+
+@pytest.mark.parametrize("path", SUPPORTED)
+def test_nvcc_compiles_for_sm80_and_sm90_without_spills(path, compiled):
+    code, output = compiled[path]
+    assert code == 0, output[-3000:]
+    report = ptxas_report(output)
+    archs = {arch for _, arch in report}
+    assert archs == set(ARCHS), output[-2000:]
+    kernels = {k for k, _ in report}
+    assert len(kernels) == 2, "the default f16 and bf16 instances"
+    spilled = {k: v for k, v in report.items() if v[1]}
+    assert not spilled, f"register spills (kernel, arch) -> (registers, spill bytes): {spilled}"
+    assert "warning" not in output.lower(), output[-3000:]
+
+
+# --- the launcher ----------------------------------------------------------------------------------
+
+
+def load_launcher(path: str, tmp_path: Path, tile: int = 64):
+    stem = Path(path).stem
+    for name, text in render(path, tile).items():
+        (tmp_path / name).write_text(text)
+    spec = importlib.util.spec_from_file_location(f"attnc_cuda_test_{stem}_{tile}", tmp_path / f"{stem}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_launcher_imports_without_gpu_and_rejects_cpu_tensors(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("ATTNC_CUDA_EMULATE", raising=False)
+    mod = load_launcher("causal.attn", tmp_path)
+    q = torch.zeros(4, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="argument 'Q' is on cpu"):
+        mod.causal_softmax(q, q, q)
+    with pytest.raises(TypeError, match="argument 'Q' must be a torch.Tensor"):
+        mod.causal_softmax(np.zeros((4, 8)), q, q)
+
+
+def test_launcher_validates_under_emulation(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    mod = load_launcher("causal.attn", tmp_path)
+    q = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="argument 'V': rank E|argument 'K': rank E"):
+        mod.causal_softmax(q, torch.zeros(4, 9), q)
+    with pytest.raises(ValueError, match="argument 'K'.* do not broadcast"):
+        mod.causal_softmax(torch.zeros(2, 4, 8), torch.zeros(3, 4, 8), torch.zeros(4, 8))
+    with pytest.raises(TypeError, match="parameter 'scale'"):
+        mod.causal_softmax(q, q, q, scale="x")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
+@pytest.mark.parametrize("path,name,tag,ctype,blocks", [
+    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80]),   # decode, head 80
+    ("causal.attn", "causal_softmax", "f16", "__half", [32, 256, 256]),          # head 256
+])
+def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, blocks, tmp_path,
+                                                      monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ATTNC_CUDA_ARCH", "sm_80")
+    mod = load_launcher(path, tmp_path)
+    fn, err, _ = mod._library(name, tag, ctype, blocks, None, False)
+    assert fn.restype is not None and err(-1) == b"grid too large (more than 65535 row blocks)"
+    shape = "_".join(map(str, blocks))
+    assert len(list((tmp_path / "cache").glob(f"attnc_{name}_{tag}_{shape}_sm_80_*.so"))) == 1
+
+
+def test_launcher_picks_blocks_that_fit_registers_and_shared_memory(tmp_path):
+    pytest.importorskip("torch")
+    mod = load_launcher("causal.attn", tmp_path)
+    a100 = 163 * 1024
+
+    def pick(rows, head):
+        blocks = {"E": mod._pad16(head), "F": mod._pad16(head), "M0": 64}
+        return mod._blocks("causal_softmax", "P", rows, blocks, lambda B: mod._causal_softmax_smem(B, 2),
+                           lambda B: sum(-(-n // 128) for n in [B["P"], B["P"], B["P"] * B["F"]]), a100)
+    assert pick(1, 128)["P"] == 16            # decode
+    assert pick(4096, 64)["P"] == 64
+    assert pick(4096, 128)["P"] == 32         # 64 rows: 66 state floats per thread
+    assert pick(4096, 256)["P"] == 32         # the state of 64 rows x 256 would spill
+    assert pick(4096, 96)["E"] == 96          # non-power-of-two head dims pad to 16 only
+    with pytest.raises(ValueError, match="shared memory"):
+        pick(4096, 1024)
+
+
+# --- emulated numerics against the numpy references ------------------------------------------------
+
+EMULATED = [(p, k) for p in SUPPORTED for k in range(len(EXAMPLES[p].sizes))]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """path -> launcher module under ATTNC_CUDA_EMULATE=1 (tile 16: several tiles per row)."""
+    if CXX is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("emulated")
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            d = root / path.replace("/", "_")
+            d.mkdir()
+            cache[path] = load_launcher(path, d, tile=16)
+        return cache[path]
+    return get, root
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def check(got, expected):
+    for g, e in zip(as_tuple(got), as_tuple(expected)):
+        g = g.double().numpy()
+        assert g.shape == e.shape
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g == 0, e == 0, err_msg="zero pattern differs")
+        assert np.max(np.abs(g - e), initial=0.0) <= 2e-5 * max(1.0, np.max(np.abs(e), initial=0.0))
+
+
+@pytest.mark.parametrize("path,case", EMULATED, ids=[f"{p}-{k}" for p, k in EMULATED])
+def test_emulated_kernel_matches_reference(path, case, emulated, monkeypatch):
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    ref = EXAMPLES[path]
+    arrays, params = ref.make_inputs(np.random.default_rng(case), ref.sizes[case])
+    got = getattr(get(path), ref.definition)(*[torch.from_numpy(a) for a in arrays], **params)
+    check(got, ref.reference(*arrays, **params))
+
+
+def test_emulated_kernel_broadcasts_batch_dims(emulated, monkeypatch):
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    ref = EXAMPLES["gqa_decode.attn"]
+    sizes = ref.sizes[0]
+    draws = [ref.make_inputs(np.random.default_rng(10 + i), sizes)[0] for i in range(6)]
+    q = np.stack([d[0] for d in draws]).reshape(2, 3, *draws[0][0].shape)
+    k = np.stack([d[1] for d in draws[:2]]).reshape(2, 1, *draws[0][1].shape)
+    v = np.stack([d[2] for d in draws[:3]]).reshape(1, 3, *draws[0][2].shape)
+    got = get("gqa_decode.attn").gqa_decode(torch.from_numpy(q), torch.from_numpy(k),
+                                            torch.from_numpy(v).transpose(-1, -2).contiguous()
+                                            .transpose(-1, -2))
+    check(got, ref.reference(q, k, v))

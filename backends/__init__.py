@@ -18,6 +18,7 @@ class Backend:
     name: str
     render: Callable[..., dict[str, str]]  # (module, stem, fused=True) -> {filename: text}
     doc: str
+    tile: int = 64  # default tile of the streamed rank (the online pass's option)
 
 
 def _numpy(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
@@ -33,7 +34,8 @@ def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
 
 
 BACKENDS: dict[str, Backend] = {
-    "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)"),
+    # numpy pays a Python iteration per tile: bigger tiles amortise it (bench/cpu.py)
+    "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)", 512),
     "triton": Backend("triton", _triton, "Triton kernels and torch launchers"),
 }
 
@@ -50,6 +52,9 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
     from ..passes.tile import NotTileable
 
     chosen = get_backend(backend)
+    options = dict(options or {})
+    if options.get("tile") is None:
+        options["tile"] = chosen.tile
     stages = run_pipeline(module, names, stop_after, after_each, options)
     try:
         return stages, chosen.render(stages[-1][1], stem, fused=fused)

@@ -24,18 +24,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnc.backends import load_generated, write_atomic  # noqa: E402
-from attnc.backends.numpy_backend import render_module  # noqa: E402
+from attnc.backends import compile_module, load_generated, write_atomic  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
-from attnc.passes.pipeline import run_pipeline  # noqa: E402
 
 
 def compile_spec(spec: Path, passes, fused: bool, tmp: Path, tag: str, tile: int | None):
     module = parse_file(spec)
-    options = {"tile": tile} if tile else None
-    final = run_pipeline(module, passes, options=options)[-1][1]
+    _, files = compile_module(module, "numpy", spec.stem, passes, {"tile": tile}, fused=fused)
     path = tmp / f"{spec.stem}_{tag}.py"
-    write_atomic(path, render_module(final, spec.name, fused=fused))
+    write_atomic(path, files[f"{spec.stem}.py"])
     return getattr(load_generated(path), module.definitions[0].name)
 
 

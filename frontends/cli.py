@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -114,15 +115,38 @@ def _compile_to_temp(spec: str, module: Module, args, tmp: str):
     return load_generated(Path(tmp) / f"{Path(spec).stem}.py")
 
 
+def _check_target(backend: str) -> tuple[str | None, float]:
+    """(torch device or None for numpy, relative tolerance) of a backend's check."""
+    if backend == "numpy":
+        return None, 1e-9
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(f"the {backend} backend needs torch: pip install -e '.[triton]'") from None
+    if torch.cuda.is_available():
+        return "cuda", 1e-4
+    if backend == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through Triton's interpreter
+        return "cpu", 1e-4
+    raise UsageError(f"the {backend} backend needs a CUDA GPU to run; compile it with "
+                     f"'attnc compile --backend {backend}'")
+
+
 def cmd_check(args) -> int:
     from ..backends.check import check_definition
 
     module = parse_file(args.spec)
     failed = False
+    device, tolerance = _check_target(args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         generated = _compile_to_temp(args.spec, module, args, tmp)
         for defn in module.definitions:
-            rows = check_definition(defn, getattr(generated, defn.name), args.seed)
+            fn = getattr(generated, defn.name)
+            if device is not None:
+                from ..backends.check import torch_caller
+
+                fn = torch_caller(fn, device)
+            rows = check_definition(defn, fn, args.seed, tolerance)
             worst: dict[str, float] = {}
             for row in rows:
                 worst[row.output] = max(worst.get(row.output, 0.0), row.rel_error)
@@ -131,7 +155,7 @@ def cmd_check(args) -> int:
                     print(f"MISMATCH {defn.name}.{row.output} sizes={row.sizes} "
                           f"batch={row.batch}: relative error {row.rel_error:.3g}")
             for out, err in worst.items():
-                status = "ok" if err <= 1e-9 else "FAIL"
+                status = "ok" if err <= tolerance else "FAIL"
                 print(f"{defn.name:24s} {out:12s} max relative error {err:.2e} over "
                       f"{len(rows) // len(worst)} shapes  {status}")
     return EXIT_MISMATCH if failed else 0

@@ -125,3 +125,10 @@ def test_print_after_all_and_stop_after(capsys):
                  "--stop-after", "canonicalize"]) == 0
     out = capsys.readouterr().out
     assert "# ---- after canonicalize ----" in out
+
+
+def test_check_with_the_triton_backend(capsys):
+    pytest.importorskip("triton")
+    assert main(["check", str(EXAMPLES / "gqa_decode.attn"), "--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "gqa_decode" in out and "ok" in out

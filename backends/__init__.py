@@ -19,6 +19,7 @@ class Backend:
     render: Callable[..., dict[str, str]]  # (module, stem, fused=True) -> {filename: text}
     doc: str
     tile: int = 64  # default tile of the streamed rank (the online pass's option)
+    runtime: str = "numpy"  # what the generated functions take: numpy arrays or torch tensors
 
 
 def _numpy(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
@@ -36,7 +37,7 @@ def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
 BACKENDS: dict[str, Backend] = {
     # numpy pays a Python iteration per tile: bigger tiles amortise it (bench/cpu.py)
     "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)", 512),
-    "triton": Backend("triton", _triton, "Triton kernels and torch launchers"),
+    "triton": Backend("triton", _triton, "Triton kernels and torch launchers", runtime="torch"),
 }
 
 

@@ -34,10 +34,17 @@ def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
     return {f"{stem}.py": render_module(module, f"{stem}.attn")}
 
 
+def _cuda(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
+    from .cuda_backend import render_files
+
+    return render_files(module, stem)
+
+
 BACKENDS: dict[str, Backend] = {
     # numpy pays a Python iteration per tile: bigger tiles amortise it (bench/cpu.py)
     "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)", 512),
     "triton": Backend("triton", _triton, "Triton kernels and torch launchers", runtime="torch"),
+    "cuda": Backend("cuda", _cuda, "CUDA C++ kernels (WMMA) and a torch launcher", runtime="torch"),
 }
 
 

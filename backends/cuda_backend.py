@@ -63,7 +63,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
 from .numpy_backend import pyname, size_code
-from .triton_backend import (Term, _expand_loads, _factors, _inline_loads, _integer_affine,
+from .kernel_common import (Term, _expand_loads, _factors, _inline_loads, _integer_affine,
                              _merge_terms, _sign, classify_ranks)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"

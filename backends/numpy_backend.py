@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import keyword
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import jinja2

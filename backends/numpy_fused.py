@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import sympy
 
 from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, Index, IterativeEinsum, Num,
-                            Reduce, Size)
+from ..einsum_ir.ir import Access, Binary, Definition, Index, IterativeEinsum, Num, Reduce
 from ..einsum_ir.printer import print_statement
-from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions, to_sympy
+from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions
 from .numpy_backend import Bound, FunctionRenderer, StatementRenderer, mask_name, pyname, tup
 
 

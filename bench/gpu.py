@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import subprocess
 import sys
@@ -170,7 +169,6 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
         q, k, v = rand(B, H, n, D), rand(B, H, n, D), rand(B, H, n, D)
         q2, k2 = rand(B, H, n, D), rand(B, H, n, D)
         slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=device)
-        scale = 1 / math.sqrt(D)
         for label, spec, kind, params in variants:
             if time.time() - START > 200:
                 say(f"| {label} | {n} | skipped: time budget | | | |")

@@ -1,7 +1,6 @@
 """The Triton backend under TRITON_INTERPRET=1: every example against the interpreter."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -197,3 +196,26 @@ def test_tile_skipping_and_unmasked_full_tiles(rel, params, P, M, tmp_path):
         warnings.simplefilter("ignore")
         got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
     assert relative_error(got.numpy(), want) < 1e-5
+
+
+def test_mixed_input_dtypes_accumulate_in_f32(causal_module):
+    rng = np.random.default_rng(9)
+    Q, K, V = rng.standard_normal((2, 9, 8)), rng.standard_normal((2, 13, 8)), rng.standard_normal((13, 4))
+    d = parse(CAUSAL).definitions[0]
+    want = interpret(d, Q, K, V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = causal_module.causal_softmax(torch.from_numpy(Q).float(), torch.from_numpy(K).half(),
+                                           torch.from_numpy(V).float())
+    assert got.dtype == torch.float32  # the first floating-point tensor passed
+    assert relative_error(got.numpy(), want) < 5e-3
+
+
+def test_head_dims_that_are_not_powers_of_two(causal_module):
+    rng = np.random.default_rng(10)
+    Q, K, V = rng.standard_normal((7, 24)), rng.standard_normal((19, 24)), rng.standard_normal((19, 40))
+    d = parse(CAUSAL).definitions[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = causal_module.causal_softmax(*[torch.from_numpy(x).float() for x in (Q, K, V)])
+    assert relative_error(got.numpy(), interpret(d, Q, K, V)) < 1e-5

@@ -169,10 +169,72 @@ def split_reductions(st: Statement, taken: set[str]) -> list[Statement]:
     return out
 
 
+def fold_constants(e: Expr) -> Expr:
+    """Arithmetic on literals computed once: ``1 / 2 * x`` -> ``0.5 * x``.
+
+    Only results that print back as the same tree are folded (non-negative,
+    finite numbers), so the cascade still round-trips through ``.attn``.
+    """
+    import math
+
+    from ..einsum_ir.exprs import transform
+    from ..einsum_ir.ir import Binary, Num
+
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: a / b}
+
+    def fold(n):
+        if (isinstance(n, Binary) and n.op in ops and isinstance(n.left, Num)
+                and isinstance(n.right, Num) and not (n.op == "/" and n.right.value == 0)):
+            value = ops[n.op](n.left.value, n.right.value)
+            if isinstance(value, float) and value.is_integer() and n.op != "/":
+                value = int(value) if all(isinstance(x.value, int) for x in (n.left, n.right)) else value
+            if math.isfinite(value) and value >= 0:
+                return Num(value, loc=n.loc)
+        return None
+    return transform(e, fold)
+
+
+def eliminate_common_subexpressions(defn: Definition) -> Definition:
+    """A plain Einsum equal to an earlier one (same ranks, expression and ``where``) is
+    dropped and its readers read the earlier tensor.  Before → after::
+
+        GM1[p] = max[m](S[p,m]);  GM2[p] = max[m](S[p,m]);  X[p] = GM1[p] - GM2[p]
+        GM1[p] = max[m](S[p,m]);  X[p] = GM1[p] - GM1[p]
+    """
+    from ..einsum_ir.exprs import transform
+
+    outputs = {o.name for o in defn.outputs}
+    statements = list(defn.statements)
+    while True:
+        seen: dict[tuple, str] = {}
+        rename: dict[str, str] = {}
+        for st in statements:
+            if not isinstance(st, Einsum):
+                continue
+            key = (st.lhs, st.expr, st.where)
+            if key in seen and st.tensor not in outputs:
+                rename[st.tensor] = seen[key]
+            else:
+                seen.setdefault(key, st.tensor)
+        if not rename:
+            return dataclasses.replace(defn, statements=tuple(statements))
+
+        def fix(n):
+            if isinstance(n, Access) and n.tensor in rename:
+                return Access(rename[n.tensor], n.subscripts, loc=n.loc)
+            return None
+        statements = [dataclasses.replace(st, expr=transform(st.expr, fix),
+                                          where=None if st.where is None else transform(st.where, fix))
+                      for st in statements if st.tensor not in rename]
+
+
 def canonicalize(defn: Definition) -> Definition:
-    """Split reductions so that each Einsum holds at most one, at its root."""
+    """One reduction per Einsum at its root, literals folded, duplicate Einsums merged."""
     taken = _taken_names(defn)
     statements: list[Statement] = []
     for st in defn.statements:
+        st = dataclasses.replace(st, expr=fold_constants(st.expr),
+                                 where=None if st.where is None else fold_constants(st.where))
         statements += split_reductions(st, taken)
-    return dataclasses.replace(defn, statements=tuple(statements))
+    return eliminate_common_subexpressions(dataclasses.replace(defn, statements=tuple(statements)))

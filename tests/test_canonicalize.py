@@ -175,3 +175,23 @@ def test_temp_names_do_not_clash():
 
 def test_golden_shadowed(golden):
     golden(print_ir(canonicalize(defn(CASES["shadowed_with_where"][0]))))
+
+
+def test_common_subexpressions_are_merged_and_literals_folded():
+    from attnc.einsum_ir.interpreter import interpret
+    from attnc.passes.canonicalize import canonicalize as canon
+
+    src = """
+attention s1(Q[P,E], K[M,E], V[M,F]) -> AV[P,F] {
+  S[p,m] = Q[p,e]*K[m,e] * (1/2)
+  AV[p,f] = exp(S[p,m] - max[m](S[p,m])) * V[m,f] / sum[m](exp(S[p,m] - max[m](S[p,m])))  where m <= p
+}
+"""
+    d = parse(src).definitions[0]
+    c = canon(d)
+    text = print_ir(c)
+    assert text.count("max[m]") == 1 and "0.5" in text and "1 / 2" not in text
+    assert parse(text).definitions[0] == c
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((5, 3)), rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    np.testing.assert_allclose(interpret(c, Q, K, V), interpret(d, Q, K, V), rtol=1e-12)

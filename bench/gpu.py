@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from attnc.backends import compile_module, load_generated, write_atomic  # noqa: E402
 from attnc.backends.check import random_call, random_sizes, relative_error  # noqa: E402
 from attnc.backends.triton_backend import TritonUnsupported  # noqa: E402
+from attnc.passes.tile import NotTileable  # noqa: E402
 from attnc.einsum_ir.interpreter import interpret  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
 
@@ -63,6 +64,47 @@ def compile_triton(spec: Path, tile: int, tmp: Path, workers: int | None = None)
     path = tmp / f"{spec.stem}_t{tile}_w{workers}.py"
     write_atomic(path, files[f"{spec.stem}.py"])
     return module, load_generated(path)
+
+
+def compile_cuda(spec: Path, tile: int, tmp: Path):
+    module = parse_file(spec)
+    _, files = compile_module(module, "cuda", spec.stem, None, {"tile": tile})
+    for name, text in files.items():
+        write_atomic(tmp / f"cu_{name}", text)
+    (tmp / f"cu_{spec.stem}.cu").rename(tmp / f"{spec.stem}.cu")
+    return module, load_generated(tmp / f"cu_{spec.stem}.py")
+
+
+def numerics_cuda(tmp: Path, device: str) -> None:
+    """The CUDA backend (bf16 only: it takes 16-bit inputs) against the interpreter."""
+    say("\n## Numerics, CUDA backend (bf16) vs the float64 interpreter")
+    say("| example | bf16 rel. error | status |")
+    say("|---|---|---|")
+    rng = np.random.default_rng(1)
+    for spec in sorted(EXAMPLES.rglob("*.attn")):
+        name = str(spec.relative_to(EXAMPLES))
+        try:
+            module, gen = compile_cuda(spec, 64, tmp)
+        except NotTileable as err:
+            say(f"| {name} | - | not compiled: {str(err)[:90]} |")
+            continue
+        except Exception as err:  # noqa: BLE001
+            say(f"| {name} | - | COMPILE ERROR {type(err).__name__}: {str(err)[:80]} |")
+            continue
+        for defn in module.definitions:
+            try:
+                sizes = random_sizes(defn, rng, 17, 100)
+                args, params = random_call(defn, rng, sizes, (2,), (2,))
+                want = interpret(defn, *args, **params)
+                want = want if isinstance(want, tuple) else (want,)
+                xs = [torch.from_numpy(a).to(device=device, dtype=torch.bfloat16)
+                      if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
+                got = getattr(gen, defn.name)(*xs, **params)
+                got = got if isinstance(got, tuple) else (got,)
+                err = max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want))
+                say(f"| {name}:{defn.name} | {err:.1e} | {'ok' if err < 5e-2 else 'FAIL'} |")
+            except Exception as err:  # noqa: BLE001
+                say(f"| {name}:{defn.name} | - | RUN ERROR {type(err).__name__}: {str(err)[:80]} |")
 
 
 def bench_ms(fn) -> float:
@@ -188,6 +230,13 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
                 row["attnc"] = bench_ms(call)
             except Exception as err:  # noqa: BLE001
                 row["attnc_error"] = f"{type(err).__name__}: {str(err)[:60]}"
+            if label in ("full", "causal") and device == "cuda":
+                try:
+                    _, cgen = compile_cuda(EXAMPLES / spec, 64, tmp)
+                    cfn = getattr(cgen, parse_file(EXAMPLES / spec).definitions[0].name)
+                    row["cuda"] = bench_ms(lambda: cfn(q, k, v))
+                except Exception as err:  # noqa: BLE001
+                    row["cuda_error"] = f"{type(err).__name__}: {str(err)[:60]}"
             try:
                 if label in ("full", "causal"):
                     row["SDPA"] = bench_ms(lambda: sdpa(q, k, v, is_causal=kind == "causal"))
@@ -242,7 +291,9 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
                 except Exception as e:  # noqa: BLE001
                     ratio += f" (compare failed: {str(e)[:40]})"
             note = row.get("attnc_error", "")
-            say(f"| {label} | {n} | {tf(row['attnc']) if row['attnc'] else note} | {tf(row['SDPA'])} | "
+            if "cuda" in row or "cuda_error" in row:
+                note += f" (cuda backend: {tf(row['cuda']) if row.get('cuda') else row.get('cuda_error')})"
+            say(f"| {label} | {n} | {tf(row['attnc']) if row['attnc'] else ''}{note} | {tf(row['SDPA'])} | "
                 f"{tf(row['Flex'])} | {ratio} |")
 
 
@@ -296,9 +347,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: numerics,prefill,decode")
-    ap.add_argument("--section", choices=("numerics", "prefill", "decode"))
-    ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")], default=[150, 220, 60],
-                    help="seconds for numerics,prefill,decode")
+    ap.add_argument("--section", choices=("numerics", "prefill", "decode", "cuda"))
+    ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")],
+                    default=[150, 220, 60, 120], help="seconds for numerics,prefill,decode,cuda")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
@@ -314,7 +365,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.section is None:  # the driver: each section in its own process, with a time limit
         for section, limit in (("numerics", args.limits[0]), ("prefill", args.limits[1]),
-                               ("decode", args.limits[2])):
+                               ("decode", args.limits[2]), ("cuda", args.limits[3])):
             if section in args.skip.split(","):
                 continue
             cmd = [sys.executable, __file__, "--section", section, "--sizes", args.sizes]
@@ -329,7 +380,8 @@ def main() -> None:
     sections = {"numerics": lambda: numerics(Path(tmp), device, args.smoke),
                 "prefill": lambda: prefill(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
                                            args.smoke),
-                "decode": lambda: decode(Path(tmp), device, args.smoke)}
+                "decode": lambda: decode(Path(tmp), device, args.smoke),
+                "cuda": lambda: numerics_cuda(Path(tmp), device)}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             sections[args.section]()

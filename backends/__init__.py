@@ -42,7 +42,7 @@ def _cuda(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
 
 BACKENDS: dict[str, Backend] = {
     # numpy pays a Python iteration per tile: bigger tiles amortise it (bench/cpu.py)
-    "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)", 512),
+    "numpy": Backend("numpy", _numpy, "plain numpy module (fused tile loop where possible)", 256),
     "triton": Backend("triton", _triton, "Triton kernels and torch launchers", runtime="torch"),
     "cuda": Backend("cuda", _cuda, "CUDA C++ kernels (WMMA) and a torch launcher", runtime="torch"),
 }

@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--big", action="store_true", help="also run P=M=65536 (fused)")
     args = ap.parse_args()

@@ -300,6 +300,9 @@ class FusedFunctionRenderer(FunctionRenderer):
                     continue
                 conj = self.bounds(g)
                 if conj is None:
+                    data = self.data_dependent_live(g, lines)
+                    if data is not None:
+                        some_terms.append(data)
                     continue
                 parts = []
                 for bounds in conj:
@@ -316,6 +319,33 @@ class FusedFunctionRenderer(FunctionRenderer):
         lines.append("    continue")
         lines += self.full_flag_lines()
         return lines
+
+    def data_dependent_live(self, g: Guard, lines: list[str]) -> str | None:
+        """The block mask of a data-dependent guard for this tile: rows where some point of
+        the tile satisfies it (evaluated on the rows × tile grid, absent reads count false)."""
+        from .kernel_common import _expand_loads, _inline_loads
+
+        tp = self.tp
+        if not free_ranks(g.cond) <= {tp.loop_rank, tp.tile_rank, self.rows.rank}:
+            return None
+        cond = _expand_loads(g.cond, _inline_loads(tp)[0])  # blocked copies read at the source
+        if any(isinstance(n, Access) and n.tensor in tp.local | set(tp.state) for n in walk(cond)):
+            return None
+        g = Guard(cond, g.exists)
+        key = ("live", g.cond)
+        if key in self.full_flags:
+            return self.full_flags[key]
+        from ..einsum_ir.ir import Call, Einsum, Reduce
+
+        probe = Einsum("_LIVE", (tp.loop_rank, self.rows.rank),
+                       Reduce("max", (tp.tile_rank,), Call("select", (g.cond, Num(1), Num(0)))))
+        r = FusedStatementRenderer(self.defn, probe, self.temps, tp, None, {}, in_loop=True)
+        body, value, mask, nl = r.render()
+        name = self.temps.new("live")
+        lines += [f"# block mask: rows of this tile where {g}"] + body
+        lines.append(f"{name} = _rows_live({value}, {mask}, {nl}, {r.nd}, _allrows.shape[0])")
+        self.full_flags[key] = name
+        return name
 
     def full_flag_lines(self) -> list[str]:
         """``_full_T``: statement T's where holds at every point of this tile's rows."""

@@ -202,3 +202,19 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
         write_atomic(path, "new\n")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.py"]
+
+
+@pytest.mark.parametrize("rel", ["bigbird.attn", "document_mask.attn"])
+def test_data_dependent_masks_get_a_block_mask(rel, tmp_path):
+    """A data-dependent where is probed per tile: only rows with a visible key are computed."""
+    from attnc.backends import compile_module
+
+    module = parse_file(EXAMPLES / rel)
+    _, files = compile_module(module, "numpy", Path(rel).stem, options={"tile": 4})
+    code = files[f"{Path(rel).stem}.py"]
+    assert "# block mask: rows of this tile where" in code and "_rows_live(" in code
+    path = tmp_path / f"{Path(rel).stem}.py"
+    write_atomic(path, code)
+    gen = load_generated(path)
+    for defn in module.definitions:
+        assert all(r.ok for r in check_definition(defn, getattr(gen, defn.name), seed=8))

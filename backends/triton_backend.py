@@ -606,6 +606,42 @@ class KernelRenderer:
             return "lo", f"-({_floor_div(kcode, c1code)})"
         return "hi", f"{_floor_div(kcode, c1code)} + 1"  # m1 <= floor(k / (-c1))
 
+    def block_probe(self) -> str | None:
+        """A scalar 'some update can change a row of this block' for data-dependent guards
+        (a block mask computed per tile); None when only affine guards (tile bounds) apply."""
+        r = self.ranks
+        if r.tile is None or r.row is None:
+            return None
+        per_update = []
+        for _, guards in self.tp.guards:
+            data = [g for g in guards if r.tile in g.exists and self.guard_range(g) is None
+                    and free_ranks(g.cond) <= {r.loop, r.tile, r.row}]
+            if not data:
+                return None  # this update is not gated by data: the tile is always live
+            per_update.append(data)
+        terms = []
+        for data in per_update:
+            parts = []
+            for g in data:
+                cond = _expand_loads(g.cond, self.loads)
+                if any(isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond)):
+                    return None
+                key = ("probe", cond)
+                if key not in self.memo:
+                    c = self.value(cond, Einsum("_probe", (), cond))
+                    code = c.code if c.is_bool else f"({c.code} != 0)"
+                    lay = self.canon(set(c.layout) | {r.row, r.tile})
+                    ranges = (self.range_term(r.row),)
+                    mask = self.mask_code(tuple(c.terms) + ranges + (Term(code, c.layout),), lay)
+                    name = self.new("live")
+                    self.emit(f"{name} = tl.max(tl.max(({mask}).to(tl.int32), axis=1), axis=0) > 0")
+                    self.memo[key] = name
+                parts.append(self.memo[key])
+            terms.append(" & ".join(parts))
+        live = self.new("live")
+        self.emit(f"{live} = " + " | ".join(f"({t})" for t in dict.fromkeys(terms)))
+        return live
+
     def full_range(self) -> tuple[str, str] | None:
         """[lo, hi) of tiles needing no mask: every ``where`` over the tile holds for every
         row of the block and every point of the tile, and the tile is inside the stream."""
@@ -658,9 +694,11 @@ class KernelRenderer:
             self.state_prev[t] = dataclasses.replace(self.values[t], code=prev)
             prev_names.append(prev)
         self.in_loop = True
+        live = self.block_probe()
+        head, self.lines = self.lines, []
         for st in self.body:
             self.statement(st)
-        body = self.lines
+        body = head + ([f"if {live}:"] + ["    " + ln for ln in self.lines] if live else self.lines)
         full = self.full_range()
         full_body = None
         if full is not None:

@@ -46,13 +46,22 @@ def _pass_list(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
+def _choice(args) -> tuple[list[str] | None, dict]:
+    """The passes and their options the command line asks for."""
     names = _pass_list(getattr(args, "passes", None))
     if getattr(args, "O0", False) and names is None:
         names = ["canonicalize"]
-    options = {"tile": getattr(args, "tile", None), "workers": getattr(args, "workers", None)}
+    tile = getattr(args, "tile", None)
+    if tile is None and getattr(args, "backend", None):
+        tile = _backend(args.backend).tile
+    options = {"tile": tile, "workers": getattr(args, "workers", None)}
     if getattr(args, "size", None):
         options["sizes"] = _parse_sizes(args.size)
+    return names, options
+
+
+def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
+    names, options = _choice(args)
     try:
         return run_pipeline(module, names, getattr(args, "stop_after", None), echo, options)
     except ValueError as err:
@@ -91,13 +100,7 @@ def cmd_compile(args) -> int:
 
 def _compile(module: Module, args, echo=None):
     """(stages, files) for the spec's backend, through the requested pipeline."""
-    _backend(args.backend)
-    names = _pass_list(getattr(args, "passes", None))
-    if getattr(args, "O0", False) and names is None:
-        names = ["canonicalize"]
-    options = {"tile": getattr(args, "tile", None), "workers": getattr(args, "workers", None)}
-    if getattr(args, "size", None):
-        options["sizes"] = _parse_sizes(args.size)
+    names, options = _choice(args)
     try:
         return compile_module(module, args.backend, Path(args.spec).stem, names, options,
                               getattr(args, "stop_after", None), echo,

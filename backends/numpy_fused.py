@@ -63,13 +63,20 @@ class Rows:
     hi: str = "_hi"
 
 
+def always_present_states(tp: TileProgram) -> frozenset[str]:
+    """States whose init reads nothing and has no ``where``: present from the start, and an
+    update that is not computed carries them, so they are present at every step."""
+    return frozenset(st.tensor for st in tp.inits if st.where is None
+                     and not any(isinstance(n, Access) for n in walk(st.expr)))
+
+
 class FusedStatementRenderer(StatementRenderer):
     """Renders a body statement for one tile (see the module docstring)."""
 
     def __init__(self, defn, st, temps, tp: TileProgram, rows: Rows | None, full_flags: dict,
                  in_loop: bool = True):
         super().__init__(defn, st, temps, tp.loop_rank if in_loop else None,
-                         frozenset(a.name for a in defn.tensor_args))
+                         frozenset(a.name for a in defn.tensor_args) | always_present_states(tp))
         self.tp, self.rows, self.full_flags, self.in_loop = tp, rows, full_flags, in_loop
 
     # --- grid ---------------------------------------------------------------
@@ -104,7 +111,8 @@ class FusedStatementRenderer(StatementRenderer):
             step = subs[pos]
             if kind == "state":
                 nxt = step == Binary("+", Index(self.tp.loop_rank), Num(1))
-                array, mask = (f"{array}_next", f"{mask}_next") if nxt else (array, mask)
+                if nxt:
+                    array, mask = f"{array}_next", None if mask is None else f"{mask}_next"
             elif step != Index(self.tp.loop_rank):
                 raise NotTileable(f"{e.tensor} is read at another tile than the current one")
             del ranks[pos], subs[pos]
@@ -358,10 +366,20 @@ class FusedFunctionRenderer(FunctionRenderer):
                 continue
             lo, hi = self.interval_code(conj[0])
             flag = f"_full_{pyname(st.tensor)}"
-            lines.append(f"{flag} = _all_rows(({lo}) <= 0, ({hi}) >= {self.tp.tile_size - 1}, "
-                         f"_lo, _hi)")
+            lines.append(f"{flag}_rows = np.broadcast_to(np.logical_and(({lo}) <= 0, "
+                         f"({hi}) >= {self.tp.tile_size - 1}), (_allrows.shape[0],))")
             self.full_flags[st.tensor] = flag
         return lines
+
+    def segment_lines(self) -> tuple[list[str], bool]:
+        """Split this tile's rows into runs where every full-flag is constant: rows whose
+        filter holds on the whole tile run without it (``_full_T``), the others with it."""
+        flags = [f for k, f in self.full_flags.items() if isinstance(k, str)]
+        if not flags:
+            return [], False
+        names = ", ".join(flags)
+        rows = ", ".join(f"{f}_rows" for f in flags)
+        return [f"for _lo, _hi, ({names},) in _row_segments(_lo, _hi, {rows}):"], True
 
     def body(self) -> list[str]:
         tp = self.tp
@@ -376,8 +394,9 @@ class FusedFunctionRenderer(FunctionRenderer):
         for t in tp.state:
             inner.append(f"{pyname(t)}_next, {mask_name(t)}_next = {pyname(t)}.copy(), "
                          f"{mask_name(t)}.copy()")
-        for st in tp.body:
-            inner += self.statement_inside(st)
+        segment, split = self.segment_lines() if self.rows else ([], False)
+        statements = [ln for st in tp.body for ln in self.statement_inside(st)]
+        inner += segment + (["    " + ln for ln in statements] if split else statements)
         for t in tp.state:
             inner.append(f"{pyname(t)}, {mask_name(t)} = {pyname(t)}_next, {mask_name(t)}_next")
         out += ["    " + ln for ln in inner] + [""]

@@ -53,13 +53,19 @@ def mask_name(tensor: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def size_code(e: sympy.Expr, exact: bool, lib: str = "np") -> str:
+def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
+              symbol=None) -> str:
     """sympy size expression -> Python; ``exact`` uses Fraction arithmetic for lets.
 
-    ``lib`` names the math module of the generated code (``np`` or ``math``).
+    ``lib`` names the math module of the generated code (``np`` or ``math``);
+    ``vector`` renders ceil/floor for arrays; ``symbol`` names a symbol (default: pyname).
     """
+    def again(x, ex=exact):
+        return size_code(x, ex, lib, vector, symbol)
+
     if e.is_Symbol:
-        return f"Fraction({pyname(e.name)})" if exact else pyname(e.name)
+        name = (symbol or pyname)(e.name)
+        return f"Fraction({name})" if exact else name
     if e.is_Integer:
         return str(int(e))
     if e.is_Rational:
@@ -71,32 +77,32 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np") -> str:
     if e is sympy.oo:
         return f"{lib}.inf"
     if e.is_Add:
-        return "(" + " + ".join(size_code(a, exact, lib) for a in e.args) + ")"
+        return "(" + " + ".join(again(a, exact) for a in e.args) + ")"
     if e.is_Mul:
-        return "(" + " * ".join(size_code(a, exact, lib) for a in e.args) + ")"
+        return "(" + " * ".join(again(a, exact) for a in e.args) + ")"
     if e.is_Pow:
         base, exp = e.args
         if exp.is_Integer and exp < 0:
-            return f"(1 / {size_code(base ** -exp, exact, lib)})" if exact else \
-                f"(1.0 / {size_code(base ** -exp, exact, lib)})"
+            return f"(1 / {again(base ** -exp, exact)})" if exact else \
+                f"(1.0 / {again(base ** -exp, exact)})"
         if exp == sympy.Rational(1, 2):
-            return f"{lib}.sqrt({size_code(base, False, lib)})"
+            return f"{lib}.sqrt({again(base, False)})"
         if exp == -sympy.Rational(1, 2):
-            return f"(1.0 / {lib}.sqrt({size_code(base, False, lib)}))"
-        return f"({size_code(base, exact, lib)} ** {size_code(exp, exact, lib)})"
+            return f"(1.0 / {lib}.sqrt({again(base, False)}))"
+        return f"({again(base, exact)} ** {again(exp, exact)})"
     if isinstance(e, sympy.ceiling):
-        return f"_ceil({size_code(e.args[0], True, lib)})"
+        return f"np.ceil({again(e.args[0])})" if vector else f"_ceil({again(e.args[0], True)})"
     if isinstance(e, sympy.floor):
-        return f"_floor({size_code(e.args[0], True, lib)})"
+        return f"np.floor({again(e.args[0])})" if vector else f"_floor({again(e.args[0], True)})"
     if isinstance(e, (sympy.Min, sympy.Max)):
         fn = "min" if isinstance(e, sympy.Min) else "max"
-        return f"{fn}(" + ", ".join(size_code(a, exact, lib) for a in e.args) + ")"
+        return f"{fn}(" + ", ".join(again(a, exact) for a in e.args) + ")"
     if isinstance(e, sympy.exp):
-        return f"{lib}.exp({size_code(e.args[0], False, lib)})"
+        return f"{lib}.exp({again(e.args[0], False)})"
     if isinstance(e, sympy.log):
-        return f"{lib}.log({size_code(e.args[0], False, lib)})"
+        return f"{lib}.log({again(e.args[0], False)})"
     if isinstance(e, sympy.Abs):
-        return f"abs({size_code(e.args[0], exact, lib)})"
+        return f"abs({again(e.args[0], exact)})"
     raise NotImplementedError(f"size expression {e}")
 
 

@@ -21,37 +21,20 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import Access, Binary, Definition, Index, IterativeEinsum, Num, Reduce
 from ..einsum_ir.printer import print_statement
 from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions
-from .numpy_backend import Bound, FunctionRenderer, StatementRenderer, mask_name, pyname, tup
+from .numpy_backend import (Bound, FunctionRenderer, StatementRenderer, mask_name, pyname,
+                            size_code, tup)
 
 
 def guard_code(e: sympy.Expr, names: dict[str, str]) -> str:
     """A sympy bound as vectorised numpy code (index symbols ``_R`` renamed by ``names``)."""
-    if e.is_Symbol:
-        if e.name.startswith("_"):
-            return names[e.name[1:]]
-        if e.name.startswith("param_"):
-            return pyname(e.name[len("param_"):])
-        return pyname(e.name)
-    if e.is_Integer:
-        return str(int(e))
-    if e.is_Rational:
-        return f"({e.p} / {e.q})"
-    if e.is_Float:
-        return repr(float(e))
-    if e.is_Add:
-        return "(" + " + ".join(guard_code(a, names) for a in e.args) + ")"
-    if e.is_Mul:
-        return "(" + " * ".join(guard_code(a, names) for a in e.args) + ")"
-    if e.is_Pow and e.args[1].is_Integer:
-        base, exp = e.args
-        if exp < 0:
-            return f"(1.0 / {guard_code(base ** -exp, names)})"
-        return f"({guard_code(base, names)} ** {int(exp)})"
-    if isinstance(e, sympy.ceiling):
-        return f"np.ceil({guard_code(e.args[0], names)})"
-    if isinstance(e, sympy.floor):
-        return f"np.floor({guard_code(e.args[0], names)})"
-    raise NotTileable(f"cannot render the bound {e}")
+    def symbol(name: str) -> str:
+        if name.startswith("_"):
+            return names[name[1:]]
+        return pyname(name[len("param_"):] if name.startswith("param_") else name)
+    try:
+        return size_code(e, False, "np", vector=True, symbol=symbol)
+    except NotImplementedError as err:
+        raise NotTileable(f"cannot render the bound {e}") from err
 
 
 @dataclass(frozen=True)

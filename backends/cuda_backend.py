@@ -40,6 +40,13 @@ Before → after (one statement)::
       if (lane_ == 0) s_sum_7[i_p] = acc_;
     }
 
+Split-K decode (``build_variant``): beside the streamed kernel, each definition whose loop
+splits gets the variant of ``split_k(defn, 2)``: a per-worker streamed kernel (grid rank W,
+tiles ``w * MT + mt``) storing the final states into an fp32 workspace, and a combine kernel
+without a tile loop that runs the epilogue with W as an in-block reduced rank
+(``_combine_program`` of the Triton backend).  W and MT are sizes passed at launch: the
+launcher picks the worker count from the grid and the SM count (``ATTNC_SPLIT=N`` forces N).
+
 The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
 (one thread per block, scalar matrix products): the launcher runs it on CPU
 tensors under ``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated
@@ -63,7 +70,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
 from .numpy_backend import pyname, size_code
-from .kernel_common import (Term, _expand_loads, _factors, _inline_loads, _integer_affine,
+from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads, _integer_affine,
                              _merge_terms, _sign, classify_ranks)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -145,6 +152,8 @@ class KernelRenderer:
     lines: list[str] = field(default_factory=list)
     count: int = 0
     memo: dict = field(default_factory=dict)
+    ranks: Ranks | None = None        # given for a combine kernel (``_combine_program``)
+    outputs: tuple | None = None      # what the kernel stores (default: the definition's outputs)
 
     def __post_init__(self):
         self.defn = self.tp.cascade
@@ -153,7 +162,10 @@ class KernelRenderer:
                                               where=None if s.where is None else
                                               _expand_loads(s.where, self.loads))
                           for s in body)
-        self.ranks = classify_ranks(self.tp, self.body)
+        if self.ranks is None:
+            self.ranks = classify_ranks(self.tp, self.body)
+        if self.outputs is None:
+            self.outputs = tuple(self.defn.outputs)
         self.inputs = {a.name: a for a in self.defn.tensor_args}
         self.values: dict[str, CVal] = {}
         self.state_layout: dict[str, tuple[str, ...]] = {}
@@ -199,7 +211,7 @@ class KernelRenderer:
                 for n in walk(e) if e is not None else ():
                     if isinstance(n, Access):
                         out[n.tensor] = out.get(n.tensor, 0) + 1
-        for o in self.defn.outputs:
+        for o in self.outputs:
             out[o.name] = out.get(o.name, 0) + 1
         return out
 
@@ -208,8 +220,8 @@ class KernelRenderer:
         for st in self.body + self.tp.epilogue + self.tp.prologue:
             for red in walk(st.expr):
                 if isinstance(red, Reduce) and not set(red.ranks) <= vec:
-                    extra = (" (a split-K / stream-K combine after the loop: the CUDA backend "
-                             "renders no combine kernel yet)" if st in self.tp.epilogue else "")
+                    extra = (" (a split-K / stream-K combine after the loop: render it as a "
+                             "second kernel, see build_variant)" if st in self.tp.epilogue else "")
                     raise CudaUnsupported(f"reduction over grid rank(s) "
                                           f"{','.join(sorted(set(red.ranks) - vec))} in {st.tensor}{extra}")
         if len(self.ranks.vector) > 4:
@@ -838,6 +850,10 @@ class KernelRenderer:
             self.statement(st)
         for st in self.tp.inits:
             self.statement(st)
+        if r.loop is None:  # a kernel without a streamed loop (a split-K combine)
+            for st in self.tp.epilogue:
+                self.statement(st)
+            return self.lines
         lo, hi = self.tile_bounds()
         self.emit(f"const int tile_lo_ = {lo};")
         self.emit(f"const int tile_hi_ = {hi};")
@@ -875,7 +891,7 @@ class KernelRenderer:
         return self.lines
 
     def store_outputs(self) -> None:
-        for o in self.defn.outputs:
+        for o in self.outputs:
             val = self.values[o.name]
             layout = self.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
             present = _conj(t.code for t in val.terms)
@@ -979,10 +995,12 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     pre = ["const int tid_ = threadIdx.x;", "const int warp_ = tid_ / ATTNC_WARP;",
            "const int lane_ = tid_ % ATTNC_WARP;", "(void)warp_; (void)lane_;",
            "ATTNC_DYNAMIC_SMEM(smem_);"]
+    used = [a.name for a in defn.tensor_args if kr.uses.get(a.name)]  # a combine reads few
     for a in defn.tensor_args:
-        pre.append(f"const {kr.ctype(a.name)}* __restrict__ {cname(a.name)} = "
-                   f"static_cast<const {kr.ctype(a.name)}*>(a.ptr_{a.name});")
-    for o in defn.outputs:
+        if a.name in used:
+            pre.append(f"const {kr.ctype(a.name)}* __restrict__ {cname(a.name)} = "
+                       f"static_cast<const {kr.ctype(a.name)}*>(a.ptr_{a.name});")
+    for o in kr.outputs:
         pre.append(f"out_{o.name}_t* __restrict__ {cname(o.name)} = static_cast<out_{o.name}_t*>(a.ptr_{o.name});")
     for s in list(dict.fromkeys([x for t in defn.tensor_args for x in t.ranks] + [x.name for x in defn.lets])):
         pre.append(f"const int {cname(s)} = a.size_{s}; (void){cname(s)};")
@@ -994,7 +1012,7 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
         pre += [f"const int b{k}_ = pid_ % a.NB[{k}];", f"pid_ /= a.NB[{k}];"]
     pre.append("const int b0_ = pid_;")
-    for t in [a.name for a in defn.tensor_args] + [o.name for o in defn.outputs]:
+    for t in used + [o.name for o in kr.outputs]:
         pre.append(f"const long long boff_{t} = " + " + ".join(
             f"(long long)b{k}_ * a.s_{t}[{k}]" for k in range(MAX_BATCH_DIMS)) + ";")
     if r.row:
@@ -1013,7 +1031,7 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
 
 def _check_outputs(kr: KernelRenderer) -> None:
     r = kr.ranks
-    for o in kr.defn.outputs:
+    for o in kr.outputs:
         if r.row is not None and r.row not in o.ranks:
             raise CudaUnsupported(f"output {o.name} does not have the row rank {r.row}")
         for rank in o.ranks:
@@ -1023,9 +1041,11 @@ def _check_outputs(kr: KernelRenderer) -> None:
             raise CudaUnsupported(f"output {o.name} is not computed in the kernel")
 
 
-def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
-    kr = KernelRenderer(tp)
-    for o in defn.outputs:  # checked before rendering so that errors name the cause
+def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
+                ranks: Ranks | None = None, outputs=None) -> KernelSpec:
+    """One kernel: the tile program ``tp`` of ``defn``, storing ``outputs`` (default: defn's)."""
+    kr = KernelRenderer(tp, ranks=ranks, outputs=None if outputs is None else tuple(outputs))
+    for o in kr.outputs:  # checked before rendering so that errors name the cause
         if kr.ranks.row is not None and kr.ranks.row not in o.ranks:
             raise CudaUnsupported(f"output {o.name} does not have the row rank {kr.ranks.row}")
     body = _kernel_body(kr)
@@ -1039,25 +1059,28 @@ def kernel_spec(defn: Definition, tp: TileProgram) -> KernelSpec:
     blocks = [v for v in kr.ranks.vector if v != kr.ranks.tile]
     smem_c, smem_py = _smem_plan(kr)
     state_py = [" * ".join(f"B[{r!r}]" for r in lay) or "1"
-                for name, lay in kr.state_layout.items() if not name.endswith("_prev")]
+                for name_, lay in kr.state_layout.items() if not name_.endswith("_prev")]
     instances = [(tag, ctype, _default_blocks(kr, blocks, head))
                  for tag, ctype, head in (("f16", "__half", 64), ("bf16", "__nv_bfloat16", 128))]
     return KernelSpec(
-        name=cname(pyname(defn.name)),
+        name=name or cname(pyname(defn.name)),
         args=[(cname(a.name), a.name, list(a.ranks), kr.ctype(a.name), a.dtype) for a in defn.tensor_args],
-        outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
-        sizes=input_ranks + [let.name for let in defn.lets], lets=lets, params=params,
-        signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid, blocks=blocks,
-        tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py, state_py=state_py,
-        instances=instances,
-        out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in defn.outputs],
+        outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in kr.outputs],
+        sizes=list(dict.fromkeys(input_ranks + [let.name for let in defn.lets])), lets=lets,
+        params=params, signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid, blocks=blocks,
+        tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py,
+        state_py=state_py, instances=instances,
+        out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in kr.outputs],
         doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
 
 
 def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
     """Block sizes the launcher picks at head dim ``head`` (shared memory aside): the largest
-    row block whose register state is at most STATE_PER_THREAD floats per thread."""
-    sizes = {b: head for b in blocks}
+    row block whose register state is at most STATE_PER_THREAD floats per thread.  A rank
+    that is a constant ``let`` (a split's key tile M0, its worker count W) takes that size."""
+    fixed = {let.name: max(16, -(-int(let.value) // 16) * 16) for let in kr.defn.lets
+             if getattr(let.value, "is_Integer", False)}
+    sizes = {b: fixed.get(b, head) for b in blocks}
     for rows in ROW_BLOCKS:
         if kr.ranks.row:
             sizes[kr.ranks.row] = rows
@@ -1068,33 +1091,117 @@ def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[in
     return [sizes[b] for b in blocks]
 
 
+# ----------------------------------------------------------------------------
+# variants: one streamed kernel, or a streamed kernel and a combine kernel
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """A way to compute a definition: kernels in launch order, with their fp32 workspace."""
+
+    kernels: list         # KernelSpec, in launch order
+    workspace: list       # (name, ranks): final states the first kernel writes, the combine reads
+    lets: list            # (pyname, code, text, name)
+    split: str | None     # the worker rank whose size the launcher chooses (split-K decode)
+    loop_size: str | None  # pyname of the tile count the split divides
+
+
+@dataclass
+class DefSpec:
+    """One definition: its public launcher and the variants it chooses among at run time."""
+
+    name: str
+    args: list            # (cname, name, ranks, ctype, dtype)
+    outputs: list         # (cname, name, ranks, dtype)
+    params: list          # (pyname, name, default code or None, cname)
+    signature: str
+    doc: str
+    input_ranks: list
+    variants: list
+
+
+def build_variant(defn: Definition, tp: TileProgram, name: str, chosen: bool = False) -> Variant:
+    """The kernels of one cascade.  When its epilogue reduces over a grid rank (the states of
+    a split-K cascade merged over the worker rank W), the streamed kernel stores the final
+    states into an fp32 workspace (ranks: the state's, less the iterative rank), and a second
+    kernel without a tile loop runs the epilogue with W as an in-block (reduced) rank.
+    ``chosen``: the launcher picks W (the split from ``split_k(defn, 2)``)."""
+    from ..einsum_ir.ir import Output, TensorArg
+    from .triton_backend import _combine_program
+
+    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value), let.name)
+            for let in defn.lets]
+    loop_size = pyname(tp.loop_rank) if tp.loop_rank else None
+    streamed = dataclasses.replace(tp, epilogue=())
+    ranks = KernelRenderer(streamed).ranks
+    reduced = {r for st in tp.epilogue for red in walk(st.expr) if isinstance(red, Reduce)
+               for r in red.ranks}
+    if not reduced & set(ranks.grid):
+        return Variant([kernel_spec(defn, tp, name=name)], [], lets, None, loop_size)
+    tp2, ranks2, workspace = _combine_program(tp, ranks)
+    workspace = [Output(w.name, tuple(w.ranks), "f32") for w in workspace]
+    names = {w.name for w in workspace}
+    d2 = tp2.cascade
+    d2 = dataclasses.replace(d2, params=tuple(
+        TensorArg(a.name, a.ranks, "f32") if isinstance(a, TensorArg) and a.name in names else a
+        for a in d2.params))
+    tp2 = dataclasses.replace(tp2, cascade=d2)
+    first = kernel_spec(defn, streamed, name=name, outputs=workspace)
+    second = kernel_spec(d2, tp2, name=f"{name}_combine", ranks=ranks2, outputs=defn.outputs)
+    split = next((r for r in ranks.grid if r in reduced), None) if chosen else None
+    return Variant([first, second], [(w.name, list(w.ranks)) for w in workspace], lets, split,
+                   loop_size)
+
+
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                               keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                               undefined=jinja2.StrictUndefined)
 
 
-def kernel_specs(module: Module) -> list[KernelSpec]:
-    specs = []
-    for d in module.definitions:
+def _prefixed(d: Definition, err: Exception) -> CudaUnsupported:
+    text = str(err)
+    return CudaUnsupported(text if text.startswith(f"{d.name}:") else f"{d.name}: {text}")
+
+
+def def_spec(d: Definition) -> DefSpec:
+    """The streamed variant, and (when the loop splits) the split-K variant for decode shapes."""
+    from ..passes.split_k import SplitKUnsupported, split_k, split_k_blockers
+
+    base = cname(pyname(d.name))
+    try:
+        tp = tile_program(d)
+    except NotTileable as err:
+        raise _prefixed(d, err) from None
+    try:
+        variants = [build_variant(d, tp, base)]
+    except CudaUnsupported as err:
+        raise CudaUnsupported(f"{d.name}: {err}") from None
+    if len(variants[0].kernels) == 1 and not split_k_blockers(d):
         try:
-            tp = tile_program(d)
-        except NotTileable as err:
-            text = str(err)
-            raise CudaUnsupported(text if text.startswith(f"{d.name}:") else f"{d.name}: {text}") from None
-        try:
-            specs.append(kernel_spec(d, tp))
-        except CudaUnsupported as err:
-            raise CudaUnsupported(f"{d.name}: {err}") from None
-    return specs
+            split = split_k(d, 2)
+            variants.append(build_variant(split, tile_program(split), f"{base}_split", chosen=True))
+        except (NotTileable, SplitKUnsupported):
+            pass
+    k0 = variants[0].kernels[0]
+    return DefSpec(name=base, args=k0.args, outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype)
+                                                     for o in d.outputs],
+                   params=k0.params, signature=k0.signature, doc=print_definition(d).rstrip(),
+                   input_ranks=k0.input_ranks, variants=variants)
+
+
+def kernel_specs(module: Module) -> list[DefSpec]:
+    return [def_spec(d) for d in module.definitions]
 
 
 def render_files(module: Module, stem: str) -> dict[str, str]:
     """``{stem}.cu`` (kernels) and ``{stem}.py`` (torch launcher); raises CudaUnsupported."""
     specs = kernel_specs(module)
+    kernels = [k for s in specs for v in s.variants for k in v.kernels]
     env = _environment()
     ns = f"attnc_{cname(pyname(stem))}"
-    common = dict(version=__version__, source=f"{stem}.attn", specs=specs, stem=stem,
+    common = dict(version=__version__, source=f"{stem}.attn", specs=specs, kernels=kernels, stem=stem,
                   names=[s.name for s in specs], namespace=ns, max_batch=MAX_BATCH_DIMS,
                   row_blocks=ROW_BLOCKS, align=ALIGN)
     common.update(threads=THREADS, state_per_thread=STATE_PER_THREAD)

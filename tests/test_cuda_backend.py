@@ -75,12 +75,32 @@ def test_unsupported_cascades_say_why(path):
     assert isinstance(info.value, NotTileable)
 
 
-def test_split_k_combine_is_reported_as_missing():
+def test_split_k_cascade_renders_a_streamed_and_a_combine_kernel():
+    """A cascade already split by the split-k pass (W = 4 fixed) renders as two kernels: the
+    per-worker loop storing the final states, and the combine reducing over W in-block."""
     module = parse_file(EXAMPLES_DIR / "gqa_decode.attn")
     names = ["canonicalize", "defer-normalization", "reassociate", "online", "split-k"]
     final = run_pipeline(module, names, options={"tile": 64, "workers": 4})[-1][1]
-    with pytest.raises(CudaUnsupported, match="combine"):
-        render_files(final, "gqa_decode")
+    files = render_files(final, "gqa_decode")
+    cu = files["gqa_decode.cu"]
+    assert "gqa_decode_kernel(const" in cu and "gqa_decode_combine_kernel(const" in cu
+    assert "gqa_decode_split_kernel" not in cu, "an already split cascade gets no second split"
+    combine = cu[cu.index("gqa_decode_combine_kernel(const"):]
+    assert "for (int mt = tile_lo_" not in combine and "// max[w]" in combine
+    assert "const float* __restrict__ RM" in combine, "the final states are read as fp32"
+    compile(files["gqa_decode.py"], "gqa_decode.py", "exec")
+
+
+@pytest.mark.parametrize("path", ["gqa_decode.attn", "softmax1.attn", "lse.attn", "causal.attn"])
+def test_split_k_variant_is_rendered_beside_the_streamed_kernel(path):
+    stem = Path(path).stem
+    files = render(path)
+    cu, py = files[f"{stem}.cu"], files[f"{stem}.py"]
+    name = re.search(r"__global__ void __launch_bounds__\(ATTNC_THREADS, 1\) (\w+)_kernel", cu).group(1)
+    for kernel in (name, f"{name}_split", f"{name}_split_combine"):
+        assert f"{kernel}_kernel(const {kernel}_args a)" in cu
+        assert f"def _{kernel}_run(" in py
+    assert "_split_count(" in py and "multi_processor_count" in py and "ATTNC_SPLIT" in py
 
 
 def test_tile_size_must_suit_tensor_cores():
@@ -102,13 +122,27 @@ def test_rendering_is_deterministic():
 _COMPILED: dict[str, tuple[int, str]] = {}
 
 
-def _nvcc(source: str, workdir: Path) -> tuple[int, str]:
+# examples whose split-K decode kernels (streamed per worker + combine) nvcc also compiles;
+# the others skip those instances (-DATTNC_NO_SPLIT_INSTANCES) to keep the suite fast
+SPLIT_COMPILED = {"gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.attn", "causal.attn"}
+
+
+def _instances(source: str, split: bool) -> list[str]:
+    """The default entries nvcc compiles (``ATTNC_ENTRY_<kernel>(TAG, ...)``)."""
+    tail = source[source.index("#if !defined(ATTNC_NO_DEFAULT_INSTANCES)"):]
+    if not split:
+        tail = re.sub(r"#ifndef ATTNC_NO_SPLIT_INSTANCES.*?#endif", "", tail, flags=re.S)
+    return re.findall(r"^ATTNC_ENTRY_\w+\(\w+", tail, flags=re.M)
+
+
+def _nvcc(source: str, workdir: Path, split: bool = True) -> tuple[int, str]:
     """(return code, nvcc output) of compiling ``source`` for ARCHS, once per content."""
-    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.encode()).hexdigest()[:16] + ("" if split else "_nosplit")
     if key not in _COMPILED:
         src = workdir / f"{key}.cu"
         src.write_text(source)
         gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
+        gencode += [] if split else ["-DATTNC_NO_SPLIT_INSTANCES"]
         done = subprocess.run([NVCC, "-std=c++17", "-O3", "-c", *gencode, "-Xptxas", "-v",
                                "-o", str(workdir / f"{key}.o"), str(src)],
                               capture_output=True, text=True)
@@ -124,8 +158,10 @@ def compiled(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("nvcc")
     sources = {p: render(p)[f"{Path(p).stem}.cu"] for p in SUPPORTED}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(sources, pool.map(lambda s: _nvcc(s, workdir), sources.values())))
-    return results
+        results = dict(zip(sources, pool.map(lambda p: _nvcc(sources[p], workdir, p in SPLIT_COMPILED),
+                                             sources)))
+    return {p: (code, out, _instances(sources[p], p in SPLIT_COMPILED))
+            for p, (code, out) in results.items()}
 
 
 def ptxas_report(output: str) -> dict[tuple[str, str], tuple[int, int]]:
@@ -147,13 +183,15 @@ def ptxas_report(output: str) -> dict[tuple[str, str], tuple[int, int]]:
 
 @pytest.mark.parametrize("path", SUPPORTED)
 def test_nvcc_compiles_for_sm80_and_sm90_without_spills(path, compiled):
-    code, output = compiled[path]
+    code, output, instances = compiled[path]
     assert code == 0, output[-3000:]
     report = ptxas_report(output)
     archs = {arch for _, arch in report}
     assert archs == set(ARCHS), output[-2000:]
     kernels = {k for k, _ in report}
-    assert len(kernels) == 2, "the default f16 and bf16 instances"
+    assert len(kernels) == len(instances), "the default f16 and bf16 instances of every kernel"
+    if path in SPLIT_COMPILED:
+        assert sum("_split" in k for k in kernels) == 4, "split-K: streamed + combine, f16 + bf16"
     spilled = {k: v for k, v in report.items() if v[1]}
     assert not spilled, f"register spills (kernel, arch) -> (registers, spill bytes): {spilled}"
     assert "warning" not in output.lower(), output[-3000:]
@@ -297,3 +335,68 @@ def test_emulated_kernel_broadcasts_batch_dims(emulated, monkeypatch):
                                             torch.from_numpy(v).transpose(-1, -2).contiguous()
                                             .transpose(-1, -2))
     check(got, ref.reference(q, k, v))
+
+
+# --- split-K decode: a per-worker streamed kernel and a combine kernel --------------------------
+
+# P small, M about 200, tile 16: 12-13 tiles, several per worker; with 7 workers of 2 tiles,
+# the last worker of M1 = 12 tiles has none (its states stay at their initial values).
+SPLIT_SIZES = {
+    "gqa_decode.attn": {"H": 4, "HK": 2, "P": 3, "M": 181, "E": 8, "F": 5},
+    "softmax1.attn": {"P": 2, "M": 190, "E": 5, "F": 3},
+    "lse.attn": {"P": 3, "M": 200, "E": 4, "F": 6},
+}
+
+
+def _spy_runs(mod, monkeypatch):
+    """Record which kernels a call launches (name, W) through the launcher's ``_<kernel>_run``."""
+    calls = []
+    for attr in [n for n in dir(mod) if n.startswith("_") and n.endswith("_run")]:
+        def spy(*args, _f=getattr(mod, attr), _name=attr[1:-len("_run")]):
+            calls.append((_name, args[1].get("W")))
+            return _f(*args)
+        monkeypatch.setattr(mod, attr, spy)
+    return calls
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7])
+@pytest.mark.parametrize("path", sorted(SPLIT_SIZES))
+def test_emulated_split_k_matches_reference(path, workers, emulated, monkeypatch):
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("ATTNC_SPLIT", str(workers))
+    ref = EXAMPLES[path]
+    mod = get(path)
+    calls = _spy_runs(mod, monkeypatch)
+    arrays, params = ref.make_inputs(np.random.default_rng(workers), SPLIT_SIZES[path])
+    got = getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params)
+    check(got, ref.reference(*arrays, **params))
+    names = [c[0] for c in calls]
+    if workers == 1:
+        assert len(names) == 1 and not names[0].endswith("_split"), calls
+    else:
+        assert [n.endswith(("_split", "_split_combine")) for n in names] == [True, True], calls
+        assert names[1] == names[0] + "_combine" and {c[1] for c in calls} == {workers}, calls
+
+
+def test_launcher_splits_decode_shapes_by_sm_count(emulated, monkeypatch):
+    """Without ATTNC_SPLIT: few programs over many tiles split (CPU: 4 "SMs"), long rows do not."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    monkeypatch.delenv("ATTNC_SPLIT", raising=False)
+    mod = get("softmax1.attn")
+    assert mod._split_count(1, 12, torch.device("cpu")) == 6     # ceil(2 * 4 / 1), at most 12 // 2
+    assert mod._split_count(100, 12, torch.device("cpu")) == 1
+    assert mod._split_count(1, 3, torch.device("cpu")) == 1      # too few tiles to share
+    calls = _spy_runs(mod, monkeypatch)
+    ref = EXAMPLES["softmax1.attn"]
+    arrays, params = ref.make_inputs(np.random.default_rng(5), SPLIT_SIZES["softmax1.attn"])
+    check(mod.softmax1(*[torch.from_numpy(a) for a in arrays], **params),
+          ref.reference(*arrays, **params))
+    assert [c[1] for c in calls] == [6, 6], calls

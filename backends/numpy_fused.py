@@ -118,12 +118,17 @@ class FusedStatementRenderer(StatementRenderer):
         if len(set(axes)) != len(axes):
             return None
         if not relative:
-            for pos, r in enumerate(ranks):
-                if self.restricted(r):
-                    rows = f"{pos}, {len(ranks)}, {self.rows.lo}, {self.rows.hi}"
-                    array = f"_rows({array}, {rows})"
-                    mask = None if mask is None else f"_rows({mask}, {rows})"
+            array, mask = self.slice_rows(array, mask, ranks)
         return array, mask, axes
+
+    def slice_rows(self, array: str, mask: str | None, ranks) -> tuple[str, str | None]:
+        """A tile-wide tensor cut to this tile's rows (its row rank sliced to lo:hi)."""
+        for pos, r in enumerate(ranks):
+            if self.restricted(r):
+                rows = f"{pos}, {len(ranks)}, {self.rows.lo}, {self.rows.hi}"
+                array = f"_rows({array}, {rows})"
+                mask = None if mask is None else f"_rows({mask}, {rows})"
+        return array, mask
 
     def _access(self, array, mask, ranks, subs, env, relative):
         plain = all(isinstance(s, Index) and s.rank == r and env[r].axis is not None
@@ -131,11 +136,7 @@ class FusedStatementRenderer(StatementRenderer):
         axes = tuple(env[r].axis for r in ranks) if plain else ()
         if plain and len(set(axes)) == len(axes):
             if not relative:
-                for pos, r in enumerate(ranks):
-                    if self.restricted(r):
-                        rows = f"{pos}, {len(ranks)}, {self.rows.lo}, {self.rows.hi}"
-                        array = f"_rows({array}, {rows})"
-                        mask = None if mask is None else f"_rows({mask}, {rows})"
+                array, mask = self.slice_rows(array, mask, ranks)
             masks = [] if mask is None else [f"_view({mask}, {axes}, {self.nd})"]
             return f"_view({array}, {axes}, {self.nd})", masks
         codes = []

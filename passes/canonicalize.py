@@ -35,19 +35,12 @@ import dataclasses
 from ..einsum_ir.exprs import children, free_ranks, walk, with_children
 from ..einsum_ir.ir import (Access, Definition, Einsum, Expr, Index, IterativeEinsum, Reduce,
                             Statement)
+from .names import fresh_name
 
 
 def _taken_names(defn: Definition) -> set[str]:
     names = {p.name for p in defn.params} | set(defn.ranks) | {r.lower() for r in defn.ranks}
     return names | {st.tensor for st in defn.statements}
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def _lhs_scope(st: Statement) -> tuple[str, ...]:
@@ -100,7 +93,7 @@ def _extract_one(st: Statement, path, taken: set[str]) -> tuple[Einsum, Statemen
         where = st.where
         need |= free_ranks(st.where) - set(red.ranks)
     ranks = tuple(r for r in scope if r in need)
-    name = _fresh(f"{st.tensor}_{red.op}", taken)
+    name = fresh_name(f"{st.tensor}_{red.op}", taken)
     temp = Einsum(name, ranks, red, where, loc=st.loc)
     use = Access(name, tuple(Index(r, loc=red.loc) for r in ranks), loc=red.loc)
     return temp, dataclasses.replace(st, expr=_replace_at(st.expr, path, use))
@@ -114,7 +107,7 @@ def _extract_from_where(st: Statement, taken: set[str]) -> tuple[Einsum, Stateme
     free = free_ranks(red)
     scope = _scope_at(st.where, path, tuple(_rank_order(st.where)))
     ranks = tuple(r for r in scope if r in free)
-    name = _fresh(f"{st.tensor}_{red.op}", taken)
+    name = fresh_name(f"{st.tensor}_{red.op}", taken)
     temp = Einsum(name, ranks, red, None, loc=st.loc)
     use = Access(name, tuple(Index(r, loc=red.loc) for r in ranks), loc=red.loc)
     return temp, dataclasses.replace(st, where=_replace_at(st.where, path, use))

@@ -60,6 +60,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
                             Reduce, Size, Statement, TensorArg, Unary, size_symbol)
 from ..einsum_ir.schedule import dataflow_graph, statement_reads
 from .canonicalize import canonicalize
+from .names import fresh_name  # noqa: F401 - re-exported to the other passes
 
 MAX_TERMS = 8  # distribution beyond this many terms is not worth the extra reductions
 
@@ -153,15 +154,6 @@ def positive(e: Expr) -> bool:
     if isinstance(e, Binary) and e.op == "**":
         return positive(e.left)
     return False
-
-
-def fresh_name(base: str, taken: set[str]) -> str:
-    """``base``, else ``base1``, ``base2``...; the result joins ``taken``."""
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def taken_names(defn: Definition) -> set[str]:

@@ -119,6 +119,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import print_expr
 from ..einsum_ir.schedule import dataflow_graph, statement_reads
 from .canonicalize import canonicalize
+from .names import fresh_rank
 from .defer_normalization import (Capture, Presence, conjoin, fresh_name, is_reduction,
                                   linear_terms, multiply, positive, simplify, substitute,
                                   substitute_atom, taken_names, varying)
@@ -505,14 +506,6 @@ def _ids(ranks) -> tuple[Expr, ...]:
     return tuple(Index(r) for r in ranks)
 
 
-def _fresh_rank(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken or name.lower() in taken:
-        name, k = f"{base}{k}", k + 1
-    taken |= {name, name.lower()}
-    return name
-
-
 def online(defn: Definition, tile: int = 64) -> Definition:
     """The 1-pass form of every max-shifted rank that can have one, else of one rank that
     is reduced in one pass without a shift (see the module doc)."""
@@ -609,8 +602,8 @@ def online_blockers(defn: Definition) -> list[str]:
 def _convert(region: Region, tile: int) -> Definition:
     defn = region.defn
     taken = taken_names(defn)
-    r0 = _fresh_rank(f"{region.rank}0", taken)
-    r1 = _fresh_rank(f"{region.rank}1", taken)
+    r0 = fresh_rank(f"{region.rank}0", taken)
+    r1 = fresh_rank(f"{region.rank}1", taken)
     t = _Tiling(region, r0, r1, taken, Presence(defn))
     _name_region(t)
     body = _body(t)

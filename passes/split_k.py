@@ -83,6 +83,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
                             size_symbol)
 from ..einsum_ir.printer import print_expr, print_statement
 from ..einsum_ir.schedule import dataflow_graph, loop_bodies, statement_reads
+from .names import fresh_rank
 from .defer_normalization import (conjoin, fresh_name, linear_terms, signed_sum, substitute,
                                   taken_names)
 
@@ -496,17 +497,9 @@ def _check_workers(workers) -> int:
 
 
 def _new_ranks(loop: _Loop, taken: set[str], workers: int) -> tuple[str, str, SizeLet]:
-    worker = _fresh_rank("W", taken)
-    step = _fresh_rank(loop.rank.rstrip("0123456789") + "T", taken)
+    worker = fresh_rank("W", taken)
+    step = fresh_rank(loop.rank.rstrip("0123456789") + "T", taken)
     return worker, step, SizeLet(worker, sympy.Integer(workers))
-
-
-def _fresh_rank(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken or name.lower() in taken:
-        name, k = f"{base}{k}", k + 1
-    taken |= {name, name.lower()}
-    return name
 
 
 def split_k(defn: Definition, workers: int) -> Definition:
@@ -553,7 +546,7 @@ def _stream_k_assignment(loop: _Loop, workers: int, units: tuple[str, ...]) -> _
     """Global tile ``g = w*TILES // W + mt`` while ``g < (w+1)*TILES // W``."""
     taken = taken_names(loop.defn)
     w, t, let_w = _new_ranks(loop, taken, workers)
-    total = _fresh_rank("TILES", taken) if units else loop.rank
+    total = fresh_rank("TILES", taken) if units else loop.rank
     g = Binary("+", Binary("//", Binary("*", Index(w), Size(total)), Size(w)), Index(t))
     end = Binary("//", Binary("*", Binary("+", Index(w), Num(1)), Size(total)), Size(w))
     steps = SizeLet(t, sympy.ceiling(size_symbol(total) / size_symbol(w)))

@@ -81,6 +81,8 @@ class KernelRenderer:
         self.hoisted: list[str] = []
         self.hoisted_memo: dict = {}
         self.in_loop = False
+        self.segment = False             # a stream-K worker: the tile loop runs one segment
+        self.outputs: list = []          # what the kernel stores (set by the kernel builder)
         self.defn = self.tp.cascade
         self.loads, self.body = _inline_loads(self.tp)
         self.body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, self.loads),
@@ -678,6 +680,8 @@ class KernelRenderer:
                 self.statement(st)
             return self.lines
         lo, hi = self.tile_bounds()
+        if self.segment:  # a stream-K worker runs its segment of the unit's tiles
+            lo, hi = f"tl.maximum({lo}, seg_first)", f"tl.minimum({hi}, seg_stop)"
         self.emit(f"tile_lo = {lo}")
         self.emit(f"tile_hi = {hi}")
         outer = self.lines
@@ -783,6 +787,9 @@ class KernelPart:
     tile: str | None
     tile_size: int | None
     body: list
+    persistent: bool = False   # a stream-K worker: one program per worker, grid (1, workers)
+    define: bool = True        # False: the kernel is another variant's (a shared combine)
+    fills: dict = field(default_factory=dict)  # workspace name -> its init value's code
 
 
 @dataclass
@@ -791,8 +798,9 @@ class Variant:
 
     kernels: list
     lets: list            # (pyname, code, text); a split's worker count is chosen at launch
-    split: str | None     # the worker rank of a split-K variant
+    split: str | None     # the worker (or stream-K slot) rank of a split variant
     loop_size: str | None  # the tile count the split divides
+    kind: str = "fused"   # "fused", "split" (split-K) or "stream" (stream-K)
 
 
 @dataclass
@@ -809,17 +817,16 @@ class KernelSpec:
     variants: list
 
 
-def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
-    """The kernel's Python body: program ids, offsets, the statements, the stores."""
+def _program_lines(kr: KernelRenderer) -> list[str]:
+    """From ``pid_row`` and ``pid`` (set before): grid indices, batch offsets, rank offsets."""
     r = kr.ranks
-    defn = kr.defn
-    pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"]
+    pre = []
     for g in reversed(r.grid):
         pre += [f"idx_{g.lower()} = pid % {pyname(g)}", f"pid = pid // {pyname(g)}"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
         pre += [f"b{k} = pid % NB{k}", f"pid = pid // NB{k}"]
     pre.append("b0 = pid")
-    tensors = [a.name for a in defn.tensor_args] + [o.name for o in outputs]
+    tensors = [a.name for a in kr.defn.tensor_args] + [o.name for o in kr.outputs]
     for t in tensors:
         pre.append(f"boff_{t} = " + " + ".join(f"b{k} * stride_{t}_b{k}" for k in range(MAX_BATCH_DIMS)))
     for v in r.vector:
@@ -831,7 +838,12 @@ def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
             pre.append(f"offs_{v.lower()} = tl.arange(0, BLOCK_{v})")
         if v != r.tile:
             pre.append(f"rng_{v.lower()} = offs_{v.lower()} < {pyname(v)}")
-    body = kr.render()
+    return pre
+
+
+def _store_lines(kr: KernelRenderer, outputs, slot: str | None = None) -> list[str]:
+    """Store each output (absent elements as 0); rank ``slot`` is the program's stream-K slot."""
+    r = kr.ranks
     post = []
     for o in outputs:
         if o.name not in kr.values:
@@ -848,6 +860,9 @@ def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
             code = f"tl.where({present}, {code}, 0.0)"
         offset = []
         for k, rank in enumerate(o.ranks):
+            if rank == slot:
+                offset.append(f"slot * stride_{o.name}_{k}")
+                continue
             if rank not in r.vector and rank not in r.grid:
                 raise TritonUnsupported(f"output {o.name} has rank {rank}, not in the grid")
             idx, lay = kr.index_code(rank, ())
@@ -856,7 +871,57 @@ def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
         mask = kr.mask_code(ranges, layout)
         post.append(f"tl.store({pyname(o.name)}_ptr + boff_{o.name} + {' + '.join(offset) or '0'}, "
                     f"{code}{', mask=' + mask if mask else ''})")
+    return post
+
+
+def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
+    """The kernel's Python body: program ids, offsets, the statements, the stores."""
+    kr.outputs = list(outputs)
+    pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"] + _program_lines(kr)
+    body = kr.render()
+    post = _store_lines(kr, outputs)  # may add mask definitions to body
     return pre + body + post
+
+
+def _stream_k_lines(kr: KernelRenderer, outputs, slot: str) -> list[str]:
+    """A persistent stream-K worker: program ``wid`` of ``SK_WORKERS`` takes the global
+    tiles ``[wid*G // W, (wid+1)*G // W)`` of the ``G = units * M1`` tiles numbered unit
+    by unit (a unit is what one program of the streamed kernel owns: a row block, a batch
+    element, a grid point), walks them segment by segment, and stores each segment's
+    final state in slot ``wid - (first worker of the unit)`` of the workspace.
+
+    Before → after (the streamed kernel → the worker)::
+
+        pid_row = tl.program_id(0); pid = tl.program_id(1)
+        <offsets>; tile_lo = lo; tile_hi = hi; <tile loop>; <store>
+        ->
+        for unit in range(g_start // M1, (g_end + M1 - 1) // M1):
+            seg_first = ...; seg_stop = ...; slot = ...
+            pid_row = unit % nrow; pid = unit // nrow
+            <offsets>; tile_lo = max(lo, seg_first); tile_hi = min(hi, seg_stop); <tile loop>
+            <store at slot>
+    """
+    r = kr.ranks
+    kr.outputs = list(outputs)
+    kr.segment = True
+    m1 = pyname(r.loop)
+    nrow = f"tl.cdiv({pyname(r.row)}, BLOCK_{r.row})" if r.row else "1"
+    head = ["wid = tl.program_id(1).to(tl.int64)",
+            f"n_row = {nrow}",
+            f"n_tiles = n_row * SK_UNITS * {m1}",
+            "g_start = wid * n_tiles // SK_WORKERS",
+            "g_end = (wid + 1) * n_tiles // SK_WORKERS",
+            f"for unit in range(g_start // {m1}, (g_end + {m1} - 1) // {m1}):"]
+    seg = [f"seg_first = (tl.maximum(g_start, unit * {m1}) - unit * {m1}).to(tl.int32)",
+           f"seg_stop = (tl.minimum(g_end, unit * {m1} + {m1}) - unit * {m1}).to(tl.int32)",
+           f"slot = wid + 1 - ((unit * {m1} + 1) * SK_WORKERS + n_tiles - 1) // n_tiles",
+           "pid_row = (unit % n_row).to(tl.int32)",
+           "pid = (unit // n_row).to(tl.int32)"]
+    pre = seg + _program_lines(kr)
+    body = kr.render()
+    post = _store_lines(kr, outputs, slot)  # may add mask definitions to body
+    inner = pre + body + post
+    return head + ["    " + ln for ln in inner]
 
 
 def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> KernelPart:
@@ -933,11 +998,59 @@ def build_variant(defn: Definition, tag: str) -> Variant:
     second = _part(KernelRenderer(tp2, ranks=ranks2), f"_{name}_{tag}combine_kernel",
                    [Output(o.name, o.ranks) for o in defn.outputs], set())
     split = next((r for r in kr.ranks.grid if r in reduced), None)
-    return Variant([first, second], lets, split, tp.loop_rank)
+    return Variant([first, second], lets, split, tp.loop_rank, "split" if split else "fused")
+
+
+def _constant_code(e: Expr) -> str | None:
+    """Python code for a constant init (``0``, ``-inf``), else None."""
+    if isinstance(e, Num):
+        return repr(float(e.value))
+    if isinstance(e, Const) and e.name in ("inf", "pi", "e"):
+        return {"inf": 'float("inf")', "pi": "math.pi", "e": "math.e"}[e.name]
+    if isinstance(e, Unary) and e.op == "-":
+        inner = _constant_code(e.operand)
+        return None if inner is None else f"-{inner}"
+    return None
+
+
+def build_stream_variant(defn: Definition, split: Variant) -> Variant | None:
+    """Stream-K: persistent workers over the flattened (unit, tile) space, then the split
+    variant's combine kernel over the slots (see :func:`_stream_k_lines`).
+
+    The worker renders ``defn``'s own tile program; its final states go to the split
+    variant's workspace (``RM[W,h,p]``), whose rank ``W`` is the slot.  Slots no segment
+    writes keep the init state (the workspace is filled with it), which the derived
+    combine treats as a worker that saw no tile.  None when an init is not a constant.
+    """
+    from ..einsum_ir.ir import Output
+
+    tp = tile_program(defn)
+    fills = {}
+    for st in tp.inits:
+        code = _constant_code(st.expr)
+        if code is None or st.where is not None:
+            return None
+        fills[st.tensor] = code
+    kr = KernelRenderer(dataclasses.replace(tp, epilogue=()))
+    work, combine = split.kernels
+    outputs = [Output(name, tuple(ranks)) for _, name, ranks, _ in work.outputs]
+    if {o.name for o in outputs} != set(fills):
+        return None
+    lines = _stream_k_lines(kr, outputs, split.split)
+    sizes = list(dict.fromkeys([r for a in defn.tensor_args for r in a.ranks]
+                               + [let.name for let in defn.lets])) + ["SK_UNITS", "SK_WORKERS"]
+    worker = KernelPart(
+        kernel=f"_{pyname(defn.name)}_stream_kernel", args=work.args, outputs=work.outputs,
+        sizes=sizes, params=work.params, row=kr.ranks.row, grid=kr.ranks.grid,
+        vector=kr.ranks.vector, tile=kr.ranks.tile, tile_size=tp.tile_size, body=lines,
+        persistent=True, fills=fills)
+    return Variant([worker, dataclasses.replace(combine, define=False)], split.lets,
+                   split.split, tp.loop_rank, "stream")
 
 
 def kernel_spec(defn: Definition) -> KernelSpec:
-    """The launcher's spec: the streamed variant, and a split-K variant for decode shapes."""
+    """The launcher's spec: the streamed variant, and split-K and stream-K variants for
+    shapes whose streamed grid leaves the GPU idle (decode)."""
     from ..passes.split_k import split_k, split_k_blockers
 
     variants = [build_variant(defn, "")]
@@ -946,6 +1059,10 @@ def kernel_spec(defn: Definition) -> KernelSpec:
             variants.append(build_variant(split_k(defn, 2), "split_"))
         except NotTileable:
             pass
+        else:
+            stream = build_stream_variant(defn, variants[1])
+            if stream is not None:
+                variants.append(stream)
     params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None)
               for p in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -140,36 +142,125 @@ def test_strided_inputs(causal_module):
     assert relative_error(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("rel", ["gqa_decode.attn", "softmax1.attn", "lse.attn", "differential.attn"])
+def decode_call(defn, P=2, M=77, seed=3, batch=(2,)):
+    rng = np.random.default_rng(seed)
+    sizes = {r: int(rng.integers(2, 6)) for a in defn.tensor_args for r in a.ranks}
+    sizes.update({"P": P, "M": M})
+    if "HK" in sizes:
+        sizes["H"] = 2 * sizes["HK"]
+    args, params = random_call(defn, rng, sizes, batch, batch)
+    want = interpret(defn, *args, **params)
+    return args, params, (want if isinstance(want, tuple) else (want,))
+
+
+def launched_kernels(gen, monkeypatch) -> list[str]:
+    """Record the name of every kernel the generated module launches."""
+    names, launch = [], gen._launch
+
+    def spy(kernel, *args, **kwargs):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(gen, "_launch", spy)
+    return names
+
+
+SPLIT_EXAMPLES = ["gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.attn",
+                  "differential.attn", "sinks_window.attn"]
+
+
+@pytest.mark.parametrize("rel", SPLIT_EXAMPLES)
 def test_split_k_decode_matches_for_any_worker_count(rel, tmp_path, monkeypatch):
     """The split-K variant (workers + derived combine kernel) for 1, 2, 3 and 7 workers."""
     module = parse_file(EXAMPLES / rel)
     gen = compile_module(module, rel, tmp_path)
     defn = module.definitions[0]
-    rng = np.random.default_rng(3)
-    sizes = {r: int(rng.integers(2, 6)) for a in defn.tensor_args for r in a.ranks}
-    sizes.update({"P": 2, "M": 77})
-    if "HK" in sizes:
-        sizes["H"] = 2 * sizes["HK"]
-    args, params = random_call(defn, rng, sizes, (2,), (2,))
-    want = interpret(defn, *args, **params)
-    want = want if isinstance(want, tuple) else (want,)
+    args, params, want = decode_call(defn)
+    launched = launched_kernels(gen, monkeypatch)
     for workers in (1, 2, 3, 7):
         monkeypatch.setenv("ATTNC_SPLIT", str(workers))
+        launched.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
         got = got if isinstance(got, tuple) else (got,)
         for g, w in zip(got, want):
             assert relative_error(g.numpy(), w) < 1e-5, workers
+        split = [n for n in launched if "_split_" in n]
+        assert len(split) == (2 if workers > 1 else 0), launched
 
 
-def test_split_variant_is_rendered_with_a_combine_kernel():
+@pytest.mark.parametrize("rel", SPLIT_EXAMPLES + ["causal.attn", "alibi.attn", "bigbird.attn"])
+@pytest.mark.parametrize("P, M", [(2, 77), (37, 45)])
+def test_stream_k_matches_for_any_worker_count(rel, P, M, tmp_path, monkeypatch):
+    """Stream-K: persistent workers over the flattened (unit, tile) space cross unit
+    boundaries (several heads, batch elements and row blocks), merge in the split combine."""
+    module = parse_file(EXAMPLES / rel)
+    gen = compile_module(module, rel, tmp_path)
+    defn = module.definitions[0]
+    if rel == "bigbird.attn":
+        P, M = max(P, M), max(P, M)
+    args, params, want = decode_call(defn, P, M, seed=P + M)
+    launched = launched_kernels(gen, monkeypatch)
+    for workers in (1, 2, 3, 7, 13, 10_000):
+        monkeypatch.setenv("ATTNC_STREAM_K", str(workers))
+        launched.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
+        got = got if isinstance(got, tuple) else (got,)
+        for g, w in zip(got, want):
+            assert relative_error(g.numpy(), w) < 1e-5, workers
+        assert any(n.endswith("_stream_kernel") for n in launched), launched
+        assert any(n.endswith("_split_combine_kernel") for n in launched), launched
+
+
+def test_split_variants_are_rendered_with_a_shared_combine_kernel():
     module = parse_file(EXAMPLES / "gqa_decode.attn")
     _, files = compile_triton(module, "triton", "gqa_decode", options={"tile": 64})
     code = files["gqa_decode.py"]
-    assert "def _gqa_decode_split_kernel(" in code and "def _gqa_decode_split_combine_kernel(" in code
-    assert "_split_count(programs, M1, device)" in code
+    for kernel in ("_gqa_decode_kernel", "_gqa_decode_split_kernel", "_gqa_decode_stream_kernel",
+                   "_gqa_decode_split_combine_kernel"):
+        assert code.count(f"def {kernel}(") == 1, kernel
+    assert '_variant(programs, M1, device, ["fused", "split", "stream"])' in code
+
+
+def test_variant_heuristic_follows_the_grid_and_the_sm_count(causal_module, monkeypatch):
+    """Under the interpreter a 'GPU' has 4 SMs: a grid of >= 4 programs streams as is."""
+    choose, cpu = causal_module._variant, torch.device("cpu")
+    kinds = ["fused", "split", "stream"]
+    assert choose(8, 100, cpu, kinds) == ("fused", 1)
+    assert choose(2, 3, cpu, kinds) == ("fused", 1)          # too few tiles to share
+    assert choose(2, 100, cpu, kinds) == ("stream", 8)       # two programs per SM
+    assert choose(2, 5, cpu, kinds) == ("stream", 5)         # at least 2 tiles each
+    assert choose(2, 100, cpu, ["fused", "split"]) == ("split", 4)
+    assert choose(2, 100, cpu, ["fused"]) == ("fused", 1)
+    monkeypatch.setenv("ATTNC_SPLIT", "3")
+    assert choose(64, 100, cpu, kinds) == ("split", 3)
+    monkeypatch.setenv("ATTNC_STREAM_K", "5")
+    assert choose(64, 100, cpu, kinds) == ("stream", 5)
+
+
+def _slot(w, unit, tiles, n_tiles, workers):
+    """The stream-K kernel's slot formula: w - (first worker of unit)."""
+    return w + 1 - ((unit * tiles + 1) * workers + n_tiles - 1) // n_tiles
+
+
+@given(units=st.integers(1, 40), tiles=st.integers(1, 40), workers=st.integers(1, 300))
+def test_stream_k_slots_are_distinct_ordered_and_bounded(causal_module, units, tiles, workers):
+    """Against the IR pass's schedule: each unit's segments get slots 0, 1, ... in worker
+    order, below the launcher's slot count."""
+    from attnc.passes.split_k import stream_k_schedule
+
+    n_tiles = units * tiles
+    workers = min(workers, n_tiles)
+    slots = causal_module._stream_slots(n_tiles, workers, tiles)
+    seen: dict[int, list[int]] = {}
+    for w, segments in enumerate(stream_k_schedule(units, tiles, workers)):
+        assert segments, "every worker has a tile when workers <= tiles"
+        for unit, first, end in segments:
+            seen.setdefault(unit, []).append(_slot(w, unit, tiles, n_tiles, workers))
+    for unit, got in seen.items():
+        assert got == list(range(len(got))) and len(got) <= slots, (unit, got, slots)
 
 
 @pytest.mark.parametrize("rel, params", [

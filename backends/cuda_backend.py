@@ -154,6 +154,7 @@ class KernelRenderer:
     memo: dict = field(default_factory=dict)
     ranks: Ranks | None = None        # given for a combine kernel (``_combine_program``)
     outputs: tuple | None = None      # what the kernel stores (default: the definition's outputs)
+    slot: str | None = None           # a stream-K worker: the workspace rank indexed by ``slot_``
 
     def __post_init__(self):
         self.defn = self.tp.cascade
@@ -332,6 +333,8 @@ class KernelRenderer:
 
     # --- index variables -------------------------------------------------------------
     def index_code(self, r: str) -> tuple[str, tuple[str, ...]]:
+        if self.slot is not None and r == self.slot:
+            return "slot_", ()
         if r == self.ranks.loop:
             return r.lower(), ()
         if r in self.ranks.grid:
@@ -855,6 +858,8 @@ class KernelRenderer:
                 self.statement(st)
             return self.lines
         lo, hi = self.tile_bounds()
+        if self.slot is not None:  # a stream-K worker runs its segment of the unit's tiles
+            lo, hi = f"attnc_imax({lo}, seg_first_)", f"attnc_imin({hi}, seg_stop_)"
         self.emit(f"const int tile_lo_ = {lo};")
         self.emit(f"const int tile_hi_ = {hi};")
         self.sync_if_dirty()
@@ -987,6 +992,8 @@ class KernelSpec:
     instances: list       # (tag, C type, block sizes): the default entries of the .cu
     doc: str
     input_ranks: list
+    persistent: bool = False  # a stream-K worker: SK_WORKERS blocks, one row of the grid
+    define: bool = True       # False: another variant's kernel (the shared split-K combine)
 
 
 def _kernel_body(kr: KernelRenderer) -> list[str]:
@@ -1006,19 +1013,21 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
         pre.append(f"const int {cname(s)} = a.size_{s}; (void){cname(s)};")
     for p in defn.scalar_params:
         pre.append(f"const float {cname(p.name)} = a.param_{p.name}; (void){cname(p.name)};")
-    pre.append("int pid_ = blockIdx.x;")
+    stream = kr.slot is not None
+    prog = ["int pid_ = (int)(unit_ / n_row_);" if stream else "int pid_ = blockIdx.x;"]
     for g in reversed(r.grid):
-        pre += [f"const int idx_{g.lower()} = pid_ % {cname(g)};", f"pid_ /= {cname(g)};"]
+        prog += [f"const int idx_{g.lower()} = pid_ % {cname(g)};", f"pid_ /= {cname(g)};"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
-        pre += [f"const int b{k}_ = pid_ % a.NB[{k}];", f"pid_ /= a.NB[{k}];"]
-    pre.append("const int b0_ = pid_;")
+        prog += [f"const int b{k}_ = pid_ % a.NB[{k}];", f"pid_ /= a.NB[{k}];"]
+    prog.append("const int b0_ = pid_;")
     for t in used + [o.name for o in kr.outputs]:
-        pre.append(f"const long long boff_{t} = " + " + ".join(
+        prog.append(f"const long long boff_{t} = " + " + ".join(
             f"(long long)b{k}_ * a.s_{t}[{k}]" for k in range(MAX_BATCH_DIMS)) + ";")
     if r.row:
-        pre.append(f"const int row0_ = blockIdx.y * BLOCK_{r.row};")
-        pre.append(f"const int p_last_ = attnc_imin(row0_ + BLOCK_{r.row}, {cname(r.row)}) - 1;")
-        pre.append("(void)p_last_;")
+        block = "(int)(unit_ % n_row_)" if stream else "blockIdx.y"
+        prog.append(f"const int row0_ = {block} * BLOCK_{r.row};")
+        prog.append(f"const int p_last_ = attnc_imin(row0_ + BLOCK_{r.row}, {cname(r.row)}) - 1;")
+        prog.append("(void)p_last_;")
     kr.render()
     _check_outputs(kr)
     kr.store_outputs()
@@ -1026,7 +1035,37 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     decl = []
     for name, buf in kr.buffers.items():
         decl.append(f"{buf.ctype}* {name} = reinterpret_cast<{buf.ctype}*>(smem_ + cfg::off_{name});")
-    return ["  " + x for x in pre + decl] + body
+    if not stream:
+        return ["  " + x for x in pre + prog + decl] + body
+    return ["  " + x for x in pre + decl] + _stream_k_lines(kr, prog, body)
+
+
+def _stream_k_lines(kr: KernelRenderer, prog: list[str], body: list[str]) -> list[str]:
+    """A persistent stream-K worker around the streamed kernel's body: block ``wid_`` of
+    ``SK_WORKERS`` takes the global tiles ``[wid*G / SK_WORKERS, (wid+1)*G / SK_WORKERS)`` of
+    the ``G = n_row * SK_UNITS * M1`` tiles numbered unit by unit (a unit is what one block
+    of the streamed kernel owns: a row block, a batch element, a value of each grid rank),
+    walks them segment by segment, and stores each segment's final states in slot
+    ``wid - (first worker of the unit)`` of the split variant's workspace, whose other
+    slots the launcher fills with the states' initial values (``passes.split_k.
+    stream_k_schedule`` is the same schedule in Python)."""
+    r = kr.ranks
+    m1 = cname(r.loop)
+    nrow = f"((long long){cname(r.row)} + BLOCK_{r.row} - 1) / BLOCK_{r.row}" if r.row else "1"
+    head = ["const long long wid_ = blockIdx.x;",
+            "const long long sk_workers_ = a.size_SK_WORKERS;",
+            f"const long long n_row_ = {nrow};",
+            f"const long long n_tiles_ = n_row_ * a.size_SK_UNITS * {m1};",
+            "const long long g_start_ = wid_ * n_tiles_ / sk_workers_;",
+            "const long long g_end_ = (wid_ + 1) * n_tiles_ / sk_workers_;",
+            f"for (long long unit_ = g_start_ / {m1}; unit_ < (g_end_ + {m1} - 1) / {m1}; ++unit_) {{"]
+    seg = [f"const long long unit0_ = unit_ * {m1};",
+           "const int seg_first_ = (int)((g_start_ > unit0_ ? g_start_ : unit0_) - unit0_);",
+           f"const int seg_stop_ = (int)((g_end_ < unit0_ + {m1} ? g_end_ : unit0_ + {m1}) - unit0_);",
+           "const int slot_ = (int)(wid_ + 1 - ((unit0_ + 1) * sk_workers_ + n_tiles_ - 1) / n_tiles_);"]
+    tail = ["__syncthreads();  // the next unit reuses the shared buffers"]
+    return (["  " + x for x in head] + ["    " + x for x in seg + prog] +
+            ["  " + x for x in body] + ["    " + x for x in tail] + ["  }"])
 
 
 def _check_outputs(kr: KernelRenderer) -> None:
@@ -1035,16 +1074,18 @@ def _check_outputs(kr: KernelRenderer) -> None:
         if r.row is not None and r.row not in o.ranks:
             raise CudaUnsupported(f"output {o.name} does not have the row rank {r.row}")
         for rank in o.ranks:
-            if rank not in r.vector and rank not in r.grid:
+            if rank not in r.vector and rank not in r.grid and rank != kr.slot:
                 raise CudaUnsupported(f"output {o.name} has rank {rank}, not in the grid")
         if o.name not in kr.values:
             raise CudaUnsupported(f"output {o.name} is not computed in the kernel")
 
 
 def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
-                ranks: Ranks | None = None, outputs=None) -> KernelSpec:
-    """One kernel: the tile program ``tp`` of ``defn``, storing ``outputs`` (default: defn's)."""
-    kr = KernelRenderer(tp, ranks=ranks, outputs=None if outputs is None else tuple(outputs))
+                ranks: Ranks | None = None, outputs=None, slot: str | None = None) -> KernelSpec:
+    """One kernel: the tile program ``tp`` of ``defn``, storing ``outputs`` (default: defn's).
+    ``slot``: a persistent stream-K worker storing at slot ``slot_`` of that workspace rank."""
+    kr = KernelRenderer(tp, ranks=ranks, outputs=None if outputs is None else tuple(outputs),
+                        slot=slot)
     for o in kr.outputs:  # checked before rendering so that errors name the cause
         if kr.ranks.row is not None and kr.ranks.row not in o.ranks:
             raise CudaUnsupported(f"output {o.name} does not have the row rank {kr.ranks.row}")
@@ -1066,12 +1107,13 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
         name=name or cname(pyname(defn.name)),
         args=[(cname(a.name), a.name, list(a.ranks), kr.ctype(a.name), a.dtype) for a in defn.tensor_args],
         outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in kr.outputs],
-        sizes=list(dict.fromkeys(input_ranks + [let.name for let in defn.lets])), lets=lets,
+        sizes=list(dict.fromkeys(input_ranks + [let.name for let in defn.lets]))
+        + (["SK_UNITS", "SK_WORKERS"] if slot else []), lets=lets,
         params=params, signature=", ".join(sig), row=kr.ranks.row, grid=kr.ranks.grid, blocks=blocks,
         tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py,
         state_py=state_py, instances=instances,
         out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in kr.outputs],
-        doc=print_definition(defn).rstrip(), input_ranks=input_ranks)
+        doc=print_definition(defn).rstrip(), input_ranks=input_ranks, persistent=slot is not None)
 
 
 def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
@@ -1103,8 +1145,10 @@ class Variant:
     kernels: list         # KernelSpec, in launch order
     workspace: list       # (name, ranks): final states the first kernel writes, the combine reads
     lets: list            # (pyname, code, text, name)
-    split: str | None     # the worker rank whose size the launcher chooses (split-K decode)
+    split: str | None     # the worker (stream-K: slot) rank whose size the launcher chooses
     loop_size: str | None  # pyname of the tile count the split divides
+    kind: str = "fused"   # "fused", "split" (split-K) or "stream" (stream-K)
+    fills: dict = field(default_factory=dict)  # workspace name -> its init value (Python code)
 
 
 @dataclass
@@ -1151,7 +1195,33 @@ def build_variant(defn: Definition, tp: TileProgram, name: str, chosen: bool = F
     second = kernel_spec(d2, tp2, name=f"{name}_combine", ranks=ranks2, outputs=defn.outputs)
     split = next((r for r in ranks.grid if r in reduced), None) if chosen else None
     return Variant([first, second], [(w.name, list(w.ranks)) for w in workspace], lets, split,
-                   loop_size)
+                   loop_size, "split" if split else "fused")
+
+
+def build_stream_variant(defn: Definition, tp: TileProgram, split: Variant, name: str) -> Variant | None:
+    """Stream-K decode: a persistent worker kernel over the flattened (unit, tile) space of
+    ``defn``'s own tile program (epilogue removed; see :func:`_stream_k_lines`), then the
+    split variant's combine kernel, unchanged, over W = the slots.  The worker stores its
+    segments' final states into the split workspace at ``[slot, ...]``; the launcher fills
+    the workspace with each state's initial value first, so a slot no segment writes acts
+    as a worker that saw no tile.  None when some init is not a constant."""
+    from ..einsum_ir.ir import Output
+    from .triton_backend import _constant_code
+
+    fills = {}
+    for st in tp.inits:
+        code = _constant_code(st.expr)
+        if code is None or st.where is not None:
+            return None
+        fills[st.tensor] = code
+    work, combine = split.kernels
+    outputs = [Output(n, tuple(ranks), "f32") for _, n, ranks, _ in work.outputs]
+    if {o.name for o in outputs} != set(fills) or split.split is None:
+        return None
+    worker = kernel_spec(defn, dataclasses.replace(tp, epilogue=()), name=f"{name}_stream",
+                         outputs=outputs, slot=split.split)
+    return Variant([worker, dataclasses.replace(combine, define=False)], split.workspace,
+                   split.lets, split.split, pyname(tp.loop_rank), "stream", fills)
 
 
 def _environment() -> jinja2.Environment:
@@ -1166,7 +1236,8 @@ def _prefixed(d: Definition, err: Exception) -> CudaUnsupported:
 
 
 def def_spec(d: Definition) -> DefSpec:
-    """The streamed variant, and (when the loop splits) the split-K variant for decode shapes."""
+    """The streamed variant, and (when the loop splits) the split-K and stream-K variants for
+    decode shapes."""
     from ..passes.split_k import SplitKUnsupported, split_k, split_k_blockers
 
     base = cname(pyname(d.name))
@@ -1184,6 +1255,13 @@ def def_spec(d: Definition) -> DefSpec:
             variants.append(build_variant(split, tile_program(split), f"{base}_split", chosen=True))
         except (NotTileable, SplitKUnsupported):
             pass
+        else:
+            try:
+                stream = build_stream_variant(d, tp, variants[1], base)
+            except NotTileable:
+                stream = None
+            if stream is not None:
+                variants.append(stream)
     k0 = variants[0].kernels[0]
     return DefSpec(name=base, args=k0.args, outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype)
                                                      for o in d.outputs],
@@ -1198,7 +1276,7 @@ def kernel_specs(module: Module) -> list[DefSpec]:
 def render_files(module: Module, stem: str) -> dict[str, str]:
     """``{stem}.cu`` (kernels) and ``{stem}.py`` (torch launcher); raises CudaUnsupported."""
     specs = kernel_specs(module)
-    kernels = [k for s in specs for v in s.variants for k in v.kernels]
+    kernels = [k for s in specs for v in s.variants for k in v.kernels if k.define]
     env = _environment()
     ns = f"attnc_{cname(pyname(stem))}"
     common = dict(version=__version__, source=f"{stem}.attn", specs=specs, kernels=kernels, stem=stem,

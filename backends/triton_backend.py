@@ -37,7 +37,8 @@ import sympy
 from .. import __version__
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
-                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
+                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary,
+                            size_symbol)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
 from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads,
@@ -63,6 +64,66 @@ class TVal:
     raw: str | None = None   # a load in its own dtype (for tl.dot operands)
 
 
+@dataclass(frozen=True)
+class HeadPacking:
+    """A grid rank folded into the row block: GQA/MQA head packing.
+
+    When the streamed (key/value) loads read grid rank ``h`` only as ``h // G``
+    with ``let G = H / HK`` (GQA), or not at all (MQA), the ``G`` query heads
+    that share one K/V head can share one program: its rows are the
+    ``(g, p)`` pairs, ``h = unit * G + g``, and every K/V tile is loaded once for
+    all of them instead of once per query head.  Before → after (decode, P = 1)::
+
+        grid (H, ceil(P / BLOCK_P)):  idx_h = pid % H;  K[idx_h // G, m, e]
+        ->
+        grid (HK, ceil(P*G / BLOCK_P)):  idx_pk = pid % HK
+            pk_p = offs_p % P;  pk_h = idx_pk * G + offs_p // P;  K[idx_pk, m, e]
+    """
+
+    rank: str                 # the grid rank (h)
+    group: str                # code: how many of its values share a unit (G; H for MQA)
+    units: str                # code: how many units (HK; 1 for MQA)
+    divisor: Expr | None      # the subscript ``h // G`` the streamed loads use
+
+
+def _head_packing(tp: TileProgram, statements, ranks: Ranks) -> HeadPacking | None:
+    """The first grid rank the key/value loads read only as ``h // G`` (or not at all)."""
+    defn = tp.cascade
+    if ranks.row is None or ranks.tile is None:
+        return None
+    args = {a.name: a for a in defn.tensor_args}
+    moving = {ranks.loop, ranks.tile}
+    streamed = []
+    for st in statements:
+        for e in (st.expr, st.where):
+            for acc in (walk(e) if e is not None else ()):
+                if isinstance(acc, Access) and acc.tensor in args and any(
+                        moving & free_ranks(sub) for sub in acc.subscripts):
+                    streamed.append(acc)
+    lets = {let.name: let.value for let in defn.lets}
+    for h in ranks.grid:
+        forms, plain = set(), False
+        for acc in streamed:
+            for sub, rank in zip(acc.subscripts, args[acc.tensor].ranks):
+                if h not in free_ranks(sub):
+                    continue
+                if (isinstance(sub, Binary) and sub.op == "//" and sub.left == Index(h)
+                        and isinstance(sub.right, Size)):
+                    forms.add((sub, rank))
+                else:
+                    plain = True
+        if plain or len(forms) > 1:
+            continue
+        if not forms:
+            return HeadPacking(h, pyname(h), "1", None)
+        ((sub, unit_rank),) = forms
+        group = sub.right.rank
+        if group in lets and sympy.simplify(
+                lets[group] - size_symbol(h) / size_symbol(unit_rank)) == 0:
+            return HeadPacking(h, pyname(group), pyname(unit_rank), sub)
+    return None
+
+
 @dataclass
 class KernelRenderer:
     """Renders one tile program as a Triton kernel body (lines of Python)."""
@@ -73,6 +134,7 @@ class KernelRenderer:
     memo: dict = field(default_factory=dict)
 
     ranks: Ranks | None = None
+    packing: bool = True      # fold a GQA/MQA head rank into the rows when the loads allow
 
     def __post_init__(self):
         self.full_tiles = False          # rendering the loop over tiles that need no mask
@@ -91,6 +153,7 @@ class KernelRenderer:
                           for s in self.body)
         if self.ranks is None:
             self.ranks = classify_ranks(self.tp, self.body)
+        self.pack = _head_packing(self.tp, self.body, self.ranks) if self.packing else None
         self.values: dict[str, TVal] = {}     # tensor -> register value (this tile / prologue)
         self.state_prev: dict[str, TVal] = {}
         self.inputs = {a.name: a for a in self.defn.tensor_args}
@@ -134,6 +197,8 @@ class KernelRenderer:
         """(code, layout) of index variable r's integer values."""
         if r == self.ranks.loop:
             return r.lower(), ()
+        if self.pack and r in (self.pack.rank, self.ranks.row):  # per row of the packed block
+            return f"pk_{r.lower()}", (self.ranks.row,)
         if r in self.ranks.grid:
             return f"idx_{r.lower()}", ()
         return self.offs(r), (r,)
@@ -146,6 +211,8 @@ class KernelRenderer:
     # --- expressions -----------------------------------------------------------
     def subscript(self, e: Expr) -> tuple[str, tuple[str, ...]]:
         """An affine subscript: (code, layout)."""
+        if self.pack and e == self.pack.divisor:
+            return "idx_pk", ()  # h // G is the program's K/V head
         if isinstance(e, Index):
             return self.index_code(e.rank, ())
         if isinstance(e, Size):
@@ -495,7 +562,8 @@ class KernelRenderer:
 
     # --- statements --------------------------------------------------------------
     def lhs_layout(self, st) -> tuple[str, ...]:
-        return self.canon(r for r in st.lhs if r in self.ranks.vector)
+        packed = {self.ranks.row} if self.pack and self.pack.rank in st.lhs else set()
+        return self.canon({r for r in st.lhs if r in self.ranks.vector} | packed)
 
     def statement(self, st) -> None:
         self.emit(f"# {print_statement(st)}")
@@ -787,6 +855,8 @@ class KernelPart:
     tile: str | None
     tile_size: int | None
     body: list
+    rows: str = "1"            # code: the rows the row blocks cover (P; P * G when packed)
+    grid_sizes: tuple = ()     # code: each grid rank's program count
     persistent: bool = False   # a stream-K worker: one program per worker, grid (1, workers)
     define: bool = True        # False: the kernel is another variant's (a shared combine)
     fills: dict = field(default_factory=dict)  # workspace name -> its init value's code
@@ -822,6 +892,9 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     r = kr.ranks
     pre = []
     for g in reversed(r.grid):
+        if kr.pack and g == kr.pack.rank:
+            pre += [f"idx_pk = pid % {kr.pack.units}", f"pid = pid // {kr.pack.units}"]
+            continue
         pre += [f"idx_{g.lower()} = pid % {pyname(g)}", f"pid = pid // {pyname(g)}"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
         pre += [f"b{k} = pid % NB{k}", f"pid = pid // NB{k}"]
@@ -830,6 +903,9 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     for t in tensors:
         pre.append(f"boff_{t} = " + " + ".join(f"b{k} * stride_{t}_b{k}" for k in range(MAX_BATCH_DIMS)))
     for v in r.vector:
+        if v == r.row and kr.pack:
+            pre += _packed_row_lines(kr)
+            continue
         if v == r.row:
             pre.append(f"offs_{v.lower()} = pid_row * BLOCK_{v} + tl.arange(0, BLOCK_{v})")
             pre.append(f"p_first = pid_row * BLOCK_{v}")
@@ -839,6 +915,21 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
         if v != r.tile:
             pre.append(f"rng_{v.lower()} = offs_{v.lower()} < {pyname(v)}")
     return pre
+
+
+def _packed_row_lines(kr: KernelRenderer) -> list[str]:
+    """Rows of a packed block: (g, p) pairs, g-major; p_first..p_last bound the block's p
+    (exact when the block lies within one g, else all of 0..P-1)."""
+    row, pk = kr.ranks.row, kr.pack
+    v, n = row.lower(), pyname(row)
+    return [f"offs_{v} = pid_row * BLOCK_{row} + tl.arange(0, BLOCK_{row})",
+            f"rng_{v} = offs_{v} < {n} * {pk.group}",
+            f"pk_{v} = offs_{v} % {n}",
+            f"pk_{pk.rank.lower()} = idx_pk * {pk.group} + offs_{v} // {n}",
+            f"r_first = pid_row * BLOCK_{row}",
+            f"r_last = tl.minimum(r_first + BLOCK_{row}, {n} * {pk.group}) - 1",
+            f"p_first = tl.where(r_first // {n} == r_last // {n}, r_first % {n}, 0)",
+            f"p_last = tl.where(r_first // {n} == r_last // {n}, r_last % {n}, {n} - 1)"]
 
 
 def _store_lines(kr: KernelRenderer, outputs, slot: str | None = None) -> list[str]:
@@ -905,7 +996,7 @@ def _stream_k_lines(kr: KernelRenderer, outputs, slot: str) -> list[str]:
     kr.outputs = list(outputs)
     kr.segment = True
     m1 = pyname(r.loop)
-    nrow = f"tl.cdiv({pyname(r.row)}, BLOCK_{r.row})" if r.row else "1"
+    nrow = f"tl.cdiv({_row_count(kr)}, BLOCK_{r.row})" if r.row else "1"
     head = ["wid = tl.program_id(1).to(tl.int64)",
             f"n_row = {nrow}",
             f"n_tiles = n_row * SK_UNITS * {m1}",
@@ -924,6 +1015,18 @@ def _stream_k_lines(kr: KernelRenderer, outputs, slot: str) -> list[str]:
     return head + ["    " + ln for ln in inner]
 
 
+def _row_count(kr: KernelRenderer) -> str:
+    if kr.ranks.row is None:
+        return "1"
+    n = pyname(kr.ranks.row)
+    return f"{n} * {kr.pack.group}" if kr.pack else n
+
+
+def _grid_sizes(kr: KernelRenderer) -> tuple[str, ...]:
+    return tuple(kr.pack.units if kr.pack and g == kr.pack.rank else pyname(g)
+                 for g in kr.ranks.grid)
+
+
 def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> KernelPart:
     defn = kr.defn
     lines = _kernel_lines(kr, outputs)
@@ -934,7 +1037,7 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
         outputs=[(pyname(o.name), o.name, list(o.ranks), o.name in workspace) for o in outputs],
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params],
         row=kr.ranks.row, grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
-        tile_size=kr.tp.tile_size, body=lines)
+        tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr))
 
 
 def _final_reads(e: Expr, states: dict[str, str], defn: Definition) -> Expr:
@@ -1043,7 +1146,7 @@ def build_stream_variant(defn: Definition, split: Variant) -> Variant | None:
         kernel=f"_{pyname(defn.name)}_stream_kernel", args=work.args, outputs=work.outputs,
         sizes=sizes, params=work.params, row=kr.ranks.row, grid=kr.ranks.grid,
         vector=kr.ranks.vector, tile=kr.ranks.tile, tile_size=tp.tile_size, body=lines,
-        persistent=True, fills=fills)
+        rows=_row_count(kr), grid_sizes=_grid_sizes(kr), persistent=True, fills=fills)
     return Variant([worker, dataclasses.replace(combine, define=False)], split.lets,
                    split.split, tp.loop_rank, "stream")
 

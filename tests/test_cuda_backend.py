@@ -92,15 +92,27 @@ def test_split_k_cascade_renders_a_streamed_and_a_combine_kernel():
 
 
 @pytest.mark.parametrize("path", ["gqa_decode.attn", "softmax1.attn", "lse.attn", "causal.attn"])
-def test_split_k_variant_is_rendered_beside_the_streamed_kernel(path):
+def test_split_k_and_stream_k_variants_are_rendered_beside_the_streamed_kernel(path):
+    """Split-K (per-worker kernel + combine) and stream-K (a persistent worker + the same
+    combine, defined once) beside the streamed kernel; the launcher chooses at run time."""
     stem = Path(path).stem
     files = render(path)
     cu, py = files[f"{stem}.cu"], files[f"{stem}.py"]
     name = re.search(r"__global__ void __launch_bounds__\(ATTNC_THREADS, 1\) (\w+)_kernel", cu).group(1)
-    for kernel in (name, f"{name}_split", f"{name}_split_combine"):
-        assert f"{kernel}_kernel(const {kernel}_args a)" in cu
-        assert f"def _{kernel}_run(" in py
+    for kernel in (name, f"{name}_split", f"{name}_split_combine", f"{name}_stream"):
+        assert cu.count(f"{kernel}_kernel(const {kernel}_args a)") == 1, kernel
+        assert py.count(f"def _{kernel}_run(") == 1, kernel
     assert "_split_count(" in py and "multi_processor_count" in py and "ATTNC_SPLIT" in py
+    assert '_variant(programs, M1, device, ["fused", "split", "stream"])' in py
+    assert "ATTNC_STREAM_K" in py and "_stream_slots(_n_tiles, SK_WORKERS, M1)" in py
+    worker = cu[cu.index(f"{name}_stream_kernel(const"):]
+    worker = worker[:worker.index("\n}\n")]
+    assert "for (long long unit_ = g_start_ / M1;" in worker
+    assert "attnc_imax(" in worker and ", seg_first_)" in worker and ", seg_stop_)" in worker
+    assert "(long long)slot_ * a.s_" in worker, "final states stored at the worker's slot"
+    assert worker.rstrip().endswith("__syncthreads();  // the next unit reuses the shared buffers\n  }"), \
+        worker[-300:]
+    assert "torch.full(" in py, "the workspace starts at the states' initial values"
 
 
 def test_tile_size_must_suit_tensor_cores():
@@ -122,9 +134,11 @@ def test_rendering_is_deterministic():
 _COMPILED: dict[str, tuple[int, str]] = {}
 
 
-# examples whose split-K decode kernels (streamed per worker + combine) nvcc also compiles;
-# the others skip those instances (-DATTNC_NO_SPLIT_INSTANCES) to keep the suite fast
-SPLIT_COMPILED = {"gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.attn", "causal.attn"}
+# examples whose decode kernels (split-K: streamed per worker + combine; stream-K: the
+# persistent worker) nvcc also compiles; the others skip those instances
+# (-DATTNC_NO_SPLIT_INSTANCES) to keep the suite fast
+SPLIT_COMPILED = {"gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.attn", "causal.attn",
+                  "differential.attn", "sinks_window.attn", "alibi.attn"}
 
 
 def _instances(source: str, split: bool) -> list[str]:
@@ -192,9 +206,23 @@ def test_nvcc_compiles_for_sm80_and_sm90_without_spills(path, compiled):
     assert len(kernels) == len(instances), "the default f16 and bf16 instances of every kernel"
     if path in SPLIT_COMPILED:
         assert sum("_split" in k for k in kernels) == 4, "split-K: streamed + combine, f16 + bf16"
+        assert sum("_stream_kernel" in k for k in kernels) == 2, "stream-K: the worker, f16 + bf16"
     spilled = {k: v for k, v in report.items() if v[1]}
     assert not spilled, f"register spills (kernel, arch) -> (registers, spill bytes): {spilled}"
     assert "warning" not in output.lower(), output[-3000:]
+
+
+@pytest.mark.parametrize("path", sorted(SPLIT_COMPILED))
+def test_nvcc_compiles_the_stream_k_worker_for_sm80_and_sm90(path, compiled, record_property):
+    """The persistent stream-K worker (its unit loop around the streamed kernel's body)
+    compiles for both targets without spills; its registers go to the report."""
+    code, output, _ = compiled[path]
+    assert code == 0, output[-3000:]
+    report = {k: v for k, v in ptxas_report(output).items() if "_stream_kernel" in k[0]}
+    assert {arch for _, arch in report} == set(ARCHS) and len(report) == 4, report
+    for (kernel, arch), (regs, spill) in sorted(report.items()):
+        record_property(f"{arch}:{kernel}", f"{regs} registers, {spill} bytes spilled")
+    assert not any(spill for _, spill in report.values()), report
 
 
 # --- the launcher ----------------------------------------------------------------------------------

@@ -322,3 +322,53 @@ def test_data_dependent_masks_skip_dead_tiles(rel, tmp_path):
     rng = np.random.default_rng(12)
     defn = module.definitions[0]
     assert run_and_compare(defn, getattr(gen, defn.name), rng, 20, 60, ((2,), (2,)), torch.float32) < 1e-5
+
+
+GQA_PER_HEAD = """
+attention gqa_per_head(Q[H,P,E], K[HK,M,E], V[HK,M,F], SLOPE[H], scale = 1/sqrt(E)) -> AV[H,P,F] {
+  let G = H / HK
+  B[h]      = SLOPE[h] * (h + 1)
+  S[h,p,m]  = Q[h,p,e] * K[h // G, m, e] * scale - B[h] * (p + M - P - m)   where m + h <= p + M - P + H
+  GM[h,p]   = max[m](S[h,p,m])
+  SN[h,p,m] = exp(S[h,p,m] - GM[h,p])
+  SD[h,p]   = sum[m](SN[h,p,m])
+  AV[h,p,f] = SN[h,p,m] * V[h // G, m, f] / SD[h,p]
+}
+"""
+
+
+@pytest.mark.parametrize("rel, packed", [
+    ("gqa_decode.attn", "idx_pk = pid % HK"), ("sqa.attn", "idx_pk = pid % HKV"),
+    ("mqa_decode.attn", "idx_pk = pid % 1"), ("mha.attn", None), ("alibi.attn", None),
+])
+def test_query_heads_sharing_keys_are_packed_into_rows(rel, packed):
+    """GQA/SQA read K/V at h // G, MQA not at all: those heads share a program (one K/V
+    load per tile for the whole group); MHA and ALiBi read K at h and are not packed."""
+    module = parse_file(EXAMPLES / rel)
+    _, files = compile_triton(module, "triton", Path(rel).stem, options={"tile": 64})
+    code = files[f"{Path(rel).stem}.py"]
+    if packed:
+        assert packed in code and "pk_p = offs_p % P" in code
+    else:
+        assert "idx_pk" not in code
+
+
+@pytest.mark.parametrize("P", [1, 5, 21, 40])
+@pytest.mark.parametrize("variant", [None, ("ATTNC_SPLIT", "3"), ("ATTNC_STREAM_K", "7")])
+def test_packed_heads_match_interpreter(P, variant, tmp_path, monkeypatch):
+    """Packed rows (g, p) straddle row blocks and groups; a per-head statement (B[h]), h in
+    arithmetic and in a where, and the split variants, all against the interpreter."""
+    module = parse(GQA_PER_HEAD, "gqa_per_head.attn")
+    gen = compile_module(module, "gqa_per_head.attn", tmp_path)
+    assert "idx_pk = pid % HK" in Path(gen.__file__).read_text()
+    defn = module.definitions[0]
+    rng = np.random.default_rng(P)
+    sizes = {"H": 6, "HK": 2, "P": P, "M": 50, "E": 8, "F": 5}
+    args, params = random_call(defn, rng, sizes, (2,), (2,))
+    want = interpret(defn, *args, **params)
+    if variant:
+        monkeypatch.setenv(*variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = gen.gqa_per_head(*[to_torch(a, torch.float32) for a in args], **params)
+    assert relative_error(got.numpy(), want) < 1e-5

@@ -10,8 +10,9 @@
    1024, ALiBi, softcap, softmax_1, sigmoid, differential — TFLOP/s of attnc's
    kernel, SDPA and torch.compile(flex_attention) wherever they express it, and
    the ratio to the best peer.
-3. Decode, GQA 32/8, D=128, B=1, context 8k/32k/128k — TB/s of K/V read, against
-   SDPA, and against the measured copy bandwidth.
+3. Decode, GQA 32/8, D=128, B=1, context 8k/32k/128k — TB/s of K/V read for the
+   launcher's choice and for each variant forced (streamed, split-K, stream-K),
+   against SDPA, and against the measured copy bandwidth.
 Each section survives the failure of another; everything is timed side by side
 in this one run (median of triton.testing.do_bench).
 """
@@ -108,6 +109,13 @@ def numerics_cuda(tmp: Path, device: str) -> None:
 
 
 def bench_ms(fn) -> float:
+    """Median milliseconds (triton.testing.do_bench on a GPU; one timed call on the CPU,
+    where --smoke only exercises the code paths)."""
+    if not torch.cuda.is_available():
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -309,26 +317,57 @@ def copy_bandwidth(device: str) -> float:
     return 2 * x.numel() / ms / 1e9
 
 
+class forced_env:
+    """Set environment variables for the duration of a block (the launchers read them per call)."""
+
+    def __init__(self, **env):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        for k, v in self.env.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def decode(tmp: Path, device: str, smoke: bool) -> None:
+    """GQA decode: the launcher's own choice, then each variant forced (streamed kernel,
+    split-K, stream-K), side by side with SDPA and the copy bandwidth."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     H, HK, D = (4, 2, 64) if smoke else (32, 8, 128)
     dt = torch.float32 if smoke else torch.bfloat16
     copy = copy_bandwidth(device) if not smoke else float("nan")
-    say(f"\n## Decode: GQA {H}/{HK}, D={D}, B=1 — TB/s of K/V read (copy: {copy:.2f} TB/s)")
-    say("| context | attnc | SDPA | attnc / SDPA | attnc / copy |")
-    say("|---|---|---|---|---|")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
+    # B=1 and packed heads: HK programs of one row block each
+    forced = {"auto": {}, "streamed": {"ATTNC_SPLIT": "1"},
+              "split-K": {"ATTNC_SPLIT": str(-(-2 * sms // HK))},
+              "stream-K": {"ATTNC_STREAM_K": str(2 * sms)}}
+    say(f"\n## Decode: GQA {H}/{HK}, D={D}, B=1, {dt} — TB/s of K/V read (copy: {copy:.2f} TB/s)")
+    say("auto = the launcher's heuristic; split-K with " + forced["split-K"]["ATTNC_SPLIT"]
+        + " workers per K/V head, stream-K with " + forced["stream-K"]["ATTNC_STREAM_K"] + " workers")
+    say("| context | " + " | ".join(f"attnc {k}" for k in forced) + " | SDPA | best attnc / SDPA | best attnc / copy |")
+    say("|---|" + "---|" * (len(forced) + 3))
     _, gen = compile_triton(EXAMPLES / "gqa_decode.attn", 64, tmp)
     for n in ((300,) if smoke else (8192, 32768, 131072)):
         q = torch.randn(1, H, 1, D, device=device, dtype=dt)
         k = torch.randn(1, HK, n, D, device=device, dtype=dt)
         v = torch.randn(1, HK, n, D, device=device, dtype=dt)
         nbytes = 2 * HK * n * D * k.element_size()
-        ours = ref = None
-        try:
-            ours = bench_ms(lambda: gen.gqa_decode(q, k, v))
-        except Exception as err:  # noqa: BLE001
-            say(f"attnc decode failed: {err}")
+        times = {}
+        for label, env in forced.items():
+            try:
+                with forced_env(**env):
+                    times[label] = bench_ms(lambda: gen.gqa_decode(q, k, v))
+            except Exception as err:  # noqa: BLE001
+                say(f"attnc decode ({label}) failed: {str(err)[:200]}")
+        ref = None
         try:
             ref = bench_ms(lambda: sdpa(q, k, v, enable_gqa=True))
         except Exception as err:  # noqa: BLE001
@@ -337,9 +376,10 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
         def tb(ms):
             return "-" if ms is None else f"{nbytes / ms / 1e9:.2f}"
 
-        ratio = "-" if ours is None or ref is None else f"{ref / ours:.2f}"
-        frac = "-" if ours is None else f"{nbytes / ours / 1e9 / copy:.2f}"
-        say(f"| {n} | {tb(ours)} | {tb(ref)} | {ratio} | {frac} |")
+        best = min(times.values()) if times else None
+        ratio = "-" if best is None or ref is None else f"{ref / best:.2f}"
+        frac = "-" if best is None else f"{nbytes / best / 1e9 / copy:.2f}"
+        say(f"| {n} | " + " | ".join(tb(times.get(k)) for k in forced) + f" | {tb(ref)} | {ratio} | {frac} |")
 
 
 def main() -> None:

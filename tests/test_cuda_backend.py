@@ -380,9 +380,9 @@ def _spy_runs(mod, monkeypatch):
     """Record which kernels a call launches (name, W) through the launcher's ``_<kernel>_run``."""
     calls = []
     for attr in [n for n in dir(mod) if n.startswith("_") and n.endswith("_run")]:
-        def spy(*args, _f=getattr(mod, attr), _name=attr[1:-len("_run")]):
+        def spy(*args, _f=getattr(mod, attr), _name=attr[1:-len("_run")], **kwargs):
             calls.append((_name, args[1].get("W")))
-            return _f(*args)
+            return _f(*args, **kwargs)
         monkeypatch.setattr(mod, attr, spy)
     return calls
 
@@ -410,21 +410,141 @@ def test_emulated_split_k_matches_reference(path, workers, emulated, monkeypatch
         assert names[1] == names[0] + "_combine" and {c[1] for c in calls} == {workers}, calls
 
 
-def test_launcher_splits_decode_shapes_by_sm_count(emulated, monkeypatch):
-    """Without ATTNC_SPLIT: few programs over many tiles split (CPU: 4 "SMs"), long rows do not."""
+def test_launcher_picks_the_decode_variant_by_grid_and_sm_count(emulated, monkeypatch):
+    """Without ATTNC_SPLIT / ATTNC_STREAM_K: a grid of fewer blocks than SMs (CPU: 4 "SMs")
+    over at least 4 tiles runs stream-K (two persistent blocks per SM, at least 2 tiles
+    each), split-K where there is no stream-K; larger grids and short rows stream as is."""
     import torch
 
     get, root = emulated
     monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
     monkeypatch.delenv("ATTNC_SPLIT", raising=False)
+    monkeypatch.delenv("ATTNC_STREAM_K", raising=False)
     mod = get("softmax1.attn")
-    assert mod._split_count(1, 12, torch.device("cpu")) == 6     # ceil(2 * 4 / 1), at most 12 // 2
-    assert mod._split_count(100, 12, torch.device("cpu")) == 1
-    assert mod._split_count(1, 3, torch.device("cpu")) == 1      # too few tiles to share
+    cpu, kinds = torch.device("cpu"), ["fused", "split", "stream"]
+    assert mod._split_count(1, 12, cpu) == 6     # ceil(2 * 4 / 1), at most 12 // 2
+    assert mod._split_count(100, 12, cpu) == 1
+    assert mod._split_count(1, 3, cpu) == 1      # too few tiles to share
+    assert mod._variant(8, 100, cpu, kinds) == ("fused", 1)
+    assert mod._variant(2, 3, cpu, kinds) == ("fused", 1)            # too few tiles to share
+    assert mod._variant(2, 100, cpu, kinds) == ("stream", 8)         # two blocks per SM
+    assert mod._variant(2, 5, cpu, kinds) == ("stream", 5)           # at least 2 tiles each
+    assert mod._variant(1, 12, cpu, ["fused", "split"]) == ("split", 6)
+    assert mod._variant(2, 100, cpu, ["fused"]) == ("fused", 1)
+    monkeypatch.setenv("ATTNC_SPLIT", "3")
+    assert mod._variant(64, 100, cpu, kinds) == ("split", 3)
+    monkeypatch.setenv("ATTNC_SPLIT", "1")
+    assert mod._variant(1, 100, cpu, kinds) == ("fused", 1)          # 1: no split
+    monkeypatch.setenv("ATTNC_STREAM_K", "5")
+    assert mod._variant(64, 100, cpu, kinds) == ("stream", 5)
+    assert mod._variant(1, 3, cpu, kinds) == ("stream", 3)           # at most one per tile
+    monkeypatch.delenv("ATTNC_SPLIT")
+    monkeypatch.delenv("ATTNC_STREAM_K")
     calls = _spy_runs(mod, monkeypatch)
     ref = EXAMPLES["softmax1.attn"]
     arrays, params = ref.make_inputs(np.random.default_rng(5), SPLIT_SIZES["softmax1.attn"])
     check(mod.softmax1(*[torch.from_numpy(a) for a in arrays], **params),
           ref.reference(*arrays, **params))
-    assert [c[1] for c in calls] == [6, 6], calls
+    # 1 block x 12 tiles: 6 workers of 2 tiles, one unit -> 6 slots
+    assert calls == [("softmax1_stream", 6), ("softmax1_split_combine", 6)], calls
+
+
+# --- stream-K decode: persistent workers over the (unit, tile) space, the split-K combine ----------
+
+# decode shapes (P = 2, M = 77: 5 tiles of 16 per unit) and, for causal / alibi, P = 37 over
+# M = 45 in row blocks of 16 (3 tiles, 3 row blocks per unit): with batch (2,) and heads, the
+# workers' shares cross units (heads, batch elements, row blocks)
+STREAM_SIZES = {
+    "gqa_decode.attn": {"H": 4, "HK": 2, "P": 2, "M": 77, "E": 8, "F": 5},
+    "mqa_decode.attn": {"H": 3, "P": 2, "M": 77, "E": 4, "F": 3},
+    "softmax1.attn": {"P": 2, "M": 77, "E": 5, "F": 3},
+    "lse.attn": {"P": 2, "M": 77, "E": 4, "F": 6},
+    "differential.attn": {"P": 2, "M": 77, "E": 4, "F": 3},
+    "sinks_window.attn": {"P": 2, "M": 77, "E": 4, "F": 3, "sinks": 3, "window": 20},
+    "causal.attn": {"P": 37, "M": 45, "E": 4, "F": 3},
+    "alibi.attn": {"H": 3, "P": 37, "M": 45, "E": 4, "F": 3},
+}
+STREAM_WORKERS = (1, 2, 3, 7, 13, 10_000)
+
+
+def batched_inputs(ref, sizes, seed, batch=2):
+    """``batch`` independent draws stacked along a leading batch dim."""
+    draws = [ref.make_inputs(np.random.default_rng(seed + i), sizes) for i in range(batch)]
+    return [np.stack(xs) for xs in zip(*(d[0] for d in draws))], draws[0][1]
+
+
+@pytest.mark.parametrize("workers", STREAM_WORKERS)
+@pytest.mark.parametrize("path", sorted(STREAM_SIZES))
+def test_emulated_stream_k_matches_reference(path, workers, emulated, monkeypatch):
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("ATTNC_STREAM_K", str(workers))
+    monkeypatch.delenv("ATTNC_SPLIT", raising=False)
+    ref = EXAMPLES[path]
+    mod = get(path)
+    sizes = STREAM_SIZES[path]
+    if sizes["P"] > 16:
+        monkeypatch.setattr(mod, "_STATE_PER_THREAD", 0)  # the smallest row block: 16 rows
+    calls = _spy_runs(mod, monkeypatch)
+    arrays, params = batched_inputs(ref, sizes, seed=sizes["P"] + sizes["M"])
+    got = getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params)
+    check(got, ref.reference(*arrays, **params))
+    name = calls[0][0] if calls else None
+    assert [c[0] for c in calls] == [name, name.removesuffix("_stream") + "_split_combine"], calls
+    assert name.endswith("_stream"), calls
+    # the slots: W = _stream_slots(n_tiles, min(workers, n_tiles), M1)
+    n_row = -(-sizes["P"] // (16 if sizes["P"] > 16 else 16))
+    units = 2 * n_row * sizes.get("H", 1)
+    tiles = -(-sizes["M"] // 16)
+    n_tiles = units * tiles
+    sk = min(workers, n_tiles)
+    assert calls[0][1] == calls[1][1] == mod._stream_slots(n_tiles, sk, tiles), (calls, n_tiles, sk)
+
+
+def test_emulated_stream_k_with_default_row_blocks(emulated, monkeypatch):
+    """causal at P = 37 in its default 64-row block: one row block per unit."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    ref = EXAMPLES["causal.attn"]
+    mod = get("causal.attn")
+    calls = _spy_runs(mod, monkeypatch)
+    arrays, params = batched_inputs(ref, STREAM_SIZES["causal.attn"], seed=3, batch=3)
+    for workers in (2, 4):
+        monkeypatch.setenv("ATTNC_STREAM_K", str(workers))
+        got = mod.causal_softmax(*[torch.from_numpy(a) for a in arrays], **params)
+        check(got, ref.reference(*arrays, **params))
+    assert [c[0] for c in calls] == ["causal_softmax_stream", "causal_softmax_split_combine"] * 2
+
+
+def _slot(w, unit, tiles, n_tiles, workers):
+    """The worker kernel's slot formula (C integer division of non-negative numbers)."""
+    return w + 1 - ((unit * tiles + 1) * workers + n_tiles - 1) // n_tiles
+
+
+def test_stream_k_slots_are_distinct_ordered_and_bounded(emulated):
+    """Against the IR pass's schedule: each unit's segments get slots 0, 1, ... in worker
+    order, below the launcher's slot count W; every worker has a tile."""
+    from attnc.passes.split_k import stream_k_schedule
+
+    get, _ = emulated
+    mod = get("softmax1.attn")
+    for units in range(1, 9):
+        for tiles in range(1, 9):
+            n_tiles = units * tiles
+            for workers in range(1, n_tiles + 1):
+                slots = mod._stream_slots(n_tiles, workers, tiles)
+                seen: dict[int, list[int]] = {}
+                for w, segments in enumerate(stream_k_schedule(units, tiles, workers)):
+                    assert segments, (units, tiles, workers, w)
+                    for unit, first, end in segments:
+                        seen.setdefault(unit, []).append(_slot(w, unit, tiles, n_tiles, workers))
+                for unit, got in seen.items():
+                    assert got == list(range(len(got))) and len(got) <= slots, \
+                        (units, tiles, workers, unit, got, slots)

@@ -438,7 +438,7 @@ def test_launcher_picks_the_decode_variant_by_grid_and_sm_count(emulated, monkey
     assert mod._variant(1, 100, cpu, kinds) == ("fused", 1)          # 1: no split
     monkeypatch.setenv("ATTNC_STREAM_K", "5")
     assert mod._variant(64, 100, cpu, kinds) == ("stream", 5)
-    assert mod._variant(1, 3, cpu, kinds) == ("stream", 3)           # at most one per tile
+    assert mod._variant(1, 3, cpu, kinds) == ("stream", 5)           # capped by the tiles later
     monkeypatch.delenv("ATTNC_SPLIT")
     monkeypatch.delenv("ATTNC_STREAM_K")
     calls = _spy_runs(mod, monkeypatch)
@@ -497,7 +497,7 @@ def test_emulated_stream_k_matches_reference(path, workers, emulated, monkeypatc
     assert [c[0] for c in calls] == [name, name.removesuffix("_stream") + "_split_combine"], calls
     assert name.endswith("_stream"), calls
     # the slots: W = _stream_slots(n_tiles, min(workers, n_tiles), M1)
-    n_row = -(-sizes["P"] // (16 if sizes["P"] > 16 else 16))
+    n_row = -(-sizes["P"] // 16)
     units = 2 * n_row * sizes.get("H", 1)
     tiles = -(-sizes["M"] // 16)
     n_tiles = units * tiles

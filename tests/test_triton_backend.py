@@ -372,3 +372,36 @@ def test_packed_heads_match_interpreter(P, variant, tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         got = gen.gqa_per_head(*[to_torch(a, torch.float32) for a in args], **params)
     assert relative_error(got.numpy(), want) < 1e-5
+
+
+def test_autotune_measures_each_shape_class_once(causal_module, monkeypatch):
+    """ATTNC_AUTOTUNE=1: every configuration is timed the first time a shape class (rows,
+    tiles and programs as powers of two, head dims, dtypes) is seen; the fastest is reused."""
+    gen = causal_module
+    monkeypatch.setattr(gen, "_can_tune", lambda device: True)
+    monkeypatch.setattr(gen, "_TUNED", {})
+    timed = []
+
+    def fake_bench(fn):
+        fn()                      # the configuration really runs (here, interpreted)
+        timed.append(1)
+        return 100.0 - len(timed)  # the last configuration tried is the "fastest"
+
+    monkeypatch.setattr(gen, "_bench_ms", fake_bench)
+    rng = np.random.default_rng(4)
+    d = parse(CAUSAL).definitions[0]
+
+    def call(P):
+        Q, K, V = rng.standard_normal((P, 8)), rng.standard_normal((P, 8)), rng.standard_normal((P, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = gen.causal_softmax(*[torch.from_numpy(x).float() for x in (Q, K, V)])
+        assert relative_error(got.numpy(), interpret(d, Q, K, V)) < 1e-5
+
+    call(20)
+    assert len(timed) == len(gen._CONFIGS) and len(gen._TUNED) == 1
+    assert list(gen._TUNED.values()) == [gen._CONFIGS[-1]]
+    call(27)                      # same class (rows and tiles round to 32): no new timing
+    assert len(timed) == len(gen._CONFIGS) and len(gen._TUNED) == 1
+    call(40)                      # a new class
+    assert len(timed) == 2 * len(gen._CONFIGS) and len(gen._TUNED) == 2

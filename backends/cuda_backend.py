@@ -44,8 +44,35 @@ Split-K decode (``build_variant``): beside the streamed kernel, each definition 
 splits gets the variant of ``split_k(defn, 2)``: a per-worker streamed kernel (grid rank W,
 tiles ``w * MT + mt``) storing the final states into an fp32 workspace, and a combine kernel
 without a tile loop that runs the epilogue with W as an in-block reduced rank
-(``_combine_program`` of the Triton backend).  W and MT are sizes passed at launch: the
-launcher picks the worker count from the grid and the SM count (``ATTNC_SPLIT=N`` forces N).
+(``_combine_program`` of the Triton backend).  W and MT are sizes passed at launch.
+
+Stream-K decode (``build_stream_variant``): a persistent worker kernel renders the
+definition's own tile program (epilogue removed) inside a loop over the "units" (what one
+block of the streamed kernel owns: a row block, a batch element, a value of each grid rank).
+Block ``wid_`` of ``SK_WORKERS`` takes the global tiles ``[wid*G / SK_WORKERS,
+(wid+1)*G / SK_WORKERS)`` of the ``G = n_row * SK_UNITS * M1`` tiles numbered unit by unit,
+runs each unit's segment, and stores the final states into the split-K workspace at slot
+``wid - (first worker of the unit)``; the split-K combine kernel, unchanged, reduces over
+W = the slots.  The launcher fills the workspace with the states' constant initial values
+first, so a slot no segment writes acts as a worker that saw no tile (no constant init: no
+stream-K variant).  Before → after (the streamed kernel → the worker)::
+
+    int pid_ = blockIdx.x; <grid, batch indices>; row0_ = blockIdx.y * BLOCK_P;
+    <inits>; tile_lo_ = lo; tile_hi_ = hi; <tile loop>; <store AV>
+    ->
+    for (long long unit_ = g_start_ / M1; unit_ < (g_end_ + M1 - 1) / M1; ++unit_) {
+      seg_first_ = ...; seg_stop_ = ...; slot_ = ...;
+      int pid_ = (int)(unit_ / n_row_); <grid, batch indices>;
+      row0_ = (int)(unit_ % n_row_) * BLOCK_P;
+      <inits>; tile_lo_ = max(lo, seg_first_); tile_hi_ = min(hi, seg_stop_); <tile loop>
+      <store RM, RD, RNV at [slot_, h, p, ...]>
+      __syncthreads();  // the next unit reuses the shared buffers
+    }
+
+The launcher chooses per call (``_variant``): the streamed kernel when its grid has at least
+one block per SM or fewer than 4 tiles per row; else stream-K (about two persistent blocks
+per SM, at least 2 tiles each), else split-K (workers from the grid and the SM count).
+``ATTNC_STREAM_K=N`` forces stream-K with N workers, ``ATTNC_SPLIT=N`` split-K with N (1: none).
 
 The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
 (one thread per block, scalar matrix products): the launcher runs it on CPU

@@ -17,8 +17,10 @@ follow the contract.  What differs is how a block value lives on the GPU:
   state uses that same mapping, so it stays in registers (``r_rnv[k_]``) and
   is mirrored to shared memory only where another loop shape reads it;
 * a sum over one rank of two 2-D operands (``Q·Kᵀ``, ``P·V``) runs on tensor
-  cores (``nvcuda::wmma`` 16×16×16, f16/bf16 in, f32 accumulate); an operand
-  that is not a loaded tile is first converted into a 16-bit shared tile;
+  cores (``nvcuda::wmma``, f32 accumulate): 16×16×16 for f16/bf16 inputs, tf32
+  16×16×8 for f32 inputs (sm_80+; ``-DATTNC_F32_IEEE``: exact fp32 FMA instead);
+  an operand that is not a loaded tile is first converted into a shared tile of
+  the input element type (``scalar_t``);
 * other reductions use one warp per output element (shuffle reductions), and
   compute "some point present" alongside the value when presence needs it;
 * a value's presence is a conjunction of boolean terms (ranges, in-bounds
@@ -77,7 +79,9 @@ per SM, at least 2 tiles each), else split-K (workers from the grid and the SM c
 The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
 (one thread per block, scalar matrix products): the launcher runs it on CPU
 tensors under ``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated
-indexing, masks and tile bounds against the interpreter without a GPU.
+indexing, masks and tile bounds against the interpreter without a GPU.  For f32
+inputs the emulation rounds the matrix-product operands to tf32 as the tensor cores
+do (``-DATTNC_EMULATE_TF32``; ``ATTNC_CUDA_F32=ieee`` selects exact fp32 on both).
 """
 from __future__ import annotations
 
@@ -1129,7 +1133,8 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     state_py = [" * ".join(f"B[{r!r}]" for r in lay) or "1"
                 for name_, lay in kr.state_layout.items() if not name_.endswith("_prev")]
     instances = [(tag, ctype, _default_blocks(kr, blocks, head))
-                 for tag, ctype, head in (("f16", "__half", 64), ("bf16", "__nv_bfloat16", 128))]
+                 for tag, ctype, head in (("f16", "__half", 64), ("bf16", "__nv_bfloat16", 128),
+                                          ("f32", "float", 64))]
     return KernelSpec(
         name=name or cname(pyname(defn.name)),
         args=[(cname(a.name), a.name, list(a.ranks), kr.ctype(a.name), a.dtype) for a in defn.tensor_args],

@@ -1199,4 +1199,14 @@ def render_module(module: Module, source_name: str) -> str:
     stem = Path(source_name).stem
     return _environment().get_template("module.py.jinja").render(
         version=__version__, source=source_name, specs=specs, names=[s.name for s in specs],
-        namespace=f"attnc_{pyname(stem)}", max_batch=MAX_BATCH_DIMS)
+        namespace=_op_namespace(module, stem), max_batch=MAX_BATCH_DIMS)
+
+
+def _op_namespace(module: Module, stem: str) -> str:
+    """``attnc_<stem>_<digest of the compiled IR>``: torch registers a custom op once per
+    process, so two modules compiled differently from one spec (another tile size, an
+    edited spec) must not share a name, or the second would run the first's kernels."""
+    import hashlib
+
+    text = __version__ + "\n" + "\n".join(print_definition(d) for d in module.definitions)
+    return f"attnc_{pyname(stem)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"

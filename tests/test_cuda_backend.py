@@ -141,22 +141,41 @@ SPLIT_COMPILED = {"gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.at
                   "differential.attn", "sinks_window.attn", "alibi.attn"}
 
 
-def _instances(source: str, split: bool) -> list[str]:
-    """The default entries nvcc compiles (``ATTNC_ENTRY_<kernel>(TAG, ...)``)."""
-    tail = source[source.index("#if !defined(ATTNC_NO_DEFAULT_INSTANCES)"):]
-    if not split:
-        tail = re.sub(r"#ifndef ATTNC_NO_SPLIT_INSTANCES.*?#endif", "", tail, flags=re.S)
-    return re.findall(r"^ATTNC_ENTRY_\w+\(\w+", tail, flags=re.M)
+# examples whose float32 instances (tf32 tensor cores) nvcc also compiles, every variant's
+F32_COMPILED = {"causal.attn", "gqa_decode.attn", "differential.attn"}
 
 
-def _nvcc(source: str, workdir: Path, split: bool = True) -> tuple[int, str]:
+def _skipped(path: str) -> tuple[str, ...]:
+    """The instance groups an example's nvcc run leaves out (``-D<macro>``)."""
+    return tuple(m for m, keep in (("ATTNC_NO_SPLIT_INSTANCES", path in SPLIT_COMPILED),
+                                   ("ATTNC_NO_F32_INSTANCES", path in F32_COMPILED)) if not keep)
+
+
+def _instances(source: str, skipped=()) -> list[str]:
+    """The default entries nvcc compiles (``ATTNC_ENTRY_<kernel>(TAG, ...)``), less those
+    inside ``#ifndef <macro>`` groups (nested) for the ``skipped`` macros."""
+    tail = source[source.index("#if !defined(ATTNC_NO_DEFAULT_INSTANCES)"):].splitlines()[1:]
+    out, stack = [], []
+    for line in tail:
+        if line.startswith("#ifndef "):
+            stack.append(line.split()[1])
+        elif line.startswith("#endif"):
+            if not stack:
+                break
+            stack.pop()
+        elif line.startswith("ATTNC_ENTRY_") and not set(stack) & set(skipped):
+            out.append(re.match(r"ATTNC_ENTRY_\w+\(\w+", line).group(0))
+    return out
+
+
+def _nvcc(source: str, workdir: Path, skipped=()) -> tuple[int, str]:
     """(return code, nvcc output) of compiling ``source`` for ARCHS, once per content."""
-    key = hashlib.sha256(source.encode()).hexdigest()[:16] + ("" if split else "_nosplit")
+    key = hashlib.sha256((source + " ".join(skipped)).encode()).hexdigest()[:16]
     if key not in _COMPILED:
         src = workdir / f"{key}.cu"
         src.write_text(source)
         gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
-        gencode += [] if split else ["-DATTNC_NO_SPLIT_INSTANCES"]
+        gencode += [f"-D{m}" for m in skipped]
         done = subprocess.run([NVCC, "-std=c++17", "-O3", "-c", *gencode, "-Xptxas", "-v",
                                "-o", str(workdir / f"{key}.o"), str(src)],
                               capture_output=True, text=True)
@@ -172,10 +191,9 @@ def compiled(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("nvcc")
     sources = {p: render(p)[f"{Path(p).stem}.cu"] for p in SUPPORTED}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(sources, pool.map(lambda p: _nvcc(sources[p], workdir, p in SPLIT_COMPILED),
+        results = dict(zip(sources, pool.map(lambda p: _nvcc(sources[p], workdir, _skipped(p)),
                                              sources)))
-    return {p: (code, out, _instances(sources[p], p in SPLIT_COMPILED))
-            for p, (code, out) in results.items()}
+    return {p: (code, out, _instances(sources[p], _skipped(p))) for p, (code, out) in results.items()}
 
 
 def ptxas_report(output: str) -> dict[tuple[str, str], tuple[int, int]]:
@@ -203,10 +221,14 @@ def test_nvcc_compiles_for_sm80_and_sm90_without_spills(path, compiled):
     archs = {arch for _, arch in report}
     assert archs == set(ARCHS), output[-2000:]
     kernels = {k for k, _ in report}
-    assert len(kernels) == len(instances), "the default f16 and bf16 instances of every kernel"
+    assert len(kernels) == len(instances), "the default f16, bf16 (f32) instances of every kernel"
+    f32 = 3 if path in F32_COMPILED else 2
     if path in SPLIT_COMPILED:
-        assert sum("_split" in k for k in kernels) == 4, "split-K: streamed + combine, f16 + bf16"
-        assert sum("_stream_kernel" in k for k in kernels) == 2, "stream-K: the worker, f16 + bf16"
+        assert sum("_split" in k for k in kernels) == 2 * f32, "split-K: streamed + combine"
+        assert sum("_stream_kernel" in k for k in kernels) == f32, "stream-K: the worker"
+    if path in F32_COMPILED:
+        assert sum("_kernelIf" in k for k in kernels) == (4 if path in SPLIT_COMPILED else 1), \
+            "float32 (tf32) instances of every kernel"
     spilled = {k: v for k, v in report.items() if v[1]}
     assert not spilled, f"register spills (kernel, arch) -> (registers, spill bytes): {spilled}"
     assert "warning" not in output.lower(), output[-3000:]
@@ -219,7 +241,8 @@ def test_nvcc_compiles_the_stream_k_worker_for_sm80_and_sm90(path, compiled, rec
     code, output, _ = compiled[path]
     assert code == 0, output[-3000:]
     report = {k: v for k, v in ptxas_report(output).items() if "_stream_kernel" in k[0]}
-    assert {arch for _, arch in report} == set(ARCHS) and len(report) == 4, report
+    n = 6 if path in F32_COMPILED else 4  # (f16, bf16[, f32]) x (sm_80, sm_90)
+    assert {arch for _, arch in report} == set(ARCHS) and len(report) == n, report
     for (kernel, arch), (regs, spill) in sorted(report.items()):
         record_property(f"{arch}:{kernel}", f"{regs} registers, {spill} bytes spilled")
     assert not any(spill for _, spill in report.values()), report
@@ -264,15 +287,18 @@ def test_launcher_validates_under_emulation(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
-@pytest.mark.parametrize("path,name,tag,ctype,blocks", [
-    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80]),   # decode, head 80
-    ("causal.attn", "causal_softmax", "f16", "__half", [16, 256, 256]),          # head 256
+@pytest.mark.parametrize("path,name,tag,ctype,blocks,f32", [
+    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80], "tf32"),   # decode, head 80
+    ("causal.attn", "causal_softmax", "f16", "__half", [16, 256, 256], "tf32"),          # head 256
+    ("causal.attn", "causal_softmax", "f32", "float", [16, 64, 64], "tf32"),             # tf32 wmma
+    ("causal.attn", "causal_softmax_stream", "f32", "float", [16, 64, 64], "ieee"),      # fp32 FMA
 ])
-def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, blocks, tmp_path,
+def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, blocks, f32, tmp_path,
                                                       monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ATTNC_CUDA_ARCH", "sm_80")
+    monkeypatch.setenv("ATTNC_CUDA_F32", f32)
     mod = load_launcher(path, tmp_path)
     fn, err, _ = mod._library(name, tag, ctype, blocks, None, False)
     assert fn.restype is not None and err(-1) == b"grid too large (more than 65535 row blocks)"
@@ -325,13 +351,13 @@ def as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def check(got, expected):
+def check(got, expected, tol=2e-5):
     for g, e in zip(as_tuple(got), as_tuple(expected)):
         g = g.double().numpy()
         assert g.shape == e.shape
         assert np.all(np.isfinite(g))
         np.testing.assert_array_equal(g == 0, e == 0, err_msg="zero pattern differs")
-        assert np.max(np.abs(g - e), initial=0.0) <= 2e-5 * max(1.0, np.max(np.abs(e), initial=0.0))
+        assert np.max(np.abs(g - e), initial=0.0) <= tol * max(1.0, np.max(np.abs(e), initial=0.0))
 
 
 @pytest.mark.parametrize("path,case", EMULATED, ids=[f"{p}-{k}" for p, k in EMULATED])
@@ -548,3 +574,66 @@ def test_stream_k_slots_are_distinct_ordered_and_bounded(emulated):
                 for unit, got in seen.items():
                     assert got == list(range(len(got))) and len(got) <= slots, \
                         (units, tiles, workers, unit, got, slots)
+
+
+# --- float32 inputs: tf32 tensor cores (ATTNC_CUDA_F32=ieee: exact fp32 FMA) --------------------
+
+F32_EXAMPLES = ["causal.attn", "gqa_decode.attn", "differential.attn", "alibi.attn", "lse.attn"]
+VARIANT_ENV = {"fused": {"ATTNC_SPLIT": "1"}, "split": {"ATTNC_SPLIT": "3"},
+               "stream": {"ATTNC_STREAM_K": "3"}}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_ENV))
+@pytest.mark.parametrize("path", F32_EXAMPLES)
+def test_emulated_float32_inputs_round_like_tf32_tensor_cores(path, variant, emulated, monkeypatch):
+    """float32 inputs give float32 outputs; the emulation rounds the tensor-core operands to
+    tf32 as the GPU does (about 1e-3 relative), and is exact with ATTNC_CUDA_F32=ieee."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    for name in ("ATTNC_SPLIT", "ATTNC_STREAM_K", "ATTNC_CUDA_F32"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in VARIANT_ENV[variant].items():
+        monkeypatch.setenv(name, value)
+    ref = EXAMPLES[path]
+    mod = get(path)
+    calls = _spy_runs(mod, monkeypatch)
+    arrays, params = batched_inputs(ref, STREAM_SIZES[path], seed=11)
+    arrays = [a.astype(np.float32) for a in arrays]
+    want = ref.reference(*[a.astype(np.float64) for a in arrays], **params)
+    tf32 = as_tuple(getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params))
+    assert all(g.dtype == torch.float32 for g in tf32)
+    check(tf32, want, tol=2e-3)
+    monkeypatch.setenv("ATTNC_CUDA_F32", "ieee")
+    ieee = as_tuple(getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params))
+    check(ieee, want)
+    assert max(float((a - b).abs().max()) for a, b in zip(tf32, ieee)) > 0, "no tf32 rounding"
+    kinds = {"fused": ("",), "split": ("_split", "_split_combine"),
+             "stream": ("_stream", "_split_combine")}[variant]
+    base = calls[0][0].removesuffix(kinds[0])
+    assert [c[0] for c in calls] == [base + k for k in kinds] * 2, calls
+
+
+def test_launcher_float32_element_type_and_flags(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    mod = load_launcher("causal.attn", tmp_path)
+    half, single = torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3)
+    assert mod._element_type(("Q", single, None), ("K", single, None)) == torch.float32
+    with pytest.raises(ValueError, match="floating inputs must share one dtype"):
+        mod._element_type(("Q", half, None), ("K", single, None))
+    assert mod._kernel_type(torch.float32, False) == ("f32", "float")
+    assert mod._kernel_type(torch.float32, True) == ("f32", "float")
+    assert mod._kernel_type(torch.float64, True) == ("exact", "float")
+    monkeypatch.delenv("ATTNC_CUDA_F32", raising=False)
+    assert mod._defines("f32", False) == [] and mod._defines("f32", True) == ["-DATTNC_EMULATE_TF32"]
+    assert mod._defines("f16", False) == [] and mod._defines("exact", True) == []
+    monkeypatch.setenv("ATTNC_CUDA_F32", "ieee")
+    assert mod._defines("f32", False) == ["-DATTNC_F32_IEEE"] and mod._defines("f32", True) == []
+    monkeypatch.setenv("ATTNC_CUDA_F32", "fast")
+    with pytest.raises(ValueError, match="ATTNC_CUDA_F32"):
+        mod._defines("f32", False)
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        mod.causal_softmax(torch.zeros(4, 8, dtype=torch.int32), single, single)

@@ -712,14 +712,19 @@ class KernelRenderer:
         self.emit(f"{live} = " + " | ".join(f"({t})" for t in dict.fromkeys(terms)))
         return live
 
-    def full_range(self) -> tuple[str, str] | None:
+    def full_range(self) -> tuple[str, str, list] | None:
         """[lo, hi) of tiles needing no mask: every ``where`` over the tile holds for every
-        row of the block and every point of the tile, and the tile is inside the stream."""
+        row of the block and every point of the tile, and the tile is inside the stream.
+
+        Affine atoms bound [lo, hi); the others (``DQ[p] == DK[m]``, ``BM[p // B, m // B]``)
+        are returned to be checked per tile (:meth:`all_probe`): a tile in the range where
+        they all hold runs the unmasked body, another one the masked body."""
         r = self.ranks
         if r.tile is None or r.row is None or self.tp.stream_rank is None:
             return None
         self.blocked_index = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
         lo, hi = ["0"], [f"{pyname(self.tp.stream_rank)} // {pyname(r.tile)}"]
+        data = []
         for st in self.body:
             if st.where is None or r.tile not in free_ranks(st.where):
                 continue
@@ -730,11 +735,41 @@ class KernelRenderer:
                 return None
             for atom in dnf[0]:
                 bound = self.atom_tiles(atom, worst=True)
-                if bound is None:
+                if bound is not None:
+                    (lo if bound[0] == "lo" else hi).append(bound[1])
+                elif self.probe_ready(atom):
+                    data.append(atom)
+                else:
                     return None
-                (lo if bound[0] == "lo" else hi).append(bound[1])
             self.holds_on_full_tiles.add(st.where)
-        return _nest("tl.maximum", lo), _nest("tl.minimum", hi)
+        return _nest("tl.maximum", lo), _nest("tl.minimum", hi), list(dict.fromkeys(data))
+
+    def probe_ready(self, atom) -> bool:
+        """An atom a tile probe can evaluate: over the loop, tile and row, reading inputs."""
+        r = self.ranks
+        cond = _expand_loads(atom, self.loads)
+        return free_ranks(cond) <= {r.loop, r.tile, r.row} and not any(
+            isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond))
+
+    def all_probe(self, atoms) -> str:
+        """A scalar 'every atom holds at every point of the block (valid rows)'."""
+        r = self.ranks
+        layout = self.canon({r.row, r.tile})
+        parts = []
+        for atom in atoms:
+            cond = _expand_loads(atom, self.loads)
+            c = self.value(cond, Einsum("_probe", (), cond))
+            code = c.code if c.is_bool else f"({c.code} != 0)"
+            present = self.mask_code(tuple(c.terms), c.layout)
+            if present:
+                code = f"({code}) & ({self.expand(present, c.layout, c.layout)})"
+            parts.append(f"tl.broadcast_to({self.expand(f'({code})', c.layout, layout)}, "
+                         f"{self.shape(layout)})")
+        rows = self.expand(f"rng_{r.row.lower()}", (r.row,), layout)
+        name = self.new("full")
+        self.emit(f"{name} = tl.min(tl.min(tl.where({rows}, ({' & '.join(parts)}).to(tl.int32), 1), "
+                  f"axis=1), axis=0) > 0")
+        return name
 
     # --- the whole kernel --------------------------------------------------------------
     def render(self) -> list[str]:
@@ -775,11 +810,18 @@ class KernelRenderer:
         full_body = None
         if full is not None:
             self.lines, self.memo, self.full_tiles = [], {}, True
-            for t in state:
-                self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
+            if not full[2]:
+                for t in state:
+                    self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
             for st in self.body:
                 self.statement(st)
             full_body, self.full_tiles = self.lines, False
+            if full[2]:  # data-dependent atoms: the tile runs unmasked only where they all hold
+                self.lines, self.memo = [], {}
+                every = self.all_probe(full[2])
+                prev, masked = head[:len(state)], head[len(state):] + body[len(head):]
+                full_body = (prev + self.lines + [f"if {every}:"] + ["    " + ln for ln in full_body]
+                             + ["else:"] + ["    " + ln for ln in masked])
         self.in_loop = False
         self.lines = outer
         self.memo = saved_memo

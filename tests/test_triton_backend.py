@@ -337,10 +337,12 @@ def test_head_dims_that_are_not_powers_of_two(causal_module):
 
 @pytest.mark.parametrize("rel", ["bigbird.attn", "document_mask.attn", "key_padding.attn"])
 def test_data_dependent_masks_skip_dead_tiles(rel, tmp_path):
-    """A block-mask probe per tile guards the body; results still match the interpreter."""
+    """Per tile, a block-mask probe skips dead tiles and finds full ones (the mask holds at
+    every point: the body runs without it); results still match the interpreter."""
     module = parse_file(EXAMPLES / rel)
     _, files = compile_triton(module, "triton", Path(rel).stem, options={"tile": TILE})
     assert "if live_" in files[f"{Path(rel).stem}.py"]
+    assert "if full_" in files[f"{Path(rel).stem}.py"]
     gen = compile_module(module, rel, tmp_path)
     rng = np.random.default_rng(12)
     defn = module.definitions[0]
@@ -430,3 +432,22 @@ def test_autotune_measures_each_shape_class_once(causal_module, monkeypatch):
     assert len(timed) == len(gen._CONFIGS) and len(gen._TUNED) == 1
     call(40)                      # a new class
     assert len(timed) == 2 * len(gen._CONFIGS) and len(gen._TUNED) == 2
+
+
+@pytest.mark.parametrize("P, M", [(70, 70), (45, 83)])
+def test_document_mask_with_contiguous_documents(P, M, tmp_path):
+    """Realistic document ids (runs of one id): most live tiles are full and take the
+    unmasked branch, the others the masked one; both against the interpreter."""
+    module = parse_file(EXAMPLES / "document_mask.attn")
+    gen = compile_module(module, "document_mask.attn", tmp_path)
+    defn = module.definitions[0]
+    rng = np.random.default_rng(P * M)
+    docs = np.sort(rng.integers(0, 3, size=M)).astype(np.int32)
+    Q, K, V = rng.standard_normal((2, P, 8)), rng.standard_normal((2, M, 8)), rng.standard_normal((2, M, 5))
+    DQ, DK = docs[M - P:], docs
+    want = interpret(defn, Q, K, V, DQ, DK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = gen.document_mask(*[torch.from_numpy(x).float() for x in (Q, K, V)],
+                                torch.from_numpy(DQ), torch.from_numpy(DK))
+    assert relative_error(got.numpy(), want) < 1e-5

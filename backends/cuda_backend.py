@@ -18,7 +18,8 @@ follow the contract.  What differs is how a block value lives on the GPU:
   is mirrored to shared memory only where another loop shape reads it;
 * a sum over one rank of two 2-D operands (``Q·Kᵀ``, ``P·V``) runs on tensor
   cores (``nvcuda::wmma``, f32 accumulate): 16×16×16 for f16/bf16 inputs, tf32
-  16×16×8 for f32 inputs (sm_80+; ``-DATTNC_F32_IEEE``: exact fp32 FMA instead);
+  16×16×8 for f32 inputs (sm_80+; ``-DATTNC_F32_IEEE``, which the launcher passes
+  unless ``ATTNC_CUDA_F32=tf32``: exact fp32 FMA instead);
   an operand that is not a loaded tile is first converted into a shared tile of
   the input element type (``scalar_t``);
 * other reductions use one warp per output element (shuffle reductions), and
@@ -80,8 +81,8 @@ The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
 (one thread per block, scalar matrix products): the launcher runs it on CPU
 tensors under ``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated
 indexing, masks and tile bounds against the interpreter without a GPU.  For f32
-inputs the emulation rounds the matrix-product operands to tf32 as the tensor cores
-do (``-DATTNC_EMULATE_TF32``; ``ATTNC_CUDA_F32=ieee`` selects exact fp32 on both).
+inputs under ``ATTNC_CUDA_F32=tf32`` the emulation rounds the matrix-product operands
+to tf32 as the tensor cores do (``-DATTNC_EMULATE_TF32``); by default both are exact fp32.
 """
 from __future__ import annotations
 

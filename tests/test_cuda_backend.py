@@ -576,7 +576,7 @@ def test_stream_k_slots_are_distinct_ordered_and_bounded(emulated):
                         (units, tiles, workers, unit, got, slots)
 
 
-# --- float32 inputs: tf32 tensor cores (ATTNC_CUDA_F32=ieee: exact fp32 FMA) --------------------
+# --- float32 inputs: exact fp32 FMA by default, tf32 tensor cores with ATTNC_CUDA_F32=tf32 -------
 
 F32_EXAMPLES = ["causal.attn", "gqa_decode.attn", "differential.attn", "alibi.attn", "lse.attn"]
 VARIANT_ENV = {"fused": {"ATTNC_SPLIT": "1"}, "split": {"ATTNC_SPLIT": "3"},
@@ -586,8 +586,8 @@ VARIANT_ENV = {"fused": {"ATTNC_SPLIT": "1"}, "split": {"ATTNC_SPLIT": "3"},
 @pytest.mark.parametrize("variant", sorted(VARIANT_ENV))
 @pytest.mark.parametrize("path", F32_EXAMPLES)
 def test_emulated_float32_inputs_round_like_tf32_tensor_cores(path, variant, emulated, monkeypatch):
-    """float32 inputs give float32 outputs; the emulation rounds the tensor-core operands to
-    tf32 as the GPU does (about 1e-3 relative), and is exact with ATTNC_CUDA_F32=ieee."""
+    """float32 inputs give float32 outputs, exact by default; with ATTNC_CUDA_F32=tf32 the
+    emulation rounds the tensor-core operands to tf32 as the GPU does (about 1e-3 relative)."""
     import torch
 
     get, root = emulated
@@ -603,12 +603,12 @@ def test_emulated_float32_inputs_round_like_tf32_tensor_cores(path, variant, emu
     arrays, params = batched_inputs(ref, STREAM_SIZES[path], seed=11)
     arrays = [a.astype(np.float32) for a in arrays]
     want = ref.reference(*[a.astype(np.float64) for a in arrays], **params)
-    tf32 = as_tuple(getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params))
-    assert all(g.dtype == torch.float32 for g in tf32)
-    check(tf32, want, tol=2e-3)
-    monkeypatch.setenv("ATTNC_CUDA_F32", "ieee")
     ieee = as_tuple(getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params))
+    assert all(g.dtype == torch.float32 for g in ieee)
     check(ieee, want)
+    monkeypatch.setenv("ATTNC_CUDA_F32", "tf32")
+    tf32 = as_tuple(getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params))
+    check(tf32, want, tol=2e-3)
     assert max(float((a - b).abs().max()) for a, b in zip(tf32, ieee)) > 0, "no tf32 rounding"
     kinds = {"fused": ("",), "split": ("_split", "_split_combine"),
              "stream": ("_stream", "_split_combine")}[variant]
@@ -626,11 +626,11 @@ def test_launcher_float32_element_type_and_flags(tmp_path, monkeypatch):
     assert mod._kernel_type(torch.float32, False) == ("f32", "float")
     assert mod._kernel_type(torch.float32, True) == ("f32", "float")
     assert mod._kernel_type(torch.float64, True) == ("exact", "float")
-    monkeypatch.delenv("ATTNC_CUDA_F32", raising=False)
-    assert mod._defines("f32", False) == [] and mod._defines("f32", True) == ["-DATTNC_EMULATE_TF32"]
-    assert mod._defines("f16", False) == [] and mod._defines("exact", True) == []
-    monkeypatch.setenv("ATTNC_CUDA_F32", "ieee")
+    monkeypatch.delenv("ATTNC_CUDA_F32", raising=False)  # exact float32 by default
     assert mod._defines("f32", False) == ["-DATTNC_F32_IEEE"] and mod._defines("f32", True) == []
+    assert mod._defines("f16", False) == [] and mod._defines("exact", True) == []
+    monkeypatch.setenv("ATTNC_CUDA_F32", "tf32")
+    assert mod._defines("f32", False) == [] and mod._defines("f32", True) == ["-DATTNC_EMULATE_TF32"]
     monkeypatch.setenv("ATTNC_CUDA_F32", "fast")
     with pytest.raises(ValueError, match="ATTNC_CUDA_F32"):
         mod._defines("f32", False)

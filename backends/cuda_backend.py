@@ -103,7 +103,7 @@ from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
 from .numpy_backend import pyname, size_code
 from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads, _integer_affine,
-                             _merge_terms, _sign, classify_ranks)
+                             _merge_terms, _sign, classify_ranks, constant_inits)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4
@@ -1239,14 +1239,10 @@ def build_stream_variant(defn: Definition, tp: TileProgram, split: Variant, name
     the workspace with each state's initial value first, so a slot no segment writes acts
     as a worker that saw no tile.  None when some init is not a constant."""
     from ..einsum_ir.ir import Output
-    from .triton_backend import _constant_code
 
-    fills = {}
-    for st in tp.inits:
-        code = _constant_code(st.expr)
-        if code is None or st.where is not None:
-            return None
-        fills[st.tensor] = code
+    fills = constant_inits(tp)
+    if fills is None:
+        return None
     work, combine = split.kernels
     outputs = [Output(n, tuple(ranks), "f32") for _, n, ranks, _ in work.outputs]
     if {o.name for o in outputs} != set(fills) or split.split is None:

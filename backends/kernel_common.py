@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..einsum_ir.exprs import children, free_ranks, walk, with_children
-from ..einsum_ir.ir import Access, Binary, Einsum, Expr, Index, Num, Reduce, Size, Unary
+from ..einsum_ir.ir import Access, Binary, Const, Einsum, Expr, Index, Num, Reduce, Size, Unary
 from ..passes.tile import TileProgram
 
 
@@ -149,3 +149,27 @@ def _sign(e) -> int | None:
     if e.is_negative:
         return -1
     return None
+
+
+def constant_code(e: Expr) -> str | None:
+    """Python code for a constant expression (``0``, ``-inf``), else None."""
+    if isinstance(e, Num):
+        return repr(float(e.value))
+    if isinstance(e, Const) and e.name in ("inf", "pi", "e"):
+        return {"inf": 'float("inf")', "pi": "math.pi", "e": "math.e"}[e.name]
+    if isinstance(e, Unary) and e.op == "-":
+        inner = constant_code(e.operand)
+        return None if inner is None else f"-{inner}"
+    return None
+
+
+def constant_inits(tp: TileProgram) -> dict[str, str] | None:
+    """Each state's init as Python code (what a stream-K workspace is filled with: a slot
+    no segment writes reads as a worker that saw no tile); None when one is not constant."""
+    fills = {}
+    for st in tp.inits:
+        code = constant_code(st.expr)
+        if code is None or st.where is not None:
+            return None
+        fills[st.tensor] = code
+    return fills

@@ -42,7 +42,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
 from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads,
-                            _integer_affine, _merge_terms, _sign, classify_ranks)
+                            _integer_affine, _merge_terms, _sign, classify_ranks, constant_inits)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -1146,18 +1146,6 @@ def build_variant(defn: Definition, tag: str) -> Variant:
     return Variant([first, second], lets, split, tp.loop_rank, "split" if split else "fused")
 
 
-def _constant_code(e: Expr) -> str | None:
-    """Python code for a constant init (``0``, ``-inf``), else None."""
-    if isinstance(e, Num):
-        return repr(float(e.value))
-    if isinstance(e, Const) and e.name in ("inf", "pi", "e"):
-        return {"inf": 'float("inf")', "pi": "math.pi", "e": "math.e"}[e.name]
-    if isinstance(e, Unary) and e.op == "-":
-        inner = _constant_code(e.operand)
-        return None if inner is None else f"-{inner}"
-    return None
-
-
 def build_stream_variant(defn: Definition, split: Variant) -> Variant | None:
     """Stream-K: persistent workers over the flattened (unit, tile) space, then the split
     variant's combine kernel over the slots (see :func:`_stream_k_lines`).
@@ -1170,12 +1158,9 @@ def build_stream_variant(defn: Definition, split: Variant) -> Variant | None:
     from ..einsum_ir.ir import Output
 
     tp = tile_program(defn)
-    fills = {}
-    for st in tp.inits:
-        code = _constant_code(st.expr)
-        if code is None or st.where is not None:
-            return None
-        fills[st.tensor] = code
+    fills = constant_inits(tp)
+    if fills is None:
+        return None
     kr = KernelRenderer(dataclasses.replace(tp, epilogue=()))
     work, combine = split.kernels
     outputs = [Output(name, tuple(ranks)) for _, name, ranks, _ in work.outputs]

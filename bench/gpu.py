@@ -77,10 +77,10 @@ def compile_cuda(spec: Path, tile: int, tmp: Path):
 
 
 def numerics_cuda(tmp: Path, device: str) -> None:
-    """The CUDA backend (bf16 only: it takes 16-bit inputs) against the interpreter."""
-    say("\n## Numerics, CUDA backend (bf16) vs the float64 interpreter")
-    say("| example | bf16 rel. error | status |")
-    say("|---|---|---|")
+    """The CUDA backend (bf16 and f32 inputs) against the interpreter."""
+    say("\n## Numerics, CUDA backend vs the float64 interpreter")
+    say("| example | bf16 rel. error | f32 rel. error | status |")
+    say("|---|---|---|---|")
     rng = np.random.default_rng(1)
     for spec in sorted(EXAMPLES.rglob("*.attn")):
         name = str(spec.relative_to(EXAMPLES))
@@ -98,12 +98,15 @@ def numerics_cuda(tmp: Path, device: str) -> None:
                 args, params = random_call(defn, rng, sizes, (2,), (2,))
                 want = interpret(defn, *args, **params)
                 want = want if isinstance(want, tuple) else (want,)
-                xs = [torch.from_numpy(a).to(device=device, dtype=torch.bfloat16)
-                      if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
-                got = getattr(gen, defn.name)(*xs, **params)
-                got = got if isinstance(got, tuple) else (got,)
-                err = max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want))
-                say(f"| {name}:{defn.name} | {err:.1e} | {'ok' if err < 5e-2 else 'FAIL'} |")
+                errs = []
+                for dt in (torch.bfloat16, torch.float32):
+                    xs = [torch.from_numpy(a).to(device=device, dtype=dt)
+                          if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
+                    got = getattr(gen, defn.name)(*xs, **params)
+                    got = got if isinstance(got, tuple) else (got,)
+                    errs.append(max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want)))
+                ok = errs[0] < 5e-2 and errs[1] < 1e-4
+                say(f"| {name}:{defn.name} | {errs[0]:.1e} | {errs[1]:.1e} | {'ok' if ok else 'FAIL'} |")
             except Exception as err:  # noqa: BLE001
                 say(f"| {name}:{defn.name} | - | RUN ERROR {type(err).__name__}: {str(err)[:80]} |")
 
@@ -352,9 +355,16 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
     say(f"\n## Decode: GQA {H}/{HK}, D={D}, B=1, {dt} — TB/s of K/V read (copy: {copy:.2f} TB/s)")
     say("auto = the launcher's heuristic; split-K with " + forced["split-K"]["ATTNC_SPLIT"]
         + " workers per K/V head, stream-K with " + forced["stream-K"]["ATTNC_STREAM_K"] + " workers")
-    say("| context | " + " | ".join(f"attnc {k}" for k in forced) + " | SDPA | best attnc / SDPA | best attnc / copy |")
-    say("|---|" + "---|" * (len(forced) + 3))
+    say("| context | " + " | ".join(f"attnc {k}" for k in forced)
+        + " | attnc cuda (auto) | SDPA | best attnc / SDPA | best attnc / copy |")
+    say("|---|" + "---|" * (len(forced) + 4))
     _, gen = compile_triton(EXAMPLES / "gqa_decode.attn", 64, tmp)
+    cuda_fn = None
+    if device == "cuda":
+        try:
+            cuda_fn = compile_cuda(EXAMPLES / "gqa_decode.attn", 64, tmp)[1].gqa_decode
+        except Exception as err:  # noqa: BLE001
+            say(f"cuda backend: {type(err).__name__}: {str(err)[:200]}")
     for n in ((300,) if smoke else (8192, 32768, 131072)):
         q = torch.randn(1, H, 1, D, device=device, dtype=dt)
         k = torch.randn(1, HK, n, D, device=device, dtype=dt)
@@ -367,6 +377,12 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
                     times[label] = bench_ms(lambda: gen.gqa_decode(q, k, v))
             except Exception as err:  # noqa: BLE001
                 say(f"attnc decode ({label}) failed: {str(err)[:200]}")
+        cuda_ms = None
+        if cuda_fn is not None:
+            try:
+                cuda_ms = bench_ms(lambda: cuda_fn(q, k, v))
+            except Exception as err:  # noqa: BLE001
+                say(f"cuda decode failed: {str(err)[:200]}")
         ref = None
         try:
             ref = bench_ms(lambda: sdpa(q, k, v, enable_gqa=True))
@@ -376,10 +392,11 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
         def tb(ms):
             return "-" if ms is None else f"{nbytes / ms / 1e9:.2f}"
 
-        best = min(times.values()) if times else None
+        best = min(list(times.values()) + ([cuda_ms] if cuda_ms else [])) if times or cuda_ms else None
         ratio = "-" if best is None or ref is None else f"{ref / best:.2f}"
         frac = "-" if best is None else f"{nbytes / best / 1e9 / copy:.2f}"
-        say(f"| {n} | " + " | ".join(tb(times.get(k)) for k in forced) + f" | {tb(ref)} | {ratio} | {frac} |")
+        say(f"| {n} | " + " | ".join(tb(times.get(k)) for k in forced)
+            + f" | {tb(cuda_ms)} | {tb(ref)} | {ratio} | {frac} |")
 
 
 def main() -> None:

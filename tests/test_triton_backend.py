@@ -187,6 +187,15 @@ def launched_kernels(gen, monkeypatch) -> list[str]:
     return names
 
 
+def call_and_compare(gen, defn, args, params, want, what) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
+    got = got if isinstance(got, tuple) else (got,)
+    for g, w in zip(got, want):
+        assert relative_error(g.numpy(), w) < 1e-5, what
+
+
 SPLIT_EXAMPLES = ["gqa_decode.attn", "mqa_decode.attn", "softmax1.attn", "lse.attn",
                   "differential.attn", "sinks_window.attn"]
 
@@ -202,12 +211,7 @@ def test_split_k_decode_matches_for_any_worker_count(rel, tmp_path, monkeypatch)
     for workers in (1, 2, 3, 7):
         monkeypatch.setenv("ATTNC_SPLIT", str(workers))
         launched.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
-        got = got if isinstance(got, tuple) else (got,)
-        for g, w in zip(got, want):
-            assert relative_error(g.numpy(), w) < 1e-5, workers
+        call_and_compare(gen, defn, args, params, want, workers)
         split = [n for n in launched if "_split_" in n]
         assert len(split) == (2 if workers > 1 else 0), launched
 
@@ -227,12 +231,7 @@ def test_stream_k_matches_for_any_worker_count(rel, P, M, tmp_path, monkeypatch)
     for workers in (1, 2, 3, 7, 13, 10_000):
         monkeypatch.setenv("ATTNC_STREAM_K", str(workers))
         launched.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = getattr(gen, defn.name)(*[to_torch(a, torch.float32) for a in args], **params)
-        got = got if isinstance(got, tuple) else (got,)
-        for g, w in zip(got, want):
-            assert relative_error(g.numpy(), w) < 1e-5, workers
+        call_and_compare(gen, defn, args, params, want, workers)
         assert any(n.endswith("_stream_kernel") for n in launched), launched
         assert any(n.endswith("_split_combine_kernel") for n in launched), launched
 

@@ -15,6 +15,7 @@ from .defer_normalization import defer_normalization
 from .online import online
 from .reassociate import reassociate
 from .split_k import split_k, split_k_blockers, stream_k
+from .stream_final import stream_final
 
 Pass = Callable[[Definition], Definition]
 
@@ -38,6 +39,8 @@ PASSES: dict[str, Stage] = {
     "reassociate": Stage("reassociate", reassociate,
                          "cheapest contraction order of softmax-free chains", ("sizes", "tile")),
     "online": Stage("online", online, "derive the one-pass (online softmax) cascade", ("tile",)),
+    "stream-final": Stage("stream-final", stream_final,
+                          "fold post-loop sums that read a running max's final value into the loop"),
     "split-k": Stage("split-k", lambda d, workers=2: _when_splittable(split_k, d, workers),
                      "split the streamed loop over workers, merge with the derived combine",
                      ("workers",)),
@@ -45,7 +48,8 @@ PASSES: dict[str, Stage] = {
                       "balanced shares of the (unit, tile) space over workers", ("workers",)),
 }
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "reassociate", "online")
+DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "reassociate", "online",
+                                     "stream-final")
 
 
 def _when_splittable(split, defn: Definition, workers: int) -> Definition:

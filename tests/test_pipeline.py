@@ -19,8 +19,6 @@ from conftest import EXAMPLES, all_examples
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
 # Examples the default pipeline leaves above one pass, and why (see docs/report.md).
 NOT_ONE_PASS = {
-    "fusemax/online_normalizer_2pass.attn":
-        "hand-written 2-pass tiling: its second traversal re-reads the final running max",
     # reassociation makes cosine O((P+M)EF); the price is a second pass over the head dim E
     # (a K row's norm over e is complete before K·V uses it) — P and M stay one-pass
     "cosine.attn": "2 passes over the head dim E after reassociation; 1 over P and M",

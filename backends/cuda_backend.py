@@ -253,8 +253,8 @@ class KernelRenderer:
         for st in self.body + self.tp.epilogue + self.tp.prologue:
             for red in walk(st.expr):
                 if isinstance(red, Reduce) and not set(red.ranks) <= vec:
-                    extra = (" (a split-K / stream-K combine after the loop: render it as a "
-                             "second kernel, see build_variant)" if st in self.tp.epilogue else "")
+                    extra = (" after the loop (a second pass over the keys)"
+                             if st in self.tp.epilogue else "")
                     raise CudaUnsupported(f"reduction over grid rank(s) "
                                           f"{','.join(sorted(set(red.ranks) - vec))} in {st.tensor}{extra}")
         if len(self.ranks.vector) > 4:

@@ -108,7 +108,10 @@ def _compile(module: Module, args, echo=None):
     except ValueError as err:
         raise UsageError(str(err)) from None
     except NotTileable as err:
-        raise UsageError(f"the {args.backend} backend cannot compile this spec: {err}") from None
+        raise UsageError(f"the {args.backend} backend cannot compile this spec: {err}\n"
+                         f"  (its kernels stream the keys once: `attnc report` shows the passes "
+                         f"this cascade needs and what blocks one pass; the numpy backend "
+                         f"compiles any cascade)") from None
 
 
 def _compile_to_temp(spec: str, module: Module, args, tmp: str):

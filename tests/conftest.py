@@ -27,6 +27,27 @@ def pytest_addoption(parser):
                      help="rewrite golden files instead of comparing with them")
 
 
+# A cascade that stays 2-pass (the second traversal is masked, the first is not, so the
+# stream-final pass must not fold it): the kernel backends decline it with a reason.
+TWO_PASS = """
+attention two_pass(Q[P,E], K[M,E], V[M,F]) -> AV[P,F] {
+  let M0 = 16
+  let M1 = ceil(M / M0)
+  BK[m1,m0,e]  = K[m1*M0 + m0, e]
+  BV[m1,m0,f]  = V[m1*M0 + m0, f]
+  RM[0,p]      = -inf
+  RD[0,p]      = 0
+  BQK[m1,m0,p] = Q[p,e] * BK[m1,m0,e]
+  LM[m1,p]     = max[m0](BQK[m1,m0,p])
+  RM[m1+1,p]   = max(RM[m1,p], LM[m1,p])
+  SLD[m1,p]    = sum[m0](exp(BQK[m1,m0,p] - RM[m1+1,p]))
+  RD[m1+1,p]   = SLD[m1,p] + RD[m1,p] * exp(RM[m1,p] - RM[m1+1,p])
+  A[m1,m0,p]   = exp(BQK[m1,m0,p] - RM[M1,p]) / RD[M1,p]   where m1*M0 + m0 <= p + M - P
+  AV[p,f]      = sum[m1,m0](A[m1,m0,p] * BV[m1,m0,f])
+}
+"""
+
+
 def all_examples() -> list[Path]:
     return sorted(EXAMPLES.rglob("*.attn"))
 

@@ -20,13 +20,11 @@ from attnc.einsum_ir.interpreter import interpret  # noqa: E402
 from attnc.frontends import parse, parse_file  # noqa: E402
 from attnc.passes.pipeline import run_pipeline  # noqa: E402
 
-from conftest import EXAMPLES, all_examples  # noqa: E402
+from conftest import EXAMPLES, TWO_PASS, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
 # Examples the Triton backend declines, and why (a regression shows up as a change here).
-EXPECTED_UNSUPPORTED = {
-    "fusemax/online_normalizer_2pass.attn": "reduction over a grid rank",
-}
+EXPECTED_UNSUPPORTED: dict[str, str] = {}
 TILE = 16
 
 
@@ -72,6 +70,11 @@ def test_example_matches_interpreter(rel, tmp_path):
         assert run_and_compare(defn, fn, rng, 1, 7, ((), ()), torch.float32) < 1e-5
         assert run_and_compare(defn, fn, rng, 9, 40, ((2, 1), (3,)), torch.float32) < 1e-5
         assert run_and_compare(defn, fn, rng, 5, 30, ((2,), (2,)), torch.float16) < 5e-3
+
+
+def test_two_pass_cascades_are_declined_with_the_reason():
+    with pytest.raises(TritonUnsupported, match="reduction over a grid rank in AV_sum"):
+        compile_triton(parse(TWO_PASS, "two_pass.attn"), "triton", "two_pass")
 
 
 @pytest.mark.parametrize("rel", ["causal.attn", "gqa_decode.attn", "bigbird.attn"])

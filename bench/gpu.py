@@ -3,9 +3,10 @@
     python bench/gpu.py                 # on a CUDA machine; writes $OUT/gpu_results.md
     TRITON_INTERPRET=1 python bench/gpu.py --smoke    # the same code paths on the CPU
 
-1. Numerics: every example compiled with the Triton backend, on random inputs at
-   ragged sizes with a batch dim, against the float64 reference interpreter
-   (f32 inputs, then bf16 inputs).
+1. Numerics: every example compiled with the Triton backend and with the CUDA
+   backend, on random inputs at ragged sizes with a batch dim, against the float64
+   reference interpreter (f32 and bf16 inputs).  Both backends at once, each over
+   ``--shards`` processes (kernel compiles are CPU work; the machine has 16 cores).
 2. Prefill, B=4, H=16, D=128, bf16, N=4096 and 16384: full, causal, sliding window
    1024, ALiBi, softcap, softmax_1, sigmoid, differential — TFLOP/s of attnc's
    kernel, SDPA and torch.compile(flex_attention) wherever they express it, and
@@ -13,8 +14,9 @@
 3. Decode, GQA 32/8, D=128, B=1, context 8k/32k/128k — TB/s of K/V read for the
    launcher's choice and for each variant forced (streamed, split-K, stream-K),
    against SDPA, and against the measured copy bandwidth.
-Each section survives the failure of another; everything is timed side by side
-in this one run (median of triton.testing.do_bench).
+Each section survives the failure of another and stops at its limit (``--limits``,
+about 5 minutes in all); the timings run alone on the GPU, side by side in this one
+run (median of triton.testing.do_bench).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +51,20 @@ START = time.time()
 
 
 def say(text: str = "") -> None:
-    """Print a result line and append it to $OUT/gpu_results.md at once (survives a kill)."""
+    """Print a result line and append it to $OUT/gpu_results.md at once (survives a kill);
+    a shard of a section appends to its own part file, which the driver merges."""
     print(text, flush=True)
     LINES.append(text)
     out = Path(os.environ.get("OUT", ROOT / "bench"))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "gpu_results.md", "a") as f:
+    with open(out / os.environ.get("ATTNC_BENCH_PART", "gpu_results.md"), "a") as f:
         f.write(text + "\n")
+
+
+def examples(shard: tuple[int, int]) -> list[Path]:
+    """This shard's share of the examples (every n-th, from the k-th)."""
+    k, n = shard
+    return sorted(EXAMPLES.rglob("*.attn"))[k::n]
 
 
 def compile_triton(spec: Path, tile: int, tmp: Path, workers: int | None = None):
@@ -76,13 +86,13 @@ def compile_cuda(spec: Path, tile: int, tmp: Path):
     return module, load_generated(tmp / f"cu_{spec.stem}.py")
 
 
-def numerics_cuda(tmp: Path, device: str) -> None:
+def numerics_cuda(tmp: Path, device: str, shard=(0, 1)) -> None:
     """The CUDA backend (bf16 and f32 inputs) against the interpreter."""
-    say("\n## Numerics, CUDA backend vs the float64 interpreter")
-    say("| example | bf16 rel. error | f32 rel. error | status |")
-    say("|---|---|---|---|")
-    rng = np.random.default_rng(1)
-    for spec in sorted(EXAMPLES.rglob("*.attn")):
+    if shard[1] == 1:
+        for line in CUDA_HEADER:
+            say(line)
+    rng = np.random.default_rng(100 + shard[0])
+    for spec in examples(shard):
         name = str(spec.relative_to(EXAMPLES))
         try:
             module, gen = compile_cuda(spec, 64, tmp)
@@ -129,13 +139,21 @@ def bench_ms(fn) -> float:
 # ----------------------------------------------------------------------------
 
 
-def numerics(tmp: Path, device: str, smoke: bool) -> None:
-    say("## Numerics: every example vs the float64 interpreter")
-    say("| example | f32 rel. error | bf16 (f16 on CPU) rel. error | status |")
-    say("|---|---|---|---|")
-    rng = np.random.default_rng(0)
+NUMERICS_HEADER = ["## Numerics: every example vs the float64 interpreter",
+                   "| example | f32 rel. error | bf16 (f16 on CPU) rel. error | status |",
+                   "|---|---|---|---|"]
+CUDA_HEADER = ["\n## Numerics, CUDA backend vs the float64 interpreter",
+               "| example | bf16 rel. error | f32 rel. error | status |",
+               "|---|---|---|---|"]
+
+
+def numerics(tmp: Path, device: str, smoke: bool, shard=(0, 1)) -> None:
+    if shard[1] == 1:
+        for line in NUMERICS_HEADER:
+            say(line)
+    rng = np.random.default_rng(shard[0])
     lo, hi = (3, 20) if smoke else (17, 100)
-    for spec in sorted(EXAMPLES.rglob("*.attn")):
+    for spec in examples(shard):
         name = str(spec.relative_to(EXAMPLES))
         try:
             module, gen = compile_triton(spec, 16 if smoke else 64, tmp)
@@ -399,52 +417,86 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
             + f" | {tb(cuda_ms)} | {tb(ref)} | {ratio} | {frac} |")
 
 
+def run_section(section: str, limit: int, args, out: Path, shards: int = 1) -> None:
+    """Run a section in subprocesses (``shards`` at once, each a share of the examples),
+    each stopped at ``limit`` seconds; merge the shards' rows into the results file."""
+    procs = []
+    for k in range(shards):
+        cmd = [sys.executable, __file__, "--section", section, "--sizes", args.sizes,
+               "--shard", f"{k}/{shards}"] + (["--smoke"] if args.smoke else [])
+        env = dict(os.environ, ATTNC_BENCH_PART=f"part_{section}_{k}.md") if shards > 1 else None
+        procs.append(subprocess.Popen(cmd, env=env))
+    start = time.time()
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, limit - (time.time() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with open(out / "gpu_results.md", "a") as f:
+                f.write(f"\n(a {section} process stopped at the {limit} s limit)\n")
+
+
+def merge_parts(section: str, header: list[str], shards: int, out: Path) -> None:
+    rows, notes = [], []
+    for k in range(shards):
+        part = out / f"part_{section}_{k}.md"
+        if part.exists():
+            for line in part.read_text().splitlines():
+                (rows if line.startswith("| ") else notes).append(line)
+            part.unlink()
+    with open(out / "gpu_results.md", "a") as f:
+        f.write("\n".join(header + sorted(rows) + [n for n in notes if n.strip()]) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: numerics,prefill,decode")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: numerics,prefill,decode,cuda")
     ap.add_argument("--section", choices=("numerics", "prefill", "decode", "cuda"))
+    ap.add_argument("--shard", default="0/1", help="k/n: this process runs every n-th example from the k-th")
+    ap.add_argument("--shards", type=int, default=6,
+                    help="processes per numerics section (Triton and nvcc compiles are CPU-bound)")
     ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")],
-                    default=[150, 220, 60, 120], help="seconds for numerics,prefill,decode,cuda")
+                    default=[100, 150, 45], help="seconds for the numerics sections (run together), "
+                    "prefill, decode; about 5 minutes in all")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    if args.section is None:
-        out = Path(os.environ.get("OUT", ROOT / "bench"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_results.md").write_text(
-            f"# attnc GPU run — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-            f"{name}; torch {torch.__version__}; triton {triton.__version__}\n")
     out = Path(os.environ.get("OUT", ROOT / "bench"))
     out.mkdir(parents=True, exist_ok=True)
-    if args.section is None:  # the driver: each section in its own process, with a time limit
-        for section, limit in (("numerics", args.limits[0]), ("prefill", args.limits[1]),
-                               ("decode", args.limits[2]), ("cuda", args.limits[3])):
-            if section in args.skip.split(","):
-                continue
-            cmd = [sys.executable, __file__, "--section", section, "--sizes", args.sizes]
-            cmd += ["--smoke"] if args.smoke else []
-            try:
-                subprocess.run(cmd, timeout=limit, check=False)
-            except subprocess.TimeoutExpired:
-                with open(out / "gpu_results.md", "a") as f:
-                    f.write(f"\n(section {section} stopped at its {limit} s limit)\n")
-        print((out / "gpu_results.md").read_text() if (out / "gpu_results.md").exists() else "")
+    if args.section is None:  # the driver: sections in subprocesses, with time limits
+        (out / "gpu_results.md").write_text(
+            f"# attnc GPU run — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+            f"{name}; torch {torch.__version__}; triton {triton.__version__}\n\n")
+        skip = args.skip.split(",")
+        # 1. numerics, both backends at once: compiles are CPU work, shared over the cores
+        checks = [s for s in ("numerics", "cuda") if s not in skip]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda s: run_section(s, args.limits[0], args, out, args.shards), checks))
+        for section, header in (("numerics", NUMERICS_HEADER), ("cuda", CUDA_HEADER)):
+            if section in checks:
+                merge_parts(section, header, args.shards, out)
+        # 2. timings, alone on the GPU
+        for section, limit in (("prefill", args.limits[1]), ("decode", args.limits[2])):
+            if section not in skip:
+                run_section(section, limit, args, out)
+        print((out / "gpu_results.md").read_text())
         return
-    sections = {"numerics": lambda: numerics(Path(tmp), device, args.smoke),
+    k, n = (int(x) for x in args.shard.split("/"))
+    sections = {"numerics": lambda: numerics(Path(tmp), device, args.smoke, (k, n)),
                 "prefill": lambda: prefill(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
                                            args.smoke),
                 "decode": lambda: decode(Path(tmp), device, args.smoke),
-                "cuda": lambda: numerics_cuda(Path(tmp), device)}
+                "cuda": lambda: numerics_cuda(Path(tmp), device, (k, n))}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             sections[args.section]()
         except Exception:  # noqa: BLE001
             say(f"section {args.section} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")
-    say(f"\n({args.section}: {time.time() - START:.0f} s)")
+    say(f"\n({args.section} {args.shard}: {time.time() - START:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -93,17 +93,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-import sympy
 
 from .. import __version__
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
-from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
+from ..passes.tile import NotTileable, TileProgram, tile_program
 from .numpy_backend import pyname, size_code
-from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads, _integer_affine,
-                             _merge_terms, _sign, classify_ranks, constant_inits)
+from .kernel_common import (Ranks, Term, TileRendererBase, _integer_affine,
+                             _merge_terms, classify_ranks, constant_inits, expanded_body)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4
@@ -177,8 +176,20 @@ def _float_literal(v: float) -> str:
 
 
 @dataclass
-class KernelRenderer:
+class KernelRenderer(TileRendererBase):
     """Renders one tile program as the body of a CUDA kernel (lines of C++)."""
+
+    Unsupported = CudaUnsupported
+    Value = CVal
+    FUNCTIONS = {"exp": "expf({x})", "exp2": "exp2f({x})", "log": "logf({x})",
+                 "log2": "log2f({x})", "sqrt": "sqrtf({x})", "rsqrt": "rsqrtf({x})",
+                 "tanh": "tanhf({x})", "sigmoid": "(1.0f / (1.0f + expf(-{x})))",
+                 "abs": "fabsf({x})", "relu": "fmaxf({x}, 0.0f)"}
+    MINMAX = "f{fn}f({a}, {b})"
+    IMAX, IMIN = "attnc_imax", "attnc_imin"
+    ROW_FIRST, ROW_LAST = "row0_", "p_last_"
+    TIGHTENS_STRICT = False            # (a strict bound stays a tile looser than Triton's)
+    DECLINES_UNCODABLE_BOUNDS = True
 
     tp: TileProgram
     lines: list[str] = field(default_factory=list)
@@ -190,11 +201,7 @@ class KernelRenderer:
 
     def __post_init__(self):
         self.defn = self.tp.cascade
-        self.loads, body = _inline_loads(self.tp)
-        self.body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, self.loads),
-                                              where=None if s.where is None else
-                                              _expand_loads(s.where, self.loads))
-                          for s in body)
+        self.loads, self.body = expanded_body(self.tp)
         if self.ranks is None:
             self.ranks = classify_ranks(self.tp, self.body)
         if self.outputs is None:
@@ -214,16 +221,8 @@ class KernelRenderer:
         self.check_supported()
 
     # --- helpers --------------------------------------------------------------------
-    def new(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}_{self.count}"
-
     def emit(self, line: str) -> None:
         self.lines.append("  " * self.indent + line if line else "")
-
-    def canon(self, ranks) -> tuple[str, ...]:
-        s = set(ranks)
-        return tuple(r for r in self.ranks.vector if r in s)
 
     def block(self, r: str) -> str:
         return f"BLOCK_{r}"
@@ -406,22 +405,17 @@ class KernelRenderer:
         dt = self.inputs[name].dtype
         return "scalar_t" if dt in (None, "f16", "bf16") else _DTYPE_C[dt]
 
-    def load(self, e: Access) -> CVal:
-        key = ("load", e)
-        invariant = not any(self.ranks.loop in free_ranks(s) for s in e.subscripts)
-        if invariant and key in self.hoisted_memo:
-            return self.hoisted_memo[key]
-        if key in self.memo:
-            return self.memo[key]
-        if invariant and self.in_loop:
-            saved, self.lines = self.lines, self.hoisted
-            saved_memo, self.memo = self.memo, self.hoisted_memo
-            saved_dirty, saved_indent = self.dirty, self.indent
-            self.in_loop, self.indent = False, 1
-            out = self.load(e)
-            self.in_loop, self.indent, self.dirty = True, saved_indent, saved_dirty
-            self.lines, self.memo = saved, saved_memo
-            return out
+    def hoisted_load(self, e: Access) -> CVal:
+        """A load before the loop: at the body's indent, not touching the loop's sync state."""
+        saved_dirty, saved_indent = self.dirty, self.indent
+        self.indent = 1
+        out = super().hoisted_load(e)
+        self.indent, self.dirty = saved_indent, saved_dirty
+        return out
+
+    def emit_load(self, e: Access) -> CVal:
+        """A load of an input: a register for a scalar, else a shared buffer filled by the
+        block (see :meth:`TileRendererBase.load`)."""
         name = e.tensor
         arg = self.inputs[name]
         terms, offset = [], []
@@ -452,65 +446,36 @@ class KernelRenderer:
             self.dirty = True
             out = CVal(f"attnc_to_float({self.at(buf)})", layout, tuple(terms), loaded=True,
                        buf=buf if ctype == "scalar_t" else None)
-        self.memo[key] = out
         return out
 
-    def access(self, e: Access) -> CVal:
-        t = e.tensor
-        if t in self.inputs:
-            return self.load(e)
-        ranks, subs = list(self.defn.tensor_ranks(t)), list(e.subscripts)
-        if t in self.tp.state:
-            pos = ranks.index(self.ranks.loop)
-            step = subs[pos]
-            del ranks[pos], subs[pos]
-            nxt = step == Binary("+", Index(self.ranks.loop), Num(1)) or step == Size(self.ranks.loop)
-            val = self.values[t]
-            if not nxt:
-                name = f"r_{t.lower()}_prev"
-                val = dataclasses.replace(val, code=f"$S{{{name}}}")
-        else:
-            if self.ranks.loop in ranks:
-                pos = ranks.index(self.ranks.loop)
-                if subs[pos] != Index(self.ranks.loop):
-                    raise CudaUnsupported(f"{t} read at another tile")
-                del ranks[pos], subs[pos]
-            if t not in self.values:
-                raise CudaUnsupported(f"{t} is not available here")
-            val = self.values[t]
-        for s, r in zip(subs, ranks):
-            if not (isinstance(s, Index) and s.rank == r):
-                raise CudaUnsupported(f"{t} is read with a shifted subscript")
-        return val
+    def previous_state(self, t: str) -> CVal:
+        """State ``t`` before this step: its ``_prev`` copy (resolved where it is read)."""
+        val = self.values[t]
+        return dataclasses.replace(val, code=f"$S{{r_{t.lower()}_prev}}")
 
     # --- expressions --------------------------------------------------------------------
-    def value(self, e: Expr, st) -> CVal:
-        if isinstance(e, Num):
-            return CVal(_float_literal(e.value), ())
-        if isinstance(e, Const):
-            return CVal("INFINITY" if e.name == "inf" else "3.14159265358979f", ())
-        if isinstance(e, Size):
-            return CVal(f"(float){self.size(e.rank)}", ())
-        if isinstance(e, Param):
-            return CVal(cname(e.name), ())
-        if isinstance(e, Index):
-            code, lay = self.index_code(e.rank)
-            return CVal(f"(float){code}", lay)
-        if isinstance(e, Access):
-            return self.access(e)
-        if isinstance(e, Unary):
-            x = self.value(e.operand, st)
-            if e.op == "-":
-                return CVal(f"(-{self.num(x)})", x.layout, x.terms)
-            return CVal(f"(!{x.code})" if x.is_bool else f"({x.code} == 0.0f)", x.layout, x.terms,
-                        is_bool=True)
-        if isinstance(e, Binary):
-            return self.binary(e, st)
-        if isinstance(e, Call):
-            return self.call(e, st)
-        if isinstance(e, Reduce):
-            return self.reduce(e, st)
-        raise CudaUnsupported(str(e))
+    def number_value(self, e: Num) -> CVal:
+        return CVal(_float_literal(e.value), ())
+
+    def constant_value(self, e: Const) -> CVal:
+        return CVal("INFINITY" if e.name == "inf" else "3.14159265358979f", ())
+
+    def size_value(self, e: Size) -> CVal:
+        return CVal(f"(float){self.size(e.rank)}", ())
+
+    def param_value(self, e: Param) -> CVal:
+        return CVal(cname(e.name), ())
+
+    def index_value(self, e: Index) -> CVal:
+        code, lay = self.index_code(e.rank)
+        return CVal(f"(float){code}", lay)
+
+    def unary(self, e: Unary, st) -> CVal:
+        x = self.value(e.operand, st)
+        if e.op == "-":
+            return CVal(f"(-{self.num(x)})", x.layout, x.terms)
+        return CVal(f"(!{x.code})" if x.is_bool else f"({x.code} == 0.0f)", x.layout, x.terms,
+                    is_bool=True)
 
     @staticmethod
     def num(x: CVal) -> str:
@@ -541,46 +506,23 @@ class KernelRenderer:
             return CVal(f"floorf({ac} / {bc})", lay, terms)
         return CVal(f"({ac} {e.op} {bc})", lay, terms)
 
-    def call(self, e: Call, st) -> CVal:
-        args = [self.value(a, st) for a in e.args]
-        lay = self.canon(set().union(*(set(a.layout) for a in args)))
-        terms = _merge_terms(*(a.terms for a in args))
-        if e.fn == "select":
-            return CVal(f"({self.truth(args[0])} ? {self.num(args[1])} : {self.num(args[2])})", lay, terms)
-        codes = [self.num(a) for a in args]
-        if e.fn in ("max", "min") and len(codes) == 2:
-            return CVal(f"f{e.fn}f({codes[0]}, {codes[1]})", lay, terms)
-        x = codes[0]
-        table = {"exp": f"expf({x})", "exp2": f"exp2f({x})", "log": f"logf({x})",
-                 "log2": f"log2f({x})", "sqrt": f"sqrtf({x})", "rsqrt": f"rsqrtf({x})",
-                 "tanh": f"tanhf({x})", "sigmoid": f"(1.0f / (1.0f + expf(-{x})))",
-                 "abs": f"fabsf({x})", "relu": f"fmaxf({x}, 0.0f)"}
-        return CVal(table[e.fn], lay, terms)
+    def float_code(self, x: CVal, layout) -> str:
+        """``x`` as a float (the layout is implicit in the index variables)."""
+        return self.num(x)
+
+    def select(self, args: list[CVal], layout, terms) -> CVal:
+        return CVal(f"({self.truth(args[0])} ? {self.num(args[1])} : {self.num(args[2])})",
+                    layout, terms)
 
     # --- where filters --------------------------------------------------------------------
-    def filter_term(self, st, scope: set[str]) -> Term | None:
-        if st.where is None or not free_ranks(st.where) <= scope:
-            return None
-        key = ("where", st.where)
-        if key not in self.memo:
-            c = self.value(st.where, st)
-            code = _conj([self.truth(c)] + [t.code for t in c.terms])
-            self.memo[key] = Term(code, c.layout)
-        return self.memo[key]
+    def where_term(self, c: CVal) -> Term:
+        """A ``where`` condition's value as a presence term (absent points do not pass)."""
+        return Term(_conj([self.truth(c)] + [t.code for t in c.terms]), c.layout)
 
     # --- reductions -----------------------------------------------------------------------
-    def reduce(self, e: Reduce, st) -> CVal:
-        if e.op == "sum" and len(e.ranks) == 1:
-            fast = self.dot(e, st)
-            if fast is not None:
-                return fast
-        body = self.value(e.body, st)
-        lay = self.canon(set(body.layout) | set(e.ranks))
-        terms = list(body.terms)
-        filt = self.filter_term(st, set(st.lhs) | set(e.ranks))
-        if filt:
-            terms.append(filt)
-        terms += [t for t in (self.range_term(r) for r in e.ranks) if t]
+    def reduction(self, e: Reduce, body: CVal, lay, terms: list[Term]) -> CVal:
+        """One warp per output element reduces ``body`` over the reduced ranks of ``lay``
+        (see :meth:`TileRendererBase.reduce`)."""
         red = tuple(r for r in lay if r in e.ranks)
         out = tuple(r for r in lay if r not in e.ranks)
         keep = [t for t in terms if not set(t.layout) & set(red)]
@@ -637,28 +579,11 @@ class KernelRenderer:
 
     def dot(self, e: Reduce, st) -> CVal | None:
         """``sum[r](A[a,r] * B[r,b] * c)`` on tensor cores; None when not that shape."""
-        r = e.ranks[0]
-        tensors, scalars = [], []
-        for f in _factors(e.body):
-            (tensors if free_ranks(f) & set(self.ranks.vector) else scalars).append(f)
-        if len(tensors) != 2:
+        m = self.match_dot(e, st)
+        if m is None:
             return None
-        a, b = (self.value(t, st) for t in tensors)
-        if len(a.layout) != 2 or len(b.layout) != 2 or r not in a.layout or r not in b.layout:
-            return None
-        (ra,) = set(a.layout) - {r}
-        (rb,) = set(b.layout) - {r}
-        if ra == rb:
-            return None
-        filt = self.filter_term(st, set(st.lhs) | {r}) if st.where is not None else None
-        if filt is not None and r in filt.layout:
-            if set(filt.layout) <= set(a.layout):
-                a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)), loaded=False)
-            elif set(filt.layout) <= set(b.layout):
-                b = dataclasses.replace(b, terms=_merge_terms(b.terms, (filt,)), loaded=False)
-            else:
-                return None
-        abuf, bbuf = self.operand(a), self.operand(b)
+        r, ra, rb = m.r, m.ra, m.rb
+        abuf, bbuf = self.operand(m.a), self.operand(m.b)
         c_lay = self.canon({ra, rb})
         cbuf = self.buffer("dot", c_lay, "float")
         self.sync_if_dirty()
@@ -674,16 +599,17 @@ class KernelRenderer:
         self.dirty = True
         code = self.at(cbuf)
         terms: tuple[Term, ...] = ()
-        for s in scalars:
+        for s in m.scalars:
             sv = self.value(s, st)
             code = f"({code} * {self.num(sv)})"
             terms = _merge_terms(terms, sv.terms)
-        if filt is not None and r not in filt.layout:
-            a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)))
-        range_r = self.range_term(r)
-        a_terms = a.terms + ((range_r,) if range_r else ())
-        pres = self.dot_presence(a_terms, b.terms, r, ra, rb, c_lay)
+        a_terms, b_terms = self.dot_input_terms(m)
+        pres = self.dot_presence(a_terms, b_terms, r, ra, rb, c_lay)
         return CVal(code, c_lay, _merge_terms(terms, pres))
+
+    def masked_operand(self, x: CVal, filt: Term) -> CVal:
+        """``x`` under a ``where`` term (no longer a plain load)."""
+        return dataclasses.replace(x, terms=_merge_terms(x.terms, (filt,)), loaded=False)
 
     def operand(self, x: CVal) -> Buffer:
         """A 16-bit shared tile holding ``x`` (0 where absent): its load, or a converted copy."""
@@ -797,86 +723,19 @@ class KernelRenderer:
         n = self.count_code(layout)
         self.emit(f"float {name}{f'[ATTNC_CEIL({n})]' if layout else ''};")
 
-    # --- tile range from the guards ---------------------------------------------------------
-    def tile_bounds(self) -> tuple[str, str]:
-        r = self.ranks
-        full = ("0", self.size(r.loop))
-        if r.tile is None or r.row is None:
-            return full
-        per_update = []
-        for _, guards in self.tp.guards:
-            ranges = [x for x in (self.guard_range(g) for g in guards) if x is not None]
-            if not ranges:
-                return full
-            per_update.append((_nest("attnc_imax", [x[0] for x in ranges]),
-                               _nest("attnc_imin", [x[1] for x in ranges])))
-        lo = _nest("attnc_imin", [x[0] for x in per_update])
-        hi = _nest("attnc_imax", [x[1] for x in per_update])
-        return f"attnc_imax(0, {lo})", f"attnc_imin({self.size(r.loop)}, {hi})"
+    # --- tile range from the guards (TileRendererBase.tile_bounds) ------------------------
+    def floor_div(self, a: str, b: str) -> str:
+        return f"attnc_floordiv({a}, {b})"
 
-    def guard_range(self, g) -> tuple[str, str] | None:
-        r = self.ranks
-        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
-            return None
-        dnf = conjunctions(g.cond)
-        if dnf is None:
-            return None
-        spans = []
-        for conj in dnf:
-            lo, hi = ["0"], [self.size(r.loop)]
-            for atom in conj:
-                b = self.atom_tiles(atom)
-                if b is None:
-                    return None
-                (lo if b[0] == "lo" else hi).append(b[1])
-            spans.append((_nest("attnc_imax", lo), _nest("attnc_imin", hi)))
-        return _nest("attnc_imin", [s[0] for s in spans]), _nest("attnc_imax", [s[1] for s in spans])
+    def first_tile(self, k: str, c: str) -> str:
+        """The least m1 with ``c*m1 + k >= 0`` (c > 0): ``floor((-k + c - 1) / c)``."""
+        return self.floor_div(f"-({k}) + {c} - 1", c)
 
-    def atom_tiles(self, atom) -> tuple[str, str] | None:
-        """An affine atom as a bound on the tile index, for some tile element and some row."""
-        r = self.ranks
-        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
-            return None
-        a, b = to_sympy(atom.left), to_sympy(atom.right)
-        if a is None or b is None:
-            return None
-        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)
-        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
-        c0, cp = diff.coeff(x0), diff.coeff(xp)
-        rest = sympy.expand(diff - c0 * x0 - cp * xp)
-        c1 = rest.coeff(x1)
-        const = sympy.expand(rest - c1 * x1)
-        if any(s.name.startswith("param_") for s in const.free_symbols):
-            return None
-        if not (c0.is_number and cp.is_number):
-            return None
-        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if c0 > 0 else 0
-        p_best = sympy.Symbol("p_last_") if cp > 0 else sympy.Symbol("row0_")
-        k = sympy.expand(const + c0 * m0_best + cp * p_best)  # c1*m1 + k >= 0
-        sign = _sign(c1)
-        if sign is None:
-            return None
-        try:
-            kc, cc = self.int_code(k), self.int_code(c1 if sign > 0 else -c1)
-        except CudaUnsupported:
-            return None
-        if sign > 0:
-            return "lo", f"attnc_floordiv(-({kc}) + {cc} - 1, {cc})"
-        return "hi", f"attnc_floordiv({kc}, {cc}) + 1"
-
-    def int_code(self, e: sympy.Expr) -> str:
-        if e.is_Symbol:
-            n = e.name
-            if n.startswith("_"):
-                return self.index_code(n[1:])[0]
-            return n if n in ("row0_", "p_last_") or n.startswith("BLOCK_") else self.size(n)
-        if e.is_Integer:
-            return str(int(e))
-        if e.is_Add:
-            return "(" + " + ".join(self.int_code(x) for x in e.args) + ")"
-        if e.is_Mul:
-            return "(" + " * ".join(self.int_code(x) for x in e.args) + ")"
-        raise CudaUnsupported(f"bound {e}")
+    def bound_symbol(self, n: str) -> str:
+        """A bound's symbol: an index variable (``_m1``), a row or block name, or a size."""
+        if n.startswith("_"):
+            return self.index_code(n[1:])[0]
+        return n if n in ("row0_", "p_last_") or n.startswith("BLOCK_") else self.size(n)
 
     # --- the whole kernel body ----------------------------------------------------------
     def render(self) -> list[str]:
@@ -942,14 +801,6 @@ class KernelRenderer:
                      f"attnc_from_float<{ctype}>({code});")
             self.emit(f"// store {o.name}")
             self.elementwise(layout, [f"if ({ranges}) {store}" if ranges else store])
-
-
-def _nest(fn: str, args: list[str]) -> str:
-    args = list(dict.fromkeys(args))
-    out = args[-1]
-    for a in reversed(args[:-1]):
-        out = f"{fn}({a}, {out})"
-    return out
 
 
 # ----------------------------------------------------------------------------

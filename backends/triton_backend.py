@@ -36,13 +36,14 @@ import sympy
 
 from .. import __version__
 from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+from ..einsum_ir.ir import (Access, Binary, Const, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary,
                             size_symbol)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
-from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program, to_sympy
-from .kernel_common import (Ranks, Term, _expand_loads, _factors, _inline_loads,
-                            _integer_affine, _merge_terms, _sign, classify_ranks, constant_inits)
+from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program
+from .kernel_common import (Ranks, Term, TileRendererBase, _expand_loads, _merge_terms,
+                            _integer_affine, _nest, classify_ranks, constant_inits,
+                            expanded_body)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -125,8 +126,22 @@ def _head_packing(tp: TileProgram, statements, ranks: Ranks) -> HeadPacking | No
 
 
 @dataclass
-class KernelRenderer:
+class KernelRenderer(TileRendererBase):
     """Renders one tile program as a Triton kernel body (lines of Python)."""
+
+    Unsupported = TritonUnsupported
+    Value = TVal
+    FUNCTIONS = {
+        "exp": "tl.exp({x})", "exp2": "tl.exp2({x})", "log": "tl.log({x})",
+        "log2": "tl.log2({x})", "sqrt": "tl.sqrt({x})", "rsqrt": "tl.rsqrt({x})",
+        "tanh": "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", "sigmoid": "tl.sigmoid({x})",
+        "abs": "tl.abs({x})", "relu": "tl.maximum({x}, 0.0)",
+    }
+    MINMAX = "tl.{fn}imum({a}, {b})"
+    UNAVAILABLE = "in registers here"
+    IMAX, IMIN = "tl.maximum", "tl.minimum"
+    ROW_FIRST, ROW_LAST = "p_first", "p_last"
+    WIDENS_FLOAT_BOUNDS = True
 
     tp: TileProgram
     lines: list[str] = field(default_factory=list)
@@ -146,11 +161,7 @@ class KernelRenderer:
         self.segment = False             # a stream-K worker: the tile loop runs one segment
         self.outputs: list = []          # what the kernel stores (set by the kernel builder)
         self.defn = self.tp.cascade
-        self.loads, self.body = _inline_loads(self.tp)
-        self.body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, self.loads),
-                                              where=None if s.where is None else
-                                              _expand_loads(s.where, self.loads))
-                          for s in self.body)
+        self.loads, self.body = expanded_body(self.tp)
         if self.ranks is None:
             self.ranks = classify_ranks(self.tp, self.body)
         self.pack = _head_packing(self.tp, self.body, self.ranks) if self.packing else None
@@ -160,16 +171,8 @@ class KernelRenderer:
         self.check_supported()
 
     # --- helpers ------------------------------------------------------------
-    def new(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}_{self.count}"
-
     def emit(self, line: str) -> None:
         self.lines.append(line)
-
-    def canon(self, ranks) -> tuple[str, ...]:
-        s = set(ranks)
-        return tuple(r for r in self.ranks.vector if r in s)
 
     def expand(self, code: str, layout: tuple[str, ...], target: tuple[str, ...]) -> str:
         if layout == target or not layout:
@@ -192,6 +195,10 @@ class KernelRenderer:
     # --- index variables ---------------------------------------------------------
     def offs(self, r: str) -> str:
         return f"offs_{r.lower()}"
+
+    def size(self, r: str) -> str:
+        """A rank's size (a kernel argument)."""
+        return pyname(r)
 
     def index_code(self, r: str, layout) -> tuple[str, tuple[str, ...]]:
         """(code, layout) of index variable r's integer values."""
@@ -229,21 +236,9 @@ class KernelRenderer:
             return f"({self.expand(a, la, lay)} {e.op} {self.expand(b, lb, lay)})", lay
         raise TritonUnsupported(f"subscript {e}")
 
-    def load(self, e: Access) -> TVal:
-        key = ("load", e)
-        invariant = not any(self.ranks.loop in free_ranks(s) for s in e.subscripts)
-        if invariant and key in self.hoisted_memo:
-            return self.hoisted_memo[key]
-        if key in self.memo:
-            return self.memo[key]
-        if invariant and self.in_loop:
-            saved, self.lines = self.lines, self.hoisted
-            saved_memo, self.memo = self.memo, self.hoisted_memo
-            self.in_loop = False
-            out = self.load(e)
-            self.in_loop = True
-            self.lines, self.memo = saved, saved_memo
-            return out
+    def emit_load(self, e: Access) -> TVal:
+        """``tl.load`` of an input block, masked by its ranges and bounds (see
+        :meth:`TileRendererBase.load`)."""
         name = e.tensor
         arg = self.inputs[name]
         parts = []
@@ -273,9 +268,7 @@ class KernelRenderer:
         v = self.new(name.lower())
         mask = f", mask={mask_code}, other=0.0" if mask_code else ""
         self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})")
-        out = TVal(f"{v}.to(tl.float32)", layout, tuple(terms), loaded=True, raw=v)
-        self.memo[key] = out
-        return out
+        return TVal(f"{v}.to(tl.float32)", layout, tuple(terms), loaded=True, raw=v)
 
     def mask_code(self, terms, layout) -> str | None:
         """The conjunction of presence terms over ``layout`` (named once per tile)."""
@@ -298,58 +291,31 @@ class KernelRenderer:
             self.memo[key] = name
         return self.memo[key]
 
-    def access(self, e: Access, env_layout) -> TVal:
-        t = e.tensor
-        if t in self.inputs:
-            return self.load(e)
-        ranks = list(self.defn.tensor_ranks(t))
-        subs = list(e.subscripts)
-        if t in self.tp.state:
-            pos = ranks.index(self.ranks.loop)
-            step = subs[pos]
-            del ranks[pos], subs[pos]
-            nxt = step == Binary("+", Index(self.ranks.loop), Num(1)) or step == Size(self.ranks.loop)
-            val = self.values[t] if nxt else self.state_prev[t]
-        else:
-            if self.ranks.loop in ranks:
-                pos = ranks.index(self.ranks.loop)
-                if subs[pos] != Index(self.ranks.loop):
-                    raise TritonUnsupported(f"{t} read at another tile")
-                del ranks[pos], subs[pos]
-            if t not in self.values:
-                raise TritonUnsupported(f"{t} is not available in registers here")
-            val = self.values[t]
-        for s, r in zip(subs, ranks):
-            if not (isinstance(s, Index) and s.rank == r):
-                raise TritonUnsupported(f"{t} is read with a shifted subscript")
-        return val
+    def previous_state(self, t: str) -> TVal:
+        """State ``t`` before this step."""
+        return self.state_prev[t]
 
-    def value(self, e: Expr, st) -> TVal:
-        if isinstance(e, Num):
-            return TVal(format_number(float(e.value)), ())
-        if isinstance(e, Const):
-            return TVal("float('inf')" if e.name == "inf" else "3.141592653589793", ())
-        if isinstance(e, Size):
-            return TVal(pyname(e.rank), ())
-        if isinstance(e, Param):
-            return TVal(pyname(e.name), ())
-        if isinstance(e, Index):
-            code, lay = self.index_code(e.rank, ())
-            return TVal(f"({code}).to(tl.float32)" if lay else code, lay)
-        if isinstance(e, Access):
-            return self.access(e, ())
-        if isinstance(e, Unary):
-            x = self.value(e.operand, st)
-            if e.op == "-":
-                return dataclasses.replace(x, code=f"(-{x.code})", loaded=False)
-            return TVal(f"({x.code} == 0)", x.layout, x.terms, is_bool=True)
-        if isinstance(e, Binary):
-            return self.binary(e, st)
-        if isinstance(e, Call):
-            return self.call(e, st)
-        if isinstance(e, Reduce):
-            return self.reduce(e, st)
-        raise TritonUnsupported(str(e))
+    def number_value(self, e: Num) -> TVal:
+        return TVal(format_number(float(e.value)), ())
+
+    def constant_value(self, e: Const) -> TVal:
+        return TVal("float('inf')" if e.name == "inf" else "3.141592653589793", ())
+
+    def size_value(self, e: Size) -> TVal:
+        return TVal(pyname(e.rank), ())
+
+    def param_value(self, e: Param) -> TVal:
+        return TVal(pyname(e.name), ())
+
+    def index_value(self, e: Index) -> TVal:
+        code, lay = self.index_code(e.rank, ())
+        return TVal(f"({code}).to(tl.float32)" if lay else code, lay)
+
+    def unary(self, e: Unary, st) -> TVal:
+        x = self.value(e.operand, st)
+        if e.op == "-":
+            return dataclasses.replace(x, code=f"(-{x.code})", loaded=False)
+        return TVal(f"({x.code} == 0)", x.layout, x.terms, is_bool=True)
 
     def binary(self, e: Binary, st) -> TVal:
         a, b = self.value(e.left, st), self.value(e.right, st)
@@ -379,62 +345,34 @@ class KernelRenderer:
             bc = f"{bc}.to(tl.float32)"
         return TVal(f"({ac} {e.op} {bc})", lay, terms)
 
-    def call(self, e: Call, st) -> TVal:
-        args = [self.value(a, st) for a in e.args]
-        lay = self.canon(set().union(*(set(a.layout) for a in args)))
-        codes = [self.expand(a.code, a.layout, lay) for a in args]
-        codes = [f"{c}.to(tl.float32)" if a.is_bool and e.fn != "select" else c
-                 for c, a in zip(codes, args)]
-        terms = _merge_terms(*(a.terms for a in args))
-        fn = e.fn
-        if fn == "select":
-            c = codes[0] if args[0].is_bool else f"({codes[0]} != 0)"
-            return TVal(f"tl.where({c}, {codes[1]}, {codes[2]})", lay, terms)
-        if fn in ("max", "min") and len(codes) == 2:
-            return TVal(f"tl.{fn}imum({codes[0]}, {codes[1]})", lay, terms)
-        x = codes[0]
-        table = {
-            "exp": f"tl.exp({x})", "exp2": f"tl.exp2({x})", "log": f"tl.log({x})",
-            "log2": f"tl.log2({x})", "sqrt": f"tl.sqrt({x})", "rsqrt": f"tl.rsqrt({x})",
-            "tanh": f"(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", "sigmoid": f"tl.sigmoid({x})",
-            "abs": f"tl.abs({x})", "relu": f"tl.maximum({x}, 0.0)",
-        }
-        return TVal(table[fn], lay, terms)
+    def float_code(self, x: TVal, layout) -> str:
+        """``x`` over ``layout``, a boolean as float."""
+        code = self.expand(x.code, x.layout, layout)
+        return f"{code}.to(tl.float32)" if x.is_bool else code
+
+    def select(self, args: list[TVal], layout, terms) -> TVal:
+        codes = [self.expand(a.code, a.layout, layout) for a in args]
+        c = codes[0] if args[0].is_bool else f"({codes[0]} != 0)"
+        return TVal(f"tl.where({c}, {codes[1]}, {codes[2]})", layout, terms)
 
     # --- where filters -------------------------------------------------------------
-    def filter_term(self, st, scope: set[str]) -> Term | None:
-        if st.where is None or not free_ranks(st.where) <= scope:
-            return None
-        if self.full_tiles and st.where in self.holds_on_full_tiles:
-            return None  # this loop only visits tiles where the condition holds everywhere
-        key = ("where", st.where)
-        if key not in self.memo:
-            c = self.value(st.where, st)
-            code = c.code if c.is_bool else f"({c.code} != 0)"
-            w = self.new("w")
-            if c.terms:
-                code = f"{code} & {self.mask_code(c.terms, c.layout)}"
-            self.emit(f"{w} = {code}")
-            self.memo[key] = Term(w, c.layout)
-        return self.memo[key]
+    def where_holds(self, cond: Expr) -> bool:
+        """On the loop over full tiles, the conditions that hold at every point of them."""
+        return self.full_tiles and cond in self.holds_on_full_tiles
+
+    def where_term(self, c: TVal) -> Term:
+        """A ``where`` condition's value as a named mask (absent points do not pass)."""
+        code = c.code if c.is_bool else f"({c.code} != 0)"
+        w = self.new("w")
+        if c.terms:
+            code = f"{code} & {self.mask_code(c.terms, c.layout)}"
+        self.emit(f"{w} = {code}")
+        return Term(w, c.layout)
 
     # --- reductions ---------------------------------------------------------------
-    def reduce(self, e: Reduce, st) -> TVal:
-        if e.op == "sum" and len(e.ranks) == 1:
-            fast = self.dot(e, st)
-            if fast is not None:
-                return fast
-        body = self.value(e.body, st)
-        lay = self.canon(set(body.layout) | set(e.ranks))
-        terms = list(body.terms)
-        outside_scope = set(st.lhs) | set(e.ranks)
-        filt = self.filter_term(st, outside_scope)
-        if filt:
-            terms.append(filt)
-        for r in e.ranks:
-            t = self.range_term(r)
-            if t:
-                terms.append(t)
+    def reduction(self, e: Reduce, body: TVal, lay, terms: list[Term]) -> TVal:
+        """``tl.sum`` / ``tl.max`` / ``tl.min`` of ``body`` over ``lay``, absent points
+        filled with the reduction's identity (see :meth:`TileRendererBase.reduce`)."""
         fill = {"sum": "0.0", "max": "float('-inf')", "min": "float('inf')"}[e.op]
         code = self.expand(body.code, body.layout, lay)
         if body.layout != lay:
@@ -480,49 +418,28 @@ class KernelRenderer:
 
     def dot(self, e: Reduce, st) -> TVal | None:
         """``sum[r](A[a,r] * B[r,b] * c)`` as ``tl.dot``; None when not that shape."""
-        r = e.ranks[0]
-        tensors, scalars = [], []
-        for f in _factors(e.body):
-            if free_ranks(f) & (set(self.ranks.vector)):
-                tensors.append(f)
-            else:
-                scalars.append(f)
-        if len(tensors) != 2:
+        m = self.match_dot(e, st)
+        if m is None:
             return None
-        a, b = (self.value(t, st) for t in tensors)
-        if len(a.layout) != 2 or len(b.layout) != 2 or r not in a.layout or r not in b.layout:
-            return None
-        (ra,) = set(a.layout) - {r}
-        (rb,) = set(b.layout) - {r}
-        if ra == rb:
-            return None
-        filt = self.filter_term(st, set(st.lhs) | {r}) if st.where is not None else None
-        if filt is not None and r in filt.layout:
-            # a where over the summed rank masks the operand that has its other rank
-            if set(filt.layout) <= set(a.layout):
-                a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)), loaded=False,
-                                        code=a.raw or a.code if a.loaded else a.code)
-            elif set(filt.layout) <= set(b.layout):
-                b = dataclasses.replace(b, terms=_merge_terms(b.terms, (filt,)), loaded=False,
-                                        code=b.raw or b.code if b.loaded else b.code)
-            else:
-                return None
-        ac = self.operand(a, (ra, r), r)
-        bc = self.operand(b, (r, rb), r)
+        r, ra, rb = m.r, m.ra, m.rb
+        ac = self.operand(m.a, (ra, r), r)
+        bc = self.operand(m.b, (r, rb), r)
         v = self.new("dot")
-        lhs, rhs = self.dot_operands(a, ac, b, bc)
+        lhs, rhs = self.dot_operands(m.a, ac, m.b, bc)
         self.emit(f"{v} = tl.dot({lhs}, {rhs}, input_precision=INPUT_PRECISION)")
         out = (ra, rb)
         layout = self.canon({ra, rb})
         code = v if out == layout else f"tl.trans({v})"
-        for s in scalars:
+        for s in m.scalars:
             sv = self.value(s, st)
             code = f"({code} * {sv.code})"
-        if filt is not None and r not in filt.layout:
-            a = dataclasses.replace(a, terms=_merge_terms(a.terms, (filt,)))
-        range_r = self.range_term(r)
-        a_terms = a.terms + ((range_r,) if range_r else ())
-        return TVal(code, layout, self.dot_presence(a_terms, b.terms, r, ra, rb, layout))
+        a_terms, b_terms = self.dot_input_terms(m)
+        return TVal(code, layout, self.dot_presence(a_terms, b_terms, r, ra, rb, layout))
+
+    def masked_operand(self, x: TVal, filt: Term) -> TVal:
+        """``x`` under a ``where`` term (a load keeps its own dtype for ``tl.dot``)."""
+        return dataclasses.replace(x, terms=_merge_terms(x.terms, (filt,)), loaded=False,
+                                   code=x.raw or x.code if x.loaded else x.code)
 
     def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
         """Presence of sum[r](A*B): any r where both are present (a mask dot if it must be 3-D)."""
@@ -594,87 +511,33 @@ class KernelRenderer:
         self.emit(f"{name} = {code}")
         self.values[st.tensor] = TVal(name, layout, terms, is_bool=False)
 
-    # --- tile range from the guards -----------------------------------------------------
-    def tile_bounds(self) -> tuple[str, str]:
-        """Code for the first and last+1 live tile of this program's rows."""
-        r = self.ranks
-        full = ("0", pyname(r.loop))
-        if r.tile is None or r.row is None:
-            return full
-        per_update = []
-        for _, guards in self.tp.guards:
-            ranges = []
-            for g in guards:
-                rng = self.guard_range(g)
-                if rng is not None:
-                    ranges.append(rng)
-            if not ranges:
-                return full
-            lo = _nest("tl.maximum", [x[0] for x in ranges])
-            hi = _nest("tl.minimum", [x[1] for x in ranges])
-            per_update.append((lo, hi))
-        lo = _nest("tl.minimum", [x[0] for x in per_update])
-        hi = _nest("tl.maximum", [x[1] for x in per_update])
-        return f"tl.maximum(0, {lo})", f"tl.minimum({pyname(r.loop)}, {hi})"
+    # --- tile range from the guards (TileRendererBase.tile_bounds) --------------------
+    def floor_div(self, a: str, b: str) -> str:
+        """Floor division for a positive divisor (Triton's ``//`` truncates toward zero)."""
+        return f"((({a}) - (((({a}) % ({b})) + ({b})) % ({b}))) // ({b}))"
 
-    def guard_range(self, g) -> tuple[str, str] | None:
-        """[lo, hi) of tiles that may satisfy guard g for some row of the block."""
-        r = self.ranks
-        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
-            return None
-        dnf = conjunctions(g.cond)
-        if dnf is None:
-            return None
-        spans = []
-        for conj in dnf:
-            lo, hi = ["0"], [pyname(r.loop)]
-            for atom in conj:
-                b = self.atom_tiles(atom)
-                if b is None:
-                    return None
-                kind, code = b
-                (lo if kind == "lo" else hi).append(code)
-            spans.append((_nest("tl.maximum", lo), _nest("tl.minimum", hi)))
-        return _nest("tl.minimum", [s[0] for s in spans]), _nest("tl.maximum", [s[1] for s in spans])
+    def first_tile(self, k: str, c: str) -> str:
+        """The least m1 with ``c*m1 + k >= 0`` (c > 0): ``ceil(-k / c) = -floor(k / c)``."""
+        return f"-({self.floor_div(k, c)})"
 
-    def atom_tiles(self, atom, worst: bool = False) -> tuple[str, str] | None:
-        """An affine atom as a bound on the tile index m1: where it holds for *some* m0
-        and row of the block, or (``worst``) for *every* m0 and row."""
-        r = self.ranks
-        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
-            return None
-        a, b = to_sympy(atom.left), to_sympy(atom.right)
-        if a is None or b is None:
-            return None
-        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)  # >= 0 (or > 0)
-        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
-        c0, cp = diff.coeff(x0), diff.coeff(xp)
-        rest = sympy.expand(diff - c0 * x0 - cp * xp)
-        c1 = rest.coeff(x1)
-        const = sympy.expand(rest - c1 * x1)
-        floating = any(s.name.startswith("param_") for s in const.free_symbols)
-        if (floating and worst) or not (c0.is_number and cp.is_number):
-            return None
-        if atom.op in ("<", ">") and not floating:
-            const -= 1  # integers: x > 0 is x >= 1
-        high_m0 = (c0 > 0) != worst
-        high_p = (cp > 0) != worst
-        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if high_m0 else 0
-        p_best = sympy.Symbol("p_last") if high_p else sympy.Symbol("p_first")
-        k = sympy.expand(const + c0 * m0_best + cp * p_best)  # c1*m1 + k >= 0
-        sign = _sign(c1)
-        if sign is None:
-            return None
-        names = {**{s.name: s.name for s in k.free_symbols}}
-        kcode = _int_code(k, r, names)
-        c1code = _int_code(c1 if sign > 0 else -c1, r, names)
-        if floating:  # a float parameter: a bound one tile wider on each side is safe
-            if sign > 0:
-                return "lo", f"((-({kcode})) / {c1code}).to(tl.int32) - 1"
-            return "hi", f"(({kcode}) / {c1code}).to(tl.int32) + 2"
-        if sign > 0:   # m1 >= ceil(-k / c1) = -floor(k / c1)
-            return "lo", f"-({_floor_div(kcode, c1code)})"
-        return "hi", f"{_floor_div(kcode, c1code)} + 1"  # m1 <= floor(k / (-c1))
+    def widened_bound(self, sign: int, k: str, c: str) -> tuple[str, str]:
+        if sign > 0:
+            return "lo", f"((-({k})) / {c}).to(tl.int32) - 1"
+        return "hi", f"(({k}) / {c}).to(tl.int32) + 2"
+
+    def bound_symbol(self, n: str) -> str:
+        """A bound's symbol: an index variable (``_m1``), a parameter, a row or block
+        name, or a size (a kernel argument)."""
+        if n.startswith("_"):
+            return n[1:].lower()
+        if n.startswith("param_"):
+            return pyname(n[len("param_"):])
+        return n if n in ("p_first", "p_last") or n.startswith("BLOCK_") else pyname(n)
+
+    def bound_number(self, e: sympy.Expr) -> str:
+        if e.is_Float or e.is_Rational:
+            return repr(float(e))
+        raise TritonUnsupported(f"bound {e}")
 
     def block_probe(self) -> str | None:
         """A scalar 'some update can change a row of this block' for data-dependent guards
@@ -840,39 +703,6 @@ class KernelRenderer:
         for st in self.tp.epilogue:
             self.statement(st)
         return self.lines
-
-
-def _int_code(e: sympy.Expr, ranks: Ranks, names) -> str:
-    """Integer code for a sympy bound (sizes are kernel arguments)."""
-    if e.is_Symbol:
-        n = e.name
-        if n.startswith("_"):
-            return n[1:].lower()
-        if n.startswith("param_"):
-            return pyname(n[len("param_"):])
-        return n if n in ("p_first", "p_last") or n.startswith("BLOCK_") else pyname(n)
-    if e.is_Integer:
-        return str(int(e))
-    if e.is_Float or e.is_Rational:
-        return repr(float(e))
-    if e.is_Add:
-        return "(" + " + ".join(_int_code(a, ranks, names) for a in e.args) + ")"
-    if e.is_Mul:
-        return "(" + " * ".join(_int_code(a, ranks, names) for a in e.args) + ")"
-    raise TritonUnsupported(f"bound {e}")
-
-
-def _floor_div(a: str, b: str) -> str:
-    """Floor division for a positive divisor (Triton's ``//`` truncates toward zero)."""
-    return f"((({a}) - (((({a}) % ({b})) + ({b})) % ({b}))) // ({b}))"
-
-
-def _nest(fn: str, args: list[str]) -> str:
-    args = list(dict.fromkeys(args))
-    out = args[-1]
-    for a in reversed(args[:-1]):
-        out = f"{fn}({a}, {out})"
-    return out
 
 
 # ----------------------------------------------------------------------------

@@ -101,7 +101,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, tile_program
 from .numpy_backend import pyname, size_code
-from .kernel_common import (Ranks, Term, TileRendererBase, _integer_affine,
+from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _integer_affine,
                              _merge_terms, classify_ranks, constant_inits, expanded_body)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -148,14 +148,9 @@ class Buffer:
 
 
 @dataclass(frozen=True)
-class CVal:
+class CVal(KernelValue):
     """A value: a C expression over the index variables of ``layout``, with presence terms."""
 
-    code: str
-    layout: tuple[str, ...]
-    terms: tuple[Term, ...] = ()
-    loaded: bool = False          # a direct load: zero wherever it is absent
-    is_bool: bool = False
     buf: Buffer | None = None     # the 16-bit tile it was loaded into (a tensor-core operand)
 
 

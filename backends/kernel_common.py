@@ -201,11 +201,23 @@ def _nest(fn: str, args: list[str]) -> str:
 
 
 @dataclass(frozen=True)
+class KernelValue:
+    """A rendered value: code, the vector ranks it varies over, its presence terms.
+    Each target adds what it needs (Triton: the raw load, CUDA: the shared buffer)."""
+
+    code: str
+    layout: tuple[str, ...]
+    terms: tuple[Term, ...] = ()
+    loaded: bool = False     # a direct load: zero wherever it is absent
+    is_bool: bool = False
+
+
+@dataclass(frozen=True)
 class DotShape:
     """A reduction ``sum[r](A[ra,r] * B[r,rb] * scalars)`` matched as a matrix product."""
 
-    a: object                   # the target's value of A (masked by a where over r and ra)
-    b: object                   # the target's value of B (or masked by that where)
+    a: KernelValue              # A (masked by a where over r and ra)
+    b: KernelValue              # B (or masked by that where)
     r: str                      # the summed rank
     ra: str                     # A's other rank: the product's rows
     rb: str                     # B's other rank: the product's columns
@@ -234,7 +246,7 @@ class TileRendererBase:
     """
 
     Unsupported: type[Exception] = Exception
-    Value: type = object
+    Value: type[KernelValue] = KernelValue
     FUNCTIONS: dict[str, str] = {}     # one-argument functions: code templates over ``{x}``
     MINMAX = ""                        # two-argument max / min: over ``{fn}``, ``{a}``, ``{b}``
     UNAVAILABLE = "here"               # where a value read too early is missing (error text)

@@ -41,9 +41,9 @@ from ..einsum_ir.ir import (Access, Binary, Const, Definition, Einsum, Expr, Ind
                             size_symbol)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program
-from .kernel_common import (Ranks, Term, TileRendererBase, _expand_loads, _merge_terms,
-                            _integer_affine, _nest, classify_ranks, constant_inits,
-                            expanded_body)
+from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _expand_loads,
+                            _integer_affine, _merge_terms, _nest, classify_ranks,
+                            constant_inits, expanded_body)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -54,14 +54,9 @@ class TritonUnsupported(NotTileable):
 
 
 @dataclass(frozen=True)
-class TVal:
-    """A rendered value: code, the vector ranks it varies over, its presence terms."""
+class TVal(KernelValue):
+    """A rendered Triton value (a block or a scalar)."""
 
-    code: str
-    layout: tuple[str, ...]
-    terms: tuple[Term, ...] = ()
-    loaded: bool = False     # a direct load: zero wherever it is absent
-    is_bool: bool = False
     raw: str | None = None   # a load in its own dtype (for tl.dot operands)
 
 

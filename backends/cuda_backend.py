@@ -622,14 +622,10 @@ class KernelRenderer(TileRendererBase):
             self.memo[key] = buf
         return self.memo[key]
 
-    def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
-        """Presence of sum[r](A*B): some r where both are present."""
-        terms = _merge_terms(a_terms, b_terms)
-        inner = [t for t in terms if r in t.layout]
-        span = set().union(*(set(t.layout) for t in inner)) if inner else set()
-        if not ({ra, rb} <= span):
-            return self.reduce_presence(terms, {r})
-        keep = tuple(t for t in terms if r not in t.layout)
+    def both_present(self, a_terms, b_terms, r, ra, rb, layout) -> Term:
+        """Some r where both operands are present: a flag per output element, in a buffer
+        (see :meth:`TileRendererBase.dot_presence`)."""
+        inner = [t for t in _merge_terms(a_terms, b_terms) if r in t.layout]
         buf = self.buffer("anydot", layout, "uint8_t")
         cond = self.resolve(_conj(t.code for t in inner), layout + (r,), False)
         self.sync_if_dirty()
@@ -639,40 +635,31 @@ class KernelRenderer(TileRendererBase):
                                   f"&& !any_; ++{self.ivar(r)}) any_ = {cond};",
                                   f"{self.at(buf)} = any_;"])
         self.dirty = True
-        return keep + (Term(f"({self.at(buf)} != 0)", layout),)
+        return Term(f"({self.at(buf)} != 0)", layout)
 
-    def reduce_presence(self, terms, ranks: set[str]) -> tuple[Term, ...]:
-        """Presence after reducing ``ranks`` when it needs no buffer, else an "any" reduction."""
-        keep = [t for t in terms if not set(t.layout) & ranks]
-        inner = [t for t in terms if set(t.layout) & ranks]
-        if not inner:
-            return tuple(keep)
-        ranges = {self.range_term(r) for r in ranks}
-        if all(t in ranges for t in inner):
-            return tuple(keep) + tuple(Term(f"({self.size(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner))
-        key = ("any", tuple(inner), tuple(sorted(ranks)))
-        if key not in self.memo:
-            lay = self.canon(set().union(*(set(t.layout) for t in inner)))
-            red = tuple(x for x in lay if x in ranks)
-            out = tuple(x for x in lay if x not in ranks)
-            buf = self.buffer("any", out, "uint8_t")
-            cond = self.resolve(_conj(t.code for t in inner), lay, False)
-            self.sync_if_dirty()
-            self.emit(f"for (int o_ = warp_; o_ < {self.count_code(out)}; o_ += ATTNC_WARPS) {{")
-            for ln in (self.decode("o_", out, "ro_", cond + self.at(buf)) if out else []):
-                self.emit("  " + ln)
-            self.emit("  bool any_ = false;")
-            self.emit(f"  for (int j_ = lane_; j_ < {self.count_code(red)}; j_ += ATTNC_WARP) {{")
-            for ln in self.decode("j_", red, "rj_", cond):
-                self.emit("    " + ln)
-            self.emit(f"    any_ = any_ || {cond};")
-            self.emit("  }")
-            self.emit("  any_ = attnc_warp_any(any_);")
-            self.emit(f"  if (lane_ == 0) {self.at(buf)} = any_;")
-            self.emit("}")
-            self.dirty = True
-            self.memo[key] = Term(f"({self.at(buf)} != 0)", out)
-        return tuple(keep) + (self.memo[key],)
+    def any_term(self, inner: list[Term], ranks: set[str]) -> Term:
+        """Whether some point along ``ranks`` has all ``inner`` terms: one warp per output
+        element, a flag in a buffer (see :meth:`TileRendererBase.reduce_presence`)."""
+        lay = self.canon(set().union(*(set(t.layout) for t in inner)))
+        red = tuple(x for x in lay if x in ranks)
+        out = tuple(x for x in lay if x not in ranks)
+        buf = self.buffer("any", out, "uint8_t")
+        cond = self.resolve(_conj(t.code for t in inner), lay, False)
+        self.sync_if_dirty()
+        self.emit(f"for (int o_ = warp_; o_ < {self.count_code(out)}; o_ += ATTNC_WARPS) {{")
+        for ln in (self.decode("o_", out, "ro_", cond + self.at(buf)) if out else []):
+            self.emit("  " + ln)
+        self.emit("  bool any_ = false;")
+        self.emit(f"  for (int j_ = lane_; j_ < {self.count_code(red)}; j_ += ATTNC_WARP) {{")
+        for ln in self.decode("j_", red, "rj_", cond):
+            self.emit("    " + ln)
+        self.emit(f"    any_ = any_ || {cond};")
+        self.emit("  }")
+        self.emit("  any_ = attnc_warp_any(any_);")
+        self.emit(f"  if (lane_ == 0) {self.at(buf)} = any_;")
+        self.emit("}")
+        self.dirty = True
+        return Term(f"({self.at(buf)} != 0)", out)
 
     # --- statements -------------------------------------------------------------------
     def lhs_layout(self, st) -> tuple[str, ...]:

@@ -238,7 +238,7 @@ class TileRendererBase:
     * calls: ``FUNCTIONS`` and ``MINMAX`` (code templates), ``float_code`` and ``select``;
     * ``where`` filters: ``where_term`` (and ``where_holds``);
     * reductions: ``range_term``, ``dot`` and ``reduction``; ``masked_operand`` for
-      :meth:`match_dot`;
+      :meth:`match_dot`; ``any_term`` and ``both_present`` for the presence of a result;
     * tile bounds: ``IMAX`` / ``IMIN`` (integer max / min functions), ``ROW_FIRST`` /
       ``ROW_LAST`` (names of the block's first and last row), ``size`` (a rank's size),
       ``floor_div``, ``first_tile``, ``bound_symbol`` and ``bound_number``, and the
@@ -379,6 +379,23 @@ class TileRendererBase:
         terms += [t for t in (self.range_term(r) for r in e.ranks) if t]
         return self.reduction(e, body, lay, terms)
 
+    def reduce_presence(self, terms, ranks: set[str]) -> tuple[Term, ...]:
+        """Presence after reducing ``ranks``: some point of the fiber present.  Terms not
+        along the ranks stay; the ranks' ranges alone say "the rank is not empty"; other
+        terms need an "any" reduction (``any_term``, once per tile)."""
+        keep = [t for t in terms if not set(t.layout) & ranks]
+        inner = [t for t in terms if set(t.layout) & ranks]
+        if not inner:
+            return tuple(keep)
+        ranges = {self.range_term(r) for r in ranks}
+        if all(t in ranges for t in inner):  # only rank ranges: "the rank is not empty"
+            return tuple(keep) + tuple(Term(f"({self.size(t.layout[0])} > 0)", ())
+                                       for t in dict.fromkeys(inner))
+        key = ("any", tuple(inner), tuple(sorted(ranks)))
+        if key not in self.memo:
+            self.memo[key] = self.any_term(inner, ranks)
+        return tuple(keep) + (self.memo[key],)
+
     # --- where filters -------------------------------------------------------------
     def filter_term(self, st, scope: set[str]) -> Term | None:
         """The presence term of statement ``st``'s ``where`` (once per tile); None when it
@@ -432,6 +449,18 @@ class TileRendererBase:
             a_terms = _merge_terms(a_terms, (m.filt,))
         range_r = self.range_term(m.r)
         return a_terms + ((range_r,) if range_r else ()), m.b.terms
+
+    def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
+        """Presence of ``sum[r](A*B)`` over ``layout``: some r where both are present.
+        Unless the terms along r reach both ra and rb, that is the presence after reducing
+        r; else the target renders it (``both_present``)."""
+        terms = _merge_terms(a_terms, b_terms)
+        inner = [t for t in terms if r in t.layout]
+        span = set().union(*(set(t.layout) for t in inner)) if inner else set()
+        if not ({ra, rb} <= span):
+            return self.reduce_presence(terms, {r})
+        keep = tuple(t for t in terms if r not in t.layout)
+        return keep + (self.both_present(a_terms, b_terms, r, ra, rb, layout),)
 
     # --- tile range from the guards ----------------------------------------------------
     def tile_bounds(self) -> tuple[str, str]:

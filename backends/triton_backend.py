@@ -384,32 +384,22 @@ class KernelRenderer(TileRendererBase):
             out_layout = tuple(x for x in out_layout if x != r)
         v = self.new(e.op)
         self.emit(f"{v} = {code}")
-        return TVal(v, out_layout, self.reduce_terms(tuple(terms), set(e.ranks)))
+        return TVal(v, out_layout, self.reduce_presence(tuple(terms), set(e.ranks)))
 
-    def reduce_terms(self, terms: tuple[Term, ...], ranks: set[str]) -> tuple[Term, ...]:
-        """Presence after reducing ``ranks``: any point of the fiber present."""
-        keep = [t for t in terms if not set(t.layout) & ranks]
-        inner = [t for t in terms if set(t.layout) & ranks]
-        if not inner:
-            return tuple(keep)
-        ranges = {self.range_term(r) for r in ranks}
-        if all(t in ranges for t in inner):  # only rank ranges: "the rank is not empty"
-            return tuple(keep) + tuple(Term(f"({pyname(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner))
+    def any_term(self, inner: list[Term], ranks: set[str]) -> Term:
+        """Whether some point along ``ranks`` has all ``inner`` terms: a max over them."""
         lay = self.canon(set().union(*(set(t.layout) for t in inner)))
-        key = ("any", tuple(inner), tuple(sorted(ranks)))
-        if key not in self.memo:
-            code = self.mask_code(inner, lay)
-            if set(lay) - ranks == set():
-                # only the reduced ranks: a scalar "some point exists"
-                code = f"tl.broadcast_to({code}, {self.shape(lay)})"
-            out_layout = lay
-            for r in sorted(ranks & set(lay), key=lambda r: -lay.index(r)):
-                code = f"tl.max(({code}).to(tl.int32), axis={out_layout.index(r)})"
-                out_layout = tuple(x for x in out_layout if x != r)
-            name = self.new("any")
-            self.emit(f"{name} = ({code}) > 0")
-            self.memo[key] = Term(name, out_layout)
-        return tuple(keep) + (self.memo[key],)
+        code = self.mask_code(inner, lay)
+        if set(lay) - ranks == set():
+            # only the reduced ranks: a scalar "some point exists"
+            code = f"tl.broadcast_to({code}, {self.shape(lay)})"
+        out_layout = lay
+        for r in sorted(ranks & set(lay), key=lambda r: -lay.index(r)):
+            code = f"tl.max(({code}).to(tl.int32), axis={out_layout.index(r)})"
+            out_layout = tuple(x for x in out_layout if x != r)
+        name = self.new("any")
+        self.emit(f"{name} = ({code}) > 0")
+        return Term(name, out_layout)
 
     def dot(self, e: Reduce, st) -> TVal | None:
         """``sum[r](A[a,r] * B[r,b] * c)`` as ``tl.dot``; None when not that shape."""
@@ -436,14 +426,9 @@ class KernelRenderer(TileRendererBase):
         return dataclasses.replace(x, terms=_merge_terms(x.terms, (filt,)), loaded=False,
                                    code=x.raw or x.code if x.loaded else x.code)
 
-    def dot_presence(self, a_terms, b_terms, r, ra, rb, layout) -> tuple[Term, ...]:
-        """Presence of sum[r](A*B): any r where both are present (a mask dot if it must be 3-D)."""
-        terms = _merge_terms(a_terms, b_terms)
-        inner = [t for t in terms if r in t.layout]
-        span = set().union(*(set(t.layout) for t in inner)) if inner else set()
-        if not ({ra, rb} <= span):
-            return self.reduce_terms(terms, {r})
-        keep = tuple(t for t in terms if r not in t.layout)
+    def both_present(self, a_terms, b_terms, r, ra, rb, layout) -> Term:
+        """Some r where both operands are present: a dot of their masks (see
+        :meth:`TileRendererBase.dot_presence`)."""
         ma = self.mask_code([t for t in a_terms if r in t.layout], (ra, r) if (ra, r) == self.canon({ra, r}) else self.canon({ra, r}))
         mb = self.mask_code([t for t in b_terms if r in t.layout], self.canon({r, rb}))
         la, lb = self.canon({ra, r}), self.canon({r, rb})
@@ -452,7 +437,7 @@ class KernelRenderer(TileRendererBase):
         name = self.new("anydot")
         self.emit(f"{name} = tl.dot(({ma}).to(tl.float16), ({mb}).to(tl.float16)) > 0")
         out = name if (ra, rb) == layout else f"tl.trans({name})"
-        return keep + (Term(out, layout),)
+        return Term(out, layout)
 
     def operand(self, x: TVal, want: tuple[str, str], summed: str) -> str:
         """A dot operand laid out as ``want``, zero where it is absent along ``summed``."""

@@ -108,17 +108,24 @@ def numerics_cuda(tmp: Path, device: str, shard=(0, 1)) -> None:
                 args, params = random_call(defn, rng, sizes, (2,), (2,))
                 want = interpret(defn, *args, **params)
                 want = want if isinstance(want, tuple) else (want,)
-                errs = []
-                for dt in (torch.bfloat16, torch.float32):
-                    xs = [torch.from_numpy(a).to(device=device, dtype=dt)
-                          if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
-                    got = getattr(gen, defn.name)(*xs, **params)
-                    got = got if isinstance(got, tuple) else (got,)
-                    errs.append(max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want)))
+                errs = relative_errors(getattr(gen, defn.name), args, params, want, device,
+                                       (torch.bfloat16, torch.float32))
                 ok = errs[0] < 5e-2 and errs[1] < 1e-4
                 say(f"| {name}:{defn.name} | {errs[0]:.1e} | {errs[1]:.1e} | {'ok' if ok else 'FAIL'} |")
             except Exception as err:  # noqa: BLE001
-                say(f"| {name}:{defn.name} | - | RUN ERROR {type(err).__name__}: {str(err)[:80]} |")
+                say(f"| {name}:{defn.name} | - | - | RUN ERROR {type(err).__name__}: {str(err)[:80]} |")
+
+
+def relative_errors(fn, args, params, want, device, dtypes) -> list[float]:
+    """For each dtype: the floating inputs in it, the worst output's error against ``want``."""
+    errs = []
+    for dtype in dtypes:
+        xs = [torch.from_numpy(a).to(device=device, dtype=dtype)
+              if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
+        got = fn(*xs, **params)
+        got = got if isinstance(got, tuple) else (got,)
+        errs.append(max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want)))
+    return errs
 
 
 def bench_ms(fn) -> float:
@@ -164,7 +171,6 @@ def numerics(tmp: Path, device: str, smoke: bool, shard=(0, 1)) -> None:
             say(f"| {name} | - | - | COMPILE ERROR {type(err).__name__}: {str(err)[:80]} |")
             continue
         for defn in module.definitions:
-            errs = []
             try:
                 sizes = random_sizes(defn, rng, lo, hi)
                 args, params = random_call(defn, rng, sizes, (2,), (2,))
@@ -172,12 +178,8 @@ def numerics(tmp: Path, device: str, smoke: bool, shard=(0, 1)) -> None:
                 want = want if isinstance(want, tuple) else (want,)
                 # the CPU interpreter's tl.dot is wrong for bf16 (triton 3.9): test f16 there
                 half = torch.bfloat16 if device == "cuda" else torch.float16
-                for dtype in (torch.float32, half):
-                    xs = [torch.from_numpy(a).to(device=device, dtype=dtype)
-                          if a.dtype == np.float64 else torch.from_numpy(a).to(device) for a in args]
-                    got = getattr(gen, defn.name)(*xs, **params)
-                    got = got if isinstance(got, tuple) else (got,)
-                    errs.append(max(relative_error(g.float().cpu().numpy(), w) for g, w in zip(got, want)))
+                errs = relative_errors(getattr(gen, defn.name), args, params, want, device,
+                                       (torch.float32, half))
                 ok = errs[0] < 2e-3 and errs[1] < 5e-2
                 say(f"| {name}:{defn.name} | {errs[0]:.1e} | {errs[1]:.1e} | {'ok' if ok else 'FAIL'} |")
             except Exception as err:

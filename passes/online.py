@@ -369,14 +369,24 @@ def _exp_shift(region: Region, call: Call) -> Shift:
     return Shift(term.tensor, call.fn, tuple(inner + outer), term.subscripts)
 
 
-def _peel(region: Region, e: Expr) -> tuple[Expr, list[tuple[str, Expr]]]:
-    """``(X - GM) * c`` -> ``X - GM, [("*", c)]``: positive constant factors around the max.
+class NotPositiveScale(Exception):
+    """A factor around a shifted max is not known to be a positive constant."""
 
-    The ops are listed innermost first, the order in which they apply.
+    def __init__(self, factor: Expr):
+        super().__init__(print_expr(factor))
+        self.factor = factor
+
+
+def peel_scale(e: Expr, reads_max) -> tuple[Expr, list[tuple[str, Expr]]]:
+    """``(X - GM) * c`` -> ``X - GM, [("*", c)]``: the positive constant factors around the
+    side of ``e`` that ``reads_max`` (a predicate on expressions) finds the max in.
+
+    The ops are listed innermost first, the order in which they apply.  Raises
+    :class:`NotPositiveScale` for a factor not known to be a positive constant.
     """
     ops: list[tuple[str, Expr]] = []
     while isinstance(e, Binary) and e.op in ("*", "/"):
-        left, right = region.reads_shift(e.left), region.reads_shift(e.right)
+        left, right = reads_max(e.left), reads_max(e.right)
         if left and not right:
             op, e, c = e.op, e.left, e.right
         elif right and not left and e.op == "*":
@@ -384,10 +394,17 @@ def _peel(region: Region, e: Expr) -> tuple[Expr, list[tuple[str, Expr]]]:
         else:
             break
         if not positive(c) or free_ranks(c) or any(isinstance(n, Access) for n in walk(c)):
-            raise Blocked(f"scales the max by {print_expr(c)}, which is not known to be a "
-                          f"positive constant")
+            raise NotPositiveScale(c)
         ops.insert(0, (op, c))
     return e, ops
+
+
+def _peel(region: Region, e: Expr) -> tuple[Expr, list[tuple[str, Expr]]]:
+    try:
+        return peel_scale(e, region.reads_shift)
+    except NotPositiveScale as err:
+        raise Blocked(f"scales the max by {err}, which is not known to be a "
+                      f"positive constant") from None
 
 
 # --- presence ---------------------------------------------------------------------

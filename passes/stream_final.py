@@ -66,7 +66,7 @@ from ..einsum_ir.schedule import dataflow_graph, statement_reads
 from .defer_normalization import (Capture, Presence, atom_ranks, fresh_name, is_reduction,
                                   linear_terms, positive, simplify, substitute_atom,
                                   taken_names, varying)
-from .online import SHIFT_FUNCTIONS, local_name, running_name
+from .online import SHIFT_FUNCTIONS, NotPositiveScale, local_name, peel_scale, running_name
 
 NEG_INF = Unary("-", Const("inf"))
 
@@ -243,19 +243,10 @@ def _exp_shift(call: Call, state: MaxState) -> Shift:
 
 def _peel(e: Expr, state: MaxState) -> tuple[Expr, list[tuple[str, Expr]]]:
     """``(Y - T) * c`` -> ``Y - T, [("*", c)]`` for positive constants ``c``, innermost first."""
-    ops: list[tuple[str, Expr]] = []
-    while isinstance(e, Binary) and e.op in ("*", "/"):
-        left, right = _reads(e.left, state.name), _reads(e.right, state.name)
-        if left and not right:
-            op, e, c = e.op, e.left, e.right
-        elif right and not left and e.op == "*":
-            op, e, c = "*", e.right, e.left
-        else:
-            break
-        if not positive(c) or free_ranks(c) or any(isinstance(n, Access) for n in walk(c)):
-            raise NotStreamable("scales the max by a factor not known to be a positive constant")
-        ops.insert(0, (op, c))
-    return e, ops
+    try:
+        return peel_scale(e, lambda x: _reads(x, state.name))
+    except NotPositiveScale:
+        raise NotStreamable("scales the max by a factor not known to be a positive constant") from None
 
 
 def _the_shift(defn: Definition, state: MaxState, st: Einsum) -> Shift:

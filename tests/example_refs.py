@@ -73,11 +73,16 @@ def query_key_distance(P: int, M: int) -> np.ndarray:
 def masked_softmax(S: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Softmax over the last axis restricted to ``mask``; a row with nothing visible is 0."""
     mask = np.ones(S.shape, dtype=bool) if mask is None else np.broadcast_to(mask, S.shape)
-    row_max = np.max(np.where(mask, S, -np.inf), axis=-1, keepdims=True)
+    row_max = np.max(np.where(mask, S, -np.inf), axis=-1, keepdims=True, initial=-np.inf)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     numer = np.where(mask, np.exp(np.where(mask, S, row_max) - row_max), 0.0)
     denom = numer.sum(axis=-1, keepdims=True)
     return numer / np.where(denom > 0, denom, 1.0)
+
+
+def softmax_av(S: np.ndarray, mask: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """``masked_softmax(S, mask) @ V``: scores given, a row with nothing visible is 0."""
+    return masked_softmax(S, mask) @ V
 
 
 def softmax_attention(Q, K, V, scale=None, mask=None) -> np.ndarray:

@@ -19,6 +19,8 @@ from attnc.einsum_ir.ir import Access, Binary, Index, IterativeEinsum, Num, Redu
 from attnc.einsum_ir.schedule import Loop, loop_bodies, schedule
 from attnc.frontends import SpecError, parse
 
+from example_refs import softmax_av
+
 RNG = np.random.default_rng(99)
 
 
@@ -40,16 +42,6 @@ def store(src: str, **inputs):
 
 def rand(*shape):
     return RNG.normal(size=shape)
-
-
-def softmax_av(s: np.ndarray, mask: np.ndarray, v: np.ndarray) -> np.ndarray:
-    out = np.zeros((s.shape[0], v.shape[1]))
-    for p in range(s.shape[0]):
-        keep = mask[p]
-        if keep.any():
-            w = np.exp(s[p, keep] - s[p, keep].max())
-            out[p] = w @ v[keep] / w.sum()
-    return out
 
 
 CASCADE4 = """

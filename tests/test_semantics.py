@@ -14,6 +14,8 @@ from attnc.einsum_ir.interpreter import Interpreter, interpret
 from attnc.einsum_ir.sizes import bind_sizes
 from attnc.frontends import parse
 
+from example_refs import softmax_av
+
 RNG = np.random.default_rng(1234)
 
 
@@ -37,17 +39,6 @@ def store(src: str, params=None, **inputs):
 
 def rand(*shape):
     return RNG.normal(size=shape)
-
-
-def softmax_av(s: np.ndarray, mask: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Masked softmax(s) @ v row by row; a row with nothing unmasked is 0."""
-    out = np.zeros((s.shape[0], v.shape[1]))
-    for p in range(s.shape[0]):
-        keep = mask[p]
-        if keep.any():
-            w = np.exp(s[p, keep] - s[p, keep].max())
-            out[p] = w @ v[keep] / w.sum()
-    return out
 
 
 CAUSAL = """

@@ -77,6 +77,7 @@ def _binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         case "/": return a / b
         case "**": return np.power(a, b)
         case "//": return np.floor_divide(a, b)
+        case "%": return np.mod(a, b)  # floor modulo, as Python's
         case "<": return (a < b).astype(np.float64)
         case "<=": return (a <= b).astype(np.float64)
         case ">": return (a > b).astype(np.float64)
@@ -161,9 +162,11 @@ class _Eval:
         stored = self.store[e.tensor]
         if not e.subscripts:
             return Value(self.lift(stored.val, nd), self.lift(stored.present, nd))
-        idx = [self.eval(s, axes).val.astype(np.int64) for s in e.subscripts]
-        idx = np.broadcast_arrays(*idx)
+        subs = [self.eval(s, axes) for s in e.subscripts]
+        idx = np.broadcast_arrays(*(s.val.astype(np.int64) for s in subs))
         inside = np.ones(idx[0].shape, dtype=bool)
+        for s in subs:  # an indirect subscript reading an absent index element is absent
+            inside = inside & s.present
         clipped = []
         for i, n in zip(idx, stored.val.shape):
             inside &= (i >= 0) & (i < n)

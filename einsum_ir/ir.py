@@ -80,7 +80,11 @@ class Param:
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """A tensor element ``T[s0, s1, ...]``; subscripts are integer-affine expressions."""
+    """A tensor element ``T[s0, s1, ...]``; subscripts are integer-affine expressions.
+
+    A subscript may hold one level of indirection: an element of an i32/i64 argument,
+    itself read at affine subscripts (``KC[PT[b, m // PG], m % PG, e]``).
+    """
 
     tensor: str
     subscripts: tuple["Expr", ...]
@@ -98,7 +102,7 @@ class Unary:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
-    """Arithmetic ``+ - * / ** //``, comparisons ``< <= > >= == !=``, ``and``, ``or``."""
+    """Arithmetic ``+ - * / ** // %``, comparisons ``< <= > >= == !=``, ``and``, ``or``."""
 
     op: str
     left: "Expr"
@@ -127,7 +131,7 @@ class Reduce:
 
 Expr = Union[Num, Const, Size, Index, Param, Access, Unary, Binary, Call, Reduce]
 
-ARITH_OPS = ("+", "-", "*", "/", "**", "//")
+ARITH_OPS = ("+", "-", "*", "/", "**", "//", "%")  # '%' only in subscripts (floor modulo)
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 BOOL_OPS = ("and", "or")
 REDUCE_OPS = ("sum", "max", "min")

@@ -14,7 +14,7 @@ from .ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index, I
                  Module, Num, Param, Reduce, ScalarParam, Size, Statement, TensorArg, Unary)
 
 PREC = {"or": 1, "and": 2, "not": 3, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
-        "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "neg": 7, "**": 8}
+        "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7, "**": 8}
 ATOM = 9
 
 

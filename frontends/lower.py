@@ -89,6 +89,7 @@ class DefinitionLowering:
         self.scope = Scope()
         self.iter_ranks: dict[str, str] = {}  # iterative tensor -> rank
         self.failed: set[str] = set()  # tensors with a statement that did not lower
+        self.subscript_depth = 0  # > 0 while lowering a subscript ('%' is allowed there)
 
     # --- entry ------------------------------------------------------------
     def lower(self) -> ir.Definition | None:
@@ -562,12 +563,56 @@ class DefinitionLowering:
         return ir.Access(name, subs, loc=e.loc)
 
     def _subscript(self, s: ast.SExpr) -> ir.Expr:
+        self.subscript_depth += 1
         out = self._expr(s)
+        self.subscript_depth -= 1
         fault = _non_affine(out)
         if fault:
             why, node = fault
             self.errors.error(f"subscript is not integer-affine: {why}", node.loc or _sloc(s))
+        self._check_indirection(out)
+        self._check_modulos(out)
         return out
+
+    # --- indirect subscripts (one level of integer-tensor indirection) ----------------
+    def _check_indirection(self, sub: ir.Expr) -> None:
+        """Each tensor read in a subscript is an i32/i64 argument read at affine subscripts.
+
+        Its own subscripts were checked when it was lowered; here only that they read no
+        tensor again (the contract allows one level of indirection).
+        """
+        for node in _subscript_accesses(sub):
+            self._check_index_tensor(node)
+            for inner in (a for s in node.subscripts for a in _subscript_accesses(s)):
+                self.errors.error(f"two levels of indirection: '{inner.tensor}' indexes "
+                                  f"'{node.tensor}', which is itself used as an index",
+                                  inner.loc, "a subscript may read one integer tensor at "
+                                             "affine subscripts; compose the index tables first")
+
+    def _check_index_tensor(self, node: ir.Access) -> None:
+        arg = next((p for p in self.decl.params if isinstance(p, ast.TensorParamDecl)
+                    and p.name.name == node.tensor), None)
+        dtype = arg.dtype.name if arg is not None and arg.dtype is not None else None
+        if dtype in ("i32", "i64"):
+            return
+        if arg is None:
+            what, hint = "a computed (floating-point) tensor", "only an i32/i64 argument can index"
+        else:
+            what = f"declared {dtype}" if dtype else "a floating-point tensor (no dtype declared)"
+            hint = f"declare it {node.tensor}[{','.join(d.name for d in arg.dims)}]: i32 (or i64)"
+        self.errors.error(f"tensor '{node.tensor}' is used as an index but is {what}",
+                          node.loc, hint)
+
+    def _check_modulos(self, sub: ir.Expr) -> None:
+        """``%`` in a subscript takes a provably positive size or constant on its right."""
+        for node in walk(sub):
+            if not (isinstance(node, ir.Binary) and node.op == "%") or _depends(node.right):
+                continue
+            value = _size_of(node.right)
+            if value is None or value.is_positive is not True:
+                shown = "" if value is None else f" ({print_size(value)})"
+                self.errors.error(f"'%' must be by a positive size or constant{shown}", node.loc,
+                                  "floor modulo, as Python's: the divisor must be > 0")
 
     def _expr_CallExpr(self, e: ast.CallExpr) -> ir.Expr:
         fn = e.fn.name
@@ -630,6 +675,9 @@ class DefinitionLowering:
         return ir.Unary(e.op, self._expr(e.operand), loc=e.loc)
 
     def _expr_BinaryExpr(self, e: ast.BinaryExpr) -> ir.Expr:
+        if e.op == "%" and not self.subscript_depth:
+            self.errors.error("'%' is allowed only in a subscript", e.loc,
+                              "the language has '%' for indices (T[m % PG, e]), not for values")
         return ir.Binary(e.op, self._expr(e.left), self._expr(e.right), loc=e.loc)
 
     def _expr_CompareExpr(self, e: ast.CompareExpr) -> ir.Expr:
@@ -690,12 +738,41 @@ def _reduction_scopes(e: ir.Expr, outer: frozenset[str]):
 
 
 def _depends(e: ir.Expr) -> bool:
-    return bool(free_ranks(e))
+    """``e`` varies: it uses an index variable or reads a tensor (an indirect term)."""
+    return bool(free_ranks(e)) or any(isinstance(n, ir.Access) for n in walk(e))
+
+
+def _subscript_accesses(e: ir.Expr):
+    """The tensor reads of a subscript, not descending into their own subscripts."""
+    if isinstance(e, ir.Access):
+        yield e
+        return
+    for c in children(e):
+        yield from _subscript_accesses(c)
+
+
+def _size_of(e: ir.Expr) -> sympy.Expr | None:
+    """An index-free subscript term (numbers, sizes, + - * //) as sympy; None otherwise."""
+    if isinstance(e, ir.Num):
+        return sympy.Integer(e.value) if isinstance(e.value, int) else None
+    if isinstance(e, ir.Size):
+        return ir.size_symbol(e.rank)
+    if isinstance(e, ir.Unary) and e.op == "-":
+        inner = _size_of(e.operand)
+        return None if inner is None else -inner
+    if isinstance(e, ir.Binary) and e.op in ("+", "-", "*", "//"):
+        a, b = _size_of(e.left), _size_of(e.right)
+        if a is None or b is None or (e.op == "//" and b == 0):
+            return None
+        if e.op == "//":
+            return sympy.floor(a / b)
+        return a + b if e.op == "+" else a - b if e.op == "-" else a * b
+    return None
 
 
 def _non_affine(e: ir.Expr) -> tuple[str, ir.Expr] | None:
     """Why ``e`` is not an integer-affine index expression and the node at fault, or None."""
-    if isinstance(e, (ir.Index, ir.Size)):
+    if isinstance(e, (ir.Index, ir.Size, ir.Access)):  # an Access: checked by _check_indirection
         return None
     if isinstance(e, ir.Num):
         return None if isinstance(e.value, int) else (f"'{e.value}' is not an integer", e)
@@ -704,12 +781,14 @@ def _non_affine(e: ir.Expr) -> tuple[str, ir.Expr] | None:
     if isinstance(e, ir.Binary) and e.op in ("+", "-"):
         return _non_affine(e.left) or _non_affine(e.right)
     if isinstance(e, ir.Binary) and e.op == "*" and _depends(e.left) and _depends(e.right):
+        if any(isinstance(n, ir.Access) for n in walk(e)):
+            return "a product of an index tensor's element and another varying term", e
         return "a product of two index variables", e
-    if isinstance(e, ir.Binary) and e.op == "//" and _depends(e.right):
-        return "'//' must divide by a size or a constant", e
+    if isinstance(e, ir.Binary) and e.op in ("//", "%") and _depends(e.right):
+        return f"'{e.op}' must divide by a size or a constant", e
     if isinstance(e, ir.Binary) and e.op == "//" and e.right == ir.Num(0):
         return "division by zero", e
-    if isinstance(e, ir.Binary) and e.op in ("*", "//"):
+    if isinstance(e, ir.Binary) and e.op in ("*", "//", "%"):
         return _non_affine(e.left) or _non_affine(e.right)
     return _non_affine_leaf(e), e
 

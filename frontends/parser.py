@@ -23,7 +23,7 @@ TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "_NL": "end of line", "$END": "end of file",
     "LSQB": "'['", "RSQB": "']'", "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'",
     "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'", "SEMICOLON": "';'",
-    "COMP_OP": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '//'",
+    "COMP_OP": "a comparison", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/', '//' or '%'",
     "POW_OP": "'**'",
     "__ANON_0": "'->'", "MORETHAN": "'>'",
 }

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnc.einsum_ir.ir import Loc
+from attnc.einsum_ir.exprs import walk
+from attnc.einsum_ir.ir import Access, Loc
 from attnc.frontends import SpecError, parse, parse_file
 
 FILE = "spec.attn"
@@ -407,13 +408,17 @@ def test_number_literal_out_of_range():
     ("exp(m)", "exp(m)", "function 'exp' in a subscript"),
     ("m // p", "// p", "'//' must divide by a size or a constant"),
     ("m + 0.5", "0.5", "'0.5' is not an integer"),
-    ("2 * Q[m,0] + 1", "Q[m,0] +", "tensor 'Q' in a subscript (data-dependent indexing)"),
     ("m // 0", "// 0", "division by zero"),
     ("m + scale", "scale,", "parameter 'scale' is not a size"),
+    ("m // IX[p]", "// IX", "'//' must divide by a size or a constant"),
+    ("m % IX[p]", "% IX", "'%' must divide by a size or a constant"),
+    ("IX[p] * m", "* m", "a product of an index tensor's element and another varying term"),
+    ("IX[p] / 2", "/ 2", "'/' is not integer division"),
+    ("IX[p * p]", "* p]", "a product of two index variables"),
 ])
 def test_non_affine_subscript(sub, at, why):
     text = spec(f"AV[p,f] = Q[p,0] * K[{sub}, 0] * V[m,f]",
-                header=HEADER.replace("V[M,F]", "V[M,F], scale"))
+                header=HEADER.replace("V[M,F]", "V[M,F], IX[P]: i32, scale"))
     err = spec_error(text)
     assert_reported(err, text, at, f"subscript is not integer-affine: {why}")
 
@@ -421,6 +426,59 @@ def test_non_affine_subscript(sub, at, why):
 def test_affine_subscripts_are_accepted():
     text = spec("let G = 2", "AV[p,f] = Q[p // G, 0] * K[2*m + 1 - M, 0] * V[M - 1 - m, f]")
     assert parse(text, FILE)["f"].statements[0].tensor == "AV"
+
+
+# --- indirect subscripts (an index tensor's element in a subscript) --------------------------
+
+PAGED = "attention f(Q[P,E], K[M,E], V[M,F], PT[P]: i32, X[P], D[P]: bool) -> AV[P,F] {\n"
+
+
+@pytest.mark.parametrize("tensor,index,declared", [
+    ("X", "X[p]", "a floating-point tensor (no dtype declared)"),
+    ("D", "D[p]", "declared bool"),
+    ("QK", "QK[p,0]", "a computed (floating-point) tensor"),
+])
+def test_non_integer_tensor_used_as_an_index(tensor, index, declared):
+    text = spec("QK[p,m] = Q[p,e] * K[m,e]", f"AV[p,f] = Q[p,0] * K[{index} + m, 0] * V[m,f]",
+                header=PAGED)
+    assert_single(text, f"{index} + m", f"tensor '{tensor}' is used as an index but is {declared}",
+                  "i32")
+
+
+def test_two_levels_of_indirection():
+    text = spec("AV[p,f] = Q[p,0] * K[PT[PT[p]], 0] * V[0,f]", header=PAGED)
+    assert_single(text, "PT[p]]", "two levels of indirection: 'PT' indexes 'PT'",
+                  "one integer tensor")
+
+
+@pytest.mark.parametrize("divisor,shown", [("0", "(0)"), ("-2", "(-2)"), ("(E - E)", "(0)"),
+                                           ("(E - 1)", "(-1 + E)")])
+def test_modulo_by_a_non_positive_size_or_constant(divisor, shown):
+    text = spec(f"AV[p,f] = Q[p,0] * K[m % {divisor}, 0] * V[m,f]", header=PAGED)
+    assert_single(text, f"% {divisor}", f"'%' must be by a positive size or constant {shown}",
+                  "divisor must be > 0")
+
+
+def test_modulo_outside_a_subscript():
+    text = spec("AV[p,f] = Q[p,0] % 2 * V[0,f]", header=PAGED)
+    assert_single(text, "% 2", "'%' is allowed only in a subscript")
+
+
+def test_indirect_errors_come_together_in_source_order():
+    text = spec("S[p,m] = Q[p,e] * K[X[p] + m, e]", "AV[p,f] = S[p,m] * V[m % 0, f] * V[PT[PT[p]], f]",
+                header=PAGED)
+    err = spec_error(text)
+    assert len(err.diagnostics) == 3, err.format()
+    assert_reported(err, text, "X[p]", "tensor 'X' is used as an index")
+    assert_reported(err, text, "% 0", "'%' must be by a positive size or constant")
+    assert_reported(err, text, "PT[p]]", "two levels of indirection")
+
+
+def test_indirect_subscripts_are_accepted():
+    text = spec("let PG = 4", "AV[p,f] = Q[p,0] * K[PT[p // PG] * PG + p % PG, 0] * V[(PT[p] + 1) % M, f]",
+                header=PAGED)
+    st = parse(text, FILE)["f"].statements[0]
+    assert [n.tensor for n in walk(st.expr) if isinstance(n, Access)].count("PT") == 2
 
 
 # --- where, dependencies, iterative ranks ----------------------------------------------------

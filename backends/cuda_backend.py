@@ -99,6 +99,7 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, tile_program
 from .numpy_backend import pyname, size_code
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _integer_affine,
@@ -1137,6 +1138,7 @@ def kernel_specs(module: Module) -> list[DefSpec]:
 
 def render_files(module: Module, stem: str) -> dict[str, str]:
     """``{stem}.cu`` (kernels) and ``{stem}.py`` (torch launcher); raises CudaUnsupported."""
+    refuse_unsupported_subscripts(module, "cuda", CudaUnsupported)
     specs = kernel_specs(module)
     kernels = [k for s in specs for v in s.variants for k in v.kernels if k.define]
     env = _environment()

@@ -229,7 +229,9 @@ class StatementRenderer:
             return f"np.maximum({args[0]}, 0.0)", masks
         return f"{UNARY_NP[e.fn]}({args[0]})", masks
 
-    def subscript(self, e: Expr, env) -> str:
+    def subscript(self, e: Expr, env, masks: list[str] | None = None) -> str:
+        """Integer code for a subscript; an index tensor's element in it (an indirect term) is
+        read into a temporary and its presence mask appended to ``masks``."""
         if isinstance(e, Index):
             return self.index(env[e.rank])
         if isinstance(e, Size):
@@ -237,9 +239,13 @@ class StatementRenderer:
         if isinstance(e, Num):
             return str(int(e.value))
         if isinstance(e, Unary):
-            return f"(-{self.subscript(e.operand, env)})"
+            return f"(-{self.subscript(e.operand, env, masks)})"
         if isinstance(e, Binary):
-            return f"({self.subscript(e.left, env)} {e.op} {self.subscript(e.right, env)})"
+            return f"({self.subscript(e.left, env, masks)} {e.op} {self.subscript(e.right, env, masks)})"
+        if isinstance(e, Access) and masks is not None:
+            value, index_masks = self.access(e, env)
+            masks.extend(index_masks)
+            return value
         raise TypeError(f"not an affine subscript: {e}")
 
     def plain_axes(self, e: Access, env) -> tuple[int, ...] | None:
@@ -259,6 +265,14 @@ class StatementRenderer:
         axes = self.plain_axes(e, env)
         return None if axes is None else (pyname(e.tensor), self.mask_of(e.tensor), axes)
 
+    def gathered_operand(self, e: Access, env) -> tuple[str, str | None, tuple[int, ...]]:
+        """An indirect read as an ``np.einsum`` operand: gathered on the grid, then cut to the
+        grid axes its subscripts vary along (the others have extent 1 there)."""
+        axes = tuple(sorted({env[r].axis for r in free_ranks(e) if env[r].axis is not None}))
+        value, masks = self.access(e, env)
+        mask = f"_axes({_and(masks)}, {axes}, {self.nd})" if masks else None
+        return f"_axes({value}, {axes}, {self.nd})", mask, axes
+
     def mask_of(self, tensor: str) -> str | None:
         return None if tensor in self.static_present else mask_name(tensor)
 
@@ -268,9 +282,20 @@ class StatementRenderer:
         if axes is not None:
             masks = [] if m is None else [f"_view({m}, {axes}, {self.nd})"]
             return f"_view({t}, {axes}, {self.nd})", masks
-        subs = [self.subscript(s, env) for s in e.subscripts]
+        index_masks: list[str] = []
+        subs = [self.subscript(s, env, index_masks) for s in e.subscripts]
+        return self.gather(t, m, subs, is_indirect(e), index_masks)
+
+    def gather(self, array: str, mask: str | None, subs: list[str], indirect: bool,
+               index_masks: list[str]) -> tuple[str, list[str]]:
+        """A gathered read; one with indirect subscripts goes through ``_gather_at``, whose
+        subscripts carry the index tensors' batch dims and presence."""
         v, k = self.temps.new("t"), self.temps.new("k")
-        self.lines.append(f"{v}, {k} = _gather({t}, {m}, {tup(subs)}, {self.nd})")
+        if indirect:
+            self.lines.append(f"{v}, {k} = _gather_at({array}, {mask}, {tup(subs)}, "
+                              f"{_and(index_masks)}, {self.nd})")
+        else:
+            self.lines.append(f"{v}, {k} = _gather({array}, {mask}, {tup(subs)}, {self.nd})")
         return v, [k]
 
     def filter_at(self, env: dict[str, Bound]) -> str | None:
@@ -309,6 +334,8 @@ class StatementRenderer:
         tensors, scalars = [], []
         for f in product_factors(e.body):
             view = self.view_operand(f, env) if isinstance(f, Access) else None
+            if view is None and isinstance(f, Access) and is_indirect(f):
+                view = self.gathered_operand(f, env)
             if view is not None:
                 tensors.append(view)
             elif not free_ranks(f) and not any(isinstance(n, (Access, Reduce)) for n in walk(f)):
@@ -342,6 +369,11 @@ class StatementRenderer:
         filt = self.filter_at(env)
         mask = _and(masks + ([filt] if filt else []))
         return self.lines, value, mask, nl
+
+
+def is_indirect(e: Access) -> bool:
+    """Whether a subscript of ``e`` reads an index tensor."""
+    return any(isinstance(n, Access) for s in e.subscripts for n in walk(s))
 
 
 def tup(items) -> str:

@@ -139,15 +139,14 @@ class FusedStatementRenderer(StatementRenderer):
                 array, mask = self.slice_rows(array, mask, ranks)
             masks = [] if mask is None else [f"_view({mask}, {axes}, {self.nd})"]
             return f"_view({array}, {axes}, {self.nd})", masks
-        codes = []
+        codes, index_masks = [], []
         for s in subs:
-            code = self.subscript(s, env)
+            code = self.subscript(s, env, index_masks)
             if relative and any(self.restricted(r) for r in free_ranks(s)):
                 code = f"({code} - {self.rows.lo})"
             codes.append(code)
-        v, k = self.temps.new("t"), self.temps.new("k")
-        self.lines.append(f"{v}, {k} = _gather({array}, {mask}, {tup(codes)}, {self.nd})")
-        return v, [k]
+        indirect = any(isinstance(n, Access) for s in subs for n in walk(s))
+        return self.gather(array, mask, codes, indirect, index_masks)
 
     def filter_at(self, env):
         flag = self.full_flags.get(self.st.tensor) if self.in_loop else None

@@ -40,6 +40,7 @@ from ..einsum_ir.ir import (Access, Binary, Const, Definition, Einsum, Expr, Ind
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary,
                             size_symbol)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _expand_loads,
                             _integer_affine, _merge_terms, _nest, classify_ranks,
@@ -1025,6 +1026,7 @@ def _environment() -> jinja2.Environment:
 
 def render_module(module: Module, source_name: str) -> str:
     """The generated Triton module (kernels + launchers); raises TritonUnsupported."""
+    refuse_unsupported_subscripts(module, "triton", TritonUnsupported)
     specs = []
     for d in module.definitions:
         try:

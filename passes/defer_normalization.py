@@ -182,6 +182,9 @@ def is_reduction(st: Statement) -> bool:
 #   ("read", access)          an element that may be absent (an input read that may
 #                             fall outside its rank, an iterative tensor)
 #   ("exists", ranks, atoms)  some point of the ranks' box meets all of ``atoms``
+#   ("inside", 0 <= s < N)    an indirect subscript ``s`` (it reads an index tensor) lies
+#                             inside its rank, so ``KC[PT[b, m // PG], ...]`` and
+#                             ``VC[PT[b, m // PG], ...]`` are present at the same points
 # A point is computed iff all atoms of its set hold.  Sets are compared as
 # syntax: equal sets are provably the same points, a superset a subset of them.
 
@@ -251,8 +254,12 @@ class Presence:
             return frozenset()
         if acc.tensor in self.inputs:
             arg = self.inputs[acc.tensor]
-            inside = all(self.in_range(arg, i, s) for i, s in enumerate(acc.subscripts))
-            return frozenset() if inside else frozenset({("read", acc)})
+            outside = [(i, s) for i, s in enumerate(acc.subscripts) if not self.in_range(arg, i, s)]
+            if outside and not all(_indirect(s) for _, s in outside):
+                return frozenset({("read", acc)})
+            return self.indirect(acc, arg, outside, exclude)
+        if any(_indirect(s) for s in acc.subscripts):
+            return frozenset({("read", acc)})  # where a computed tensor is absent is not known
         st = self.einsums.get(acc.tensor)
         if st is None:
             return frozenset({("read", acc)})
@@ -262,6 +269,17 @@ class Presence:
             return frozenset(substitute_atom(a, mapping) for a in own)
         except Capture:
             return frozenset({("read", acc)})
+
+    def indirect(self, acc: Access, arg: TensorArg, outside, exclude: frozenset) -> frozenset:
+        """An input read whose only subscripts that may leave their ranks are indirect: present
+        where the index elements it reads are and each such subscript lies inside its rank."""
+        atoms = frozenset()
+        for pos, sub in outside:
+            rank = Size(arg.ranks[pos])
+            atoms |= {("inside", Binary("and", Binary(">=", sub, Num(0)), Binary("<", sub, rank)))}
+        for index in (n for s in acc.subscripts for n in walk(s) if isinstance(n, Access)):
+            atoms |= self.access(index, exclude)
+        return atoms
 
     def statement(self, st: Einsum, exclude: frozenset = frozenset()) -> frozenset:
         """When a point of ``st``'s left side is present, in its own index variables."""
@@ -307,7 +325,14 @@ class Presence:
             d = self.size(div.rank) if isinstance(div, Size) else (
                 sympy.Integer(div.value) if isinstance(div, Num) and isinstance(div.value, int) else None)
             return d is not None and _same_size(self.size(sub.left.rank) / d, extent)
+        if isinstance(sub, Binary) and sub.op == "%" and not free_ranks(sub.right):
+            return sub.right == Size(arg.ranks[pos])  # floor modulo by N lies in [0, N)
         return False
+
+
+def _indirect(sub: Expr) -> bool:
+    """A subscript that reads an index tensor (its value is known only at run time)."""
+    return any(isinstance(n, Access) for n in walk(sub))
 
 
 def _let_sizes(defn: Definition) -> dict[str, sympy.Expr]:

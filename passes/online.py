@@ -691,15 +691,24 @@ def _tile_access(t: _Tiling, acc: Access) -> Access:
     region, name = t.region, acc.tensor
     if name in region.maps:
         pos = region.maps[name].lhs.index(t.rank)
-        rest = tuple(_tile(t, s) for i, s in enumerate(acc.subscripts) if i != pos)
+        rest = tuple(_tile_subscript(t, s) for i, s in enumerate(acc.subscripts) if i != pos)
         return Access(t.names[name], t.tile_index + rest, loc=acc.loc)
     if name in region.maxes:
         return t.state(name, "i+1", acc.subscripts)
     pos = _input_position(t, acc)
     if pos is None:
-        return Access(name, tuple(_tile(t, s) for s in acc.subscripts), loc=acc.loc)
+        return Access(name, tuple(_tile_subscript(t, s) for s in acc.subscripts), loc=acc.loc)
     rest = tuple(s for i, s in enumerate(acc.subscripts) if i != pos)
     return Access(_blocked_input(t, name, pos), t.tile_index + rest, loc=acc.loc)
+
+
+def _tile_subscript(t: _Tiling, e: Expr) -> Expr:
+    """A subscript per tile, ``m`` -> ``m1 * M0 + m0``.  An index tensor read in it stays a
+    read of the input: a blocked copy would be a computed tensor, which cannot index."""
+    if isinstance(e, Index) and e.rank == t.rank:
+        return t.position
+    kids = children(e)
+    return with_children(e, tuple(_tile_subscript(t, k) for k in kids)) if kids else e
 
 
 def _input_position(t: _Tiling, acc: Access) -> int | None:

@@ -46,7 +46,8 @@ from typing import Mapping
 import networkx as nx
 import sympy
 
-from ..einsum_ir.exprs import reductions
+from ..einsum_ir.exprs import reductions, walk
+from ..einsum_ir.printer import print_expr
 from ..einsum_ir.ir import (Access, Binary, Definition, Expr, Index, IterativeEinsum, Num,
                             Size, Statement, size_symbol)
 from ..einsum_ir.schedule import dataflow_graph, statement_reads
@@ -104,6 +105,7 @@ class RankPasses:
     einsum_pass: Mapping[str, int]
     ready: Mapping[str, int]
     causes: Mapping[str, Dependency]
+    indexed_by: tuple[str, ...] = ()  # indirect reads of this rank: data-dependent positions
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,24 @@ class _Chains:
 # ----------------------------------------------------------------------------
 
 
+def indirect_reads(defn: Definition) -> dict[str, tuple[str, ...]]:
+    """Rank -> the accesses (printed) that read it through an indirect subscript.
+
+    Which elements of such a rank are read, and in which order, depends on an index
+    tensor's values (``NP`` in ``KC[PT[b, m // PG], ...]``): it is *data-dependent*.  The
+    pass counts are over the ranks that drive the read (``m``), whose order is the
+    program's; a data-dependent rank itself is never traversed in order.
+    """
+    out: dict[str, dict[str, None]] = {}
+    for st in defn.statements:
+        for part in (st.expr, st.where):
+            for acc in (n for n in walk(part) if isinstance(n, Access)) if part is not None else ():
+                for rank, sub in zip(defn.tensor_ranks(acc.tensor), acc.subscripts):
+                    if any(isinstance(n, Access) for n in walk(sub)):
+                        out.setdefault(rank, {})[print_expr(acc)] = None
+    return {rank: tuple(reads) for rank, reads in out.items()}
+
+
 def rank_passes(defn: Definition, rank: str) -> RankPasses:
     """The passes the canonical ``defn`` makes over ``rank``."""
     edges = _edges_over(defn, rank)
@@ -380,7 +400,7 @@ def rank_passes(defn: Definition, rank: str) -> RankPasses:
         chain=chains.chain(last) if last is not None else (),
         einsum_pass={statement_label(sts[i]): levels[i] for i in traversing},
         ready={statement_label(st): levels[i] for i, st in enumerate(sts) if i not in traversing},
-        causes=causes)
+        causes=causes, indexed_by=indirect_reads(defn).get(rank, ()))
 
 
 def count_passes(defn: Definition) -> PassAnalysis:

@@ -117,6 +117,8 @@ def _rank_entry(defn: Definition, rp, foot, known: Mapping[str, int]) -> dict:
         "einsum_pass": dict(rp.einsum_pass),
         "chain": [_dependency_entry(d) for d in rp.chain],
         "footprint": {**_quantity(foot.elements, known), "reason": foot.reason},
+        "data_dependent": bool(rp.indexed_by),
+        "indexed_by": list(rp.indexed_by),
     }
 
 
@@ -198,6 +200,11 @@ def _render_stage(name: str, stage: dict, sizes: Mapping[str, int]) -> str:
     lines += ["", "ranks:"] + _indent(_table(["rank", "size", "value", "kind", "passes",
                                                "footprint", ""], _rank_rows(stage)))
     for r in stage["ranks"]:
+        if r.get("indexed_by"):
+            lines += ["", f"{r['rank']} is data-dependent: read at positions an index tensor "
+                          f"holds, known only at run time, through"]
+            lines += _indent(r["indexed_by"])
+    for r in stage["ranks"]:
         if r["chain"]:
             lines += ["", f"dependencies over {r['rank']}:"]
             lines += _indent([d["text"] for d in r["chain"]])
@@ -232,8 +239,9 @@ def _rank_rows(stage: dict) -> list[list[str]]:
     rows = []
     for r in stage["ranks"]:
         foot = r["footprint"]
+        kind = "constant" if r["constant"] else "symbolic"
         rows.append([r["rank"], r["size"], _fmt(r["value"]),
-                     "constant" if r["constant"] else "symbolic", str(r["passes"]),
+                     kind + (", data-dependent" if r.get("data_dependent") else ""), str(r["passes"]),
                      foot["expr"], foot["reason"]])
     return rows
 

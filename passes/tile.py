@@ -90,7 +90,8 @@ def _blocked_source(defn: Definition, loop_rank: str):
                 continue
             ranks = defn.tensor_ranks(node.tensor)
             for sub, rank in zip(node.subscripts, ranks):
-                used = free_ranks(sub)
+                # an index tensor's read (CU[b] + m1*M0 + m0) only offsets the blocked term
+                used = free_ranks(sub) - {r for n in walk(sub) if isinstance(n, Access) for r in free_ranks(n)}
                 if loop_rank in used and len(used) == 2:
                     (tile,) = used - {loop_rank}
                     return tile, rank

@@ -335,6 +335,117 @@ def ref_lse(Q, K, V, scale=None):
     return masked_softmax(S, mask) @ V, lse
 
 
+# --- indirect subscripts: paged caches, packed batches ------------------------------------
+
+
+def over_batch(core, ndims: tuple[int, ...], *arrays, **params):
+    """Apply ``core`` to every batch element: leading dims (beyond ``ndims[i]`` core dims of
+    argument i) broadcast like a gufunc's; the results are stacked back."""
+    leads = [a.shape[: a.ndim - n] for a, n in zip(arrays, ndims)]
+    batch = np.broadcast_shapes(*leads)
+    full = [np.broadcast_to(a, batch + a.shape[a.ndim - n:]) for a, n in zip(arrays, ndims)]
+    outs = [core(*(a[idx] for a in full), **params) for idx in np.ndindex(*batch)]
+    if not outs:
+        shape = core(*(np.zeros(a.shape[len(batch):], a.dtype) for a in full), **params).shape
+        return np.zeros(batch + shape)
+    return np.stack(outs).reshape(batch + outs[0].shape)
+
+
+def unpage(cache: np.ndarray, PT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cache[NP, PG, ...]`` read through page table ``PT[B, NB]`` as a dense
+    ``[B, NB * PG, ...]`` and the mask of positions on a real page (``0 <= page < NP``)."""
+    NP, PG = cache.shape[:2]
+    B, NB = PT.shape
+    real = (PT >= 0) & (PT < NP)
+    if NP == 0:
+        dense = np.zeros((B, NB, PG) + cache.shape[2:])
+    else:
+        dense = cache[np.where(real, PT, 0)]
+    return dense.reshape((B, NB * PG) + cache.shape[2:]), np.repeat(real, PG, axis=1)
+
+
+def heads_first(X: np.ndarray, query_heads: int) -> np.ndarray:
+    """``X[B, M, HK, X]`` -> ``[B, H, M, X]``: query head h reads KV head h // (H/HK)."""
+    return repeat_kv_heads(np.moveaxis(X, 2, 1), query_heads)
+
+
+def _paged_decode(Q, KC, VC, PT, L, scale=None):
+    K, real = unpage(KC, PT)
+    V, _ = unpage(VC, PT)
+    H = Q.shape[1]
+    S = np.einsum("bhe,bhme->bhm", Q, heads_first(K, H)) * default_scale(Q, scale)
+    visible = real & (np.arange(K.shape[1])[None, :] < L[:, None])
+    return np.einsum("bhm,bhmf->bhf", masked_softmax(S, visible[:, None, :]), heads_first(V, H))
+
+
+def ref_paged_decode(Q, KC, VC, PT, L, scale=None):
+    return over_batch(_paged_decode, (3, 4, 4, 2, 1), Q, KC, VC, PT, L, scale=scale)
+
+
+def _paged_prefill(Q, KC, VC, PT, L, scale=None):
+    K, real = unpage(KC, PT)
+    V, _ = unpage(VC, PT)
+    P, H, M = Q.shape[1], Q.shape[2], K.shape[1]
+    S = np.einsum("bphe,bhme->bphm", Q, heads_first(K, H)) * default_scale(Q, scale)
+    position = L[:, None] - P + np.arange(P)[None, :]                  # [B, P]
+    visible = real[:, None, :] & (np.arange(M)[None, None, :] <= position[:, :, None])
+    return np.einsum("bphm,bhmf->bphf", masked_softmax(S, visible[:, :, None, :]),
+                     heads_first(V, H))
+
+
+def ref_paged_prefill(Q, KC, VC, PT, L, scale=None):
+    return over_batch(_paged_prefill, (4, 4, 4, 2, 1), Q, KC, VC, PT, L, scale=scale)
+
+
+def paged_inputs(rng, s: Sizes) -> Inputs:
+    """A cache of NP pages of PG rows; each sequence's page table is a random choice of
+    pages (repeats allowed), with -1 (unused) and NP (outside the cache) sprinkled in;
+    lengths anywhere in 0 .. NB * PG, so some sequences are empty or end mid-page."""
+    B, NB, NP, PG = s["B"], s["NB"], s["NP"], s["PG"]
+    q_shape = (B, s["H"], s["E"]) if "P" not in s else (B, s["P"], s["H"], s["E"])
+    PT = rng.integers(0, NP, (B, NB))
+    PT = np.where(rng.random((B, NB)) < 0.15, rng.choice([-1, NP], (B, NB)), PT)
+    L = rng.integers(0, NB * PG + 1, B)
+    L[0] = NB * PG  # one full sequence, so no case is vacuous
+    return [normal(rng, *q_shape), normal(rng, NP, PG, s["HK"], s["E"]),
+            normal(rng, NP, PG, s["HK"], s["F"]), PT.astype(np.int32), L.astype(np.int32)], \
+        params_of(s)
+
+
+def _varlen_prefill(Q, K, V, CU, scale=None):
+    """Sequence b is tokens CU[b] .. CU[b+1] - 1 (clipped to the T tokens), causal inside;
+    row p of the padded output is its p-th token."""
+    T, H = Q.shape[0], Q.shape[1]
+    B = CU.shape[0] - 1
+    out = np.zeros((B, T, H, V.shape[2]))
+    for b in range(B):
+        start, length = CU[b], CU[b + 1] - CU[b]
+        rows = np.arange(min(max(length, 0), T))  # the output has T rows per sequence
+        inside = (start + rows >= 0) & (start + rows < T)
+        tokens = np.clip(start + rows, 0, max(T - 1, 0))
+        q, k = np.moveaxis(Q[tokens], 1, 0), repeat_kv_heads(np.moveaxis(K[tokens], 1, 0), H)
+        v = repeat_kv_heads(np.moveaxis(V[tokens], 1, 0), H)
+        mask = causal_mask(len(rows), len(rows)) & inside[None, :] & inside[:, None]
+        out[b, : len(rows)] = np.moveaxis(softmax_attention(q, k, v, scale, mask), 0, 1)
+    return out
+
+
+def ref_varlen_prefill(Q, K, V, CU, scale=None):
+    return over_batch(_varlen_prefill, (3, 3, 3, 1), Q, K, V, CU, scale=scale)
+
+
+def varlen_inputs(rng, s: Sizes) -> Inputs:
+    """``C - 1`` sequences packed into T tokens: sorted offsets from 0 to T (empty sequences
+    included); ``overhang`` moves the last offset past the end (its keys read absent)."""
+    T, C = s["T"], s["C"]
+    CU = np.sort(rng.integers(0, T + 1, C))
+    CU[0], CU[-1] = 0, T + int(s.get("overhang", 0))
+    H, HK = s["H"], s["HK"]
+    arrays = [normal(rng, T, H, s["E"]), normal(rng, T, HK, s["E"]), normal(rng, T, HK, s["F"]),
+              CU.astype(np.int32)]
+    return arrays, {k: v for k, v in params_of(s).items() if k != "overhang"}
+
+
 # --- the registry --------------------------------------------------------------------
 
 QKV_SIZES = ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2},
@@ -419,4 +530,18 @@ EXAMPLES: dict[str, ExampleRef] = {
         "key_padding", key_padding_inputs, ref_key_padding,
         ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 7, "M": 4, "E": 3, "F": 2, "pad": 0.5})),
     "lse.attn": ExampleRef("attention_lse", qkv_inputs, ref_lse, QKV_SIZES),
+    "paged_decode.attn": ExampleRef(
+        "paged_decode", paged_inputs, ref_paged_decode,
+        ({"B": 3, "H": 4, "HK": 2, "E": 4, "F": 3, "NP": 5, "PG": 4, "NB": 3},
+         {"B": 2, "H": 3, "HK": 1, "E": 3, "F": 2, "NP": 7, "PG": 1, "NB": 6},
+         {"B": 2, "H": 2, "HK": 2, "E": 2, "F": 3, "NP": 2, "PG": 16, "NB": 2, "scale": 0.3})),
+    "paged_prefill.attn": ExampleRef(
+        "paged_prefill", paged_inputs, ref_paged_prefill,
+        ({"B": 3, "P": 3, "H": 4, "HK": 2, "E": 4, "F": 3, "NP": 5, "PG": 4, "NB": 3},
+         {"B": 2, "P": 5, "H": 2, "HK": 1, "E": 3, "F": 2, "NP": 6, "PG": 1, "NB": 4})),
+    "varlen_prefill.attn": ExampleRef(
+        "varlen_prefill", varlen_inputs, ref_varlen_prefill,
+        ({"T": 11, "C": 4, "H": 4, "HK": 2, "E": 4, "F": 3},
+         {"T": 7, "C": 3, "H": 2, "HK": 1, "E": 3, "F": 2, "overhang": 2},
+         {"T": 9, "C": 2, "H": 1, "HK": 1, "E": 2, "F": 2, "scale": 0.5})),
 }

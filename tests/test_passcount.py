@@ -292,7 +292,8 @@ def test_report_json_schema():
     assert stage["after"] == "input" and stage["pass_bound"] == 2
     assert stage["passes"] == {"P": 1, "E": 1, "M": 2, "F": 1}
     assert list(stage["ranks"][0]) == ["rank", "size", "value", "constant", "passes",
-                                       "einsum_pass", "chain", "footprint"]
+                                       "einsum_pass", "chain", "footprint", "data_dependent",
+                                       "indexed_by"]
     assert list(stage["einsums"][0]) == ["name", "statement", "space", "reduces", "passes",
                                          "group", "role", "flops"]
     assert list(stage["flops"]) == ["expr", "value"] and isinstance(stage["flops"]["value"], int)

@@ -23,10 +23,12 @@ triton = pytest.importorskip("triton")
 from attnc.backends import compile_module  # noqa: E402
 from attnc.backends import triton_backend  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
+from attnc.passes.capabilities import unsupported_subscript  # noqa: E402 - declined: test_indirect
 
 from conftest import EXAMPLES, all_examples  # noqa: E402
 
-EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
+EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()
+               if not any(unsupported_subscript(d) for d in parse_file(p).definitions)]
 POINTER = {None: "*bf16", "f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64",
            "i32": "*i32", "i64": "*i64", "bool": "*i1"}
 

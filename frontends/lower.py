@@ -798,8 +798,6 @@ def _non_affine_leaf(e: ir.Expr) -> str:
         return "'/' is not integer division (use '//')"
     if isinstance(e, ir.Param):
         return f"parameter '{e.name}' is not a size"
-    if isinstance(e, ir.Access):
-        return f"tensor '{e.tensor}' in a subscript (data-dependent indexing)"
     if isinstance(e, ir.Call):
         return f"function '{e.fn}' in a subscript"
     if isinstance(e, ir.Reduce):

@@ -17,6 +17,7 @@ out the module; this file renders expressions, where precedence is easy.
 from __future__ import annotations
 
 import keyword
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from ..einsum_ir.schedule import Loop, schedule
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "numpy"
 RESERVED = {"np", "Fraction", "math", "batch", "ct", "out_dtype"}
+# Python's parser rejects more than 200 nested brackets in a line; deeper expressions are
+# split into temporaries well before that (a statement's line adds a few levels of its own)
+MAX_CODE_NESTING = 50
 
 UNARY_NP = {"exp": "np.exp", "exp2": "np.exp2", "log": "np.log", "log2": "np.log2",
             "sqrt": "np.sqrt", "tanh": "np.tanh", "abs": "np.abs"}
@@ -103,6 +107,9 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
         return f"{lib}.log({again(e.args[0], False)})"
     if isinstance(e, sympy.Abs):
         return f"abs({again(e.args[0], exact)})"
+    if e.is_number and e.is_extended_real:  # constants sympy keeps symbolic: E, -oo, EulerGamma
+        v = float(e)
+        return repr(v) if math.isfinite(v) else f"{lib}.inf" if v > 0 else f"(-{lib}.inf)"
     raise NotImplementedError(f"size expression {e}")
 
 
@@ -193,14 +200,23 @@ class StatementRenderer:
             return self.access(e, env)
         if isinstance(e, Unary):
             v, m = self.value(e.operand, env)
-            return (f"(-{v})" if e.op == "-" else f"({v} == 0)"), m
+            return self.bounded(f"(-{v})" if e.op == "-" else f"({v} == 0)", m)
         if isinstance(e, Binary):
-            return self.binary(e, env)
+            return self.bounded(*self.binary(e, env))
         if isinstance(e, Call):
-            return self.call(e, env)
+            return self.bounded(*self.call(e, env))
         if isinstance(e, Reduce):
             return self.reduce(e, env)
         raise TypeError(e)
+
+    def bounded(self, code: str, masks: list[str]) -> tuple[str, list[str]]:
+        """``code``, or a temporary assigned it once it nests deeper than MAX_CODE_NESTING:
+        a deep expression becomes a chain of assignments that Python can still parse."""
+        if code.count("(") <= MAX_CODE_NESTING or _nesting(code) <= MAX_CODE_NESTING:
+            return code, masks
+        v = self.temps.new("v")
+        self.lines.append(f"{v} = {code}")
+        return v, masks
 
     def binary(self, e: Binary, env) -> tuple[str, list[str]]:
         a, ma = self.value(e.left, env)
@@ -374,6 +390,18 @@ class StatementRenderer:
 def is_indirect(e: Access) -> bool:
     """Whether a subscript of ``e`` reads an index tensor."""
     return any(isinstance(n, Access) for s in e.subscripts for n in walk(s))
+
+
+def _nesting(code: str) -> int:
+    """The deepest bracket nesting in a line of generated code."""
+    depth = deepest = 0
+    for ch in code:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return deepest
 
 
 def tup(items) -> str:

@@ -152,6 +152,11 @@ class FusedStatementRenderer(StatementRenderer):
         flag = self.full_flags.get(self.st.tensor) if self.in_loop else None
         if flag is None:
             return super().filter_at(env)
+        if self.st.where is None or not free_ranks(self.st.where) <= set(env):
+            return None
+        for r in free_ranks(self.st.where):  # eager: the index arrays outlive the `if`
+            if env[r].axis is not None:
+                self.index(env[r])
         outer, self.lines = self.lines, []
         w = super().filter_at(env)
         inner, self.lines = self.lines, outer

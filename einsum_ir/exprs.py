@@ -37,10 +37,12 @@ def with_children(e: Expr, kids: tuple[Expr, ...]) -> Expr:
 
 
 def walk(e: Expr) -> Iterator[Expr]:
-    """Pre-order traversal."""
-    yield e
-    for c in children(e):
-        yield from walk(c)
+    """Pre-order traversal (iterative: linear time and no recursion limit at any depth)."""
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(children(node)))
 
 
 def transform(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:

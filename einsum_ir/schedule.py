@@ -91,11 +91,13 @@ def dataflow_graph(defn: Definition) -> nx.DiGraph:
     return g
 
 
-def _topo(g: nx.DiGraph, order: dict, what: str, defn: Definition, errors: Collector) -> list | None:
+def _topo(g: nx.DiGraph, order: dict, what: str, defn: Definition, errors: Collector,
+          items: dict) -> list | None:
+    """The ``items`` (statements or loops) of ``g``'s node keys in a topological order."""
     try:
-        return list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
+        return [items[k] for k in nx.lexicographical_topological_sort(g, key=lambda n: order[n])]
     except nx.NetworkXUnfeasible:
-        cycle = nx.find_cycle(g)
+        cycle = [(items[a], items[b]) for a, b in nx.find_cycle(g)]
         names = [getattr(n, "tensor", None) or f"loop over {n.rank}" for n, _ in cycle]
         first = next((n for n, _ in cycle if hasattr(n, "loc")), None)
         errors.error(f"dependency cycle {what}: " + " -> ".join(names + names[:1]),
@@ -107,30 +109,33 @@ def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, .
     """The definition's statements as a data-flow ordered list of statements and loops."""
     own = errors or Collector()
     bodies = loop_bodies(defn)
+    # graph nodes are keys (a statement's index, a loop's rank), not the statements:
+    # hashing a statement hashes its whole expression, quadratic in a long one
+    items: dict = {("loop", rank): Loop(rank, ()) for rank in bodies}
     node_of: dict[str, object] = {}
-    loops = {rank: Loop(rank, ()) for rank in bodies}
     in_body = {st.tensor: rank for rank, sts in bodies.items() for st in sts}
-    for st in defn.statements:
+    for i, st in enumerate(defn.statements):
+        items[i] = st
         if isinstance(st, IterativeEinsum) and st.init:
             continue
-        node_of[st.tensor] = loops[in_body[st.tensor]] if st.tensor in in_body else st
+        node_of[st.tensor] = ("loop", in_body[st.tensor]) if st.tensor in in_body else i
     g = nx.DiGraph()
     order: dict = {}
     for i, st in enumerate(defn.statements):
         init = isinstance(st, IterativeEinsum) and st.init
-        node = st if init else node_of[st.tensor]
+        node = i if init else node_of[st.tensor]
         g.add_node(node)
         order.setdefault(node, i)
         for acc in statement_reads(st):
             src = node_of.get(acc.tensor)
             # reads between members of one loop are ordered by _order_body; a
             # plain Einsum reading itself is a cycle (a self-loop here)
-            if src is not None and not (src is node and isinstance(node, Loop)):
+            if src is not None and not (src == node and isinstance(node, tuple)):
                 g.add_edge(src, node)
         if init:
-            g.add_edge(st, node_of[st.tensor])
+            g.add_edge(i, node_of[st.tensor])
     _check_reads_outside_loops(defn, in_body, own)
-    steps = _topo(g, order, "between statements", defn, own)
+    steps = _topo(g, order, "between statements", defn, own, items)
     if steps is None:
         if errors is None:
             own.raise_if_any()
@@ -165,20 +170,21 @@ def _check_reads_outside_loops(defn: Definition, in_body: dict[str, str], errors
 
 def _order_body(defn, rank, body, errors) -> list | None:
     g = nx.DiGraph()
-    producers = {st.tensor: st for st in body}
-    order = {st: i for i, st in enumerate(body)}
-    for st in body:
-        g.add_node(st)
+    producers = {st.tensor: i for i, st in enumerate(body)}  # keys: indices (see schedule)
+    order = {i: i for i in range(len(body))}
+    for i, st in enumerate(body):
+        g.add_node(i)
         for acc in statement_reads(st):
             src = producers.get(acc.tensor)
             if src is None:
                 continue
-            is_state = isinstance(src, IterativeEinsum)
+            is_state = isinstance(body[src], IterativeEinsum)
             if is_state and _reads_step(acc, defn, rank) != "i+1":
                 continue  # T[i] is last step's value: no edge within a step
             # anything else, a statement reading itself included, orders within the step
-            g.add_edge(src, st)
-    return _topo(g, order, f"inside the loop over {rank.lower()}", defn, errors)
+            g.add_edge(src, i)
+    return _topo(g, order, f"inside the loop over {rank.lower()}", defn, errors,
+                 dict(enumerate(body)))
 
 
 def check_schedules(module: Module, errors: Collector) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..einsum_ir.diagnostics import Collector, Diagnostic, SpecError
-from ..einsum_ir.ir import Module
+from ..einsum_ir.ir import Loc, Module
 from ..einsum_ir.schedule import check_schedules
+from .limits import recursion_room
 from .lower import lower_file
 from .parser import parse_syntax
 
@@ -14,6 +15,11 @@ __all__ = ["parse", "parse_file", "SpecError"]
 
 def parse(text: str, filename: str = "<string>") -> Module:
     """Parse and check ``.attn`` source; raises :class:`SpecError` with every error of a phase."""
+    with recursion_room():  # a UTF-8 byte-order mark is white space
+        return _parse(text.removeprefix("\ufeff"), filename)
+
+
+def _parse(text: str, filename: str) -> Module:
     errors = Collector({filename: text})
     tree = parse_syntax(text, filename, errors)
     errors.raise_if_any()
@@ -28,10 +34,24 @@ def parse_file(path: str | Path) -> Module:
     """Parse an ``.attn`` file; an unreadable file is a :class:`SpecError` too."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise _io_error(path, err) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, data, err) from None
     return parse(text, str(path))
+
+
+def _decode_error(path: Path, data: bytes, err: UnicodeDecodeError) -> SpecError:
+    """Where the first byte that is not UTF-8 sits (columns count characters before it)."""
+    before = data[:err.start]
+    line_start = before.rfind(b"\n") + 1
+    col = len(before[line_start:].decode("utf-8", "replace")) + 1
+    loc = Loc(str(path), before.count(b"\n") + 1, col)
+    return SpecError([Diagnostic(f"not UTF-8: byte 0x{data[err.start]:02x} cannot start a "
+                                 f"character here", loc, "save the file as UTF-8")])
 
 
 def _io_error(path: Path, err: Exception) -> SpecError:

@@ -24,6 +24,7 @@ from .implicit import make_implicit_sums_explicit
 
 CONSTANTS = ("inf", "pi")
 MAX_SIZE_EXPONENT = 1024
+MAX_SUGGEST_LENGTH = 64  # "did you mean" compares names up to this long
 LANGUAGE_KEYWORDS = ("attention", "let", "where", "and", "or", "not")
 SIZE_FUNCS = {
     "ceil": sympy.ceiling, "floor": sympy.floor, "min": sympy.Min, "max": sympy.Max,
@@ -56,9 +57,14 @@ def _name_distance(name: str, candidate: str, limit: float) -> float:
 
 def suggest(name: str, candidates) -> str | None:
     """``did you mean X?`` (or ``X or Y?`` on a tie) for the nearest candidates, if any is near."""
+    if len(name) > MAX_SUGGEST_LENGTH:
+        return None  # a name this long is no typo of a short one; the distance is quadratic
     limit = max(1.0, len(name) / 3) if len(name) > 1 else 0.5  # one letter: case only
+    # a length difference beyond the limit is beyond it in distance too (prefixes aside)
+    near_length = [c for c in set(candidates) if c != name and len(c) <= MAX_SUGGEST_LENGTH
+                   and (abs(len(c) - len(name)) <= limit or min(len(c), len(name)) >= 3)]
     scored = sorted((_name_distance(name, c, limit), abs(len(c) - len(name)), c)
-                    for c in set(candidates) if c != name)
+                    for c in near_length)
     near = [s for s in scored if s[0] <= limit]
     if not near:
         return None

@@ -16,6 +16,7 @@ from lark import Token, Transformer, v_args
 from ..einsum_ir.diagnostics import Collector
 from ..einsum_ir.ir import Loc
 from . import ast
+from .limits import check_limits
 
 MAX_SYNTAX_ERRORS = 20
 
@@ -153,6 +154,9 @@ def parse_syntax(text: str, filename: str, errors: Collector) -> ast.FileDecl | 
                 return None
             attempt = nxt
     if errors.diagnostics or tree is None:
+        return None
+    check_limits(tree, filename, errors)  # before the transform recurses over the tree
+    if errors.diagnostics:
         return None
     return _ToAst(filename).transform(tree)
 

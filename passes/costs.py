@@ -94,20 +94,32 @@ def space_size(ranks: tuple[str, ...] | list[str]) -> sympy.Expr:
     return sympy.Mul(*(size_symbol(r) for r in ranks))
 
 
-def _is_compile_time(e: Expr) -> bool:
-    """Numbers and sizes only: folded by the compiler, so free."""
-    return not any(isinstance(n, (Access, Index, Param)) for n in walk(e))
+def _compile_time_ids(e: Expr) -> set[int]:
+    """Ids of the subexpressions of ``e`` made of numbers and sizes only: folded by the
+    compiler, so free.  One bottom-up pass (reversed pre-order puts children first)."""
+    out: set[int] = set()
+    for n in reversed(list(walk(e))):
+        if not isinstance(n, (Access, Index, Param)) and all(id(c) in out for c in children(n)):
+            out.add(id(n))
+    return out
 
 
 def expr_flops(e: Expr, space: tuple[str, ...]) -> sympy.Expr:
     """FLOPs of ``e`` evaluated at every point of ``space`` (see the module's convention)."""
+    terms: list[sympy.Expr] = []
+    _flops(e, space, _compile_time_ids(e), terms)
+    return sympy.Add(*terms)  # one Add: summing term by term is quadratic in sympy
+
+
+def _flops(e: Expr, space: tuple[str, ...], free: set[int], terms: list[sympy.Expr]) -> None:
     if isinstance(e, Reduce):
         inner = space + tuple(r for r in e.ranks if r not in space)
-        steps = space_size(space) * (space_size(e.ranks) - 1)
-        return steps + expr_flops(e.body, inner)
-    if not isinstance(e, (Unary, Binary, Call)) or _is_compile_time(e):
-        return sympy.Integer(0)
-    return space_size(space) + sum((expr_flops(c, space) for c in children(e)), sympy.Integer(0))
+        terms.append(space_size(space) * (space_size(e.ranks) - 1))
+        _flops(e.body, inner, free, terms)
+    elif isinstance(e, (Unary, Binary, Call)) and id(e) not in free:
+        terms.append(space_size(space))
+        for c in children(e):
+            _flops(c, space, free, terms)
 
 
 def statement_space(st: Statement) -> tuple[str, ...]:

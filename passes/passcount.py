@@ -210,6 +210,9 @@ class _Producers:
                 (self.init if st.init else self.update)[st.tensor] = i
             else:
                 self.plain[st.tensor] = i
+        # per statement, computed once: every read of a statement asks for these
+        self.spaces = [iteration_space(st) for st in defn.statements]
+        self.reduced = [reduced_ranks(st) for st in defn.statements]
 
     def edges(self, ci: int, acc: Access, rank: str) -> list[_Edge]:
         """The edges one read ``acc`` of statement ``ci`` makes over ``rank``."""
@@ -220,14 +223,12 @@ class _Producers:
         return []  # an argument: there from the start
 
     def _generic(self, ci: int, si: int, acc: Access, rank: str) -> _Edge:
-        source = self.defn.statements[si]
-        if rank not in iteration_space(source):
+        if rank not in self.spaces[si]:
             return _Edge(ci, si, 0, "between", acc)
-        if rank in reduced_ranks(source):
+        if rank in self.reduced[si]:
             return _Edge(ci, si, 1, REDUCTION, acc)
         ranks = self.defn.tensor_ranks(acc.tensor)
-        reader = self.defn.statements[ci]
-        if rank in iteration_space(reader) and _is_aligned(acc.subscripts[ranks.index(rank)], rank):
+        if rank in self.spaces[ci] and _is_aligned(acc.subscripts[ranks.index(rank)], rank):
             return _Edge(ci, si, 0, "stream", acc)
         return _Edge(ci, si, 1, REORDERED, acc)
 

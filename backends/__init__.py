@@ -81,10 +81,14 @@ def get_backend(name: str) -> Backend:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write, then rename: readers never see a half-written file."""
+    """Write, then rename: readers never see a half-written file.  The file gets the mode
+    the user's umask gives a new file (mkstemp's own is 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)  # reading the umask means setting it: put it straight back
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", newline="\n") as f:
             f.write(text)
         os.replace(tmp, path)

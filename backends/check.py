@@ -68,12 +68,13 @@ def grid_points(defn: Definition, sizes: dict[str, int]) -> int:
     return most
 
 
-def bounded_sizes(defn: Definition, rng, lo: int, hi: int) -> dict[str, int]:
-    """``random_sizes``, drawn again with a smaller ``hi`` while the work is too large."""
+def bounded_sizes(defn: Definition, rng, lo: int, hi: int, batch_elements: int = 1) -> dict[str, int]:
+    """``random_sizes``, drawn again smaller while the work (the largest iteration space
+    times the batch elements) is too large; below ``lo`` too if ``lo`` alone is."""
     sizes = random_sizes(defn, rng, lo, hi)
-    while grid_points(defn, sizes) > MAX_GRID_POINTS and hi > lo:
-        hi = max(lo, hi * 2 // 3)
-        sizes = random_sizes(defn, rng, lo, hi)
+    while grid_points(defn, sizes) * batch_elements > MAX_GRID_POINTS and hi > 1:
+        hi = max(1, hi * 2 // 3)
+        sizes = random_sizes(defn, rng, min(lo, hi), hi)
     return sizes
 
 
@@ -186,13 +187,13 @@ def check_definition(defn: Definition, fn, seed: int = 0,
     rng = np.random.default_rng(seed)
     rows = []
     for lo, hi, first, other in SHAPE_PLANS:
-        sizes = bounded_sizes(defn, rng, lo, hi)
+        batch = np.broadcast_shapes(tuple(first), tuple(other))
+        sizes = bounded_sizes(defn, rng, lo, hi, math.prod(batch))
         args, params = random_call(defn, rng, sizes, first, other)
         want = interpret(defn, *args, **params)
         got = fn(*args, **params)
         if len(defn.outputs) == 1:
             want, got = (want,), (got,)
-        batch = np.broadcast_shapes(tuple(first), tuple(other))
         for out, g, w in zip(defn.outputs, got, want):
             rows.append(CheckRow(defn.name, out.name, sizes, batch, relative_error(g, w), tolerance))
     return rows

@@ -20,26 +20,69 @@ from ..einsum_ir.diagnostics import SpecError
 from ..einsum_ir.ir import Module
 from ..einsum_ir.printer import print_module
 from ..passes.pipeline import PASSES, run_pipeline
+from ..passes.pipeline import resolve
 from . import parse_file
+from .limits import recursion_room
 
 EXIT_MISMATCH = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: only for bugs in attnc
 
 
 class UsageError(Exception):
     """A bad option value: reported like a spec error, exit code 2."""
 
 
-def _parse_sizes(text: str | None) -> dict[str, int]:
+def _parse_sizes(text: str | None, zero: bool = False) -> dict[str, int]:
+    """``--size`` as a dict; sizes are positive (``zero``: or 0, for input shapes)."""
     if not text:
         return {}
     sizes = {}
     for item in text.split(","):
         name, eq, value = item.partition("=")
-        if not eq or not name.strip() or not value.strip().isdigit():
+        value = value.strip()
+        if not eq or not name.strip() or not value.isascii() or not value.isdigit():
             raise UsageError(f"--size expects NAME=INT[,NAME=INT...], got {item!r}")
+        if int(value) < (0 if zero else 1) or len(value) > 18:
+            raise UsageError(f"--size {item.strip()}: a size must be a positive integer "
+                             f"below 10**18" + (" (or 0)" if zero else ""))
         sizes[name.strip()] = int(value)
     return sizes
+
+
+def _check_sizes(modules: list[Module], sizes: dict[str, int]) -> None:
+    """``--size`` against the spec, before any pass sees it: names that are ranks, lets that
+    come out whole.  What fails here is the user's to fix; what fails later is a bug."""
+    from ..passes.costs import known_sizes
+
+    ranks = {r for m in modules for d in m.definitions for r in d.ranks}
+    unknown = sorted(set(sizes) - ranks)
+    if unknown:
+        raise UsageError(f"--size names {', '.join(unknown)}, not ranks of the spec "
+                         f"({', '.join(sorted(ranks)) or 'none'})")
+    for m in modules:
+        for defn in m.definitions:
+            try:
+                known_sizes(defn, sizes)
+            except ValueError as err:
+                raise UsageError(f"--size: {defn.name}: {err}") from None
+
+
+def _check_passes(names: list[str] | None, stop_after: str | None) -> None:
+    """Pass names and ``--stop-after`` against the registry (a user error lists the choices)."""
+    try:
+        stages = [s.name for s in resolve(names)]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if stop_after is not None and stop_after not in stages:
+        raise UsageError(f"--stop-after {stop_after!r} is not in the pipeline ({', '.join(stages)})")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer (argparse reports anything else, exit 2)."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _pass_list(text: str | None) -> list[str] | None:
@@ -51,21 +94,28 @@ def _choice(args) -> tuple[list[str] | None, dict]:
     names = _pass_list(getattr(args, "passes", None))
     if getattr(args, "O0", False) and names is None:
         names = ["canonicalize"]
+    _check_passes(names, getattr(args, "stop_after", None))
     tile = getattr(args, "tile", None)
-    if tile is None and getattr(args, "backend", None):
-        tile = _backend(args.backend).tile
+    if getattr(args, "backend", None):
+        default_tile = _backend(args.backend).tile
+        tile = default_tile if tile is None else tile
     options = {"tile": tile, "workers": getattr(args, "workers", None)}
     if getattr(args, "size", None):
-        options["sizes"] = _parse_sizes(args.size)
+        options["sizes"] = {k: v for k, v in _parse_sizes(args.size, zero=True).items() if v > 0}
     return names, options
 
 
 def _pipeline(module: Module, args, echo=None) -> list[tuple[str, Module]]:
-    names, options = _choice(args)
+    names, options = _choice(args)  # validated: a ValueError from here on is a bug
+    return run_pipeline(module, names, getattr(args, "stop_after", None), echo, options)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write an output file; a path that cannot be written is the user's to fix."""
     try:
-        return run_pipeline(module, names, getattr(args, "stop_after", None), echo, options)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+        write_atomic(path, text)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _backend(name: str):
@@ -93,7 +143,7 @@ def cmd_compile(args) -> int:
         return 0
     out_dir = Path(args.output)
     for name, text in sorted(files.items()):
-        write_atomic(out_dir / name, text)
+        _write(out_dir / name, text)
         print(f"wrote {out_dir / name}")
     return 0
 
@@ -105,8 +155,6 @@ def _compile(module: Module, args, echo=None):
         return compile_module(module, args.backend, Path(args.spec).stem, names, options,
                               getattr(args, "stop_after", None), echo,
                               fused=not getattr(args, "O0", False))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     except NotTileable as err:
         raise UsageError(f"the {args.backend} backend cannot compile this spec: {err}\n"
                          f"  (its kernels stream the keys once: `attnc report` shows the passes "
@@ -173,12 +221,10 @@ def cmd_report(args) -> int:
     module = parse_file(args.spec)
     sizes = _parse_sizes(args.size)
     stages = _pipeline(module, args)
-    try:
-        report = build_report(module, sizes, stages)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    _check_sizes([module] + [m for _, m in stages], sizes)
+    report = build_report(module, sizes, stages)
     if args.dot:
-        write_atomic(Path(args.dot), report_dot(stages[-1][1]))
+        _write(Path(args.dot), report_dot(stages[-1][1]))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -195,7 +241,7 @@ def cmd_run(args) -> int:
     from ..einsum_ir.sizes import evaluate_lets
 
     module = parse_file(args.spec)
-    given = _parse_sizes(args.size)
+    given = _parse_sizes(args.size, zero=True)
     rng = np.random.default_rng(args.seed)
     np.set_printoptions(precision=4, suppress=True, linewidth=100)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +267,8 @@ def cmd_run(args) -> int:
             for o, got, want in zip(defn.outputs, outs, refs):
                 print(f"  {o.name}{list(got.shape)} {got.dtype}: "
                       f"relative error vs the interpreter {relative_error(got, want):.2e}")
-                print("  " + str(got[(0,) * max(got.ndim - 2, 0)][:4]).replace("\n", "\n  "))
+                first = got[(0,) * max(got.ndim - 2, 0)]
+                print("  " + str(first if first.ndim == 0 else first[:4]).replace("\n", "\n  "))
     return 0
 
 
@@ -237,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
         if pipeline:
             sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
             sp.add_argument("--stop-after", dest="stop_after", help="stop after this pass")
-            sp.add_argument("--tile", type=int, help="tile size of the streamed rank (online pass)")
-            sp.add_argument("--workers", type=int, help="workers of the split-k / stream-k passes")
+            sp.add_argument("--tile", type=_positive,
+                            help="tile size of the streamed rank (online pass)")
+            sp.add_argument("--workers", type=_positive,
+                            help="workers of the split-k / stream-k passes")
             sp.add_argument("-O0", dest="O0", action="store_true",
                             help="no optimisation: the per-Einsum form of the canonical cascade")
 
@@ -273,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with recursion_room():
+            return args.fn(args)
     except SpecError as err:
         print(err.format(), file=sys.stderr)
         return EXIT_USER_ERROR
@@ -288,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         print("attnc: internal compiler error (this is a bug in attnc, not in your spec):",
               file=sys.stderr)
         traceback.print_exc()
-        return 70
+        print("attnc: please report it with the spec, the command line and this output",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

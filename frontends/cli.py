@@ -19,8 +19,7 @@ from ..passes.tile import NotTileable
 from ..einsum_ir.diagnostics import SpecError
 from ..einsum_ir.ir import Module
 from ..einsum_ir.printer import print_module
-from ..passes.pipeline import PASSES, run_pipeline
-from ..passes.pipeline import resolve
+from ..passes.pipeline import PASSES, resolve, run_pipeline
 from . import parse_file
 from .limits import recursion_room
 
@@ -75,7 +74,8 @@ def _check_passes(names: list[str] | None, stop_after: str | None) -> None:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if stop_after is not None and stop_after not in stages:
-        raise UsageError(f"--stop-after {stop_after!r} is not in the pipeline ({', '.join(stages)})")
+        raise UsageError(f"--stop-after {stop_after!r} is not in the pipeline "
+                         f"({', '.join(stages)})")
 
 
 def _positive(text: str) -> int:
@@ -97,8 +97,8 @@ def _choice(args) -> tuple[list[str] | None, dict]:
     _check_passes(names, getattr(args, "stop_after", None))
     tile = getattr(args, "tile", None)
     if getattr(args, "backend", None):
-        default_tile = _backend(args.backend).tile
-        tile = default_tile if tile is None else tile
+        backend = _backend(args.backend)  # validated here: a later ValueError is a bug
+        tile = backend.tile if tile is None else tile
     options = {"tile": tile, "workers": getattr(args, "workers", None)}
     if getattr(args, "size", None):
         options["sizes"] = {k: v for k, v in _parse_sizes(args.size, zero=True).items() if v > 0}

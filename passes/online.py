@@ -871,11 +871,13 @@ def _witness_kind(t: _Tiling, name: str) -> str | None:
 
 
 def _test(kind: str, final: Access) -> Expr:
+    """``!=`` the state's initial value, not ``>``: a NaN state is present (NaN propagates
+    as in the source cascade), and NaN compares false with everything but ``!=``."""
     if kind == "positive":
-        return Binary(">", final, Num(0))
+        return Binary("!=", final, Num(0))
     if kind == "max":
-        return Binary(">", final, Unary("-", Const("inf")))
-    return Binary("<", final, Const("inf"))
+        return Binary("!=", final, Unary("-", Const("inf")))
+    return Binary("!=", final, Const("inf"))
 
 
 def _positive_sum(region: Region, st: Einsum) -> bool:
@@ -917,4 +919,4 @@ def _seen_guard(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr:
         mark = Binary("+", Num(1), Binary("*", Num(0), t.local(name)))
         t.seen[name] = (init, IterativeEinsum(seen, lhs, t.r1, False, mark, loc=st.loc))
     final = Access(t.seen[name][0].tensor, (Size(t.r1),) + acc.subscripts)
-    return Binary(">", final, Num(0))
+    return Binary("!=", final, Num(0))  # 1 + 0 * NaN is NaN: still seen (see _test)

@@ -355,9 +355,9 @@ def _fold(defn: Definition, state: MaxState, st: Statement) -> Definition:
         new_inits.append(IterativeEinsum(seen, lhs, i, True, Num(0), loc=st.loc))
         mark = Binary("+", Num(1), Binary("*", Num(0), Access(local, ids)))
         body.append(IterativeEinsum(seen, lhs, i, False, mark, loc=st.loc))
-        guard = Binary(">", Access(seen, (Size(i),) + ids[1:]), Num(0))
+        guard = Binary("!=", Access(seen, (Size(i),) + ids[1:]), Num(0))  # != keeps NaN present
     else:
-        guard = Binary(">", shift.read, NEG_INF)
+        guard = Binary("!=", shift.read, NEG_INF)
     final = Einsum(st.tensor, st.lhs, Access(running, (Size(i),) + ids[1:]), guard, loc=st.loc)
     return _splice(defn, state, st, new_inits, body + [final])
 

@@ -261,7 +261,7 @@ class StatementRenderer:
         if isinstance(e, Access) and masks is not None:
             value, index_masks = self.access(e, env)
             masks.extend(index_masks)
-            return value
+            return f"{value}.astype(np.int64)"  # i32 arithmetic (PT * PG) would wrap around
         raise TypeError(f"not an affine subscript: {e}")
 
     def plain_axes(self, e: Access, env) -> tuple[int, ...] | None:

@@ -183,6 +183,26 @@ def test_an_absent_index_element_reads_an_absent_element(tmp_path):
         np.testing.assert_array_equal(fn(K, PT), want)
 
 
+FLAT_CACHE = """
+attention f(K[N,E], PT[NB]: i32) -> O[M,E] {
+  let PG = 4
+  let M = NB * PG
+  O[m,e] = K[PT[m // PG] * PG + m % PG, e]
+}
+"""
+
+
+def test_index_arithmetic_does_not_wrap_around_in_int32(tmp_path):
+    """2**30 * 4 is 0 in int32: the page must still read absent rows, not page 0."""
+    defn = parse(FLAT_CACHE).definitions[0]
+    K = np.arange(1.0, 9.0).reshape(8, 1)
+    PT = np.array([2**30, 1, -2**30], np.int32)
+    want = np.array([0, 0, 0, 0, 5, 6, 7, 8, 0, 0, 0, 0.0])[:, None]
+    for fn in (lambda *a: interpret(defn, *a), compiled(FLAT_CACHE, tmp_path, True),
+               compiled(FLAT_CACHE, tmp_path, False)):
+        np.testing.assert_array_equal(fn(K, PT), want)
+
+
 MODULO = """
 attention rotate(K[M,E], S[B]: i64) -> O[B,M,E] {
   O[b,m,e] = K[(m - S[b]) % M, e]

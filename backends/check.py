@@ -1,11 +1,10 @@
 """``attnc check``: run generated code on random inputs and compare with the interpreter."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-
-import math
 
 from ..einsum_ir.exprs import children, free_ranks, walk
 from ..einsum_ir.interpreter import interpret

@@ -26,7 +26,8 @@ import sympy
 
 from .. import __version__
 from ..einsum_ir.exprs import free_ranks, product_factors, walk
-from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+from ..einsum_ir.ir import (COMPARE_OPS, Access, Binary, Call, Const, Definition, Einsum, Expr,
+                            Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
 from ..einsum_ir.printer import format_number, print_definition, print_size, print_statement
 from ..einsum_ir.schedule import Loop, schedule
@@ -37,6 +38,7 @@ RESERVED = {"np", "Fraction", "math", "batch", "ct", "out_dtype"}
 # split into temporaries well before that (a statement's line adds a few levels of its own)
 MAX_CODE_NESTING = 50
 
+ARITHMETIC = ("+", "-", "*", "/", "//", "**")
 UNARY_NP = {"exp": "np.exp", "exp2": "np.exp2", "log": "np.log", "log2": "np.log2",
             "sqrt": "np.sqrt", "tanh": "np.tanh", "abs": "np.abs"}
 
@@ -200,7 +202,8 @@ class StatementRenderer:
             return self.access(e, env)
         if isinstance(e, Unary):
             v, m = self.value(e.operand, env)
-            return self.bounded(f"(-{v})" if e.op == "-" else f"({v} == 0)", m)
+            code = f"(-{_number(v, e.operand)})" if e.op == "-" else f"({v} == 0)"
+            return self.bounded(code, m)
         if isinstance(e, Binary):
             return self.bounded(*self.binary(e, env))
         if isinstance(e, Call):
@@ -221,6 +224,8 @@ class StatementRenderer:
     def binary(self, e: Binary, env) -> tuple[str, list[str]]:
         a, ma = self.value(e.left, env)
         b, mb = self.value(e.right, env)
+        if e.op in ARITHMETIC:
+            a, b = _number(a, e.left), _number(b, e.right)
         if e.op == "and":
             return f"np.logical_and({a} != 0, {b} != 0)", ma + mb
         if e.op == "or":
@@ -231,7 +236,7 @@ class StatementRenderer:
 
     def call(self, e: Call, env) -> tuple[str, list[str]]:
         parts = [self.value(a, env) for a in e.args]
-        args = [p[0] for p in parts]
+        args = [p[0] if e.fn == "select" else _number(p[0], a) for p, a in zip(parts, e.args)]
         masks = [m for p in parts for m in p[1]]
         if e.fn == "select":
             return f"np.where({args[0]} != 0, {args[1]}, {args[2]})", masks
@@ -392,6 +397,25 @@ def is_indirect(e: Access) -> bool:
     return any(isinstance(n, Access) for s in e.subscripts for n in walk(s))
 
 
+def _boolean(e: Expr) -> bool:
+    """Whether numpy computes ``e`` as a bool array: comparisons, logic, and what keeps them."""
+    if isinstance(e, Binary):
+        return e.op in COMPARE_OPS or e.op in ("and", "or")
+    if isinstance(e, Unary):
+        return e.op == "not"
+    if isinstance(e, Call) and e.fn == "select":
+        return _boolean(e.args[1]) and _boolean(e.args[2])
+    if isinstance(e, Call) and e.fn in ("max", "min", "abs"):
+        return all(_boolean(a) for a in e.args)
+    return isinstance(e, Reduce) and e.op in ("max", "min") and _boolean(e.body)
+
+
+def _number(code: str, e: Expr) -> str:
+    """``code`` as a number where numpy would do logic on bools (True + True is True,
+    -True an error, exp(True) a float16)."""
+    return f"(1.0 * {code})" if _boolean(e) else code
+
+
 def _nesting(code: str) -> int:
     """The deepest bracket nesting in a line of generated code."""
     depth = deepest = 0
@@ -516,7 +540,9 @@ def function_renderer(defn: Definition, fused: bool) -> FunctionRenderer:
         from .numpy_fused import FusedFunctionRenderer
 
         try:
-            return FusedFunctionRenderer(defn, tile_program(defn))
+            tp = tile_program(defn)
+            FusedFunctionRenderer(defn, tp).body()  # a trial: rendering may find it untileable
+            return FusedFunctionRenderer(defn, tp)  # fresh, so temporaries number from 1
         except NotTileable:
             pass
     return FunctionRenderer(defn)

@@ -90,6 +90,8 @@ class FusedStatementRenderer(StatementRenderer):
         subs = list(e.subscripts)
         array, mask = pyname(e.tensor), self.mask_of(e.tensor)
         if kind in ("local", "state"):
+            if self.tp.loop_rank not in ranks:  # e.g. split-K's blocked loads, read at w*MT+mt
+                raise NotTileable(f"{e.tensor} does not carry the loop rank {self.tp.loop_rank}")
             pos = ranks.index(self.tp.loop_rank)
             step = subs[pos]
             if kind == "state":

@@ -22,7 +22,16 @@ can be compared with the interpreter:
 
 Values stay finite but may grow (products of sums): compare with a tolerance
 relative to the output's magnitude.  ``safe=False`` also draws ``inf``, data
-comparisons, and any function, ``/``, ``//`` or ``**``.
+comparisons, and any function, ``/``, ``//`` or ``**``.  ``data_masks=True`` lets
+``where`` clauses also compare an *argument's* elements with 0 (exact inputs, so no
+rounding can flip the mask between backends).
+
+``attention_cascades()`` draws softmax-attention cascades, the online pass's and the
+fused tile loop's input: masks (affine, reversed, windowed, data-dependent over
+``i32`` document ids), keys and values read reversed or offset, score modifiers,
+extra outputs (a scalar, a per-row log-sum-exp), sometimes no normaliser at all.
+``sample_sizes(..., low=0)`` draws zero sizes; a small ``tile`` option forces many
+tiles (tests/fuzz.py).
 """
 from __future__ import annotations
 
@@ -80,6 +89,8 @@ class Env:
     finals: tuple[tuple[str, str], ...]  # iterative tensor -> its rank (read at the final step)
     params: tuple[str, ...]
     safe: bool
+    data_masks: bool = False
+    args: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the tensor arguments and their ranks
 
 
 def _num(draw) -> ir.Num:
@@ -101,7 +112,12 @@ def _index_like(draw, env: Env, scope: frozenset[str]) -> ir.Expr:
 
 def conditions(draw, env: Env, scope: frozenset[str], depth: int = 1) -> ir.Expr:
     """A comparison of index-like terms, maybe combined with ``and``/``or``/``not``."""
-    kind = draw(st.sampled_from(("compare", "compare", "and", "or", "not") if depth else ("compare",)))
+    kinds = ("compare", "compare", "and", "or", "not") if depth else ("compare",)
+    kind = draw(st.sampled_from(kinds + ("data",) * (env.data_masks and bool(env.args))))
+    if kind == "data":  # an argument's element against 0: exact, so the same mask everywhere
+        name, ranks = draw(st.sampled_from(env.args))
+        access = ir.Access(name, tuple(_subscript(draw, r, scope) for r in ranks))
+        return ir.Binary(draw(st.sampled_from((">", "<="))), access, ir.Num(0))
     if kind == "compare":
         op = draw(st.sampled_from(ir.COMPARE_OPS))
         return ir.Binary(op, _index_like(draw, env, scope), _index_like(draw, env, scope))
@@ -327,16 +343,68 @@ def _outputs(draw, statements: tuple[ir.Statement, ...]) -> tuple[ir.Output, ...
 
 
 @st.composite
-def definitions(draw, safe: bool = True) -> ir.Definition:
-    """A random valid definition (see the module docstring for what ``safe`` guarantees)."""
+def definitions(draw, safe: bool = True, data_masks: bool = False) -> ir.Definition:
+    """A random valid definition (see the module docstring for ``safe`` and ``data_masks``)."""
     args = _tensor_args(draw)
     arg_ranks = list(dict.fromkeys(r for a in args for r in a.ranks))
     lets = _lets(draw, arg_ranks)
     ranks = tuple(arg_ranks + [x.name for x in lets])
     params = _scalar_params(draw, list(ranks))
-    env = Env(ranks, tuple((a.name, a.ranks) for a in args), (), tuple(p.name for p in params), safe)
+    arg_tensors = tuple((a.name, a.ranks) for a in args)
+    env = Env(ranks, arg_tensors, (), tuple(p.name for p in params), safe, data_masks, arg_tensors)
     statements = _statements(draw, env)
     return ir.Definition("d", args + params, lets, _outputs(draw, statements), statements)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention cascades (text, parsed): what the online pass and the fused loop transform
+# ---------------------------------------------------------------------------------------------
+
+KEY_READS = ("K[m,e]", "K[M - 1 - m, e]", "K[m + 1, e]", "K[m // 2, e]")
+VALUE_READS = ("V[m,f]", "V[M - 1 - m, f]", "V[m + 2, f]")
+MASKS = (None, "m <= p + M - P", "m <= p", "p <= m", "M - 1 - m <= p",
+         "m >= p - 2 and m <= p + 1", "DQ[p] == DK[m]", "DQ[p] == DK[m] and m <= p + M - P",
+         "DK[m] > 0")
+SCORES = ("{qk} * scale", "3 * tanh({qk} * scale / 3)", "{qk} * scale - 0.5 * (p - m)",
+          "{qk} * scale + B[m]")
+NORMALISERS = ("softmax", "softmax", "sum", "sigmoid")
+EXTRAS = ("", "LSE[p] = GM[p] + log(SD[p])", "Z = sum[p,f](AV[p,f])", "N[p] = max[m](S[p,m])")
+
+
+def _attention_text(score: str, mask: str | None, value: str, norm: str, extra: str) -> str:
+    """The body of an attention cascade and its outputs."""
+    where = f"   where {mask}" if mask else ""
+    lines = [f"S[p,m] = {score}{where}"]
+    if norm == "softmax":
+        lines += ["GM[p] = max[m](S[p,m])", "SN[p,m] = exp(S[p,m] - GM[p])",
+                  "SD[p] = sum[m](SN[p,m])", f"AV[p,f] = SN[p,m] * {value} / SD[p]"]
+    elif norm == "sum":  # normalised by a plain sum (no max): the online pass's sum-only form
+        lines += [f"AV[p,f] = sigmoid(S[p,m]) * {value} / sum[m](sigmoid(S[p,m]))"]
+    else:
+        lines += [f"AV[p,f] = sigmoid(S[p,m]) * {value}"]
+    if extra and (norm == "softmax" or not extra.startswith("LSE")):
+        lines.append(extra)
+    return "\n  ".join(lines)
+
+
+@st.composite
+def attention_cascades(draw) -> ir.Definition:
+    """A random attention cascade over Q[P,E], K[M,E], V[M,F] (see the module docstring)."""
+    mask = draw(st.sampled_from(MASKS))
+    score = draw(st.sampled_from(SCORES)).format(qk=f"Q[p,e] * {draw(st.sampled_from(KEY_READS))}")
+    norm, extra = draw(st.sampled_from(NORMALISERS)), draw(st.sampled_from(EXTRAS))
+    body = _attention_text(score, mask, draw(st.sampled_from(VALUE_READS)), norm, extra)
+    args = ["Q[P,E]", "K[M,E]", "V[M,F]"]
+    args += ["DQ[P]: i32", "DK[M]: i32"] if mask and "D" in mask else []
+    args += ["B[M]"] if "B[m]" in score else []
+    outs = ["AV[P,F]"] + [x.split(" = ")[0].replace("[p]", "[P]") for x in (extra,) if x
+                          and (norm == "softmax" or not x.startswith("LSE"))]
+    out = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
+    text = (f"attention a({', '.join(args)}, scale = 1/sqrt(E)) -> {out} {{\n"
+            f"  {body}\n}}\n")
+    from attnc.frontends import parse
+
+    return parse(text, "attention.attn").definitions[0]
 
 
 # ---------------------------------------------------------------------------------------------

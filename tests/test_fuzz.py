@@ -1,4 +1,6 @@
-"""Fuzzing the frontend: a mutated spec either parses or fails with located diagnostics.
+"""Fuzzing: a mutated spec either parses (and compiles) or fails with located diagnostics;
+random valid cascades agree with the interpreter on every path (bounded samples of
+``tests/fuzz.py``, whose long run is ``python -m tests.fuzz --budget 600``).
 
 Mutants come from the contract's ``attn`` blocks and every ``examples/**/*.attn``,
 changed at random (seeded, so failures reproduce) at the character or token
@@ -12,16 +14,18 @@ import random
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnc.einsum_ir import ir
 from attnc.einsum_ir.printer import print_ir
 from attnc.frontends import SpecError, parse
 from conftest import all_examples
-from strategies import contract_blocks, require_contract
+from fuzz import TILES, check_cascade, check_mutant
+from strategies import attention_cascades, contract_blocks, definitions, require_contract
 
 MUTANTS_PER_SOURCE = 24
+MUTANTS_COMPILED = 200
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+\.?\d*(?:[eE][+-]?\d+)?|\*\*|//|->|<=|>=|==|!="
                    r"|\n|[^\sA-Za-z_0-9]")
 VOCABULARY = (
@@ -169,6 +173,50 @@ def test_token_soup_never_crashes(tokens):
 ])
 def test_edge_cases_parse_or_fail_cleanly(text):
     check_frontend(text)
+
+
+@pytest.mark.parametrize("text", [
+    "\ufeffattention f(Q[P,E]) -> AV[P,E] {\n  AV[p,e] = Q[p,e]\n}\n",
+    "attention f(Q[P]) -> T[P] {\n  T[p] = " + "-" * 3000 + "Q[p]\n}\n",
+    "attention f(Q[P]) -> T[P] {\n  T[p] = " + "exp(" * 2500 + "Q[p]" + ")" * 2500 + "\n}\n",
+    "attention f(Q[P]) -> T[P] {\n  T[p] = Q[p] * " + "9" * 400 + "\n}\n",
+    "attention f(Q[P], s = -inf) -> T[P] {\n  T[p] = max(Q[p], s)\n}\n",
+    "attention f(Q[P], s = exp(1)) -> T {\n  T = sum[p](Q[p] * s)\n}\n",
+    "attention f(Q[P]) -> T[P] {\n  T[p] = " + "Q" * 3000 + "[p]\n}\n",
+])
+def test_extreme_inputs_compile_or_fail_cleanly(text):
+    check_mutant(text)
+
+
+def test_accepted_mutants_compile():
+    """Mutants that parse must compile on both numpy forms (a bounded sample; the long run
+    is ``python -m tests.fuzz``)."""
+    rng = random.Random("attnc-fuzz-compile")
+    outcomes = {"compiled": 0, "rejected": 0}
+    for k in range(MUTANTS_COMPILED):
+        name, text = SOURCES[k % len(SOURCES)]
+        mutant = mutate(rng, text)
+        try:
+            outcomes[check_mutant(mutant)] += 1
+        except Exception as err:
+            raise AssertionError(f"mutant {k} of {name}: {type(err).__name__}: {err}\n"
+                                 f"{mutant}") from err
+    assert outcomes["compiled"] > 0 and outcomes["rejected"] > 0, outcomes
+
+
+@settings(max_examples=6, deadline=None)
+@given(attention_cascades(), st.sampled_from(TILES), st.integers(0, 2**32 - 1))
+def test_attention_cascades_agree_on_every_path(defn, tile, seed):
+    """Masks, reversed/offset reads, extra outputs, zero sizes, many tiles: every pass prefix
+    × both numpy forms equals the interpreter (a bounded sample of ``tests/fuzz.py``)."""
+    check_cascade(defn, tile, seed)
+
+
+@settings(max_examples=6, deadline=None)
+@given(definitions(data_masks=True), st.sampled_from(TILES), st.integers(0, 2**32 - 1))
+def test_random_cascades_agree_on_every_path(defn, tile, seed):
+    """Scalar outputs, several outputs, iterative ranks, lets, data-dependent masks."""
+    check_cascade(defn, tile, seed)
 
 
 def test_contract_blocks_are_fuzzed():

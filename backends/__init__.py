@@ -49,29 +49,64 @@ BACKENDS: dict[str, Backend] = {
 
 
 def compile_module(module: Module, backend: str, stem: str, names=None, options=None,
-                   stop_after=None, after_each=None, fused: bool = True):
-    """Run the pipeline and render; returns (stages, files).
-
-    When the default pipeline's cost-based ``reassociate`` leaves a cascade the
-    backend cannot stream (a multi-kernel form), the one-pass form without it is
-    rendered instead: every backend gets a kernel.
-    """
-    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
-    from ..passes.tile import NotTileable
+                   stop_after=None, after_each=None, fused: bool = True, after_lowering=None):
+    """Run the cascade pipeline, lower to the kernel IR (kernel backends) and render;
+    returns (stages, files).  ``after_lowering(stage, program)`` sees every lowering stage."""
+    from ..passes.pipeline import run_pipeline
 
     chosen = get_backend(backend)
     options = dict(options or {})
     if options.get("tile") is None:
         options["tile"] = chosen.tile
     stages = run_pipeline(module, names, stop_after, after_each, options)
+    if chosen.runtime == "numpy":
+        return stages, chosen.render(stages[-1][1], stem, fused=fused)
+    stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
+    return stages, chosen.render(kernels, stem, fused=fused)
+
+
+def choose_form(module: Module, stages, backend: str, options: dict, names=None,
+                after_each=None, after_lowering=None):
+    """(stages, kernel module): the pipeline's result lowered for ``backend``.  When the
+    target cannot take the form the default pipeline's cost-based ``reassociate`` chose
+    (a contraction order no kernel program of its holds), the form without it is
+    lowered instead — a visible choice: the programs' notes and ``--print-after-all``
+    say why, and the stages returned are the ones compiled."""
+    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from ..passes.tile import NotTileable
+
     try:
-        return stages, chosen.render(stages[-1][1], stem, fused=fused)
-    except NotTileable:
-        if names is not None or stop_after is not None:
+        return stages, lower_stages(stages, backend, options, after_lowering)
+    except NotTileable as err:
+        ran = [n for n, _ in stages]
+        if names is not None or "reassociate" not in ran:
             raise
-        fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
-        stages = run_pipeline(module, fallback, None, after_each, options)
-        return stages, chosen.render(stages[-1][1], stem, fused=fused)
+        why = str(err)
+    note = (f"the {backend} target cannot take the reassociated form ({why}); "
+            f"compiling the cascade without 'reassociate'")
+    if after_lowering is not None:
+        after_lowering("choose-form", note)
+    fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
+    stages = run_pipeline(module, fallback, None, after_each, options)
+    kernels = lower_stages(stages, backend, options, after_lowering)
+    return stages, _with_note(kernels, note)
+
+
+def _with_note(kernels, note: str):
+    import dataclasses
+
+    return dataclasses.replace(kernels, programs=tuple(
+        dataclasses.replace(p, notes=(note,) + p.notes) for p in kernels.programs))
+
+
+def lower_stages(stages, backend: str, options: dict, after_each=None, stop_after=None):
+    """The kernel module of a pipeline's result for ``backend``'s target.  The cascade
+    that entered ``online`` (when it ran) is what a multi-kernel program partitions."""
+    from ..passes.lowering import TARGETS, lower_module
+
+    names = [n for n, _ in stages]
+    source = stages[names.index("online") - 1][1] if "online" in names else None
+    return lower_module(stages[-1][1], TARGETS[backend], options, source, after_each, stop_after)
 
 
 def get_backend(name: str) -> Backend:

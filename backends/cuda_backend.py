@@ -99,11 +99,13 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..einsum_ir.kernel import ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program, TileBounds
 from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, tile_program
 from .numpy_backend import pyname, size_code
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _integer_affine,
-                             _merge_terms, classify_ranks, constant_inits, expanded_body)
+                             _merge_terms, chain_spec, constant_code, expanded_body, py_literal,
+                             rendered_kernels)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4
@@ -183,23 +185,20 @@ class KernelRenderer(TileRendererBase):
                  "abs": "fabsf({x})", "relu": "fmaxf({x}, 0.0f)"}
     MINMAX = "f{fn}f({a}, {b})"
     IMAX, IMIN = "attnc_imax", "attnc_imin"
-    ROW_FIRST, ROW_LAST = "row0_", "p_last_"
-    TIGHTENS_STRICT = False            # (a strict bound stays a tile looser than Triton's)
-    DECLINES_UNCODABLE_BOUNDS = True
+    ROW_NAMES = {ROW_FIRST: "row0_", ROW_LAST: "p_last_"}
 
     tp: TileProgram
     lines: list[str] = field(default_factory=list)
     count: int = 0
     memo: dict = field(default_factory=dict)
-    ranks: Ranks | None = None        # given for a combine kernel (``_combine_program``)
+    ranks: Ranks | None = None        # the kernel's rank roles (map-ranks)
+    bounds: TileBounds | None = None  # its tile ranges (bound-tiles)
     outputs: tuple | None = None      # what the kernel stores (default: the definition's outputs)
     slot: str | None = None           # a stream-K worker: the workspace rank indexed by ``slot_``
 
     def __post_init__(self):
         self.defn = self.tp.cascade
         self.loads, self.body = expanded_body(self.tp)
-        if self.ranks is None:
-            self.ranks = classify_ranks(self.tp, self.body)
         if self.outputs is None:
             self.outputs = tuple(self.defn.outputs)
         self.inputs = {a.name: a for a in self.defn.tensor_args}
@@ -718,7 +717,18 @@ class KernelRenderer(TileRendererBase):
         """A bound's symbol: an index variable (``_m1``), a row or block name, or a size."""
         if n.startswith("_"):
             return self.index_code(n[1:])[0]
-        return n if n in ("row0_", "p_last_") or n.startswith("BLOCK_") else self.size(n)
+        if n.startswith("param_"):
+            return cname(n[len("param_"):])
+        if n in self.ROW_NAMES:
+            return self.ROW_NAMES[n]
+        return n if n.startswith("BLOCK_") else self.size(n)
+
+    def float_floor(self, num: str, den: str, offset: int) -> str:
+        return f"((int)((float)({num}) / (float)({den})) {'+' if offset >= 0 else '-'} {abs(offset)})"
+
+    def bound_number(self, e) -> str:
+        """A non-integer number of a float bound (over a float parameter)."""
+        return _float_literal(float(e))
 
     # --- the whole kernel body ----------------------------------------------------------
     def render(self) -> list[str]:
@@ -947,11 +957,12 @@ def _check_outputs(kr: KernelRenderer) -> None:
 
 
 def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
-                ranks: Ranks | None = None, outputs=None, slot: str | None = None) -> KernelSpec:
-    """One kernel: the tile program ``tp`` of ``defn``, storing ``outputs`` (default: defn's).
-    ``slot``: a persistent stream-K worker storing at slot ``slot_`` of that workspace rank."""
-    kr = KernelRenderer(tp, ranks=ranks, outputs=None if outputs is None else tuple(outputs),
-                        slot=slot)
+                ranks: Ranks, bounds=None, outputs=None, slot: str | None = None) -> KernelSpec:
+    """One kernel: the tile program ``tp`` of ``defn`` with the rank roles and tile bounds
+    of the kernel IR, storing ``outputs`` (default: defn's).  ``slot``: a persistent
+    stream-K worker storing at slot ``slot_`` of that workspace rank."""
+    kr = KernelRenderer(tp, ranks=ranks, bounds=bounds,
+                        outputs=None if outputs is None else tuple(outputs), slot=slot)
     for o in kr.outputs:  # checked before rendering so that errors name the cause
         if kr.ranks.row is not None and kr.ranks.row not in o.ranks:
             raise CudaUnsupported(f"output {o.name} does not have the row rank {kr.ranks.row}")
@@ -1032,111 +1043,65 @@ class DefSpec:
     variants: list
 
 
-def build_variant(defn: Definition, tp: TileProgram, name: str, chosen: bool = False) -> Variant:
-    """The kernels of one cascade.  When its epilogue reduces over a grid rank (the states of
-    a split-K cascade merged over the worker rank W), the streamed kernel stores the final
-    states into an fp32 workspace (ranks: the state's, less the iterative rank), and a second
-    kernel without a tile loop runs the epilogue with W as an in-block (reduced) rank.
-    ``chosen``: the launcher picks W (the split from ``split_k(defn, 2)``)."""
-    from ..einsum_ir.ir import Output, TensorArg
-    from .triton_backend import _combine_program
-
-    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value), let.name)
-            for let in defn.lets]
-    loop_size = pyname(tp.loop_rank) if tp.loop_rank else None
-    streamed = dataclasses.replace(tp, epilogue=())
-    ranks = KernelRenderer(streamed).ranks
-    reduced = {r for st in tp.epilogue for red in walk(st.expr) if isinstance(red, Reduce)
-               for r in red.ranks}
-    if not reduced & set(ranks.grid):
-        return Variant([kernel_spec(defn, tp, name=name)], [], lets, None, loop_size)
-    tp2, ranks2, workspace = _combine_program(tp, ranks)
-    workspace = [Output(w.name, tuple(w.ranks), "f32") for w in workspace]
-    names = {w.name for w in workspace}
-    d2 = tp2.cascade
-    d2 = dataclasses.replace(d2, params=tuple(
-        TensorArg(a.name, a.ranks, "f32") if isinstance(a, TensorArg) and a.name in names else a
-        for a in d2.params))
-    tp2 = dataclasses.replace(tp2, cascade=d2)
-    first = kernel_spec(defn, streamed, name=name, outputs=workspace)
-    second = kernel_spec(d2, tp2, name=f"{name}_combine", ranks=ranks2, outputs=defn.outputs)
-    split = next((r for r in ranks.grid if r in reduced), None) if chosen else None
-    return Variant([first, second], [(w.name, list(w.ranks)) for w in workspace], lets, split,
-                   loop_size, "split" if split else "fused")
-
-
-def build_stream_variant(defn: Definition, tp: TileProgram, split: Variant, name: str) -> Variant | None:
-    """Stream-K decode: a persistent worker kernel over the flattened (unit, tile) space of
-    ``defn``'s own tile program (epilogue removed; see :func:`_stream_k_lines`), then the
-    split variant's combine kernel, unchanged, over W = the slots.  The worker stores its
-    segments' final states into the split workspace at ``[slot, ...]``; the launcher fills
-    the workspace with each state's initial value first, so a slot no segment writes acts
-    as a worker that saw no tile.  None when some init is not a constant."""
+def _outputs_of(k: Kernel) -> list:
+    """What kernel ``k`` stores: the definition's outputs (their dtypes), fp32 workspaces."""
     from ..einsum_ir.ir import Output
 
-    fills = constant_inits(tp)
-    if fills is None:
-        return None
-    work, combine = split.kernels
-    outputs = [Output(n, tuple(ranks), "f32") for _, n, ranks, _ in work.outputs]
-    if {o.name for o in outputs} != set(fills) or split.split is None:
-        return None
-    worker = kernel_spec(defn, dataclasses.replace(tp, epilogue=()), name=f"{name}_stream",
-                         outputs=outputs, slot=split.split)
-    return Variant([worker, dataclasses.replace(combine, define=False)], split.workspace,
-                   split.lets, split.split, pyname(tp.loop_rank), "stream", fills)
+    declared = {o.name: o for o in k.cascade.outputs}
+    return [declared[b.name] if b.kind == "output" and b.name in declared
+            else Output(b.name, b.ranks, "f32") for b in k.writes]
+
+
+def _spec_of(k: Kernel, slot: str | None = None) -> KernelSpec:
+    return kernel_spec(k.cascade, k.tiles, name=cname(pyname(k.name)), ranks=k.roles,
+                       bounds=k.bounds, outputs=_outputs_of(k), slot=slot)
+
+
+def _variant(p: Program, v, specs: dict[str, KernelSpec]) -> Variant:
+    """One launch variant of the kernel program (a kernel two variants share — the split-K
+    combine — is defined once)."""
+    ks = [p.kernel(n) for n in v.kernels]
+    kernels = rendered_kernels(p, v, specs,
+                               lambda k: _spec_of(k, v.split if k.role == "stream-k" else None))
+    workspace = [(b.name, list(b.ranks)) for b in ks[0].writes if b.kind == "workspace"]
+    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value), let.name)
+            for let in p.lets_of(v)]
+    loop = ks[0].tiles.loop_rank
+    kind = {"split-k": "split", "stream-k": "stream"}.get(v.kind, "fused")
+    return Variant(kernels, workspace, lets, v.split if v.kind != "streamed" else None,
+                   pyname(loop) if loop else None, kind,
+                   {t: constant_code(e) for t, e in ks[0].fills})
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(TEMPLATES), str(TEMPLATES.parent / "common")]),
                               keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                               undefined=jinja2.StrictUndefined)
+    env.filters["py"] = py_literal
+    return env
 
 
-def _prefixed(d: Definition, err: Exception) -> CudaUnsupported:
-    text = str(err)
-    return CudaUnsupported(text if text.startswith(f"{d.name}:") else f"{d.name}: {text}")
-
-
-def def_spec(d: Definition) -> DefSpec:
-    """The streamed variant, and (when the loop splits) the split-K and stream-K variants for
-    decode shapes."""
-    from ..passes.split_k import SplitKUnsupported, split_k, split_k_blockers
-
-    base = cname(pyname(d.name))
+def def_spec(p: Program) -> DefSpec:
+    """The public launcher of one kernel program and the variants it chooses among."""
+    d = p.cascade
+    specs: dict[str, KernelSpec] = {}
     try:
-        tp = tile_program(d)
-    except NotTileable as err:
-        raise _prefixed(d, err) from None
-    try:
-        variants = [build_variant(d, tp, base)]
+        variants = [_variant(p, v, specs) for v in p.variants]
     except CudaUnsupported as err:
         raise CudaUnsupported(f"{d.name}: {err}") from None
-    if len(variants[0].kernels) == 1 and not split_k_blockers(d):
-        try:
-            split = split_k(d, 2)
-            variants.append(build_variant(split, tile_program(split), f"{base}_split", chosen=True))
-        except (NotTileable, SplitKUnsupported):
-            pass
-        else:
-            try:
-                stream = build_stream_variant(d, tp, variants[1], base)
-            except NotTileable:
-                stream = None
-            if stream is not None:
-                variants.append(stream)
     k0 = variants[0].kernels[0]
-    return DefSpec(name=base, args=k0.args, outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype)
-                                                     for o in d.outputs],
+    return DefSpec(name=cname(pyname(d.name)), args=k0.args,
+                   outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in d.outputs],
                    params=k0.params, signature=k0.signature, doc=print_definition(d).rstrip(),
                    input_ranks=k0.input_ranks, variants=variants)
 
 
-def kernel_specs(module: Module) -> list[DefSpec]:
-    return [def_spec(d) for d in module.definitions]
+def kernel_specs(module: KernelModule) -> list[DefSpec]:
+    """One spec per kernel program (a multi-kernel program: one per part)."""
+    return [def_spec(q) for p in module.programs for q in (p.parts or (p,))]
 
 
-def render_files(module: Module, stem: str) -> dict[str, str]:
+def render_files(module: KernelModule, stem: str) -> dict[str, str]:
     """``{stem}.cu`` (kernels) and ``{stem}.py`` (torch launcher); raises CudaUnsupported."""
     refuse_unsupported_subscripts(module, "cuda", CudaUnsupported)
     specs = kernel_specs(module)
@@ -1147,5 +1112,9 @@ def render_files(module: Module, stem: str) -> dict[str, str]:
                   names=[s.name for s in specs], namespace=ns, max_batch=MAX_BATCH_DIMS,
                   row_blocks=ROW_BLOCKS, align=ALIGN)
     common.update(threads=THREADS, state_per_thread=STATE_PER_THREAD)
+    common["names"] = [cname(pyname(p.name)) for p in module.programs]
+    chains = [chain_spec(p, pyname, size_code, print_definition(p.cascade).rstrip())
+              for p in module.programs if p.parts]
+    launcher = env.get_template("launcher.py.jinja").render(**common)
     return {f"{stem}.cu": env.get_template("kernels.cu.jinja").render(**common),
-            f"{stem}.py": env.get_template("launcher.py.jinja").render(**common)}
+            f"{stem}.py": launcher + env.get_template("chain.py.jinja").render(chains=chains)}

@@ -5,6 +5,7 @@ state reads, tile bounds from the guards)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import sympy
@@ -12,7 +13,11 @@ import sympy
 from ..einsum_ir.exprs import children, free_ranks, walk, with_children
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Einsum, Expr, Index, Num, Param, Reduce,
                             Size, Unary)
-from ..passes.tile import TileProgram, conjunctions, to_sympy
+from ..einsum_ir.types import INT, type_env
+from ..passes.tile import TileProgram
+from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
+from ..passes.map_ranks import classify_ranks
+from ..einsum_ir.kernel import CeilDiv, FloatFloor, FloorDiv, IMax, IMin, RankRoles as Ranks
 
 
 @dataclass(frozen=True)
@@ -29,100 +34,6 @@ def _merge_terms(*groups: tuple[Term, ...]) -> tuple[Term, ...]:
         for t in g:
             out.setdefault(t, None)
     return tuple(out)
-
-
-@dataclass
-class Ranks:
-    """The roles of the ranks in one kernel."""
-
-    row: str | None
-    tile: str | None
-    loop: str
-    grid: tuple[str, ...]          # program-scalar ranks (besides the batch dims)
-    vector: tuple[str, ...]        # canonical order: row, tile, then the others
-
-    def block(self, r: str) -> str:
-        return f"BLOCK_{r}"
-
-
-def _inline_loads(tp: TileProgram) -> tuple[dict[str, Einsum], tuple]:
-    """Blocked copies ``BK[m1,m0,e] = K[m1*M0 + m0, e]`` become loads at their uses."""
-    inputs = {a.name for a in tp.cascade.tensor_args}
-    loads = {}
-    for st in tp.body:
-        if (isinstance(st, Einsum) and st.where is None and isinstance(st.expr, Access)
-                and st.expr.tensor in inputs and st.tensor not in tp.kept):
-            loads[st.tensor] = st
-    body = tuple(s for s in tp.body if s.tensor not in loads)
-    return loads, body
-
-
-def _substitute(e: Expr, mapping: dict[str, Expr]) -> Expr:
-    if isinstance(e, Index) and e.rank in mapping:
-        return mapping[e.rank]
-    kids = children(e)
-    if not kids:
-        return e
-    return with_children(e, tuple(_substitute(k, mapping) for k in kids))
-
-
-def _expand_loads(e: Expr, loads: dict[str, Einsum]) -> Expr:
-    """Replace each access of a blocked copy by the access it copies."""
-    if isinstance(e, Access) and e.tensor in loads:
-        st = loads[e.tensor]
-        mapping = dict(zip(st.lhs, e.subscripts))
-        return _substitute(st.expr, mapping)
-    kids = children(e)
-    if not kids:
-        return e
-    return with_children(e, tuple(_expand_loads(k, loads) for k in kids))
-
-
-def classify_ranks(tp: TileProgram, statements) -> Ranks:
-    """Row, tile, grid and vector ranks from how the statements use them."""
-    defn = tp.cascade
-    inputs = {a.name for a in defn.tensor_args}
-    streamed = set()
-    for st in statements:
-        for acc in walk(st.expr):
-            if isinstance(acc, Access) and acc.tensor in inputs and any(
-                    tp.loop_rank in free_ranks(s) for s in acc.subscripts):
-                streamed.add(acc.tensor)
-    state_ranks = []
-    for st in tp.inits:
-        state_ranks += [r for r in st.lhs if r != st.iter_rank and r not in state_ranks]
-    in_streamed, in_other = set(), set()
-    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue):
-        for acc in walk(st.expr):
-            if isinstance(acc, Access) and acc.tensor in inputs:
-                used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
-                (in_streamed if acc.tensor in streamed else in_other).update(used)
-    selectors = set()  # ranks that choose *which* keys stream (w in K[(w*MT + mt)*M0 + m0])
-    for st in statements:
-        for acc in walk(st.expr):
-            if isinstance(acc, Access) and acc.tensor in streamed:
-                for sub in acc.subscripts:
-                    if not isinstance(sub, Index) and tp.loop_rank in free_ranks(sub):
-                        selectors |= free_ranks(sub) - {tp.loop_rank, tp.tile_rank}
-    grid = [r for r in state_ranks if (r in in_streamed and r in in_other) or r in selectors]
-    rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
-    guard_ranks = set()
-    for _, gs in tp.guards:
-        for g in gs:
-            guard_ranks |= free_ranks(g.cond)
-    row = next((r for r in rows if r in guard_ranks), rows[-1] if rows else None)
-    grid += [r for r in rows if r != row]
-    vector = [r for r in (row, tp.tile_rank) if r]
-    every = set()
-    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue) + tuple(tp.inits):
-        every |= set(st.lhs) | free_ranks(st.expr)
-        for red in walk(st.expr):
-            if isinstance(red, Reduce):
-                every |= set(red.ranks)
-    for r in defn.ranks:
-        if r in every and r not in vector and r not in grid and r != tp.loop_rank:
-            vector.append(r)
-    return Ranks(row, tp.tile_rank, tp.loop_rank, tuple(grid), tuple(vector))
 
 
 def _factors(e: Expr) -> list[Expr]:
@@ -145,16 +56,6 @@ def _integer_affine(e: Expr) -> bool:
     if isinstance(e, Binary):
         return e.op in ("+", "-", "*") and _integer_affine(e.left) and _integer_affine(e.right)
     return False
-
-
-def _sign(e) -> int | None:
-    if e.is_number:
-        return 1 if e > 0 else -1 if e < 0 else None
-    if e.is_positive:
-        return 1
-    if e.is_negative:
-        return -1
-    return None
 
 
 def constant_code(e: Expr) -> str | None:
@@ -181,16 +82,6 @@ def constant_inits(tp: TileProgram) -> dict[str, str] | None:
     return fills
 
 
-def expanded_body(tp: TileProgram) -> tuple[dict[str, Einsum], tuple]:
-    """The loop body with its blocked copies inlined as loads: (the copies, the body)."""
-    loads, body = _inline_loads(tp)
-    body = tuple(dataclasses.replace(s, expr=_expand_loads(s.expr, loads),
-                                     where=None if s.where is None else
-                                     _expand_loads(s.where, loads))
-                 for s in body)
-    return loads, body
-
-
 def _nest(fn: str, args: list[str]) -> str:
     """``fn(a, fn(b, c))`` over the distinct args, in order (one arg: itself)."""
     args = list(dict.fromkeys(args))
@@ -210,6 +101,7 @@ class KernelValue:
     terms: tuple[Term, ...] = ()
     loaded: bool = False     # a direct load: zero wherever it is absent
     is_bool: bool = False
+    is_int: bool = False     # an integer value (einsum_ir.types): converted where a float is due
 
 
 @dataclass(frozen=True)
@@ -241,8 +133,8 @@ class TileRendererBase:
       :meth:`match_dot`; ``any_term`` and ``both_present`` for the presence of a result;
     * tile bounds: ``IMAX`` / ``IMIN`` (integer max / min functions), ``ROW_FIRST`` /
       ``ROW_LAST`` (names of the block's first and last row), ``size`` (a rank's size),
-      ``floor_div``, ``first_tile``, ``bound_symbol`` and ``bound_number``, and the
-      flags below.
+      ``floor_div``, ``first_tile``, ``float_floor``, ``bound_symbol`` and
+      ``bound_number``: the syntax of the bounds the ``bound-tiles`` stage derived.
     """
 
     Unsupported: type[Exception] = Exception
@@ -251,9 +143,6 @@ class TileRendererBase:
     MINMAX = ""                        # two-argument max / min: over ``{fn}``, ``{a}``, ``{b}``
     UNAVAILABLE = "here"               # where a value read too early is missing (error text)
     IMAX = IMIN = ROW_FIRST = ROW_LAST = ""
-    TIGHTENS_STRICT = True             # an integer ``x > 0`` bounds as ``x >= 1``
-    WIDENS_FLOAT_BOUNDS = False        # a bound over a float parameter widens by a tile
-    DECLINES_UNCODABLE_BOUNDS = False  # a bound with no integer code: no bound (else raise)
 
     # --- helpers -------------------------------------------------------------------
     def new(self, prefix: str) -> str:
@@ -268,7 +157,14 @@ class TileRendererBase:
 
     # --- expressions -----------------------------------------------------------------
     def value(self, e: Expr, st):
-        """The rendered value of expression ``e`` of statement ``st``."""
+        """The rendered value of expression ``e`` of statement ``st``, marked integer when
+        its type (:mod:`einsum_ir.types`) is ``int``."""
+        out = self._value(e, st)
+        if not out.is_bool and type_env(self.defn).of(e) == INT and not out.is_int:
+            out = dataclasses.replace(out, is_int=True)
+        return out
+
+    def _value(self, e: Expr, st):
         if isinstance(e, Num):
             return self.number_value(e)
         if isinstance(e, Const):
@@ -462,102 +358,31 @@ class TileRendererBase:
         keep = tuple(t for t in terms if r not in t.layout)
         return keep + (self.both_present(a_terms, b_terms, r, ra, rb, layout),)
 
-    # --- tile range from the guards ----------------------------------------------------
+    # --- tile bounds (derived by the bound-tiles stage; printed here) -------------------
     def tile_bounds(self) -> tuple[str, str]:
-        """Code for the first and last+1 live tile of this program's rows: the union over
-        the updates of the tiles every guard of the update may pass."""
-        r = self.ranks
-        full = ("0", self.size(r.loop))
-        if r.tile is None or r.row is None:
-            return full
-        per_update = []
-        for _, guards in self.tp.guards:
-            ranges = [x for x in (self.guard_range(g) for g in guards) if x is not None]
-            if not ranges:
-                return full
-            per_update.append((_nest(self.IMAX, [x[0] for x in ranges]),
-                               _nest(self.IMIN, [x[1] for x in ranges])))
-        lo = _nest(self.IMIN, [x[0] for x in per_update])
-        hi = _nest(self.IMAX, [x[1] for x in per_update])
-        return f"{self.IMAX}(0, {lo})", f"{self.IMIN}({self.size(r.loop)}, {hi})"
+        """Code for the first and last+1 live tile of this program's rows."""
+        live = self.bounds.live if self.bounds is not None else None
+        if live is None:
+            return "0", self.size(self.ranks.loop)
+        return self.bound_code(live.lo), self.bound_code(live.hi)
 
-    def guard_range(self, g) -> tuple[str, str] | None:
-        """[lo, hi) of tiles that may satisfy guard g for some row of the block; None when
-        a conjunct of it is not an affine bound."""
-        r = self.ranks
-        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
-            return None
-        dnf = conjunctions(g.cond)
-        if dnf is None:
-            return None
-        spans = []
-        for conj in dnf:
-            lo, hi = ["0"], [self.size(r.loop)]
-            for atom in conj:
-                b = self.atom_tiles(atom)
-                if b is None:
-                    return None
-                kind, code = b
-                (lo if kind == "lo" else hi).append(code)
-            spans.append((_nest(self.IMAX, lo), _nest(self.IMIN, hi)))
-        return (_nest(self.IMIN, [s[0] for s in spans]),
-                _nest(self.IMAX, [s[1] for s in spans]))
+    def bound_code(self, e) -> str:
+        """Code for a kernel-IR integer bound (:mod:`attnc.einsum_ir.kernel`)."""
+        if isinstance(e, (IMax, IMin)):
+            return _nest(self.IMAX if isinstance(e, IMax) else self.IMIN,
+                         [self.bound_code(a) for a in e.args])
+        if isinstance(e, FloorDiv):
+            num, den = self.int_code(e.num), self.int_code(e.den)
+            code = f"{num} // {den}" if e.nonneg else self.floor_div(num, den)
+            return f"{code} + {e.offset}" if e.offset else code
+        if isinstance(e, CeilDiv):
+            return self.first_tile(self.int_code(-e.num), self.int_code(e.den))
+        if isinstance(e, FloatFloor):
+            return self.float_floor(self.int_code(e.num), self.int_code(e.den), e.offset)
+        return self.int_code(e)
 
-    def atom_tiles(self, atom, worst: bool = False) -> tuple[str, str] | None:
-        """An affine atom as a bound ``("lo" | "hi", code)`` on the tile index m1: where it
-        holds for *some* m0 and row of the block, or (``worst``) for *every* m0 and row."""
-        inequality = self.tile_inequality(atom, worst)
-        if inequality is None:
-            return None
-        c1, k, floating = inequality
-        sign = _sign(c1)
-        if sign is None:
-            return None
-        try:
-            kcode, c1code = self.int_code(k), self.int_code(c1 if sign > 0 else -c1)
-        except self.Unsupported:
-            if self.DECLINES_UNCODABLE_BOUNDS:
-                return None
-            raise
-        if floating:
-            return self.widened_bound(sign, kcode, c1code)
-        if sign > 0:   # m1 >= ceil(-k / c1)
-            return "lo", self.first_tile(kcode, c1code)
-        return "hi", f"{self.floor_div(kcode, c1code)} + 1"  # m1 <= floor(k / (-c1))
-
-    def tile_inequality(self, atom, worst: bool):
-        """An affine atom over m1, m0 and the row as ``c1*m1 + k >= 0`` at the block's
-        best (or, ``worst``, its worst) m0 and row: ``(c1, k, floating)``, ``floating`` when
-        k has a float parameter; None when the atom is not of that form."""
-        r = self.ranks
-        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
-            return None
-        a, b = to_sympy(atom.left), to_sympy(atom.right)
-        if a is None or b is None:
-            return None
-        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)  # >= 0 (or > 0)
-        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
-        c0, cp = diff.coeff(x0), diff.coeff(xp)
-        rest = sympy.expand(diff - c0 * x0 - cp * xp)
-        c1 = rest.coeff(x1)
-        const = sympy.expand(rest - c1 * x1)
-        floating = any(s.name.startswith("param_") for s in const.free_symbols)
-        if floating and (worst or not self.WIDENS_FLOAT_BOUNDS):
-            return None
-        if not (c0.is_number and cp.is_number):
-            return None
-        if self.TIGHTENS_STRICT and atom.op in ("<", ">") and not floating:
-            const -= 1  # integers: x > 0 is x >= 1
-        high_m0 = (c0 > 0) != worst
-        high_p = (cp > 0) != worst
-        m0_best = sympy.Symbol("BLOCK_" + r.tile) - 1 if high_m0 else 0
-        p_best = sympy.Symbol(self.ROW_LAST) if high_p else sympy.Symbol(self.ROW_FIRST)
-        k = sympy.expand(const + c0 * m0_best + cp * p_best)
-        return c1, k, floating
-
-    def widened_bound(self, sign: int, k: str, c: str) -> tuple[str, str]:
-        """The bound of ``c*m1 + k >= 0`` (``sign`` of c1) over a float parameter, a tile
-        wider on each side; only for targets with ``WIDENS_FLOAT_BOUNDS``."""
+    def float_floor(self, num: str, den: str, offset: int) -> str:
+        """``trunc(num / den) + offset`` in float arithmetic."""
         raise NotImplementedError
 
     def int_code(self, e: sympy.Expr) -> str:
@@ -575,3 +400,78 @@ class TileRendererBase:
     def bound_number(self, e: sympy.Expr) -> str:
         """Code for a bound's non-integer number; the base cannot write one."""
         raise self.Unsupported(f"bound {e}")
+
+
+# ----------------------------------------------------------------------------
+# multi-kernel programs: the public function that runs the parts in order
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainCall:
+    fn: str                 # the part's generated function
+    args: tuple[str, ...]   # its arguments (tensors by name; parameters as keywords)
+    outs: tuple[str, ...]   # the names its outputs are bound to
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """What ``templates/common/chain.py.jinja`` needs for one multi-kernel program."""
+
+    name: str
+    signature: str
+    doc: str
+    args: list              # (pyname, name, ranks)
+    input_ranks: list
+    lets: list              # (pyname, code, text)
+    params: list            # (pyname, name, default code or None)
+    calls: tuple[ChainCall, ...]
+    returns: tuple[str, ...]
+
+
+def rendered_kernels(p, v, done: dict, render) -> list:
+    """Variant ``v``'s kernels rendered by ``render(kernel)``, each once across the
+    program's variants: one another variant shares (the split-K combine) comes again with
+    ``define=False``."""
+    out = []
+    for name in v.kernels:
+        if name in done:
+            out.append(dataclasses.replace(done[name], define=False))
+        else:
+            done[name] = render(p.kernel(name))
+            out.append(done[name])
+    return out
+
+
+def py_literal(x) -> str:
+    """A string or None as Python source for a template (``tojson`` writes ``null``)."""
+    return "None" if x is None else json.dumps(x)
+
+
+def chain_spec(p, pyname, size_code, doc: str) -> ChainSpec:
+    """The public function of multi-kernel program ``p``: each part is called with the
+    tensors it reads and its parameters (sizes it cannot bind travel as ``size_<r>``)."""
+    from ..passes.multikernel import size_param
+
+    defn = p.cascade
+    ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
+    calls = []
+    for q in p.parts:
+        d = q.cascade
+        args = [pyname(a.name) for a in d.tensor_args]
+        for s in d.scalar_params:
+            size = next((r for r in defn.ranks if size_param(r) == s.name), None)
+            args.append(f"{pyname(s.name)}={pyname(size) if size else pyname(s.name)}")
+        calls.append(ChainCall(pyname(d.name), tuple(args), tuple(pyname(o.name) for o in d.outputs)))
+    params = [(pyname(s.name), s.name, size_code(s.default, False, "math") if s.default is not None else None)
+              for s in defn.scalar_params]
+    sig = [pyname(a.name) for a in defn.tensor_args]
+    if params:
+        sig += ["*"] + [x[0] if x[2] is None else f"{x[0]}=None" for x in params]
+    return ChainSpec(
+        name=pyname(defn.name), signature=", ".join(sig), doc=doc,
+        args=[(pyname(a.name), a.name, list(a.ranks)) for a in defn.tensor_args],
+        input_ranks=ranks,
+        lets=[(pyname(x.name), size_code(x.value, True, "math"), str(x.value)) for x in defn.lets
+              if {s.name for s in x.value.free_symbols} <= set(ranks) | {y.name for y in defn.lets}],
+        params=params, calls=tuple(calls), returns=tuple(pyname(o.name) for o in defn.outputs))

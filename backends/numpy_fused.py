@@ -321,7 +321,7 @@ class FusedFunctionRenderer(FunctionRenderer):
     def data_dependent_live(self, g: Guard, lines: list[str]) -> str | None:
         """The block mask of a data-dependent guard for this tile: rows where some point of
         the tile satisfies it (evaluated on the rows × tile grid, absent reads count false)."""
-        from .kernel_common import _expand_loads, _inline_loads
+        from ..passes.tile_loads import expand_loads as _expand_loads, inline_loads as _inline_loads
 
         tp = self.tp
         if not free_ranks(g.cond) <= {tp.loop_rank, tp.tile_rank, self.rows.rank}:

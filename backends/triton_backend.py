@@ -40,14 +40,17 @@ from ..einsum_ir.ir import (Access, Binary, Const, Definition, Einsum, Expr, Ind
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary,
                             size_symbol)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..einsum_ir.kernel import ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program, TileBounds
 from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _expand_loads,
                             _integer_affine, _merge_terms, _nest, classify_ranks,
-                            constant_inits, expanded_body)
+                            chain_spec, constant_code, expanded_body, py_literal,
+                            rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
+COMMON = TEMPLATES.parent / "common"
 
 
 class TritonUnsupported(NotTileable):
@@ -59,66 +62,6 @@ class TVal(KernelValue):
     """A rendered Triton value (a block or a scalar)."""
 
     raw: str | None = None   # a load in its own dtype (for tl.dot operands)
-
-
-@dataclass(frozen=True)
-class HeadPacking:
-    """A grid rank folded into the row block: GQA/MQA head packing.
-
-    When the streamed (key/value) loads read grid rank ``h`` only as ``h // G``
-    with ``let G = H / HK`` (GQA), or not at all (MQA), the ``G`` query heads
-    that share one K/V head can share one program: its rows are the
-    ``(g, p)`` pairs, ``h = unit * G + g``, and every K/V tile is loaded once for
-    all of them instead of once per query head.  Before → after (decode, P = 1)::
-
-        grid (H, ceil(P / BLOCK_P)):  idx_h = pid % H;  K[idx_h // G, m, e]
-        ->
-        grid (HK, ceil(P*G / BLOCK_P)):  idx_pk = pid % HK
-            pk_p = offs_p % P;  pk_h = idx_pk * G + offs_p // P;  K[idx_pk, m, e]
-    """
-
-    rank: str                 # the grid rank (h)
-    group: str                # code: how many of its values share a unit (G; H for MQA)
-    units: str                # code: how many units (HK; 1 for MQA)
-    divisor: Expr | None      # the subscript ``h // G`` the streamed loads use
-
-
-def _head_packing(tp: TileProgram, statements, ranks: Ranks) -> HeadPacking | None:
-    """The first grid rank the key/value loads read only as ``h // G`` (or not at all)."""
-    defn = tp.cascade
-    if ranks.row is None or ranks.tile is None:
-        return None
-    args = {a.name: a for a in defn.tensor_args}
-    moving = {ranks.loop, ranks.tile}
-    streamed = []
-    for st in statements:
-        for e in (st.expr, st.where):
-            for acc in (walk(e) if e is not None else ()):
-                if isinstance(acc, Access) and acc.tensor in args and any(
-                        moving & free_ranks(sub) for sub in acc.subscripts):
-                    streamed.append(acc)
-    lets = {let.name: let.value for let in defn.lets}
-    for h in ranks.grid:
-        forms, plain = set(), False
-        for acc in streamed:
-            for sub, rank in zip(acc.subscripts, args[acc.tensor].ranks):
-                if h not in free_ranks(sub):
-                    continue
-                if (isinstance(sub, Binary) and sub.op == "//" and sub.left == Index(h)
-                        and isinstance(sub.right, Size)):
-                    forms.add((sub, rank))
-                else:
-                    plain = True
-        if plain or len(forms) > 1:
-            continue
-        if not forms:
-            return HeadPacking(h, pyname(h), "1", None)
-        ((sub, unit_rank),) = forms
-        group = sub.right.rank
-        if group in lets and sympy.simplify(
-                lets[group] - size_symbol(h) / size_symbol(unit_rank)) == 0:
-            return HeadPacking(h, pyname(group), pyname(unit_rank), sub)
-    return None
 
 
 @dataclass
@@ -136,16 +79,15 @@ class KernelRenderer(TileRendererBase):
     MINMAX = "tl.{fn}imum({a}, {b})"
     UNAVAILABLE = "in registers here"
     IMAX, IMIN = "tl.maximum", "tl.minimum"
-    ROW_FIRST, ROW_LAST = "p_first", "p_last"
-    WIDENS_FLOAT_BOUNDS = True
+    ROW_NAMES = {ROW_FIRST: "p_first", ROW_LAST: "p_last"}
 
     tp: TileProgram
     lines: list[str] = field(default_factory=list)
     count: int = 0
     memo: dict = field(default_factory=dict)
 
-    ranks: Ranks | None = None
-    packing: bool = True      # fold a GQA/MQA head rank into the rows when the loads allow
+    ranks: Ranks | None = None          # the kernel's rank roles (map-ranks)
+    bounds: TileBounds | None = None    # its tile ranges (bound-tiles)
 
     def __post_init__(self):
         self.full_tiles = False          # rendering the loop over tiles that need no mask
@@ -158,9 +100,9 @@ class KernelRenderer(TileRendererBase):
         self.outputs: list = []          # what the kernel stores (set by the kernel builder)
         self.defn = self.tp.cascade
         self.loads, self.body = expanded_body(self.tp)
-        if self.ranks is None:
-            self.ranks = classify_ranks(self.tp, self.body)
-        self.pack = _head_packing(self.tp, self.body, self.ranks) if self.packing else None
+        self.pack = self.ranks.packing
+        if self.bounds is not None:
+            self.holds_on_full_tiles = set(self.bounds.full_holds)
         self.values: dict[str, TVal] = {}     # tensor -> register value (this tile / prologue)
         self.state_prev: dict[str, TVal] = {}
         self.inputs = {a.name: a for a in self.defn.tensor_args}
@@ -177,7 +119,7 @@ class KernelRenderer(TileRendererBase):
         return f"({code})[{idx}]"
 
     def shape(self, layout) -> str:
-        return "[" + ", ".join(self.ranks.block(r) for r in layout) + "]"
+        return "[" + ", ".join(f"BLOCK_{r}" for r in layout) + "]"
 
     def check_supported(self):
         vec = set(self.ranks.vector)
@@ -332,6 +274,7 @@ class KernelRenderer(TileRendererBase):
         if e.op == "**":
             if isinstance(e.right, Num) and float(e.right.value) == 2.0:
                 return TVal(f"({ac} * {ac})", lay, terms)
+            ac, bc = self.float_code(a, lay), self.float_code(b, lay)
             return TVal(f"tl.exp2({bc} * tl.log2({ac}))", lay, terms)
         if e.op == "//":
             return TVal(f"tl.floor({ac} / {bc})", lay, terms)
@@ -342,9 +285,12 @@ class KernelRenderer(TileRendererBase):
         return TVal(f"({ac} {e.op} {bc})", lay, terms)
 
     def float_code(self, x: TVal, layout) -> str:
-        """``x`` over ``layout``, a boolean as float."""
+        """``x`` over ``layout``, a boolean or an integer as float (``* 1.0`` also converts
+        a ``tl.constexpr`` size, which has no ``.to``)."""
         code = self.expand(x.code, x.layout, layout)
-        return f"{code}.to(tl.float32)" if x.is_bool else code
+        if x.is_bool:
+            return f"{code}.to(tl.float32)"
+        return f"({code} * 1.0)" if x.is_int else code
 
     def select(self, args: list[TVal], layout, terms) -> TVal:
         codes = [self.expand(a.code, a.layout, layout) for a in args]
@@ -501,10 +447,8 @@ class KernelRenderer(TileRendererBase):
         """The least m1 with ``c*m1 + k >= 0`` (c > 0): ``ceil(-k / c) = -floor(k / c)``."""
         return f"-({self.floor_div(k, c)})"
 
-    def widened_bound(self, sign: int, k: str, c: str) -> tuple[str, str]:
-        if sign > 0:
-            return "lo", f"((-({k})) / {c}).to(tl.int32) - 1"
-        return "hi", f"(({k}) / {c}).to(tl.int32) + 2"
+    def float_floor(self, num: str, den: str, offset: int) -> str:
+        return f"(({num}) / {den}).to(tl.int32) {'+' if offset >= 0 else '-'} {abs(offset)}"
 
     def bound_symbol(self, n: str) -> str:
         """A bound's symbol: an index variable (``_m1``), a parameter, a row or block
@@ -513,7 +457,9 @@ class KernelRenderer(TileRendererBase):
             return n[1:].lower()
         if n.startswith("param_"):
             return pyname(n[len("param_"):])
-        return n if n in ("p_first", "p_last") or n.startswith("BLOCK_") else pyname(n)
+        if n in self.ROW_NAMES:
+            return self.ROW_NAMES[n]
+        return n if n.startswith("BLOCK_") else pyname(n)
 
     def bound_number(self, e: sympy.Expr) -> str:
         if e.is_Float or e.is_Rational:
@@ -521,25 +467,17 @@ class KernelRenderer(TileRendererBase):
         raise TritonUnsupported(f"bound {e}")
 
     def block_probe(self) -> str | None:
-        """A scalar 'some update can change a row of this block' for data-dependent guards
-        (a block mask computed per tile); None when only affine guards (tile bounds) apply."""
+        """A scalar 'some update can change a row of this block' from the data-dependent
+        guards the bound-tiles stage found (a block mask computed per tile); None when
+        only affine guards (tile bounds) apply."""
         r = self.ranks
-        if r.tile is None or r.row is None:
+        probes = self.bounds.live_probes if self.bounds is not None else ()
+        if not probes:
             return None
-        per_update = []
-        for _, guards in self.tp.guards:
-            data = [g for g in guards if r.tile in g.exists and self.guard_range(g) is None
-                    and free_ranks(g.cond) <= {r.loop, r.tile, r.row}]
-            if not data:
-                return None  # this update is not gated by data: the tile is always live
-            per_update.append(data)
         terms = []
-        for data in per_update:
+        for conds in probes:
             parts = []
-            for g in data:
-                cond = _expand_loads(g.cond, self.loads)
-                if any(isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond)):
-                    return None
+            for cond in conds:
                 key = ("probe", cond)
                 if key not in self.memo:
                     c = self.value(cond, Einsum("_probe", (), cond))
@@ -557,43 +495,14 @@ class KernelRenderer(TileRendererBase):
         return live
 
     def full_range(self) -> tuple[str, str, list] | None:
-        """[lo, hi) of tiles needing no mask: every ``where`` over the tile holds for every
-        row of the block and every point of the tile, and the tile is inside the stream.
-
-        Affine atoms bound [lo, hi); the others (``DQ[p] == DK[m]``, ``BM[p // B, m // B]``)
-        are returned to be checked per tile (:meth:`all_probe`): a tile in the range where
-        they all hold runs the unmasked body, another one the masked body."""
-        r = self.ranks
-        if r.tile is None or r.row is None or self.tp.stream_rank is None:
+        """[lo, hi) of tiles needing no mask (the bound-tiles stage's ``full`` range), and
+        the data-dependent atoms checked per tile (:meth:`all_probe`)."""
+        full = self.bounds.full if self.bounds is not None else None
+        if full is None:
             return None
-        self.blocked_index = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
-        lo, hi = ["0"], [f"{pyname(self.tp.stream_rank)} // {pyname(r.tile)}"]
-        data = []
-        for st in self.body:
-            if st.where is None or r.tile not in free_ranks(st.where):
-                continue
-            if not free_ranks(st.where) <= {r.loop, r.tile, r.row}:
-                return None
-            dnf = conjunctions(st.where)
-            if dnf is None or len(dnf) != 1:
-                return None
-            for atom in dnf[0]:
-                bound = self.atom_tiles(atom, worst=True)
-                if bound is not None:
-                    (lo if bound[0] == "lo" else hi).append(bound[1])
-                elif self.probe_ready(atom):
-                    data.append(atom)
-                else:
-                    return None
-            self.holds_on_full_tiles.add(st.where)
-        return _nest("tl.maximum", lo), _nest("tl.minimum", hi), list(dict.fromkeys(data))
-
-    def probe_ready(self, atom) -> bool:
-        """An atom a tile probe can evaluate: over the loop, tile and row, reading inputs."""
         r = self.ranks
-        cond = _expand_loads(atom, self.loads)
-        return free_ranks(cond) <= {r.loop, r.tile, r.row} and not any(
-            isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond))
+        self.blocked_index = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
+        return self.bound_code(full.lo), self.bound_code(full.hi), list(self.bounds.full_probes)
 
     def all_probe(self, atoms) -> str:
         """A scalar 'every atom holds at every point of the block (valid rows)'."""
@@ -746,7 +655,7 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     pre = []
     for g in reversed(r.grid):
         if kr.pack and g == kr.pack.rank:
-            pre += [f"idx_pk = pid % {kr.pack.units}", f"pid = pid // {kr.pack.units}"]
+            pre += [f"idx_pk = pid % {_units(kr.pack)}", f"pid = pid // {_units(kr.pack)}"]
             continue
         pre += [f"idx_{g.lower()} = pid % {pyname(g)}", f"pid = pid // {pyname(g)}"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
@@ -770,17 +679,27 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     return pre
 
 
+def _group(pk) -> str:
+    """Code: how many query heads share a packed unit (``G``; the whole rank for MQA)."""
+    return pyname(pk.group)
+
+
+def _units(pk) -> str:
+    """Code: how many packed units (``HK``; one for MQA)."""
+    return pyname(pk.units) if pk.units else "1"
+
+
 def _packed_row_lines(kr: KernelRenderer) -> list[str]:
     """Rows of a packed block: (g, p) pairs, g-major; p_first..p_last bound the block's p
     (exact when the block lies within one g, else all of 0..P-1)."""
     row, pk = kr.ranks.row, kr.pack
     v, n = row.lower(), pyname(row)
     return [f"offs_{v} = pid_row * BLOCK_{row} + tl.arange(0, BLOCK_{row})",
-            f"rng_{v} = offs_{v} < {n} * {pk.group}",
+            f"rng_{v} = offs_{v} < {n} * {_group(pk)}",
             f"pk_{v} = offs_{v} % {n}",
-            f"pk_{pk.rank.lower()} = idx_pk * {pk.group} + offs_{v} // {n}",
+            f"pk_{pk.rank.lower()} = idx_pk * {_group(pk)} + offs_{v} // {n}",
             f"r_first = pid_row * BLOCK_{row}",
-            f"r_last = tl.minimum(r_first + BLOCK_{row}, {n} * {pk.group}) - 1",
+            f"r_last = tl.minimum(r_first + BLOCK_{row}, {n} * {_group(pk)}) - 1",
             f"p_first = tl.where(r_first // {n} == r_last // {n}, r_first % {n}, 0)",
             f"p_last = tl.where(r_first // {n} == r_last // {n}, r_last % {n}, {n} - 1)"]
 
@@ -872,11 +791,11 @@ def _row_count(kr: KernelRenderer) -> str:
     if kr.ranks.row is None:
         return "1"
     n = pyname(kr.ranks.row)
-    return f"{n} * {kr.pack.group}" if kr.pack else n
+    return f"{n} * {_group(kr.pack)}" if kr.pack else n
 
 
 def _grid_sizes(kr: KernelRenderer) -> tuple[str, ...]:
-    return tuple(kr.pack.units if kr.pack and g == kr.pack.rank else pyname(g)
+    return tuple(_units(kr.pack) if kr.pack and g == kr.pack.rank else pyname(g)
                  for g in kr.ranks.grid)
 
 
@@ -893,122 +812,67 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
         tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr))
 
 
-def _final_reads(e: Expr, states: dict[str, str], defn: Definition) -> Expr:
-    """``T[.., I, ..]`` (a state's final step) -> ``T[.., ..]`` (the workspace tensor)."""
-    from ..einsum_ir.exprs import transform
-
-    def fix(n):
-        if isinstance(n, Access) and n.tensor in states:
-            pos = defn.tensor_ranks(n.tensor).index(states[n.tensor])
-            return Access(n.tensor, n.subscripts[:pos] + n.subscripts[pos + 1:], loc=n.loc)
-        return None
-    return transform(e, fix)
+def _renderer(k: Kernel) -> KernelRenderer:
+    return KernelRenderer(k.tiles, ranks=k.roles, bounds=k.bounds)
 
 
-def _combine_program(tp: TileProgram, k1: Ranks) -> tuple[TileProgram, Ranks, list]:
-    """The epilogue as a kernel of its own, reading the final states from a workspace."""
-    from ..einsum_ir.ir import Output, TensorArg
-
-    d = tp.cascade
-    states = {st.tensor: st.iter_rank for st in tp.inits}
-    workspace = [Output(t, tuple(r for r in d.tensor_ranks(t) if r != states[t])) for t in states]
-    args = tuple(TensorArg(o.name, o.ranks) for o in workspace) + d.tensor_args
-    statements = tuple(dataclasses.replace(st, expr=_final_reads(st.expr, states, d),
-                                           where=None if st.where is None else
-                                           _final_reads(st.where, states, d))
-                       for st in tp.epilogue)
-    defn2 = dataclasses.replace(d, name=d.name + "_combine", params=args + d.scalar_params,
-                                statements=statements)
-    tp2 = TileProgram(name=defn2.name, cascade=defn2, prologue=statements, loop_rank=None,
-                      tile_rank=None, tile_size=None, stream_rank=None, inits=(), body=(),
-                      epilogue=(), kept=frozenset(), guards=(), row_rank=None)
-    reduced = {r for st in statements for red in walk(st.expr) if isinstance(red, Reduce)
-               for r in red.ranks}
-    grid = tuple(g for g in k1.grid if g not in reduced)
-    every = []
-    for st in statements:
-        for r in list(st.lhs) + sorted(free_ranks(st.expr)) + sorted(reduced):
-            if r not in every:
-                every.append(r)
-    vector = tuple(r for r in [k1.row] + every if r and r not in grid)
-    vector = tuple(dict.fromkeys(vector))
-    return tp2, Ranks(k1.row, None, None, grid, vector), workspace
-
-
-def build_variant(defn: Definition, tag: str) -> Variant:
-    """The kernels for one cascade: one, or a streamed kernel plus a combine kernel."""
-    tp = tile_program(defn)
-    kr = KernelRenderer(dataclasses.replace(tp, epilogue=()))
-    reduced = {r for st in tp.epilogue for red in walk(st.expr) if isinstance(red, Reduce)
-               for r in red.ranks}
-    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
-    name = pyname(defn.name)
-    if not reduced & set(kr.ranks.grid):
-        kr = KernelRenderer(tp)
-        return Variant([_part(kr, f"_{name}_{tag}kernel", list(defn.outputs), set())], lets, None,
-                       tp.loop_rank)
+def _written(k: Kernel) -> list:
     from ..einsum_ir.ir import Output
 
-    tp2, ranks2, workspace = _combine_program(tp, kr.ranks)
-    first = _part(kr, f"_{name}_{tag}kernel", workspace, {w.name for w in workspace})
-    second = _part(KernelRenderer(tp2, ranks=ranks2), f"_{name}_{tag}combine_kernel",
-                   [Output(o.name, o.ranks) for o in defn.outputs], set())
-    split = next((r for r in kr.ranks.grid if r in reduced), None)
-    return Variant([first, second], lets, split, tp.loop_rank, "split" if split else "fused")
+    return [Output(b.name, b.ranks) for b in k.writes]
 
 
-def build_stream_variant(defn: Definition, split: Variant) -> Variant | None:
-    """Stream-K: persistent workers over the flattened (unit, tile) space, then the split
-    variant's combine kernel over the slots (see :func:`_stream_k_lines`).
+def _kernel_name(k: Kernel) -> str:
+    return f"_{pyname(k.name)}_kernel"
 
-    The worker renders ``defn``'s own tile program; its final states go to the split
-    variant's workspace (``RM[W,h,p]``), whose rank ``W`` is the slot.  Slots no segment
-    writes keep the init state (the workspace is filled with it), which the derived
-    combine treats as a worker that saw no tile.  None when an init is not a constant.
-    """
-    from ..einsum_ir.ir import Output
 
-    tp = tile_program(defn)
-    fills = constant_inits(tp)
-    if fills is None:
-        return None
-    kr = KernelRenderer(dataclasses.replace(tp, epilogue=()))
-    work, combine = split.kernels
-    outputs = [Output(name, tuple(ranks)) for _, name, ranks, _ in work.outputs]
-    if {o.name for o in outputs} != set(fills):
-        return None
-    lines = _stream_k_lines(kr, outputs, split.split)
+def _stream_part(k: Kernel, slot: str) -> KernelPart:
+    """A persistent stream-K worker whose segments store into workspace slots over rank
+    ``slot`` (see :func:`_stream_k_lines`)."""
+    kr = _renderer(k)
+    defn = k.cascade
+    lines = _stream_k_lines(kr, _written(k), slot)
     sizes = list(dict.fromkeys([r for a in defn.tensor_args for r in a.ranks]
                                + [let.name for let in defn.lets])) + ["SK_UNITS", "SK_WORKERS"]
-    worker = KernelPart(
-        kernel=f"_{pyname(defn.name)}_stream_kernel", args=work.args, outputs=work.outputs,
-        sizes=sizes, params=work.params, row=kr.ranks.row, grid=kr.ranks.grid,
-        vector=kr.ranks.vector, tile=kr.ranks.tile, tile_size=tp.tile_size, body=lines,
-        rows=_row_count(kr), grid_sizes=_grid_sizes(kr), persistent=True, fills=fills)
-    return Variant([worker, dataclasses.replace(combine, define=False)], split.lets,
-                   split.split, tp.loop_rank, "stream")
+    return KernelPart(
+        kernel=_kernel_name(k), args=[(pyname(a.name), a.name, list(a.ranks)) for a in defn.tensor_args],
+        outputs=[(pyname(b.name), b.name, list(b.ranks), True) for b in k.writes],
+        sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params], row=kr.ranks.row,
+        grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
+        tile_size=k.tiles.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
+        persistent=True, fills={t: constant_code(v) for t, v in k.fills})
 
 
-def kernel_spec(defn: Definition) -> KernelSpec:
-    """The launcher's spec: the streamed variant, and split-K and stream-K variants for
-    shapes whose streamed grid leaves the GPU idle (decode)."""
-    from ..passes.split_k import split_k, split_k_blockers
+def _kernel_part(k: Kernel, slot: str | None) -> KernelPart:
+    if k.role == "stream-k":
+        return _stream_part(k, slot)
+    workspace = {b.name for b in k.writes if b.kind == "workspace"}
+    return _part(_renderer(k), _kernel_name(k), _written(k), workspace)
 
-    variants = [build_variant(defn, "")]
-    if variants[0].split is None and not split_k_blockers(defn):
-        try:
-            variants.append(build_variant(split_k(defn, 2), "split_"))
-        except NotTileable:
-            pass
-        else:
-            stream = build_stream_variant(defn, variants[1])
-            if stream is not None:
-                variants.append(stream)
-    params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None)
-              for p in defn.scalar_params]
+
+_KINDS = {"split-k": "split", "stream-k": "stream"}
+
+
+def _variant(p: Program, v, parts: dict[str, KernelPart]) -> Variant:
+    """One launch variant, its kernels rendered (once across variants)."""
+    ks = [p.kernel(n) for n in v.kernels]
+    out = rendered_kernels(p, v, parts, lambda k: _kernel_part(k, v.split))
+    lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value))
+            for let in p.lets_of(v)]
+    kind = _KINDS.get(v.kind, "split" if v.split else "fused")
+    return Variant(out, lets, v.split, ks[0].tiles.loop_rank, kind)
+
+
+def kernel_spec(p: Program) -> KernelSpec:
+    """The launcher's spec: every variant of the kernel program, chosen at launch."""
+    defn = p.cascade
+    parts: dict[str, KernelPart] = {}
+    variants = [_variant(p, v, parts) for v in p.variants]
+    params = [(pyname(q.name), q.name, size_code(q.default, False, "math") if q.default is not None else None)
+              for q in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:
-        sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
+        sig += ["*"] + [q[0] if q[2] is None else f"{q[0]}=None" for q in params]
     return KernelSpec(
         name=pyname(defn.name),
         args=[(pyname(a.name), a.name, list(a.ranks), a.dtype) for a in defn.tensor_args],
@@ -1019,33 +883,39 @@ def kernel_spec(defn: Definition) -> KernelSpec:
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(TEMPLATES), str(COMMON)]),
                               keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                               undefined=jinja2.StrictUndefined)
+    env.filters["py"] = py_literal
+    return env
 
 
-def render_module(module: Module, source_name: str) -> str:
-    """The generated Triton module (kernels + launchers); raises TritonUnsupported."""
+def render_module(module: KernelModule, source_name: str) -> str:
+    """The generated Triton module (kernels + launchers) of a kernel module; raises
+    TritonUnsupported."""
     refuse_unsupported_subscripts(module, "triton", TritonUnsupported)
-    specs = []
-    for d in module.definitions:
+    specs, chains = [], []
+    for p in module.programs:
         try:
-            specs.append(kernel_spec(d))
-        except TritonUnsupported:
-            raise
-        except NotTileable as err:
-            raise TritonUnsupported(f"{d.name}: {err}") from None
+            specs += [kernel_spec(q) for q in (p.parts or (p,))]
+        except TritonUnsupported as err:
+            raise TritonUnsupported(f"{p.name}: {err}") from None
+        if p.parts:
+            chains.append(chain_spec(p, pyname, size_code, print_definition(p.cascade).rstrip()))
     stem = Path(source_name).stem
-    return _environment().get_template("module.py.jinja").render(
-        version=__version__, source=source_name, specs=specs, names=[s.name for s in specs],
+    env = _environment()
+    names = [pyname(p.name) for p in module.programs]
+    text = env.get_template("module.py.jinja").render(
+        version=__version__, source=source_name, specs=specs, names=names,
         namespace=_op_namespace(module, stem), max_batch=MAX_BATCH_DIMS)
+    return text + env.get_template("chain.py.jinja").render(chains=chains)
 
 
-def _op_namespace(module: Module, stem: str) -> str:
+def _op_namespace(module: KernelModule, stem: str) -> str:
     """``attnc_<stem>_<digest of the compiled IR>``: torch registers a custom op once per
     process, so two modules compiled differently from one spec (another tile size, an
     edited spec) must not share a name, or the second would run the first's kernels."""
     import hashlib
 
-    text = __version__ + "\n" + "\n".join(print_definition(d) for d in module.definitions)
+    text = __version__ + "\n" + "\n".join(print_definition(p.cascade) for p in module.programs)
     return f"attnc_{pyname(stem)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from attnc.backends.cuda_backend import CudaUnsupported, render_files
+from attnc.passes.lowering import TARGETS, lower_module
 from attnc.frontends import parse_file
 from attnc.backends import compile_module
 from attnc.passes.pipeline import run_pipeline
@@ -86,7 +87,7 @@ def test_split_k_cascade_renders_a_streamed_and_a_combine_kernel():
     module = parse_file(EXAMPLES_DIR / "gqa_decode.attn")
     names = ["canonicalize", "defer-normalization", "reassociate", "online", "split-k"]
     final = run_pipeline(module, names, options={"tile": 64, "workers": 4})[-1][1]
-    files = render_files(final, "gqa_decode")
+    files = render_files(lower_module(final, TARGETS["cuda"], {"tile": 64, "workers": 4}), "gqa_decode")
     cu = files["gqa_decode.cu"]
     assert "gqa_decode_kernel(const" in cu and "gqa_decode_combine_kernel(const" in cu
     assert "gqa_decode_split_kernel" not in cu, "an already split cascade gets no second split"

@@ -16,6 +16,7 @@ from attnc.backends import compile_module as compile_triton  # noqa: E402
 from attnc.backends import load_generated, write_atomic  # noqa: E402
 from attnc.backends.check import random_call, random_sizes, relative_error  # noqa: E402
 from attnc.backends.triton_backend import TritonUnsupported, render_module  # noqa: E402
+from attnc.passes.lowering import TARGETS, lower_module  # noqa: E402
 from attnc.einsum_ir.interpreter import interpret  # noqa: E402
 from attnc.frontends import parse, parse_file  # noqa: E402
 from attnc.passes.pipeline import run_pipeline  # noqa: E402
@@ -83,7 +84,7 @@ def test_two_pass_cascades_are_declined_with_the_reason():
 def test_generated_triton_golden(rel, golden):
     module = parse_file(EXAMPLES / rel)
     final = run_pipeline(module, None, options={"tile": 64})[-1][1]
-    golden(render_module(final, rel))
+    golden(render_module(lower_module(final, TARGETS["triton"], {"tile": 64}), rel))
 
 
 CAUSAL = (EXAMPLES / "causal.attn").read_text()

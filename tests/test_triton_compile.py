@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-from attnc.backends import compile_module  # noqa: E402
+from attnc.backends import compile_module, lower_stages  # noqa: E402
 from attnc.backends import triton_backend  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
 from attnc.passes.capabilities import unsupported_subscript  # noqa: E402 - declined: test_indirect
@@ -38,8 +38,9 @@ def _kernels(rel: str):
     module = parse_file(EXAMPLES / rel)
     stages, files = compile_module(module, "triton", Path(rel).stem)
     parts = []
-    for defn in stages[-1][1].definitions:
-        spec = triton_backend.kernel_spec(defn)
+    programs = lower_stages(stages, "triton", {"tile": 64}).programs
+    for program in (q for p in programs for q in (p.parts or (p,))):
+        spec = triton_backend.kernel_spec(program)
         dtypes = {name: dtype for _, name, _, dtype in spec.args}
         for variant in spec.variants:
             for part in variant.kernels:

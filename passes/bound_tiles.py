@@ -1,0 +1,228 @@
+"""``bound-tiles``: one derivation of the tiles a row block visits, for every target.
+
+From the update guards of the tile program (necessary conditions for a state update to
+be computed, :func:`attnc.passes.tile.update_guards`) and the ``where`` clauses of the
+loop body, per kernel:
+
+* **live** tiles ``[lo, hi)``: a tile outside it changes no update for any row of the
+  block, so it is skipped.  Exact for affine guards (strict integer comparisons tighten:
+  ``x > 0`` is ``x >= 1``); a bound over a float parameter (a window ``W``) is widened by
+  a tile on its side, which is conservative and correct; a guard that is not affine
+  bounds nothing (the tile stays live) and, when it only reads inputs, becomes a
+  per-tile **probe** (a block mask computed where it is used);
+* **full** tiles ``[lo, hi)``: every ``where`` over the tile holds at every point of it
+  for every row of the block, so the tile runs without masks; data-dependent atoms of
+  those ``where`` clauses are checked per tile (``full_probes``).
+
+Before → after (causal, rows ``p`` of a block, tiles of ``M0`` keys)::
+
+    RM is updated only where exists m0: m1*M0 + m0 <= p + M - P
+    ->  live tiles [0, min(M1, floor((ROW_LAST + M - P) / M0) + 1))
+        full tiles [0, min(M // M0, floor((ROW_FIRST + M - P - BLOCK_M0 + 1) / M0) + 1))
+
+The bounds are :mod:`attnc.einsum_ir.kernel` integer expressions; backends print them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import Access, Binary
+from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, CeilDiv, FloatFloor, FloorDiv, IntExpr,
+                                Kernel, Program, TileBounds, TileRange, imax, imin, map_kernels)
+from .tile import conjunctions, to_sympy
+from .tile_loads import expand_loads, expanded_body
+
+
+def _size(rank: str) -> sympy.Symbol:
+    return sympy.Symbol(rank, integer=True, positive=True)
+
+
+def _sign(e) -> int | None:
+    if e.is_number:
+        return 1 if e > 0 else -1 if e < 0 else None
+    if e.is_positive:
+        return 1
+    if e.is_negative:
+        return -1
+    return None
+
+
+def _integral(e: sympy.Expr) -> bool:
+    """A polynomial with integer coefficients in integer symbols (exact integer code)."""
+    return all(c.is_Integer for c in sympy.Poly(e, *sorted(e.free_symbols, key=str)).coeffs()) \
+        if e.free_symbols else bool(e.is_Integer)
+
+
+class TileBounder:
+    """The bound derivation for one kernel (its roles must be mapped)."""
+
+    def __init__(self, k: Kernel):
+        self.kernel = k
+        self.tp = k.tiles
+        self.r = k.roles
+        self.inputs = {a.name for a in self.tp.cascade.tensor_args}
+        self.loads, self.body = expanded_body(self.tp)
+
+    # --- one affine atom -------------------------------------------------------------
+    def tile_inequality(self, atom, worst: bool):
+        """An affine atom over m1, m0 and the row as ``c1*m1 + k >= 0`` at the block's
+        best (or, ``worst``, its worst) m0 and row: ``(c1, k, floating)``, ``floating`` when
+        k is not exact integer arithmetic (a float parameter); None when not that form."""
+        r = self.r
+        if not isinstance(atom, Binary) or atom.op not in ("<", "<=", ">", ">="):
+            return None
+        a, b = to_sympy(atom.left), to_sympy(atom.right)
+        if a is None or b is None:
+            return None
+        diff = sympy.expand(b - a if atom.op in ("<", "<=") else a - b)  # >= 0 (or > 0)
+        x1, x0, xp = (sympy.Symbol(f"_{n}", integer=True) for n in (r.loop, r.tile, r.row))
+        c0, cp = diff.coeff(x0), diff.coeff(xp)
+        rest = sympy.expand(diff - c0 * x0 - cp * xp)
+        c1 = rest.coeff(x1)
+        const = sympy.expand(rest - c1 * x1)
+        if any(s.name.startswith("_") for s in const.free_symbols):
+            return None  # another index variable: not a bound of this block
+        floating = not _integral(const) or any(s.name.startswith("param_") for s in const.free_symbols)
+        if floating and worst:
+            return None
+        if not (c0.is_number and cp.is_number and c0.is_Integer and cp.is_Integer):
+            return None
+        if atom.op in ("<", ">") and not floating:
+            const -= 1  # integers: x > 0 is x >= 1
+        high_m0 = (c0 > 0) != worst
+        high_p = (cp > 0) != worst
+        m0_best = sympy.Symbol("BLOCK_" + r.tile, integer=True, positive=True) - 1 if high_m0 else 0
+        p_best = sympy.Symbol(ROW_LAST if high_p else ROW_FIRST, integer=True)
+        k = sympy.expand(const + c0 * m0_best + cp * p_best)
+        return c1, k, floating
+
+    def atom_tiles(self, atom, worst: bool = False) -> tuple[str, IntExpr] | None:
+        """An affine atom as a bound ``("lo" | "hi", bound)`` on the tile index m1: where it
+        holds for *some* m0 and row of the block, or (``worst``) for *every* m0 and row."""
+        inequality = self.tile_inequality(atom, worst)
+        if inequality is None:
+            return None
+        c1, k, floating = inequality
+        sign = _sign(c1)
+        if sign is None or not _integral(c1):
+            return None
+        c = c1 if sign > 0 else -c1
+        if floating:  # trunc toward zero, a tile wider on each side
+            if sign > 0:
+                return "lo", FloatFloor(sympy.expand(-k), c, -1)
+            return "hi", FloatFloor(k, c, 2)
+        if sign > 0:   # m1 >= ceil(-k / c1)
+            return "lo", CeilDiv(sympy.expand(-k), c)
+        return "hi", FloorDiv(k, c, 1)  # m1 <= floor(k / (-c1))
+
+    # --- live tiles ---------------------------------------------------------------------
+    def guard_range(self, g) -> TileRange | None:
+        """Tiles that may satisfy guard g for some row of the block; None when a conjunct
+        of it is not an affine bound."""
+        r = self.r
+        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
+            return None
+        dnf = conjunctions(g.cond)
+        if dnf is None:
+            return None
+        spans = []
+        for conj in dnf:
+            lo, hi = [sympy.Integer(0)], [_size(r.loop)]
+            for atom in conj:
+                b = self.atom_tiles(atom)
+                if b is None:
+                    return None
+                (lo if b[0] == "lo" else hi).append(b[1])
+            spans.append((imax(*lo), imin(*hi)))
+        return TileRange(imin(*(s[0] for s in spans)), imax(*(s[1] for s in spans)))
+
+    def live(self) -> TileRange | None:
+        """The union over the updates of the tiles every guard of the update may pass."""
+        r = self.r
+        if r.tile is None or r.row is None:
+            return None
+        per_update = []
+        for _, guards in self.tp.guards:
+            ranges = [x for x in (self.guard_range(g) for g in guards) if x is not None]
+            if not ranges:
+                return None
+            per_update.append((imax(*(x.lo for x in ranges)), imin(*(x.hi for x in ranges))))
+        if not per_update:
+            return None
+        lo = imin(*(x[0] for x in per_update))
+        hi = imax(*(x[1] for x in per_update))
+        return TileRange(imax(sympy.Integer(0), lo), imin(_size(r.loop), hi))
+
+    def live_probes(self) -> tuple[tuple, ...]:
+        """Per update, its data-dependent guards over the block (reading inputs only); empty
+        when some update is not gated by data (the tile is then always live)."""
+        r = self.r
+        if r.tile is None or r.row is None:
+            return ()
+        out = []
+        for _, guards in self.tp.guards:
+            data = [g for g in guards if r.tile in g.exists and self.guard_range(g) is None
+                    and free_ranks(g.cond) <= {r.loop, r.tile, r.row}]
+            if not data:
+                return ()
+            conds = tuple(expand_loads(g.cond, self.loads) for g in data)
+            if any(isinstance(n, Access) and n.tensor not in self.inputs
+                   for c in conds for n in walk(c)):
+                return ()
+            out.append(conds)
+        return tuple(out)
+
+    # --- full tiles ---------------------------------------------------------------------
+    def probe_ready(self, atom) -> bool:
+        """An atom a tile probe can evaluate: over the loop, tile and row, reading inputs."""
+        r = self.r
+        cond = expand_loads(atom, self.loads)
+        return free_ranks(cond) <= {r.loop, r.tile, r.row} and not any(
+            isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond))
+
+    def full(self):
+        """(range, data atoms, conditions that hold) of the tiles needing no mask, or None."""
+        r = self.r
+        if r.tile is None or r.row is None or self.tp.stream_rank is None:
+            return None
+        lo, hi = [sympy.Integer(0)], [FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)]
+        data, holds = [], set()
+        for st in self.body:
+            if st.where is None or r.tile not in free_ranks(st.where):
+                continue
+            if not free_ranks(st.where) <= {r.loop, r.tile, r.row}:
+                return None
+            dnf = conjunctions(st.where)
+            if dnf is None or len(dnf) != 1:
+                return None
+            for atom in dnf[0]:
+                bound = self.atom_tiles(atom, worst=True)
+                if bound is not None:
+                    (lo if bound[0] == "lo" else hi).append(bound[1])
+                elif self.probe_ready(atom):
+                    data.append(atom)
+                else:
+                    return None
+            holds.add(st.where)
+        return TileRange(imax(*lo), imin(*hi)), tuple(dict.fromkeys(data)), frozenset(holds)
+
+    def bounds(self) -> TileBounds:
+        full = self.full()
+        if full is None:
+            return TileBounds(self.live(), self.live_probes())
+        return TileBounds(self.live(), self.live_probes(), full[0], full[1], full[2])
+
+
+def bound_kernel_tiles(k: Kernel) -> Kernel:
+    """Bounds for one kernel (a kernel without a loop gets none)."""
+    if k.tiles.loop_rank is None or k.roles is None:
+        return k
+    return dataclasses.replace(k, bounds=TileBounder(k).bounds())
+
+
+def bound_tiles(p: Program) -> Program:
+    """The ``bound-tiles`` stage."""
+    return map_kernels(p, bound_kernel_tiles)

@@ -1,0 +1,103 @@
+"""The lowering pipeline: cascade → kernel program, one list of named stages.
+
+After the cascade stages (:mod:`attnc.passes.pipeline`) a definition is lowered, for one
+target, through::
+
+    tile         the tile program(s): one loop over the streamed rank, or several kernels
+                 with buffers between them when one loop cannot hold the cascade
+    map-ranks    grid / row / vector roles of every rank; GQA/MQA head packing
+    bound-tiles  skipped / partial / full tile ranges from the guards
+    variants     streamed, split-K and stream-K, each a list of kernels
+
+Each stage is ``Program -> Program`` (``tile`` starts from the cascade) and the verifier
+(:func:`attnc.einsum_ir.kernel.verify`) runs after every one.  What differs between
+targets is asked of the target (:class:`Target`, a capability query), never decided in a
+backend: a target that cannot take a form gets another one, and the program's notes
+say which and why (``--print-after-all`` and ``--emit kernel`` show them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from ..einsum_ir.ir import Definition, Module
+from ..einsum_ir.kernel import KernelModule, Program, Variant, verify
+from .bound_tiles import bound_tiles
+from .map_ranks import map_ranks
+from .multikernel import tile_stage
+from .variants import build_variants
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a backend can take.  ``packs_heads``: GQA/MQA query heads share a program's
+    rows; ``multi_kernel``: programs of several kernels with buffers between them;
+    ``variants``: which launch variants it renders."""
+
+    name: str
+    packs_heads: bool = True
+    multi_kernel: bool = True
+    variants: tuple[str, ...] = ("streamed", "split-k", "stream-k")
+
+
+TARGETS: dict[str, Target] = {
+    "numpy": Target("numpy", packs_heads=False, variants=("streamed",)),
+    "triton": Target("triton"),
+    "cuda": Target("cuda", packs_heads=False),
+}
+
+LOWERING_STAGES: tuple[str, ...] = ("tile", "map-ranks", "bound-tiles", "variants")
+
+
+def _variants(p: Program, target: Target, options: dict) -> Program:
+    """A one-loop program gets each variant the target renders; each part of a
+    multi-kernel program gets its own (a part that reduces the keys into a small buffer
+    splits over workers like decode does); a loop-less kernel runs as it is."""
+    if p.parts:
+        parts = tuple(_variants(q, target, options) for q in p.parts)
+        return dataclasses.replace(p, parts=parts, kernels=tuple(k for q in parts for k in q.kernels))
+    if len(p.kernels) != 1 or p.kernels[0].role != "streamed":
+        return dataclasses.replace(p, variants=(Variant("streamed", tuple(k.name for k in p.kernels)),))
+    full = build_variants(p.cascade, target.packs_heads, options.get("workers") or 2)
+    keep = {v.kind for v in full.variants} & set(target.variants)
+    variants = tuple(v for v in full.variants if v.kind in keep)
+    used = {k for v in variants for k in v.kernels}
+    kernels = tuple(k for k in full.kernels if k.name in used)
+    return dataclasses.replace(full, kernels=kernels, variants=variants, notes=p.notes + full.notes)
+
+
+def lower(defn: Definition, target: Target, options: dict | None = None,
+          source: Definition | None = None,
+          after_each: Callable[[str, Program], None] | None = None,
+          stop_after: str | None = None) -> Program:
+    """Lower one optimised definition to a kernel program for ``target``.  ``source`` is
+    the cascade before the ``online`` pass, which a multi-kernel program re-partitions."""
+    options = options or {}
+    steps: list[tuple[str, Callable[[Program], Program]]] = [
+        ("map-ranks", lambda p: map_ranks(p, target.packs_heads)),
+        ("bound-tiles", bound_tiles),
+        ("variants", lambda p: _variants(p, target, options)),
+    ]
+    program = verify(tile_stage(defn, source, target, options), "tile")
+    if after_each:
+        after_each("tile", program)
+    if stop_after == "tile":
+        return program
+    for name, run in steps:
+        program = verify(run(program), name)
+        if after_each:
+            after_each(name, program)
+        if stop_after == name:
+            break
+    return program
+
+
+def lower_module(module: Module, target: Target, options: dict | None = None,
+                 sources: Module | None = None, after_each=None, stop_after=None) -> KernelModule:
+    """Every definition of ``module`` (``sources``: the same definitions before ``online``)."""
+    programs = []
+    for d in module.definitions:
+        src = sources[d.name] if sources is not None else None
+        programs.append(lower(d, target, options, src, after_each, stop_after))
+    return KernelModule(tuple(programs))

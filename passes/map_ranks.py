@@ -1,0 +1,179 @@
+"""``map-ranks``: the role of every rank in a kernel, and GQA/MQA head packing.
+
+A kernel is launched on a grid of programs.  Each rank gets one role:
+
+* **grid** ranks take one value per program: ranks that select *which* keys stream
+  (the head ``h`` of ``K[h, m, e]``), and ranks of the state other than the row;
+* the **row** rank: a program owns a block of its values (the queries ``p``); it is the
+  state rank the update guards constrain, so a row block can skip tiles;
+* the **tile** rank (``m0``) and the other **vector** ranks (head dims) are held whole.
+
+Before → after (causal GQA decode, the loads ``K[h // G, m1*M0 + m0, e]``)::
+
+    state RM[h,p], RD[h,p], RNV[h,p,f]     grid (h)  rows p  vector (p, m0, e, f)
+                                        -> packed h by G per HK
+
+**Head packing** (targets that take it): when the streamed loads read a grid rank ``h``
+only as ``h // G`` with ``let G = H / HK`` (GQA), or not at all (MQA), the ``G`` query
+heads that share one K/V head share one program: its rows are the ``(g, p)`` pairs and
+every K/V tile is loaded once for the whole group instead of once per head.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import Access, Binary, Index, Reduce, Size, size_symbol
+from ..einsum_ir.kernel import HeadPacking, Kernel, Program, RankRoles, map_kernels
+from .tile import TileProgram
+from .tile_loads import expanded_body
+
+
+def long_ranks(defn) -> frozenset[str]:
+    """Ranks of tensor arguments other than the innermost dim of a float argument: the
+    sequence-like ranks a kernel blocks or streams, never holds whole."""
+    short = {a.ranks[-1] for a in defn.tensor_args
+             if a.ranks and a.dtype not in ("i32", "i64", "bool")}
+    every = {r for a in defn.tensor_args for r in a.ranks}
+    return frozenset(every - short)
+
+
+def loopless_roles(tp: TileProgram) -> RankRoles:
+    """Roles in a kernel without a streamed loop: the first long rank of what it stores
+    is the row, its other long ranks are grid ranks, the rest are held whole."""
+    defn = tp.cascade
+    long = long_ranks(defn)
+    outs = [r for o in defn.outputs for r in o.ranks]
+    lhs_long = list(dict.fromkeys(r for r in outs if r in long))
+    row = lhs_long[0] if lhs_long else None
+    grid = tuple(lhs_long[1:])
+    used = set()
+    for st in tp.prologue + tp.epilogue:
+        used |= set(st.lhs) | free_ranks(st.expr)
+        for red in walk(st.expr):
+            if isinstance(red, Reduce):
+                used |= set(red.ranks)
+    vector = tuple(r for r in ([row] if row else []) + [r for r in defn.ranks if r in used]
+                   if r not in grid)
+    return RankRoles(row, None, None, grid, tuple(dict.fromkeys(vector)))
+
+
+def classify_ranks(tp: TileProgram, statements) -> RankRoles:
+    """Row, tile, grid and vector ranks from how the statements use them."""
+    defn = tp.cascade
+    inputs = {a.name for a in defn.tensor_args}
+    streamed = _streamed_inputs(tp, statements, inputs)
+    state_ranks = []
+    for st in tp.inits:
+        state_ranks += [r for r in st.lhs if r != st.iter_rank and r not in state_ranks]
+    in_streamed, in_other = set(), set()
+    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue):
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in inputs:
+                used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
+                (in_streamed if acc.tensor in streamed else in_other).update(used)
+    selectors = _selectors(tp, statements, streamed)
+    grid = [r for r in state_ranks if (r in in_streamed and r in in_other) or r in selectors]
+    rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
+    guard_ranks = set()
+    for _, gs in tp.guards:
+        for g in gs:
+            guard_ranks |= free_ranks(g.cond)
+    row = next((r for r in rows if r in guard_ranks), rows[-1] if rows else None)
+    if row is None:
+        # a reduction of the keys into a state over head dims only (linear attention's
+        # K^T V): its first rank is blocked into rows, so no program holds E x F whole
+        row = next((r for r in state_ranks if r not in grid), None)
+    grid += [r for r in rows if r != row]
+    vector = [r for r in (row, tp.tile_rank) if r]
+    every = set()
+    for st in statements + tuple(tp.epilogue) + tuple(tp.prologue) + tuple(tp.inits):
+        every |= set(st.lhs) | free_ranks(st.expr)
+        for red in walk(st.expr):
+            if isinstance(red, Reduce):
+                every |= set(red.ranks)
+    for r in defn.ranks:
+        if r in every and r not in vector and r not in grid and r != tp.loop_rank:
+            vector.append(r)
+    return RankRoles(row, tp.tile_rank, tp.loop_rank, tuple(grid), tuple(vector))
+
+
+def _streamed_inputs(tp: TileProgram, statements, inputs) -> set[str]:
+    """Inputs read along the loop rank (the keys and values)."""
+    streamed = set()
+    for st in statements:
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in inputs and any(
+                    tp.loop_rank in free_ranks(s) for s in acc.subscripts):
+                streamed.add(acc.tensor)
+    return streamed
+
+
+def _selectors(tp: TileProgram, statements, streamed) -> set[str]:
+    """Ranks that choose *which* keys stream (``w`` in ``K[(w*MT + mt)*M0 + m0]``)."""
+    out = set()
+    for st in statements:
+        for acc in walk(st.expr):
+            if isinstance(acc, Access) and acc.tensor in streamed:
+                for sub in acc.subscripts:
+                    if not isinstance(sub, Index) and tp.loop_rank in free_ranks(sub):
+                        out |= free_ranks(sub) - {tp.loop_rank, tp.tile_rank}
+    return out
+
+
+def head_packing(tp: TileProgram, statements, ranks: RankRoles) -> HeadPacking | None:
+    """The first grid rank the key/value loads read only as ``h // G`` (or not at all)."""
+    defn = tp.cascade
+    if ranks.row is None or ranks.tile is None:
+        return None
+    args = {a.name: a for a in defn.tensor_args}
+    moving = {ranks.loop, ranks.tile}
+    streamed = []
+    for st in statements:
+        for e in (st.expr, st.where):
+            for acc in (walk(e) if e is not None else ()):
+                if isinstance(acc, Access) and acc.tensor in args and any(
+                        moving & free_ranks(sub) for sub in acc.subscripts):
+                    streamed.append(acc)
+    lets = {let.name: let.value for let in defn.lets}
+    for h in ranks.grid:
+        forms, plain = set(), False
+        for acc in streamed:
+            for sub, rank in zip(acc.subscripts, args[acc.tensor].ranks):
+                if h not in free_ranks(sub):
+                    continue
+                if (isinstance(sub, Binary) and sub.op == "//" and sub.left == Index(h)
+                        and isinstance(sub.right, Size)):
+                    forms.add((sub, rank))
+                else:
+                    plain = True
+        if plain or len(forms) > 1:
+            continue
+        if not forms:
+            return HeadPacking(h, h, None, None)
+        ((sub, unit_rank),) = forms
+        group = sub.right.rank
+        if group in lets and sympy.simplify(
+                lets[group] - size_symbol(h) / size_symbol(unit_rank)) == 0:
+            return HeadPacking(h, group, unit_rank, sub)
+    return None
+
+
+def map_kernel_ranks(k: Kernel, packs_heads: bool) -> Kernel:
+    """Roles for one kernel (a combine kernel keeps the roles the variants stage gave it)."""
+    if k.roles is not None:
+        return k
+    if k.tiles.loop_rank is None:
+        return dataclasses.replace(k, roles=loopless_roles(k.tiles))
+    _, body = expanded_body(k.tiles)
+    roles = classify_ranks(k.tiles, body)
+    if packs_heads and k.role != "combine":
+        roles = dataclasses.replace(roles, packing=head_packing(k.tiles, body, roles))
+    return dataclasses.replace(k, roles=roles)
+
+
+def map_ranks(p: Program, packs_heads: bool = True) -> Program:
+    """The ``map-ranks`` stage: every kernel of the program gets its rank roles."""
+    return map_kernels(p, lambda k: map_kernel_ranks(k, packs_heads))

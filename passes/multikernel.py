@@ -1,0 +1,284 @@
+"""The ``tile`` stage: a definition's kernels — one streamed loop, or several kernels.
+
+A kernel holds the short ranks (head dims) whole, blocks one long rank into rows and
+streams at most one other long rank in tiles.  When the optimised cascade fits that as
+one loop (every softmax variant after ``online``), the program is one kernel.  When it
+does not — reassociated linear attention ``Q (K^T V)``, whose ``K^T V`` reduces the keys
+into a small ``E × F`` matrix that every query then reads, or a norm pre-pass — the
+cascade that entered ``online`` is **partitioned** into parts joined by small buffers,
+each part goes through ``online`` and ``stream-final`` on its own and becomes a kernel.
+Before → after (linear attention)::
+
+    FK[m,e]  = phi(K[m,e])                     part 0 (streams M):   KV[e,f], KS[e]
+    KV[e,f]  = FK[m,e] * V[m,f]                  FK, KV, KS
+    KS[e]    = sum[m](FK[m,e])             ->   part 1 (rows P):      AV[p,f]
+    FQ[p,e]  = phi(Q[p,e])                       FQ, NUM, DEN, AV     reads KV, KS
+    NUM[p,f] = FQ[p,e] * KV[e,f]  ...
+
+Partition rule: a tensor over a long rank stays in the kernel that computes it (it is
+recomputed, never written to memory); a tensor over short ranks only (``KV[e,f]``) may
+be a buffer between kernels.  Long ranks are the ranks of tensor arguments other than
+the last (innermost) dimension of a floating-point argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
+                            Output, Param, Reduce, ScalarParam, Size, TensorArg)
+from ..einsum_ir.kernel import Buffer, Kernel, Program
+from .map_ranks import long_ranks, map_kernel_ranks
+from .names import fresh_name
+from .tile import NotTileable, TileProgram, tile_program
+
+
+def statement_ranks(st) -> set[str]:
+    """Every rank a statement iterates over (its LHS, free and reduced ranks)."""
+    out = set(st.lhs) | set(free_ranks(st.expr))
+    for red in walk(st.expr):
+        if isinstance(red, Reduce):
+            out |= set(red.ranks)
+    return out
+
+
+def kernel_blocker(tp: TileProgram, roles) -> str | None:
+    """Why one kernel cannot hold ``tp`` (a long rank held whole), or None."""
+    long = long_ranks(tp.cascade) | ({tp.stream_rank} if tp.stream_rank else set())
+    held = [r for r in roles.vector if r not in (roles.row, roles.tile) and r in long]
+    if held:
+        return f"the kernel would hold the long rank {held[0]} whole in every program"
+    return None
+
+
+def _one_kernel(defn: Definition) -> Program:
+    tp = tile_program(defn)
+    outputs = tuple(Buffer(o.name, o.ranks, "output") for o in defn.outputs)
+    k = Kernel(defn.name, "streamed", tp, outputs)
+    why = kernel_blocker(tp, map_kernel_ranks(k, False).roles)
+    if why:
+        raise NotTileable(f"{defn.name}: {why}")
+    return Program(defn.name, defn, (k,))
+
+
+# ----------------------------------------------------------------------------
+# partition
+# ----------------------------------------------------------------------------
+
+
+def _partition(defn: Definition) -> list[list]:
+    """Statements grouped into parts (in dependency order): a tensor over a long rank is
+    fused with its readers."""
+    long = long_ranks(defn)
+    stmts = [s for s in defn.statements]
+    owner = {s.tensor: i for i, s in enumerate(stmts)}
+    g = nx.Graph()
+    g.add_nodes_from(range(len(stmts)))
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(stmts)))
+    for i, st in enumerate(stmts):
+        for e in (st.expr, st.where):
+            for n in (walk(e) if e is not None else ()):
+                if isinstance(n, Access) and n.tensor in owner and owner[n.tensor] != i:
+                    j = owner[n.tensor]
+                    dag.add_edge(j, i)
+                    if set(defn.tensor_ranks(n.tensor)) & long or isinstance(stmts[j], IterativeEinsum):
+                        g.add_edge(i, j)
+        if isinstance(st, IterativeEinsum):
+            for j, other in enumerate(stmts):
+                if other.tensor == st.tensor and j != i:
+                    g.add_edge(i, j)
+    parts = nx.quotient_graph(dag, [set(c) for c in nx.connected_components(g)])
+    if not nx.is_directed_acyclic_graph(parts):
+        raise NotTileable(f"{defn.name}: its kernels would depend on each other in a cycle")
+    order = nx.lexicographical_topological_sort(parts, key=min)
+    return [[stmts[i] for i in sorted(node)] for node in order]
+
+
+def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str],
+                     made: dict[str, tuple]) -> Definition:
+    """One part as a definition: its inputs are the arguments and earlier parts' buffers
+    it reads, its outputs what later parts (or the caller) read."""
+    reads = set()
+    for st in stmts:
+        for e in (st.expr, st.where):
+            reads |= {n.tensor for n in (walk(e) if e is not None else ()) if isinstance(n, Access)}
+    own = {st.tensor for st in stmts}
+    args = tuple(a for a in defn.tensor_args if a.name in reads)
+    args += tuple(TensorArg(t, made[t], "f32") for t in sorted(reads - own) if t in made)
+    used = {n.name for st in stmts for e in (st.expr, st.where)
+            for n in (walk(e) if e is not None else ()) if isinstance(n, Param)}
+    # the caller resolves defaults (they may name sizes this part does not see)
+    params = args + tuple(dataclasses.replace(p, default=None) for p in defn.scalar_params
+                          if p.name in used)
+    finals = {o.name: o for o in defn.outputs}
+    lhs = {st.tensor: st.lhs for st in stmts}
+    outs = tuple(finals[t] if t in finals else Output(t, lhs[t], "f32")
+                 for t in dict.fromkeys(st.tensor for st in stmts)
+                 if t in finals or t in later_reads)
+    lets = _lets_bound_by(defn, args)
+    stmts, sizes = _sizes_as_params(stmts, {r for a in args for r in a.ranks} | {x.name for x in lets})
+    params += tuple(ScalarParam(size_param(r)) for r in sizes)
+    return dataclasses.replace(defn, name=f"{defn.name}__k{k}", params=params, outputs=outs,
+                               lets=lets, statements=tuple(stmts))
+
+
+def size_param(rank: str) -> str:
+    """The scalar parameter that carries a size a part's arguments do not bind."""
+    return f"size_{rank.lower()}"
+
+
+def _sizes_as_params(stmts, bound: set[str]):
+    """Sizes used as numbers that no argument of the part binds become parameters
+    (``/ (M + 1)`` in a part without the keys -> ``/ (size_m + 1)``)."""
+    from ..einsum_ir.exprs import transform
+
+    used: dict[str, None] = {}
+
+    def fix(n):
+        if isinstance(n, Size) and n.rank not in bound:
+            used.setdefault(n.rank, None)
+            return Param(size_param(n.rank), loc=n.loc)
+        return None
+    out = [dataclasses.replace(st, expr=transform(st.expr, fix),
+                               where=None if st.where is None else transform(st.where, fix))
+           for st in stmts]
+    return out, tuple(used)
+
+
+def _lets_bound_by(defn: Definition, args) -> tuple:
+    """The ``let`` sizes computable from the ranks of ``args`` (and earlier such lets)."""
+    known = {r for a in args for r in a.ranks}
+    out = []
+    for let in defn.lets:
+        if {s.name for s in let.value.free_symbols} <= known:
+            out.append(let)
+            known.add(let.name)
+    return tuple(out)
+
+
+def _reads(stmts) -> set[str]:
+    out = set()
+    for st in stmts:
+        for e in (st.expr, st.where):
+            out |= {n.tensor for n in (walk(e) if e is not None else ()) if isinstance(n, Access)}
+    return out
+
+
+def split_definition(source: Definition) -> list[Definition]:
+    """The parts of ``source`` (see the module docstring), each a definition.
+
+    A buffer stores 0 where its tensor is absent, so each buffer travels with a presence
+    buffer, and the reading part restores the absence.  Before → after::
+
+        KV[e,f] = sum[m](FK[m,e] * V[m,f])      KV[e,f] = sum[m](FK[m,e] * V[m,f])
+                                           ->   KV_present[e,f] = select(KV[e,f] > 0, 1, 1)
+        ... KV[e,f] ...                         KV_read[e,f] = KV[e,f]   where KV_present[e,f] > 0
+                                                ... KV_read[e,f] ...
+    """
+    groups = [list(g) for g in _partition(source)]
+    taken = {st.tensor for st in source.statements} | {a.name for a in source.params}
+    flags: dict[str, str] = {}
+    ranks_of = {st.tensor: st.lhs for st in source.statements}
+    for k, stmts in enumerate(groups):
+        later = _reads([s for g in groups[k + 1:] for s in g])
+        for st in list(stmts):
+            if st.tensor in later and st.tensor not in flags:
+                flags[st.tensor] = fresh_name(f"{st.tensor}_present", taken)
+                stmts.append(_presence_of(st, flags[st.tensor]))
+    for k in range(1, len(groups)):
+        groups[k] = _restore_absence(groups[k], flags, taken, ranks_of)
+    made: dict[str, tuple] = {}
+    parts = []
+    for k, stmts in enumerate(groups):
+        later = _reads([s for g in groups[k + 1:] for s in g])
+        d = _part_definition(source, stmts, k, later, made)
+        made.update({o.name: o.ranks for o in d.outputs})
+        parts.append(d)
+    return parts
+
+
+def _presence_of(st, name: str) -> Einsum:
+    """``name[...] = 1`` exactly where ``st``'s tensor is present (a map reads it)."""
+    idx = tuple(Index(r) for r in st.lhs)
+    read = Access(st.tensor, idx)
+    return Einsum(name, st.lhs, Call("select", (Binary(">", read, Num(0)), Num(1), Num(1))))
+
+
+def _restore_absence(stmts: list, flags: dict[str, str], taken: set[str], ranks_of) -> list:
+    """Reads of earlier parts' buffers go through a copy that is absent where the
+    buffer's presence flag is 0."""
+    from ..einsum_ir.exprs import transform
+
+    own = {st.tensor for st in stmts}
+    used = [t for t in sorted(_reads(stmts)) if t in flags and t not in own]
+    if not used:
+        return stmts
+    copies, renamed = [], {}
+    for t in used:
+        ranks = ranks_of[t]
+        renamed[t] = fresh_name(f"{t}_read", taken)
+        idx = tuple(Index(r) for r in ranks)
+        copies.append(Einsum(renamed[t], ranks, Access(t, idx),
+                             where=Binary(">", Access(flags[t], idx), Num(0))))
+
+    def fix(n):
+        if isinstance(n, Access) and n.tensor in renamed:
+            return Access(renamed[n.tensor], n.subscripts, loc=n.loc)
+        return None
+    body = [dataclasses.replace(st, expr=transform(st.expr, fix),
+                                where=None if st.where is None else transform(st.where, fix))
+            for st in stmts]
+    return copies + body
+
+
+def _part_program(part: Definition, options: dict) -> Program:
+    """One part through ``online`` and ``stream-final``, as a one-loop or loop-less kernel."""
+    from .online import online
+    from .stream_final import stream_final
+
+    tile = options.get("tile")
+    d = stream_final(online(part, tile=tile) if tile else online(part))
+    try:
+        return _one_kernel(d)
+    except NotTileable:
+        return _map_kernel(part)
+
+
+def _map_kernel(part: Definition) -> Program:
+    """A part without a streamed loop: every statement once per row block."""
+    stmts = tuple(part.statements)
+    if any(isinstance(s, IterativeEinsum) for s in stmts):
+        raise NotTileable(f"{part.name}: an iterative part that is not one loop")
+    long = long_ranks(part)
+    for st in stmts:
+        for red in (n for n in walk(st.expr) if isinstance(n, Reduce)):
+            if set(red.ranks) & long:
+                raise NotTileable(f"{part.name}: {st.tensor} reduces the long rank "
+                                  f"{sorted(set(red.ranks) & long)[0]} without a streamed loop")
+    tp = TileProgram(name=part.name, cascade=part, prologue=stmts, loop_rank=None,
+                     tile_rank=None, tile_size=None, stream_rank=None, inits=(), body=(),
+                     epilogue=(), kept=frozenset(), guards=(), row_rank=None)
+    outputs = tuple(Buffer(o.name, o.ranks, "output") for o in part.outputs)
+    return Program(part.name, part, (Kernel(part.name, "stage", tp, outputs),))
+
+
+def tile_stage(defn: Definition, source: Definition | None, target, options: dict) -> Program:
+    """The ``tile`` stage (see the module docstring)."""
+    try:
+        return _one_kernel(defn)
+    except NotTileable as err:
+        if source is None or not target.multi_kernel:
+            raise
+        why = str(err)
+    parts = split_definition(source)
+    if len(parts) < 2:
+        raise NotTileable(why)
+    programs = tuple(_part_program(p, options) for p in parts)
+    buffers = tuple(Buffer(o.name, o.ranks, "intermediate") for q in programs[:-1]
+                    for o in q.cascade.outputs if o.name not in {x.name for x in defn.outputs})
+    note = f"{len(programs)} kernels: one loop cannot hold it ({why.split(': ', 1)[-1]})"
+    return Program(defn.name, defn, tuple(k for q in programs for k in q.kernels),
+                   buffers=buffers, notes=(note,), parts=programs)

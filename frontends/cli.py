@@ -14,7 +14,9 @@ import traceback
 from pathlib import Path
 
 from .. import __version__
-from ..backends import compile_module, get_backend, load_generated, write_atomic
+from ..backends import choose_form, compile_module, get_backend, load_generated, lower_stages, write_atomic
+from ..einsum_ir.kernel import print_kernel_module, print_program
+from ..passes.lowering import LOWERING_STAGES
 from ..passes.tile import NotTileable
 from ..einsum_ir.diagnostics import SpecError
 from ..einsum_ir.ir import Module
@@ -73,7 +75,8 @@ def _check_passes(names: list[str] | None, stop_after: str | None) -> None:
         stages = [s.name for s in resolve(names)]
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if stop_after is not None and stop_after not in stages:
+    if stop_after is not None and stop_after not in stages \
+            and stop_after not in LOWERING_STAGES:
         raise UsageError(f"--stop-after {stop_after!r} is not in the pipeline "
                          f"({', '.join(stages)})")
 
@@ -133,10 +136,20 @@ def cmd_compile(args) -> int:
             print(f"# ---- after {name} ----")
             print(print_module(mod))
 
-    if args.emit == "ir":
-        print(print_module(_pipeline(module, args, echo)[-1][1]), end="")
+    def echo_kernel(name, program):
+        if args.print_after_all:
+            print(f"# ---- after {name} ----")
+            print(program if isinstance(program, str) else print_program(program))
+
+    lowering = getattr(args, "stop_after", None) in LOWERING_STAGES
+    if args.emit == "kernel" or lowering:
+        _, kernels = _lower(module, args, echo, echo_kernel)
+        print(print_kernel_module(kernels), end="")
         return 0
-    _, files = _compile(module, args, echo)
+    if args.emit == "ir":
+        print(_compiled_cascade(module, args, echo), end="")
+        return 0
+    _, files = _compile(module, args, echo, echo_kernel)
     if args.emit == "code":
         for text in files.values():
             print(text, end="")
@@ -148,18 +161,50 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile(module: Module, args, echo=None):
+def _lower(module: Module, args, echo=None, echo_kernel=None):
+    """(stages, kernel module) of the spec for the backend's target (``--emit kernel``)."""
+    names, options = _choice(args)
+    stop = getattr(args, "stop_after", None)
+    cascade_stop = None if stop in LOWERING_STAGES else stop
+    if options.get("tile") is None:
+        options["tile"] = _backend(args.backend).tile
+    try:
+        stages = run_pipeline(module, names, cascade_stop, echo, options)
+        if stop in LOWERING_STAGES:
+            return stages, lower_stages(stages, args.backend, options, echo_kernel, stop)
+        return choose_form(module, stages, args.backend, options, names, echo, echo_kernel)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except NotTileable as err:
+        raise _declined(args.backend, err) from None
+
+
+def _compiled_cascade(module: Module, args, echo=None) -> str:
+    """``--emit ir``: exactly the cascade the backend compiles — for a kernel backend the
+    form the lowering chose, one definition per kernel program of a multi-kernel one."""
+    if _backend(args.backend).runtime == "numpy" or getattr(args, "O0", False):
+        return print_module(_pipeline(module, args, echo)[-1][1])
+    _, kernels = _lower(module, args, echo)
+    parts = [q.cascade for p in kernels.programs for q in (p.parts or (p,))]
+    return print_module(Module(tuple(parts)))
+
+
+def _declined(backend: str, err: Exception) -> UsageError:
+    return UsageError(f"the {backend} backend cannot compile this spec: {err}\n"
+                      f"  (its kernels stream the keys once: `attnc report` shows the passes "
+                      f"this cascade needs and what blocks one pass; the numpy backend "
+                      f"compiles any cascade)")
+
+
+def _compile(module: Module, args, echo=None, echo_kernel=None):
     """(stages, files) for the spec's backend, through the requested pipeline."""
     names, options = _choice(args)
     try:
         return compile_module(module, args.backend, Path(args.spec).stem, names, options,
                               getattr(args, "stop_after", None), echo,
-                              fused=not getattr(args, "O0", False))
+                              fused=not getattr(args, "O0", False), after_lowering=echo_kernel)
     except NotTileable as err:
-        raise UsageError(f"the {args.backend} backend cannot compile this spec: {err}\n"
-                         f"  (its kernels stream the keys once: `attnc report` shows the passes "
-                         f"this cascade needs and what blocks one pass; the numpy backend "
-                         f"compiles any cascade)") from None
+        raise _declined(args.backend, err) from None
 
 
 def _compile_to_temp(spec: str, module: Module, args, tmp: str):
@@ -182,6 +227,8 @@ def _check_target(backend: str) -> tuple[str | None, float]:
     if backend == "triton":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through Triton's interpreter
         return "cpu", 1e-4
+    if backend == "cuda" and os.environ.get("ATTNC_CUDA_EMULATE") == "1":
+        return "cpu", 1e-4  # the same .cu compiled as C++ for CPU tensors
     raise UsageError(f"the {backend} backend needs a CUDA GPU to run; compile it with "
                      f"'attnc compile --backend {backend}'")
 
@@ -283,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--backend", default="numpy", help="numpy (default)")
         if pipeline:
             sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
-            sp.add_argument("--stop-after", dest="stop_after", help="stop after this pass")
+            sp.add_argument("--stop-after", dest="stop_after",
+                            help="stop after this pass, or after a lowering stage ("
+                                 + ", ".join(LOWERING_STAGES) + ": prints the kernel program)")
             sp.add_argument("--tile", type=_positive,
                             help="tile size of the streamed rank (online pass)")
             sp.add_argument("--workers", type=_positive,
@@ -294,8 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a spec to a module")
     common(c)
     c.add_argument("-o", "--output", default=".", help="output folder (default: .)")
-    c.add_argument("--emit", choices=("ir", "code"), help="print the IR or the code instead of writing")
-    c.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    c.add_argument("--emit", choices=("ir", "kernel", "code"),
+                   help="print the compiled cascade (ir), the kernel program (kernel) or the "
+                        "code instead of writing")
+    c.add_argument("--print-after-all", action="store_true",
+                   help="print the IR after every pass and the kernel program after every "
+                        "lowering stage")
     c.add_argument("--size", help="size assumptions for cost decisions, e.g. M=8192,E=128")
     c.set_defaults(fn=cmd_compile)
 

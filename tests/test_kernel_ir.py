@@ -1,0 +1,227 @@
+"""The kernel IR and its lowering stages: types, rank roles, one tile-bound derivation
+checked against brute force, variants, multi-kernel programs, the verifier, the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnc.einsum_ir import ir
+from attnc.einsum_ir.kernel import (ROW_FIRST, ROW_LAST, Buffer, KernelIRError, eval_int,
+                                    print_program, verify)
+from attnc.einsum_ir.types import BOOL, FLOAT, INT, TypeEnv
+from attnc.frontends import parse_file
+from attnc.frontends.cli import main
+from attnc.passes.lowering import LOWERING_STAGES, TARGETS, lower
+from attnc.passes.pipeline import run_pipeline
+from attnc.passes.tile import NotTileable
+
+from conftest import EXAMPLES, all_examples
+
+
+def _lowered(path, backend="triton", tile=16, stop_after=None):
+    module = parse_file(path)
+    stages = run_pipeline(module, None, options={"tile": tile})
+    names = [n for n, _ in stages]
+    source = stages[names.index("online") - 1][1]
+    d = stages[-1][1].definitions[0]
+    return lower(d, TARGETS[backend], {"tile": tile}, source[d.name], stop_after=stop_after)
+
+
+# --- types -------------------------------------------------------------------------------
+
+def test_expression_types_follow_the_contract():
+    defn = parse_file(EXAMPLES / "document_mask.attn").definitions[0]
+    env = TypeEnv(defn)
+    E, m, two = ir.Size("E"), ir.Index("M"), ir.Num(2)
+    assert env.of(E) == INT and env.of(m) == INT and env.of(two) == INT
+    assert env.of(ir.Call("sqrt", (E,))) == FLOAT
+    assert env.of(ir.Binary("/", E, two)) == FLOAT, "true division"
+    assert env.of(ir.Binary("//", E, two)) == INT
+    assert env.of(ir.Binary("*", E, ir.Num(0.5))) == FLOAT
+    assert env.of(ir.Binary("**", E, two)) == INT and env.of(ir.Binary("**", E, ir.Num(-1))) == FLOAT
+    assert env.of(ir.Binary("<", m, E)) == BOOL
+    assert env.of(ir.Access("DQ", (ir.Index("P"),))) == INT, "an i32 tensor's elements"
+    assert env.of(ir.Access("Q", (ir.Index("P"), ir.Index("E")))) == FLOAT
+    assert env.of(ir.Reduce("sum", ("M",), ir.Binary("<", m, E))) == INT, "a count"
+    assert env.of(ir.Call("select", (ir.Binary("<", m, E), E, ir.Num(1.5)))) == FLOAT
+
+
+# --- roles, bounds, variants ---------------------------------------------------------------
+
+def test_gqa_heads_are_packed_for_triton_only():
+    triton = _lowered(EXAMPLES / "gqa_decode.attn", "triton")
+    cuda = _lowered(EXAMPLES / "gqa_decode.attn", "cuda")
+    pk = triton.kernels[0].roles.packing
+    assert pk is not None and (pk.rank, pk.group, pk.units) == ("H", "G", "HK")
+    assert cuda.kernels[0].roles.packing is None
+    assert [v.kind for v in triton.variants] == ["streamed", "split-k", "stream-k"]
+
+
+@pytest.mark.parametrize("path", all_examples(), ids=lambda p: p.name)
+def test_one_bound_derivation_for_every_target(path):
+    """Triton and CUDA render the same tile bounds: one derivation (bound-tiles)."""
+    try:
+        a, b = (_lowered(path, t, stop_after="bound-tiles") for t in ("triton", "cuda"))
+    except NotTileable:
+        pytest.skip("not a kernel program")
+    assert [k.bounds for k in a.kernels] == [k.bounds for k in b.kernels]
+
+
+def _holds(cond, env):
+    """Evaluate an affine/boolean guard over plain ints (index variables lowercase)."""
+    if isinstance(cond, ir.Binary):
+        a, b = _holds(cond.left, env), _holds(cond.right, env)
+        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "//": lambda: a // b,
+                "<": lambda: a < b, "<=": lambda: a <= b, ">": lambda: a > b, ">=": lambda: a >= b,
+                "==": lambda: a == b, "!=": lambda: a != b, "and": lambda: a and b,
+                "or": lambda: a or b}[cond.op]()
+    if isinstance(cond, ir.Unary):
+        x = _holds(cond.operand, env)
+        return -x if cond.op == "-" else not x
+    if isinstance(cond, ir.Num):
+        return cond.value
+    if isinstance(cond, ir.Index):
+        return env["_" + cond.rank]
+    if isinstance(cond, ir.Size):
+        return env[cond.rank]
+    if isinstance(cond, ir.Param):
+        return env["param_" + cond.name]
+    raise TypeError(cond)
+
+
+BOUNDED = ["causal.attn", "sliding_window.attn", "sinks_window.attn", "prefix_lm.attn",
+           "alibi.attn", "mqa_decode.attn"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(which=st.sampled_from(BOUNDED), P=st.integers(1, 40), M=st.integers(1, 70),
+       block=st.sampled_from([4, 16]), first=st.integers(0, 39), tile=st.sampled_from([4, 16]))
+def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, tile):
+    """Live tiles contain every tile some update may change; full tiles need no mask."""
+    program = _lowered(EXAMPLES / which, "triton", tile=tile, stop_after="bound-tiles")
+    k = program.kernels[0]
+    r, tp = k.roles, k.tiles
+    first = min(first, P - 1)
+    last = min(first + block, P) - 1
+    env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-M // tile),
+           ROW_FIRST: first, ROW_LAST: last, f"BLOCK_{r.tile}": tile}
+    for q in tp.cascade.scalar_params:  # defaults over sizes (a window of 1/sqrt(E)...), else 3.5
+        value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if q.default is not None else 3.5
+        env[f"param_{q.name}"] = float(value)
+    tiles = env[r.loop]
+    affine = [[g for g in gs if g.exists <= {r.tile}] for _, gs in tp.guards]
+    live = set()
+    for t in range(tiles):
+        for m0, p in itertools.product(range(tile), range(first, last + 1)):
+            point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
+            if any(all(_holds(g.cond, point) for g in gs) for gs in affine):
+                live.add(t)
+                break
+    b = k.bounds
+    if b.live is not None:
+        lo, hi = eval_int(b.live.lo, env), eval_int(b.live.hi, env)
+        assert live <= set(range(lo, hi)), (which, lo, hi, sorted(live))
+    if b.full is not None and not b.full_probes:
+        lo, hi = eval_int(b.full.lo, env), eval_int(b.full.hi, env)
+        for t in range(max(lo, 0), min(hi, tiles)):
+            for m0, p in itertools.product(range(tile), range(first, last + 1)):
+                point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
+                assert t * tile + m0 < M, "a full tile lies inside the keys"
+                assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
+
+
+# --- multi-kernel programs ------------------------------------------------------------------
+
+def test_linear_attention_is_two_kernels_joined_by_small_buffers():
+    p = _lowered(EXAMPLES / "linear.attn", "cuda")
+    assert len(p.parts) == 2
+    assert {b.name for b in p.buffers} == {"KV", "KS", "KV_present", "KS_present"}
+    assert all(set(b.ranks) <= {"E", "F"} for b in p.buffers), "no buffer over a long rank"
+    first, second = p.parts
+    assert first.kernels[0].tiles.stream_rank == "M" and second.kernels[0].roles.row == "P"
+    assert "split-k" in [v.kind for v in first.variants], "K^T V splits over workers"
+    text = print_program(p)
+    assert "program linear_attention__k0" in text and "KV_read" in text and "KV_present" in text
+
+
+def test_two_kernel_program_keeps_absence_across_the_buffer(tmp_path):
+    """M = 0: K^T V is absent, so the output is 0 (the contract), not 0/0."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from attnc.backends import compile_module, load_generated, write_atomic
+
+    module = parse_file(EXAMPLES / "linear.attn")
+    _, files = compile_module(module, "triton", "linear")
+    for name, text in files.items():
+        write_atomic(tmp_path / name, text)
+    gen = load_generated(tmp_path / "linear.py")
+    Q = torch.randn(3, 8)
+    out = gen.linear_attention(Q, torch.randn(0, 8), torch.randn(0, 5))
+    assert out.shape == (3, 5) and not torch.isnan(out).any() and (out == 0).all()
+    K, V = torch.randn(7, 8), torch.randn(7, 5)
+    got = gen.linear_attention(Q, K, V)
+    phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))  # noqa: E731
+    want = (phi(Q) @ (phi(K).T @ V)) / (phi(Q) @ phi(K).sum(0))[:, None]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_form_the_target_cannot_take_is_replaced_visibly(capsys):
+    """Causal linear attention's chunked prefix form needs kernels that read each other's
+    results: the form without reassociate is compiled, and every output says so."""
+    path = str(EXAMPLES / "linear_causal.attn")
+    assert main(["compile", path, "--backend", "triton", "--emit", "kernel"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot take the reassociated form" in out and "compiling the cascade without" in out
+    assert main(["compile", path, "--backend", "triton", "--emit", "ir"]) == 0
+    ir_text = capsys.readouterr().out
+    assert "PFKV" not in ir_text and "RAV_sum" in ir_text, "--emit ir prints the compiled form"
+
+
+# --- the verifier and the CLI ---------------------------------------------------------------
+
+def test_the_verifier_rejects_broken_programs():
+    p = dataclasses.replace(_lowered(EXAMPLES / "causal.attn"), variants=())
+    k = p.kernels[0]
+    bad = dataclasses.replace(k, writes=(Buffer("NOPE", ("P",), "output"),))
+    with pytest.raises(KernelIRError, match="never computes"):
+        verify(dataclasses.replace(p, kernels=(bad,)))
+    with pytest.raises(KernelIRError, match="share a name"):
+        verify(dataclasses.replace(p, kernels=(k, k)))
+    roles = dataclasses.replace(k.roles, grid=("P",))
+    with pytest.raises(KernelIRError, match="both grid and vector"):
+        verify(dataclasses.replace(p, kernels=(dataclasses.replace(k, roles=roles),)))
+
+
+@pytest.mark.parametrize("stage", LOWERING_STAGES)
+def test_cli_stops_after_each_lowering_stage(stage, capsys):
+    assert main(["compile", str(EXAMPLES / "causal.attn"), "--backend", "triton",
+                 "--stop-after", stage]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("program causal_softmax:")
+    assert ("grid (" in out) == (stage != "tile")
+    assert ("live tiles" in out) == (stage in ("bound-tiles", "variants"))
+    assert ("variant split-k" in out) == (stage == "variants")
+
+
+def test_print_after_all_shows_cascade_and_lowering_stages(capsys):
+    assert main(["compile", str(EXAMPLES / "causal.attn"), "--backend", "cuda",
+                 "--print-after-all", "--emit", "kernel"]) == 0
+    out = capsys.readouterr().out
+    order = ["after canonicalize", "after online", "after tile", "after map-ranks",
+             "after bound-tiles", "after variants"]
+    positions = [out.index(f"# ---- {s} ----") for s in order]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("path", all_examples(), ids=lambda p: p.name)
+def test_emit_kernel_for_every_example(path, capsys):
+    code = main(["compile", str(path), "--backend", "triton", "--emit", "kernel"])
+    out = capsys.readouterr()
+    if code != 0:
+        assert "cannot compile" in out.err, out.err
+        return
+    assert out.out.startswith("program ") and "kernel " in out.out

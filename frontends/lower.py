@@ -638,9 +638,7 @@ class DefinitionLowering:
 
     def _expr_ReduceExpr(self, e: ast.ReduceExpr) -> ir.Expr:
         op = e.op.name
-        before = len(self.errors.diagnostics)
         body = self._expr(e.body)
-        body_ok = len(self.errors.diagnostics) == before
         if op not in ir.REDUCE_OPS:
             if op in self.scope.tensors:
                 self.errors.error(f"tensor access '{op}[...]' cannot be called", e.loc)
@@ -650,9 +648,7 @@ class DefinitionLowering:
             return ir.Num(0, loc=e.loc)
         if not e.ranks:
             self.errors.error(f"{op}[] lists no index variable", e.loc, f"write {op}[i](...)")
-        ranks = self._reduction_ranks(e)
-        if body_ok:
-            self._check_reduced_ranks_used(op, ranks, body)
+        ranks = self._reduction_ranks(e)  # a rank the body does not use is fine: sum[m](2) is M * 2
         return ir.Reduce(op, tuple(r for r, _ in ranks), body, loc=e.loc)
 
     def _reduction_ranks(self, e: ast.ReduceExpr) -> list[tuple[str, Loc]]:
@@ -669,13 +665,6 @@ class DefinitionLowering:
             else:
                 out.append((index_vars[r.name], r.loc))
         return out
-
-    def _check_reduced_ranks_used(self, op: str, ranks, body: ir.Expr) -> None:
-        body_free = free_ranks(body)
-        for rank, loc in ranks:
-            if rank not in body_free:
-                self.errors.error(f"{op}[{rank.lower()}] reduces over a rank its body does not use",
-                                  loc, f"'{rank.lower()}' does not occur in the reduction's body")
 
     def _expr_UnaryExpr(self, e: ast.UnaryExpr) -> ir.Expr:
         return ir.Unary(e.op, self._expr(e.operand), loc=e.loc)

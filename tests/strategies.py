@@ -166,8 +166,8 @@ def _leaf(draw, env: Env, scope: frozenset[str]) -> ir.Expr:
 def _reduce(draw, env: Env, scope: frozenset[str], depth: int) -> ir.Expr:
     ranks = tuple(draw(st.lists(st.sampled_from(env.ranks), min_size=1, max_size=2, unique=True)))
     body = expressions(draw, env, scope | frozenset(ranks), depth - 1)
-    for r in ranks:  # a reduction must use every variable it binds
-        if r not in free_ranks(body):
+    for r in ranks:  # usually use every variable it binds; sum[m](2) is M * 2 otherwise
+        if r not in free_ranks(body) and draw(st.booleans()):
             body = ir.Binary("+", body, ir.Index(r))
     return ir.Reduce(draw(st.sampled_from(ir.REDUCE_OPS)), ranks, body)
 

@@ -120,6 +120,40 @@ def test_integer_and_bool_inputs_are_numbers_in_sums(tmp_path):
         same_outputs(gen.f(q, k), interpret(defn, q, k))
 
 
+def test_comparisons_used_as_numbers_are_numbers(tmp_path):
+    """numpy computes comparisons as bools: True + True is True, -True raises, exp(True) is a
+    float16.  The language's comparisons are 1 and 0."""
+    text = ("attention f(X[P], B[P]: bool) -> T[P] {\n"
+            "  T[p] = (X[p] > 0) + (X[p] > -1) - (not X[p] > 1) + exp(X[p] > 0)"
+            " + max(X[p] > 0, X[p] > 2) * B[p] + B[p] + B[p]\n}\n")
+    for form, flags in FORMS.items():
+        defn, gen = compile_text(text, tmp_path / form, *flags)
+        x, b = np.array([-2.0, -0.5, 0.5, 3.0]), np.array([True, True, False, True])
+        same_outputs(gen.f(x, b), interpret(defn, x, b))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reductions_whose_body_does_not_use_their_rank(form, tmp_path):
+    """The contract allows ``sum[m](2)``: it is ``M * 2``, absent (so 0) when M is 0."""
+    defn, gen = compile_text("attention f(X[P], Y[M]) -> (T[P], U[P]) {\n"
+                             "  T[p] = sum[m](2) + X[p]\n  U[p] = max[m](X[p])\n}\n",
+                             tmp_path, "--tile", "2", *FORMS[form])
+    x = np.array([1.0, -2.0])
+    for m in (0, 5):
+        t, u = gen.f(x, np.zeros(m))
+        np.testing.assert_array_equal(t, x + 2 * m if m else np.zeros(2))  # empty: absent
+        np.testing.assert_array_equal(u, x if m else np.zeros(2))
+        same_outputs((t, u), interpret(defn, x, np.zeros(m)))
+
+
+def test_split_k_on_the_fused_form_falls_back_instead_of_crashing(tmp_path, capsys):
+    """Split-K's blocked loads are read at ``w * MT + mt``, not at the loop's own step: the
+    fused renderer declines (it raised ValueError "'MT' is not in list")."""
+    passes = "canonicalize,defer-normalization,online,split-k"
+    assert main(["check", str(EXAMPLES / "causal.attn"), "--passes", passes, "--tile", "4"]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
 # --- NaN and Inf --------------------------------------------------------------------------
 
 

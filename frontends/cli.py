@@ -173,9 +173,7 @@ def _lower(module: Module, args, echo=None, echo_kernel=None):
         if stop in LOWERING_STAGES:
             return stages, lower_stages(stages, args.backend, options, echo_kernel, stop)
         return choose_form(module, stages, args.backend, options, names, echo, echo_kernel)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    except NotTileable as err:
+    except NotTileable as err:  # options were validated by _choice: a ValueError is a bug
         raise _declined(args.backend, err) from None
 
 

@@ -260,9 +260,10 @@ class StatementRenderer:
         if isinstance(e, Num):
             return str(int(e.value))
         if isinstance(e, Unary):
-            return f"(-{self.subscript(e.operand, env, masks)})"
+            return self.bounded(f"(-{self.subscript(e.operand, env, masks)})", [])[0]
         if isinstance(e, Binary):
-            return f"({self.subscript(e.left, env, masks)} {e.op} {self.subscript(e.right, env, masks)})"
+            left, right = self.subscript(e.left, env, masks), self.subscript(e.right, env, masks)
+            return self.bounded(f"({left} {e.op} {right})", [])[0]  # deep ones: temporaries
         if isinstance(e, Access) and masks is not None:
             value, index_masks = self.access(e, env)
             masks.extend(index_masks)

@@ -100,8 +100,9 @@ def test_reversed_offset_reads_with_a_filter_over_several_tiles(form, tmp_path):
 
 def test_deep_expressions_generate_importable_code(tmp_path):
     """Python's parser stops at 200 nested brackets; the generated code splits deep
-    expressions into temporaries (unary, binary, calls, both forms)."""
-    body = "-(" * 150 + "tanh(" * 150 + "X[p] * 2 + " * 150 + "X[p]" + ")" * 300
+    expressions into temporaries (unary, binary, calls, subscripts, both forms)."""
+    body = "-(" * 150 + "tanh(" * 150 + "X[p] * 2 + " * 150 + "X[p" + " + 1" * 250 + " - 250]"
+    body += ")" * 300
     for form, flags in FORMS.items():
         defn, gen = compile_text(f"attention f(X[P]) -> T[P] {{\n  T[p] = {body}\n}}\n",
                                  tmp_path / form, *flags)

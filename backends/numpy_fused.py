@@ -202,6 +202,17 @@ def _row_rank_usable(tp: TileProgram) -> str | None:
     return r
 
 
+def _reindexed_away(defn: Definition, tp: TileProgram) -> bool:
+    """Whether re-indexing per-tile reads changed more than a tile's index: a left side with a
+    rank twice, or an output over other ranks than declared (``T0[f, f // 2, f]`` read at
+    ``p = f // 2`` is not a tile).  This renderer then declines; the per-Einsum form is exact."""
+    statements = list(tp.prologue) + list(tp.inits) + list(tp.body) + list(tp.epilogue)
+    if any(len(set(st.lhs)) != len(st.lhs) for st in statements):
+        return True
+    lhs = {st.tensor: st.lhs for st in statements}
+    return any(o.name in lhs and lhs[o.name] != o.ranks for o in defn.outputs)
+
+
 class FusedFunctionRenderer(FunctionRenderer):
     """A definition's function in the fused tile-loop form."""
 
@@ -209,6 +220,8 @@ class FusedFunctionRenderer(FunctionRenderer):
         super().__init__(defn)
         if tp.kept:
             raise NotTileable(f"{sorted(tp.kept)} are read after the loop")
+        if _reindexed_away(defn, tp):
+            raise NotTileable("the tile program re-indexes a tensor away from its ranks")
         self.tp = tp
         self.rows = Rows(_row_rank_usable(tp)) if _row_rank_usable(tp) else None
         self.full_flags: dict[str, str] = {}

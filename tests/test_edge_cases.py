@@ -147,6 +147,18 @@ def test_reductions_whose_body_does_not_use_their_rank(form, tmp_path):
         same_outputs((t, u), interpret(defn, x, np.zeros(m)))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_a_read_at_a_computed_index_is_no_tile(form, tmp_path):
+    """``T0[f // 2, f]`` in a loop over F is not a tile read: re-indexing T0 and T5 by f
+    (as split-K's blocked loads are by their tile) broke the fused form (found by fuzzing)."""
+    defn, gen = compile_text("attention d(V[F,P]) -> T5[P] {\n  T0[p,f] = p + f\n"
+                             "  T1[0] = 0\n  T1[f+1] = T1[f] * 0.5 + T0[f // 2, f]\n"
+                             "  T5[p] = V[0, p] + T1[F]\n}\n", tmp_path, "--tile", "2",
+                             *FORMS[form])
+    v = np.random.default_rng(5).standard_normal((5, 3))
+    same_outputs(gen.d(v), interpret(defn, v))
+
+
 def test_split_k_on_the_fused_form_falls_back_instead_of_crashing(tmp_path, capsys):
     """Split-K's blocked loads are read at ``w * MT + mt``, not at the loop's own step: the
     fused renderer declines (it raised ValueError "'MT' is not in list")."""

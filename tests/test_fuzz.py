@@ -204,7 +204,7 @@ def test_accepted_mutants_compile():
     assert outcomes["compiled"] > 0 and outcomes["rejected"] > 0, outcomes
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)  # CI: the same sample every run
 @given(attention_cascades(), st.sampled_from(TILES), st.integers(0, 2**32 - 1))
 def test_attention_cascades_agree_on_every_path(defn, tile, seed):
     """Masks, reversed/offset reads, extra outputs, zero sizes, many tiles: every pass prefix
@@ -212,7 +212,7 @@ def test_attention_cascades_agree_on_every_path(defn, tile, seed):
     check_cascade(defn, tile, seed)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)  # CI: the same sample every run
 @given(definitions(data_masks=True), st.sampled_from(TILES), st.integers(0, 2**32 - 1))
 def test_random_cascades_agree_on_every_path(defn, tile, seed):
     """Scalar outputs, several outputs, iterative ranks, lets, data-dependent masks."""

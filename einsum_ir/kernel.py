@@ -313,7 +313,7 @@ def _bounds_lines(b: TileBounds, loop: str) -> list[str]:
     lines = []
     live = "all" if b.live is None else f"[{print_int(b.live.lo)}, {print_int(b.live.hi)})"
     lines.append(f"live tiles {live}")
-    for probes in b.live_probes:
+    for probes in dict.fromkeys(b.live_probes):
         lines.append("  probe per tile: " + " and ".join(print_expr(p) for p in probes))
     if b.full is not None:
         lines.append(f"full tiles [{print_int(b.full.lo)}, {print_int(b.full.hi)})"

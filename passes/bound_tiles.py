@@ -120,8 +120,9 @@ class TileBounder:
 
     # --- live tiles ---------------------------------------------------------------------
     def guard_range(self, g) -> TileRange | None:
-        """Tiles that may satisfy guard g for some row of the block; None when a conjunct
-        of it is not an affine bound."""
+        """Tiles that may satisfy guard g for some row of the block, from its affine atoms
+        (an atom that is not one, ``DQ[p] == DK[m]``, is dropped: a weaker condition is
+        still necessary); None when some disjunct has no affine atom."""
         r = self.r
         if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
             return None
@@ -131,13 +132,17 @@ class TileBounder:
         spans = []
         for conj in dnf:
             lo, hi = [sympy.Integer(0)], [_size(r.loop)]
-            for atom in conj:
-                b = self.atom_tiles(atom)
-                if b is None:
-                    return None
+            for b in filter(None, (self.atom_tiles(atom) for atom in conj)):
                 (lo if b[0] == "lo" else hi).append(b[1])
+            if len(lo) + len(hi) == 2:
+                return None
             spans.append((imax(*lo), imin(*hi)))
         return TileRange(imin(*(s[0] for s in spans)), imax(*(s[1] for s in spans)))
+
+    def exact(self, g) -> bool:
+        """Whether every atom of guard g is an affine bound (its range is all there is)."""
+        dnf = conjunctions(g.cond)
+        return dnf is not None and all(self.atom_tiles(a) is not None for conj in dnf for a in conj)
 
     def live(self) -> TileRange | None:
         """The union over the updates of the tiles every guard of the update may pass."""
@@ -164,7 +169,7 @@ class TileBounder:
             return ()
         out = []
         for _, guards in self.tp.guards:
-            data = [g for g in guards if r.tile in g.exists and self.guard_range(g) is None
+            data = [g for g in guards if r.tile in g.exists and not self.exact(g)
                     and free_ranks(g.cond) <= {r.loop, r.tile, r.row}]
             if not data:
                 return ()

@@ -59,7 +59,7 @@ def _variants(p: Program, target: Target, options: dict) -> Program:
         return dataclasses.replace(p, parts=parts, kernels=tuple(k for q in parts for k in q.kernels))
     if len(p.kernels) != 1 or p.kernels[0].role != "streamed":
         return dataclasses.replace(p, variants=(Variant("streamed", tuple(k.name for k in p.kernels)),))
-    full = build_variants(p.cascade, target.packs_heads, options.get("workers") or 2)
+    full = build_variants(p.cascade, target.packs_heads, options.get("workers") or 2, p.kernels[0])
     keep = {v.kind for v in full.variants} & set(target.variants)
     variants = tuple(v for v in full.variants if v.kind in keep)
     used = {k for v in variants for k in v.kernels}

@@ -112,13 +112,15 @@ def _lowered(k: Kernel, packs_heads: bool) -> Kernel:
     return bound_kernel_tiles(map_kernel_ranks(k, packs_heads))
 
 
-def loop_kernels(defn: Definition, name: str, role: str, packs_heads: bool) -> tuple[Kernel, ...]:
+def loop_kernels(defn: Definition, name: str, role: str, packs_heads: bool,
+                 lowered: Kernel | None = None) -> tuple[Kernel, ...]:
     """One kernel for ``defn``, or a worker and a combine kernel when its epilogue reduces
-    over a grid rank (the workers of a split loop, or heads summed after the loop)."""
-    tp = tile_program(defn)
+    over a grid rank (the workers of a split loop, or heads summed after the loop).
+    ``lowered``: ``defn``'s kernel as the earlier stages left it, kept when it stands alone."""
+    tp = lowered.tiles if lowered is not None else tile_program(defn)
     head = _lowered(Kernel(name, role, dataclasses.replace(tp, epilogue=()), ()), packs_heads)
     if not _reduced_after_loop(tp) & set(head.roles.grid):
-        return (_lowered(Kernel(name, role, tp, _outputs(defn)), packs_heads),)
+        return (lowered or _lowered(Kernel(name, role, tp, _outputs(defn)), packs_heads),)
     tp2, roles2, workspace = combine_program(tp, head.roles)
     worker = dataclasses.replace(head, role="worker", writes=workspace)
     combine = Kernel(f"{name}_combine", "combine", tp2, _outputs(defn), roles=roles2)
@@ -169,11 +171,13 @@ def stream_k_kernel(defn: Definition, name: str, split: tuple[Kernel, ...],
     return _lowered(k, packs_heads)
 
 
-def build_variants(defn: Definition, packs_heads: bool = True, split_workers: int = 2) -> Program:
-    """The kernel program of a one-loop definition with every variant it admits."""
+def build_variants(defn: Definition, packs_heads: bool = True, split_workers: int = 2,
+                   streamed_kernel: Kernel | None = None) -> Program:
+    """The kernel program of a one-loop definition with every variant it admits
+    (``streamed_kernel``: its kernel as map-ranks and bound-tiles left it)."""
     from .split_k import SplitKUnsupported, split_k, split_k_blockers
 
-    streamed = loop_kernels(defn, defn.name, "streamed", packs_heads)
+    streamed = loop_kernels(defn, defn.name, "streamed", packs_heads, streamed_kernel)
     variants = [Variant("streamed", tuple(k.name for k in streamed), _split_rank(streamed))]
     kernels = list(streamed)
     notes = []

@@ -165,8 +165,8 @@ class _Eval:
         subs = [self.eval(s, axes) for s in e.subscripts]
         idx = np.broadcast_arrays(*(s.val.astype(np.int64) for s in subs))
         inside = np.ones(idx[0].shape, dtype=bool)
-        for s in subs:  # an indirect subscript reading an absent index element is absent
-            inside = inside & s.present
+        for s in subs:  # absent where an index element read is, or where a subscript has no
+            inside = inside & s.present & np.isfinite(s.val)  # value (// or % by a zero size)
         clipped = []
         for i, n in zip(idx, stored.val.shape):
             inside &= (i >= 0) & (i < n)

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from attnc.backends import compile_module, load_generated, write_atomic
 from attnc.backends.check import bounded_sizes, check_definition, index_extents, random_call
-from attnc.backends.numpy_backend import render_module
 from attnc.einsum_ir.interpreter import interpret
 from attnc.einsum_ir.printer import print_ir
 from attnc.frontends import parse, parse_file

@@ -529,7 +529,9 @@ class KernelRenderer(TileRendererBase):
         fill = {"sum": "0.0f", "max": "(-INFINITY)", "min": "INFINITY"}[e.op]
         step = {"sum": "acc_ += v_;", "max": "acc_ = fmaxf(acc_, v_);", "min": "acc_ = fminf(acc_, v_);"}[e.op]
         code = self.resolve(self.num(body), lay, False)
-        pres = self.resolve(_conj(t.code for t in keep) or "", lay, False)
+        # a presence term over ranks outside this reduction's loops (a where on the rows
+        # around a sum over e) is the result's presence only: it cannot be read in the loop
+        pres = self.resolve(_conj(t.code for t in keep if set(t.layout) <= set(lay)) or "", lay, False)
         pin = self.resolve(_conj(t.code for t in inner) or "", lay, False)
         self.sync_if_dirty()
         n_out, n_red = self.count_code(out), self.count_code(red)
@@ -1033,7 +1035,8 @@ class Variant:
 class DefSpec:
     """One definition: its public launcher and the variants it chooses among at run time."""
 
-    name: str
+    name: str             # the C name of its kernels
+    pyname: str           # the Python function's name (the definition's)
     args: list            # (cname, name, ranks, ctype, dtype)
     outputs: list         # (cname, name, ranks, dtype)
     params: list          # (pyname, name, default code or None, cname)
@@ -1090,7 +1093,7 @@ def def_spec(p: Program) -> DefSpec:
     except CudaUnsupported as err:
         raise CudaUnsupported(f"{d.name}: {err}") from None
     k0 = variants[0].kernels[0]
-    return DefSpec(name=cname(pyname(d.name)), args=k0.args,
+    return DefSpec(name=cname(pyname(d.name)), pyname=pyname(d.name), args=k0.args,
                    outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in d.outputs],
                    params=k0.params, signature=k0.signature, doc=print_definition(d).rstrip(),
                    input_ranks=k0.input_ranks, variants=variants)
@@ -1112,7 +1115,7 @@ def render_files(module: KernelModule, stem: str) -> dict[str, str]:
                   names=[s.name for s in specs], namespace=ns, max_batch=MAX_BATCH_DIMS,
                   row_blocks=ROW_BLOCKS, align=ALIGN)
     common.update(threads=THREADS, state_per_thread=STATE_PER_THREAD)
-    common["names"] = [cname(pyname(p.name)) for p in module.programs]
+    common["names"] = [pyname(p.name) for p in module.programs]
     chains = [chain_spec(p, pyname, size_code, print_definition(p.cascade).rstrip())
               for p in module.programs if p.parts]
     launcher = env.get_template("launcher.py.jinja").render(**common)

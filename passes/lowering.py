@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..einsum_ir.ir import Definition, Module
 from ..einsum_ir.kernel import KernelModule, Program, Variant, verify
+from .tile import NotTileable
 from .bound_tiles import bound_tiles
 from .map_ranks import map_ranks
 from .multikernel import tile_stage
@@ -39,11 +40,21 @@ class Target:
     packs_heads: bool = True
     multi_kernel: bool = True
     variants: tuple[str, ...] = ("streamed", "split-k", "stream-k")
+    pow2_tiles: bool = False      # a streamed tile's size must be a power of two
+
+    def tile_blocker(self, k) -> str | None:
+        """Why this target cannot run kernel ``k``'s tiles, or None."""
+        n = k.tiles.tile_size
+        if self.pow2_tiles and n is not None and n & (n - 1):
+            return (f"the tile {k.tiles.tile_rank} = {n} is not a power of two, which "
+                    f"{self.name} blocks need (write a power of two, or let the online pass "
+                    f"tile: --tile N)")
+        return None
 
 
 TARGETS: dict[str, Target] = {
     "numpy": Target("numpy", packs_heads=False, variants=("streamed",)),
-    "triton": Target("triton"),
+    "triton": Target("triton", pow2_tiles=True),
     "cuda": Target("cuda", packs_heads=False),
 }
 
@@ -80,6 +91,10 @@ def lower(defn: Definition, target: Target, options: dict | None = None,
         ("variants", lambda p: _variants(p, target, options)),
     ]
     program = verify(tile_stage(defn, source, target, options), "tile")
+    for k in program.kernels:
+        why = target.tile_blocker(k)
+        if why:
+            raise NotTileable(f"{defn.name}: {why}")
     if after_each:
         after_each("tile", program)
     if stop_after == "tile":

@@ -26,6 +26,7 @@ from attnc.backends import compile_module  # noqa: E402
 from attnc.frontends.cli import main  # noqa: E402
 from attnc.passes.tile import NotTileable  # noqa: E402
 
+from conftest import EXAMPLES as EXAMPLES_DIR  # noqa: E402
 from strategies import definitions  # noqa: E402
 
 EXAMPLES = int(os.environ.get("ATTNC_PARITY_EXAMPLES", "0"))
@@ -161,3 +162,32 @@ def test_the_issue_specs_pass_check_on_every_backend(tmp_path, monkeypatch):
     for spec in specs:
         for backend in ("numpy", "triton"):
             assert main(["check", str(spec), "--backend", backend]) == 0, (spec.name, backend)
+
+
+# --- crash classes of the fuzzing issue that lived in the GPU backends ----------------------
+
+EDGE_SPECS = {
+    # a where on the rows around a sum over another rank (CUDA read the row index in the loop)
+    "row_where_around_sum": "attention a(Z[E], X[P]) -> T[P] {\n  T[p] = abs(Z[e]) where p >= 1\n}\n",
+    # a scalar output of two reductions (Triton: KeyError 'T_sum')
+    "scalar_of_two_sums": "attention b(Y[P], X[M]) -> T {\n  T = Y[p] + X[m]\n}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_SPECS))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backends_compile_and_match_edge_cascades(name, backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    _check(tmp_path, EDGE_SPECS[name], backend)
+
+
+def test_a_tile_triton_cannot_block_is_refused_with_the_reason(tmp_path, capsys):
+    """A hand-written tile of 48 keys: Triton blocks are powers of two, so it is declined
+    (exit 2, the tile named), where it used to fail inside Triton at run time."""
+    text = (EXAMPLES_DIR / "fusemax" / "cascade5.attn").read_text().replace("let M0 = 64", "let M0 = 48")
+    assert "let M0 = 48" in text
+    spec = tmp_path / "t48.attn"
+    spec.write_text(text)
+    assert main(["check", str(spec), "--backend", "triton"]) == 2
+    assert "M0 = 48 is not a power of two" in capsys.readouterr().err
+    assert main(["check", str(spec), "--backend", "numpy"]) == 0

@@ -71,3 +71,17 @@ def golden(request):
         assert text == expected, f"output differs from {path} (run pytest --update-golden if intended)"
 
     return check
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n``), the tests that share an expensive module-scoped fixture
+    (every example compiled by nvcc, every kernel compiled for sm_90) run on one worker, so
+    the fixture is built once; the others spread over the workers (``--dist loadgroup``)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = sorted(name for name, defs in info.name2fixturedefs.items()
+                        if defs and defs[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))

@@ -104,7 +104,7 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, tile_program
 from .numpy_backend import pyname, size_code
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _integer_affine,
-                             _merge_terms, chain_spec, constant_code, expanded_body, py_literal,
+                             _merge_terms, chain_spec, constant_code, default_code, expanded_body, py_literal,
                              rendered_kernels)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -971,7 +971,7 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     body = _kernel_body(kr)
     input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
     lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
-    params = [(pyname(p.name), p.name, size_code(p.default, False, "math") if p.default is not None else None,
+    params = [(pyname(p.name), p.name, default_code(p.default) if p.default is not None else None,
                cname(p.name)) for p in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:

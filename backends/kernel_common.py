@@ -443,6 +443,17 @@ def rendered_kernels(p, v, done: dict, render) -> list:
     return out
 
 
+def default_code(e) -> str:
+    """A parameter default as launcher code, in float64 IEEE arithmetic: sizes enter as
+    float64 tensors (``_f64``), so ``1/sqrt(E)`` at ``E = 0`` is ``inf`` as in numpy, not a
+    ZeroDivisionError (floor and ceiling keep exact integer code)."""
+    from .numpy_backend import pyname, size_code
+
+    if e.has(sympy.floor, sympy.ceiling):
+        return size_code(e, False, "math")
+    return size_code(e, False, "torch", symbol=lambda n: f"_f64({pyname(n)})")
+
+
 def py_literal(x) -> str:
     """A string or None as Python source for a template (``tojson`` writes ``null``)."""
     return "None" if x is None else json.dumps(x)
@@ -463,7 +474,7 @@ def chain_spec(p, pyname, size_code, doc: str) -> ChainSpec:
             size = next((r for r in defn.ranks if size_param(r) == s.name), None)
             args.append(f"{pyname(s.name)}={pyname(size) if size else pyname(s.name)}")
         calls.append(ChainCall(pyname(d.name), tuple(args), tuple(pyname(o.name) for o in d.outputs)))
-    params = [(pyname(s.name), s.name, size_code(s.default, False, "math") if s.default is not None else None)
+    params = [(pyname(s.name), s.name, default_code(s.default) if s.default is not None else None)
               for s in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:

@@ -45,7 +45,7 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram, conjunctions, tile_program
 from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _expand_loads,
                             _integer_affine, _merge_terms, _nest, classify_ranks,
-                            chain_spec, constant_code, expanded_body, py_literal,
+                            chain_spec, constant_code, default_code, expanded_body, py_literal,
                             rendered_kernels)
 from .numpy_backend import pyname, size_code
 
@@ -868,7 +868,7 @@ def kernel_spec(p: Program) -> KernelSpec:
     defn = p.cascade
     parts: dict[str, KernelPart] = {}
     variants = [_variant(p, v, parts) for v in p.variants]
-    params = [(pyname(q.name), q.name, size_code(q.default, False, "math") if q.default is not None else None)
+    params = [(pyname(q.name), q.name, default_code(q.default) if q.default is not None else None)
               for q in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:

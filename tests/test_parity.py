@@ -23,6 +23,7 @@ pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from attnc.backends import compile_module  # noqa: E402
+from attnc.frontends import parse_file  # noqa: E402
 from attnc.frontends.cli import main  # noqa: E402
 from attnc.passes.tile import NotTileable  # noqa: E402
 
@@ -191,3 +192,21 @@ def test_a_tile_triton_cannot_block_is_refused_with_the_reason(tmp_path, capsys)
     assert main(["check", str(spec), "--backend", "triton"]) == 2
     assert "M0 = 48 is not a power of two" in capsys.readouterr().err
     assert main(["check", str(spec), "--backend", "numpy"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_default_dividing_by_a_zero_size_is_ieee_not_an_error(backend, tmp_path, monkeypatch):
+    """``scale = 1/sqrt(E)`` at E = 0: the launcher computes inf (as numpy does) instead of
+    raising ZeroDivisionError; every score is then absent and the output is 0."""
+    import torch
+
+    from attnc.backends import load_generated, write_atomic
+
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    module = parse_file(EXAMPLES_DIR / "causal.attn")
+    _, files = compile_module(module, backend, "causal")
+    for name, text in files.items():
+        write_atomic(tmp_path / name, text)
+    gen = load_generated(tmp_path / "causal.py")
+    out = gen.causal_softmax(torch.randn(3, 0), torch.randn(4, 0), torch.randn(4, 2))
+    assert out.shape == (3, 2) and (out == 0).all()

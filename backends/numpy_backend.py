@@ -89,8 +89,11 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
     if e.is_Pow:
         base, exp = e.args
         if exp.is_Integer and exp < 0:
-            return f"(1 / {again(base ** -exp, exact)})" if exact else \
-                f"(1.0 / {again(base ** -exp, exact)})"
+            if exact:
+                return f"(1 / {again(base ** -exp, exact)})"
+            if lib == "np":  # IEEE, as the interpreter: a default 1/L0 at L0 = 0 is inf
+                return f"np.divide(1.0, {again(base ** -exp, exact)})"
+            return f"(1.0 / {again(base ** -exp, exact)})"
         if exp == sympy.Rational(1, 2):
             return f"{lib}.sqrt({again(base, False)})"
         if exp == -sympy.Rational(1, 2):

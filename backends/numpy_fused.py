@@ -20,6 +20,7 @@ import sympy
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import Access, Binary, Definition, Index, IterativeEinsum, Num, Reduce
 from ..einsum_ir.printer import print_statement
+from ..einsum_ir.schedule import statement_reads
 from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions
 from .numpy_backend import (Bound, FunctionRenderer, StatementRenderer, mask_name, pyname,
                             size_code, tup)
@@ -213,6 +214,13 @@ def _reindexed_away(defn: Definition, tp: TileProgram) -> bool:
     return any(o.name in lhs and lhs[o.name] != o.ranks for o in defn.outputs)
 
 
+def _local_read_outside(tp: TileProgram) -> bool:
+    """Whether a statement before or after the loop reads a per-tile tensor (an init
+    ``T1[0, e] = T0[e]`` of a ``T0[m]`` computed in the loop over m)."""
+    outside = list(tp.prologue) + list(tp.inits) + list(tp.epilogue)
+    return any(acc.tensor in tp.local for st in outside for acc in statement_reads(st))
+
+
 class FusedFunctionRenderer(FunctionRenderer):
     """A definition's function in the fused tile-loop form."""
 
@@ -222,6 +230,8 @@ class FusedFunctionRenderer(FunctionRenderer):
             raise NotTileable(f"{sorted(tp.kept)} are read after the loop")
         if _reindexed_away(defn, tp):
             raise NotTileable("the tile program re-indexes a tensor away from its ranks")
+        if _local_read_outside(tp):
+            raise NotTileable("a tensor that lives for one tile is read outside the loop")
         self.tp = tp
         self.rows = Rows(_row_rank_usable(tp)) if _row_rank_usable(tp) else None
         self.full_flags: dict[str, str] = {}

@@ -159,6 +159,28 @@ def test_a_read_at_a_computed_index_is_no_tile(form, tmp_path):
     same_outputs(gen.d(v), interpret(defn, v))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_a_per_tile_tensor_read_before_the_loop(form, tmp_path):
+    """``T0[m]`` is computed in the loop over m, but the init ``T1[0,e] = T0[e]`` reads it
+    before the loop (an UnboundLocalError in the fused form; found by fuzzing)."""
+    defn, gen = compile_text("attention d(Q[E,M]) -> T2[E] {\n  T0[m] = m + Q[0,m]\n"
+                             "  T1[0,e] = T0[e]\n  T1[m+1,e] = T1[m,e] * 3 + Q[e,m]\n"
+                             "  T2[e] = T1[M,e]\n}\n",
+                             tmp_path, "--tile", "2", *FORMS[form])
+    q = np.random.default_rng(6).standard_normal((4, 5))
+    same_outputs(gen.d(q), interpret(defn, q))
+
+
+def test_a_default_that_divides_by_a_zero_size_is_inf(tmp_path):
+    """``beta = 1/L0`` at ``L0 = 0``: IEEE inf as in the interpreter, not ZeroDivisionError."""
+    for form, flags in FORMS.items():
+        defn, gen = compile_text("attention d(X[H], beta = 1/H) -> T {\n"
+                                 "  T = sum[h](X[h]) + beta\n}\n", tmp_path / form, *flags)
+        with np.errstate(divide="ignore"):
+            for h in (0, 3):
+                same_outputs(gen.d(np.ones(h)), interpret(defn, np.ones(h)))
+
+
 def test_split_k_on_the_fused_form_falls_back_instead_of_crashing(tmp_path, capsys):
     """Split-K's blocked loads are read at ``w * MT + mt``, not at the loop's own step: the
     fused renderer declines (it raised ValueError "'MT' is not in list")."""

@@ -97,15 +97,16 @@ import jinja2
 from .. import __version__
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
-                            IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
+                            IterativeEinsum, Num, Param, Reduce, Size, Unary)
+from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program,
+                                RankRoles as Ranks, TileBounds)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
-from ..einsum_ir.kernel import ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program, TileBounds
 from ..passes.capabilities import refuse_unsupported_subscripts
-from ..passes.tile import NotTileable, TileProgram, tile_program
+from ..passes.tile import NotTileable, TileProgram
+from ..passes.tile_loads import expanded_body
+from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
+                            chain_spec, constant_code, default_code, py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
-from .kernel_common import (KernelValue, Ranks, Term, TileRendererBase, _integer_affine,
-                             _merge_terms, chain_spec, constant_code, default_code, expanded_body, py_literal,
-                             rendered_kernels)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4

@@ -10,14 +10,12 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..einsum_ir.exprs import children, free_ranks, walk, with_children
-from ..einsum_ir.ir import (Access, Binary, Call, Const, Einsum, Expr, Index, Num, Param, Reduce,
+from ..einsum_ir.exprs import free_ranks
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Expr, Index, Num, Param, Reduce,
                             Size, Unary)
+from ..einsum_ir.kernel import CeilDiv, FloatFloor, FloorDiv, IMax, IMin
 from ..einsum_ir.types import INT, type_env
 from ..passes.tile import TileProgram
-from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
-from ..passes.map_ranks import classify_ranks
-from ..einsum_ir.kernel import CeilDiv, FloatFloor, FloorDiv, IMax, IMin, RankRoles as Ranks
 
 
 @dataclass(frozen=True)

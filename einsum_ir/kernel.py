@@ -27,7 +27,7 @@ from typing import Union
 
 import sympy
 
-from .ir import Definition, Expr, Statement
+from .ir import Definition, Expr
 from .printer import print_expr, print_size, print_statement
 
 # ----------------------------------------------------------------------------

@@ -91,6 +91,10 @@ def lower(defn: Definition, target: Target, options: dict | None = None,
         ("variants", lambda p: _variants(p, target, options)),
     ]
     program = verify(tile_stage(defn, source, target, options), "tile")
+    for q in program.parts or (program,):
+        if not q.cascade.tensor_args:
+            raise NotTileable(f"{defn.name}: the kernel program {q.name} reads no tensor (its "
+                              f"values come from sizes alone), so no device to launch it on")
     for k in program.kernels:
         why = target.tile_blocker(k)
         if why:

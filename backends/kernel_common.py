@@ -457,6 +457,17 @@ def py_literal(x) -> str:
     return "None" if x is None else json.dumps(x)
 
 
+def launcher_signature(defn, pyname) -> tuple[list, str]:
+    """A generated function's parameters ``(pyname, name, default code or None)`` and its
+    signature: tensors positional, scalar parameters keyword-only."""
+    params = [(pyname(s.name), s.name, default_code(s.default) if s.default is not None else None)
+              for s in defn.scalar_params]
+    sig = [pyname(a.name) for a in defn.tensor_args]
+    if params:
+        sig += ["*"] + [x[0] if x[2] is None else f"{x[0]}=None" for x in params]
+    return params, ", ".join(sig)
+
+
 def chain_spec(p, pyname, size_code, doc: str) -> ChainSpec:
     """The public function of multi-kernel program ``p``: each part is called with the
     tensors it reads and its parameters (sizes it cannot bind travel as ``size_<r>``)."""
@@ -472,13 +483,9 @@ def chain_spec(p, pyname, size_code, doc: str) -> ChainSpec:
             size = next((r for r in defn.ranks if size_param(r) == s.name), None)
             args.append(f"{pyname(s.name)}={pyname(size) if size else pyname(s.name)}")
         calls.append(ChainCall(pyname(d.name), tuple(args), tuple(pyname(o.name) for o in d.outputs)))
-    params = [(pyname(s.name), s.name, default_code(s.default) if s.default is not None else None)
-              for s in defn.scalar_params]
-    sig = [pyname(a.name) for a in defn.tensor_args]
-    if params:
-        sig += ["*"] + [x[0] if x[2] is None else f"{x[0]}=None" for x in params]
+    params, signature = launcher_signature(defn, pyname)
     return ChainSpec(
-        name=pyname(defn.name), signature=", ".join(sig), doc=doc,
+        name=pyname(defn.name), signature=signature, doc=doc,
         args=[(pyname(a.name), a.name, list(a.ranks)) for a in defn.tensor_args],
         input_ranks=ranks,
         lets=[(pyname(x.name), size_code(x.value, True, "math"), str(x.value)) for x in defn.lets

@@ -45,7 +45,8 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            chain_spec, constant_code, default_code, py_literal, rendered_kernels)
+                            chain_spec, constant_code, launcher_signature, py_literal,
+                            rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -867,16 +868,12 @@ def kernel_spec(p: Program) -> KernelSpec:
     defn = p.cascade
     parts: dict[str, KernelPart] = {}
     variants = [_variant(p, v, parts) for v in p.variants]
-    params = [(pyname(q.name), q.name, default_code(q.default) if q.default is not None else None)
-              for q in defn.scalar_params]
-    sig = [pyname(a.name) for a in defn.tensor_args]
-    if params:
-        sig += ["*"] + [q[0] if q[2] is None else f"{q[0]}=None" for q in params]
+    params, signature = launcher_signature(defn, pyname)
     return KernelSpec(
         name=pyname(defn.name),
         args=[(pyname(a.name), a.name, list(a.ranks), a.dtype) for a in defn.tensor_args],
         outputs=[(pyname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
-        params=params, signature=", ".join(sig), doc=print_definition(defn).rstrip(),
+        params=params, signature=signature, doc=print_definition(defn).rstrip(),
         input_ranks=list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks)),
         variants=variants)
 

@@ -26,22 +26,13 @@ import dataclasses
 
 import networkx as nx
 
-from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.exprs import walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
 from .map_ranks import long_ranks, map_kernel_ranks
 from .names import fresh_name
 from .tile import NotTileable, TileProgram, tile_program
-
-
-def statement_ranks(st) -> set[str]:
-    """Every rank a statement iterates over (its LHS, free and reduced ranks)."""
-    out = set(st.lhs) | set(free_ranks(st.expr))
-    for red in walk(st.expr):
-        if isinstance(red, Reduce):
-            out |= set(red.ranks)
-    return out
 
 
 def kernel_blocker(tp: TileProgram, roles) -> str | None:
@@ -101,10 +92,7 @@ def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str
                      made: dict[str, tuple]) -> Definition:
     """One part as a definition: its inputs are the arguments and earlier parts' buffers
     it reads, its outputs what later parts (or the caller) read."""
-    reads = set()
-    for st in stmts:
-        for e in (st.expr, st.where):
-            reads |= {n.tensor for n in (walk(e) if e is not None else ()) if isinstance(n, Access)}
+    reads = _reads(stmts)
     own = {st.tensor for st in stmts}
     args = tuple(a for a in defn.tensor_args if a.name in reads)
     args += tuple(TensorArg(t, made[t], "f32") for t in sorted(reads - own) if t in made)
@@ -133,8 +121,6 @@ def size_param(rank: str) -> str:
 def _sizes_as_params(stmts, bound: set[str]):
     """Sizes used as numbers that no argument of the part binds become parameters
     (``/ (M + 1)`` in a part without the keys -> ``/ (size_m + 1)``)."""
-    from ..einsum_ir.exprs import transform
-
     used: dict[str, None] = {}
 
     def fix(n):
@@ -142,10 +128,7 @@ def _sizes_as_params(stmts, bound: set[str]):
             used.setdefault(n.rank, None)
             return Param(size_param(n.rank), loc=n.loc)
         return None
-    out = [dataclasses.replace(st, expr=transform(st.expr, fix),
-                               where=None if st.where is None else transform(st.where, fix))
-           for st in stmts]
-    return out, tuple(used)
+    return [_transformed(st, fix) for st in stmts], tuple(used)
 
 
 def _lets_bound_by(defn: Definition, args) -> tuple:
@@ -157,6 +140,14 @@ def _lets_bound_by(defn: Definition, args) -> tuple:
             out.append(let)
             known.add(let.name)
     return tuple(out)
+
+
+def _transformed(st, fix):
+    """``st`` with ``fix`` (an ``exprs.transform`` rule) applied to its expression and where."""
+    from ..einsum_ir.exprs import transform
+
+    return dataclasses.replace(st, expr=transform(st.expr, fix),
+                               where=None if st.where is None else transform(st.where, fix))
 
 
 def _reads(stmts) -> set[str]:
@@ -210,8 +201,6 @@ def _presence_of(st, name: str) -> Einsum:
 def _restore_absence(stmts: list, flags: dict[str, str], taken: set[str], ranks_of) -> list:
     """Reads of earlier parts' buffers go through a copy that is absent where the
     buffer's presence flag is 0."""
-    from ..einsum_ir.exprs import transform
-
     own = {st.tensor for st in stmts}
     used = [t for t in sorted(_reads(stmts)) if t in flags and t not in own]
     if not used:
@@ -228,10 +217,7 @@ def _restore_absence(stmts: list, flags: dict[str, str], taken: set[str], ranks_
         if isinstance(n, Access) and n.tensor in renamed:
             return Access(renamed[n.tensor], n.subscripts, loc=n.loc)
         return None
-    body = [dataclasses.replace(st, expr=transform(st.expr, fix),
-                                where=None if st.where is None else transform(st.where, fix))
-            for st in stmts]
-    return copies + body
+    return copies + [_transformed(st, fix) for st in stmts]
 
 
 def _part_program(part: Definition, options: dict) -> Program:

@@ -61,21 +61,23 @@ def mask_name(tensor: str) -> str:
 
 def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
               symbol=None) -> str:
-    """sympy size expression -> Python; ``exact`` uses Fraction arithmetic for lets.
+    """sympy size expression -> Python; ``exact`` renders a let's value exactly.
 
     ``lib`` names the math module of the generated code (``np`` or ``math``);
     ``vector`` renders ceil/floor for arrays; ``symbol`` names a symbol (default: pyname).
     """
+    if exact and not vector:
+        return _exact_code(e, lib, symbol)
+
     def again(x, ex=exact):
         return size_code(x, ex, lib, vector, symbol)
 
     if e.is_Symbol:
-        name = (symbol or pyname)(e.name)
-        return f"Fraction({name})" if exact else name
+        return (symbol or pyname)(e.name)
     if e.is_Integer:
         return str(int(e))
     if e.is_Rational:
-        return f"Fraction({e.p}, {e.q})" if exact else f"({e.p} / {e.q})"
+        return f"({e.p} / {e.q})"
     if e.is_Float:
         return repr(float(e))
     if e is sympy.pi:
@@ -89,8 +91,6 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
     if e.is_Pow:
         base, exp = e.args
         if exp.is_Integer and exp < 0:
-            if exact:
-                return f"(1 / {again(base ** -exp, exact)})"
             if lib == "np":  # IEEE, as the interpreter: a default 1/L0 at L0 = 0 is inf
                 return f"np.divide(1.0, {again(base ** -exp, exact)})"
             return f"(1.0 / {again(base ** -exp, exact)})"
@@ -99,10 +99,12 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
         if exp == -sympy.Rational(1, 2):
             return f"(1.0 / {lib}.sqrt({again(base, False)}))"
         return f"({again(base, exact)} ** {again(exp, exact)})"
+    if isinstance(e, (sympy.ceiling, sympy.floor)) and not vector:
+        return _rounded_code(e, lib, symbol)
     if isinstance(e, sympy.ceiling):
-        return f"np.ceil({again(e.args[0])})" if vector else f"_ceil({again(e.args[0], True)})"
+        return f"np.ceil({again(e.args[0])})"
     if isinstance(e, sympy.floor):
-        return f"np.floor({again(e.args[0])})" if vector else f"_floor({again(e.args[0], True)})"
+        return f"np.floor({again(e.args[0])})"
     if isinstance(e, (sympy.Min, sympy.Max)):
         fn = "min" if isinstance(e, sympy.Min) else "max"
         return f"{fn}(" + ", ".join(again(a, exact) for a in e.args) + ")"
@@ -116,6 +118,52 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
         v = float(e)
         return repr(v) if math.isfinite(v) else f"{lib}.inf" if v > 0 else f"(-{lib}.inf)"
     raise NotImplementedError(f"size expression {e}")
+
+
+def _exact_code(e: sympy.Expr, lib: str, symbol) -> str:
+    """A size's exact value as integer arithmetic over one quotient, ``_q(num, den)``
+    (the generated runtime's: an integer when ``den`` divides ``num``, else a Fraction),
+    so symbolic sizes (torch SymInts under ``torch.compile(dynamic=True)``) stay symbolic:
+    ``H / HK`` -> ``_q(H, HK)``, ``ceiling(M/M0)`` -> ``(-((-M) // M0))``."""
+    num, den = sympy.fraction(sympy.together(e))
+    if den == 1:
+        return _integer_code(num, lib, symbol)
+    return f"_q({_integer_code(num, lib, symbol)}, {_integer_code(den, lib, symbol)})"
+
+
+def _integer_code(e: sympy.Expr, lib: str, symbol) -> str:
+    """A numerator or denominator: sums, products and whole powers of integers, sizes,
+    rounded quotients and min/max (exact); anything else (sqrt, exp) as floats."""
+    if e.is_Symbol:
+        return (symbol or pyname)(e.name)
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_Add or e.is_Mul:
+        sep = " + " if e.is_Add else " * "
+        return "(" + sep.join(_integer_code(a, lib, symbol) for a in e.args) + ")"
+    if e.is_Pow and e.args[1].is_Integer and e.args[1] > 0:
+        return f"({_integer_code(e.args[0], lib, symbol)} ** {int(e.args[1])})"
+    if isinstance(e, (sympy.ceiling, sympy.floor)):
+        return _rounded_code(e, lib, symbol)
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        fn = "min" if isinstance(e, sympy.Min) else "max"
+        return f"{fn}(" + ", ".join(_exact_code(a, lib, symbol) for a in e.args) + ")"
+    if isinstance(e, sympy.Abs):
+        return f"abs({_exact_code(e.args[0], lib, symbol)})"
+    return size_code(e, False, lib, symbol=symbol)
+
+
+def _rounded_code(e: sympy.Expr, lib: str, symbol) -> str:
+    """ceil/floor of a quotient by floor division (``ceil(n/d) = -(-n // d)``); of a
+    whole number, the number itself; else the runtime's ``_ceil``/``_floor``."""
+    num, den = sympy.fraction(sympy.together(e.args[0]))
+    n, d = _integer_code(num, lib, symbol), _integer_code(den, lib, symbol)
+    if den != 1 and num.is_integer and den.is_integer:
+        return f"({n} // {d})" if isinstance(e, sympy.floor) else f"(-((-{n}) // {d}))"
+    if den == 1 and num.is_integer:
+        return n
+    fn = "_floor" if isinstance(e, sympy.floor) else "_ceil"
+    return f"{fn}({_exact_code(e.args[0], lib, symbol)})"
 
 
 # ----------------------------------------------------------------------------
@@ -532,7 +580,7 @@ class FunctionRenderer:
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    return jinja2.Environment(loader=jinja2.FileSystemLoader([str(TEMPLATES), str(TEMPLATES.parent / "common")]),
                               keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                               undefined=jinja2.StrictUndefined)
 
@@ -556,7 +604,7 @@ def render_module(module: Module, source_name: str, include_runtime: bool = True
                   fused: bool = True) -> str:
     """The generated Python module's text (deterministic for a given module)."""
     env = _environment()
-    runtime = (TEMPLATES / "runtime.py.jinja").read_text() if include_runtime else "# (runtime)"
+    runtime = env.get_template("runtime.py.jinja").render() if include_runtime else "# (runtime)"
     functions = [function_renderer(d, fused).context() for d in module.definitions]
     return env.get_template("module.py.jinja").render(
         version=__version__, source=source_name, runtime=runtime, functions=functions,

@@ -22,10 +22,12 @@ class Backend:
     runtime: str = "numpy"  # what the generated functions take: numpy arrays or torch tensors
 
 
-def _numpy(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
+def _numpy(module: Module, stem: str, fused: bool = True, sources: Module | None = None,
+           options: dict | None = None) -> dict[str, str]:
     from .numpy_backend import render_module
 
-    return {f"{stem}.py": render_module(module, f"{stem}.attn", fused=fused)}
+    return {f"{stem}.py": render_module(module, f"{stem}.attn", fused=fused, sources=sources,
+                                        options=options)}
 
 
 def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
@@ -59,8 +61,9 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
     if options.get("tile") is None:
         options["tile"] = chosen.tile
     stages = run_pipeline(module, names, stop_after, after_each, options)
-    if chosen.runtime == "numpy":
-        return stages, chosen.render(stages[-1][1], stem, fused=fused)
+    if chosen.runtime == "numpy":  # lowered per definition; the per-Einsum form takes the rest
+        return stages, chosen.render(stages[-1][1], stem, fused=fused,
+                                     sources=_before_online(stages), options=options)
     stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
     return stages, chosen.render(kernels, stem, fused=fused)
 
@@ -104,9 +107,15 @@ def lower_stages(stages, backend: str, options: dict, after_each=None, stop_afte
     that entered ``online`` (when it ran) is what a multi-kernel program partitions."""
     from ..passes.lowering import TARGETS, lower_module
 
+    return lower_module(stages[-1][1], TARGETS[backend], options, _before_online(stages),
+                        after_each, stop_after)
+
+
+def _before_online(stages) -> Module | None:
+    """The cascade that entered ``online``, when it ran (what a multi-kernel program
+    partitions)."""
     names = [n for n, _ in stages]
-    source = stages[names.index("online") - 1][1] if "online" in names else None
-    return lower_module(stages[-1][1], TARGETS[backend], options, source, after_each, stop_after)
+    return stages[names.index("online") - 1][1] if "online" in names else None
 
 
 def get_backend(name: str) -> Backend:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import keyword
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -508,6 +509,7 @@ class FunctionRenderer:
         self.temps = Temps()
         self.static = frozenset(a.name for a in defn.tensor_args)
         self.iterative = defn.iterative_tensors
+        self.undeclared: frozenset = frozenset()  # outputs in the inputs' float type
 
     def shape(self, st, extra_step: bool) -> str:
         dims = []
@@ -568,7 +570,8 @@ class FunctionRenderer:
         outputs = []
         for o in d.outputs:
             shape = f"batch + {tup(pyname(r) for r in o.ranks)}"
-            outputs.append((pyname(o.name), mask_name(o.name), shape, o.dtype))
+            dtype = None if o.name in self.undeclared else o.dtype
+            outputs.append((pyname(o.name), mask_name(o.name), shape, dtype))
         sig = [pyname(a.name) for a in args]
         sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params] if params else []
         return dict(
@@ -585,27 +588,78 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined)
 
 
-def function_renderer(defn: Definition, fused: bool) -> FunctionRenderer:
-    """The fused tile-loop form when the cascade has one, else the per-Einsum form."""
-    if fused:
-        from ..passes.tile import NotTileable, tile_program
-        from .numpy_fused import FusedFunctionRenderer
+def lower_for_numpy(defn: Definition, source: Definition | None, options: dict):
+    """The kernel program of ``defn`` for the numpy target, or None when it has none (the
+    per-Einsum form runs it: it takes every cascade)."""
+    from ..passes.lowering import TARGETS, lower
+    from ..passes.tile import NotTileable
 
-        try:
-            tp = tile_program(defn)
-            FusedFunctionRenderer(defn, tp).body()  # a trial: rendering may find it untileable
-            return FusedFunctionRenderer(defn, tp)  # fresh, so temporaries number from 1
-        except NotTileable:
-            pass
-    return FunctionRenderer(defn)
+    try:
+        return lower(defn, TARGETS["numpy"], options, source)
+    except NotTileable:
+        return None
+
+
+def kernel_renderer(k):
+    """The fused renderer of one kernel, or None when this form cannot hold it."""
+    from ..passes.tile import NotTileable
+    from .numpy_fused import FusedFunctionRenderer
+
+    try:
+        FusedFunctionRenderer(k).body()  # a trial: rendering may find it untileable
+        return FusedFunctionRenderer(k)  # fresh, so temporaries number from 1
+    except NotTileable:
+        return None
+
+
+def part_renderer(q, between: set[str]) -> FunctionRenderer:
+    """A part of a multi-kernel program: its streamed kernel fused, or (a loop-less part,
+    or one this form cannot hold) its cascade per Einsum.  Buffers ``between`` parts keep
+    the inputs' precision (the GPU targets' are float32; a float64 call stays float64)."""
+    streamed = next((k for k in q.kernels if k.role == "streamed"), None)
+    renderer = (kernel_renderer(streamed) if streamed is not None else None) \
+        or FunctionRenderer(q.cascade)
+    renderer.undeclared = frozenset(between)
+    return renderer
+
+
+def function_renderers(defn: Definition, fused: bool, program=None) -> tuple[list, list]:
+    """(function renderers, chain specs) of one definition: the fused form of its kernel
+    program when it has one (a multi-kernel program: one function per part and a chain
+    that runs them), else the per-Einsum form."""
+    if fused and program is not None:
+        if program.parts:
+            from .kernel_common import chain_spec
+
+            chain = chain_spec(program, pyname, size_code, print_definition(defn).rstrip())
+            params = [(pyname(p.name), p.name, size_code(p.default, False) if p.default is not None
+                       else None) for p in program.cascade.scalar_params]
+            between = {b.name for b in program.buffers if b.kind == "intermediate"}
+            return [part_renderer(q, between) for q in program.parts], [
+                dataclasses.replace(chain, params=params)]
+        kernels = {k.name: k for k in program.kernels}
+        streamed = next(v for v in program.variants if v.kind == "streamed").kernels
+        r = kernel_renderer(kernels[streamed[0]]) if len(streamed) == 1 else None
+        if r is not None:  # (a worker + combine pair, from a split-k pipeline: per Einsum)
+            return [r], []
+    return [FunctionRenderer(defn)], []
 
 
 def render_module(module: Module, source_name: str, include_runtime: bool = True,
-                  fused: bool = True) -> str:
-    """The generated Python module's text (deterministic for a given module)."""
+                  fused: bool = True, sources: Module | None = None,
+                  options: dict | None = None) -> str:
+    """The generated Python module's text (deterministic for a given module).  ``sources``:
+    the definitions before ``online`` (what a multi-kernel program partitions)."""
     env = _environment()
     runtime = env.get_template("runtime.py.jinja").render() if include_runtime else "# (runtime)"
-    functions = [function_renderer(d, fused).context() for d in module.definitions]
-    return env.get_template("module.py.jinja").render(
+    functions, chains = [], []
+    for d in module.definitions:
+        source = sources[d.name] if sources is not None else None
+        program = lower_for_numpy(d, source, dict(options or {})) if fused else None
+        renderers, chain = function_renderers(d, fused, program)
+        functions += [r.context() for r in renderers]
+        chains += chain
+    text = env.get_template("module.py.jinja").render(
         version=__version__, source=source_name, runtime=runtime, functions=functions,
-        names=[f["name"] for f in functions])
+        names=[pyname(d.name) for d in module.definitions])
+    return text + env.get_template("chain.py.jinja").render(chains=chains)

@@ -1,4 +1,11 @@
-"""The fused numpy form: a tile program rendered as one loop over key tiles.
+"""The fused numpy form: a kernel of the kernel IR rendered as one loop over key tiles.
+
+numpy is a renderer of the same kernel program as Triton and CUDA (``passes/lowering.py``
+with the ``numpy`` target): the tile program, the row rank (map-ranks) and the live /
+full tile ranges and block-mask probes (bound-tiles) come from the kernel; what differs
+is that one numpy "program" holds every row, so a range bound per row block becomes a
+range per row, evaluated as vectors.  A multi-kernel program renders each part so and
+runs them in order (``templates/common/chain.py.jinja``).
 
 Tensors of the loop body live for one tile (no ``m1`` dimension, rows relative
 to the tile's row range); the iterative state is two buffers (this step's and
@@ -19,23 +26,13 @@ import sympy
 
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import Access, Binary, Definition, Index, IterativeEinsum, Num, Reduce
-from ..einsum_ir.printer import print_statement
+from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, CeilDiv, FloatFloor, FloorDiv, IMax, IMin,
+                                Kernel)
+from ..einsum_ir.printer import print_expr, print_statement
 from ..einsum_ir.schedule import statement_reads
-from ..passes.tile import Guard, NotTileable, TileProgram, atom_bound, conjunctions
-from .numpy_backend import (Bound, FunctionRenderer, StatementRenderer, mask_name, pyname,
-                            size_code, tup)
-
-
-def guard_code(e: sympy.Expr, names: dict[str, str]) -> str:
-    """A sympy bound as vectorised numpy code (index symbols ``_R`` renamed by ``names``)."""
-    def symbol(name: str) -> str:
-        if name.startswith("_"):
-            return names[name[1:]]
-        return pyname(name[len("param_"):] if name.startswith("param_") else name)
-    try:
-        return size_code(e, False, "np", vector=True, symbol=symbol)
-    except NotImplementedError as err:
-        raise NotTileable(f"cannot render the bound {e}") from err
+from ..passes.tile import NotTileable, TileProgram
+from ..passes.tile_loads import expand_loads, inline_loads
+from .numpy_backend import Bound, FunctionRenderer, StatementRenderer, mask_name, pyname, tup
 
 
 @dataclass(frozen=True)
@@ -189,18 +186,75 @@ def _nested(fn: str, args: list[str]) -> str:
     return out
 
 
-def _row_rank_usable(tp: TileProgram) -> str | None:
-    """The row rank, if every state tensor has it and no body Einsum reduces over it."""
-    r = tp.row_rank
-    if r is None or tp.kept:
+def row_rank(k: Kernel) -> str | None:
+    """The kernel's row rank (map-ranks) when this form can restrict a tile to the rows
+    it changes: every state carries it, no body Einsum reduces over it, nothing is kept.
+    Else None: every row runs every live tile (slower, as exact)."""
+    tp, r = k.tiles, k.roles.row if k.roles is not None else None
+    if r is None or tp.kept or any(r not in st.lhs for st in tp.inits):
         return None
-    for st in tp.inits:
-        if r not in st.lhs:
-            return None
     for st in tp.body:
         if any(r in red.ranks for red in walk(st.expr) if isinstance(red, Reduce)):
             return None
     return r
+
+
+def _skips_tiles(bounds) -> bool:
+    """Whether the bounds let a tile skip rows or masks (else rows are not restricted)."""
+    return bounds is not None and bool(
+        bounds.live is not None or bounds.live_probes
+        or (bounds.full is not None and bounds.full_holds and not bounds.full_probes))
+
+
+class BoundPrinter:
+    """The ``bound-tiles`` stage's integer bounds (:mod:`attnc.einsum_ir.kernel`) as
+    vectorised numpy code: one value per row (the block of one row, ``ROW_FIRST`` =
+    ``ROW_LAST`` = ``_allrows``), so a tile's live rows are ``lo <= m1 < hi``.  Before →
+    after::
+
+        IMin(M1, FloorDiv(ROW_LAST + M - P, M0, 1))  ->  np.minimum(M1, (_allrows + M - P) // M0 + 1)
+    """
+
+    def __init__(self, k: Kernel):
+        self.k = k
+
+    def code(self, e) -> str:
+        if isinstance(e, (IMax, IMin)):
+            return _nested("np.maximum" if isinstance(e, IMax) else "np.minimum",
+                           [self.code(a) for a in e.args])
+        if isinstance(e, FloorDiv):  # numpy's // floors
+            code = f"({self.int_code(e.num)}) // ({self.int_code(e.den)})"
+            return f"({code} + {e.offset})" if e.offset else code
+        if isinstance(e, CeilDiv):
+            return f"(-((-({self.int_code(e.num)})) // ({self.int_code(e.den)})))"
+        if isinstance(e, FloatFloor):
+            trunc = f"np.trunc(({self.int_code(e.num)}) / ({self.int_code(e.den)})).astype(np.int64)"
+            return f"({trunc} + {e.offset})"
+        return self.int_code(e)
+
+    def int_code(self, e: sympy.Expr) -> str:
+        if e.is_Symbol:
+            return self.symbol(e.name)
+        if e.is_Integer:
+            return str(int(e))
+        if e.is_Rational or e.is_Float:
+            return repr(float(e))
+        if e.is_Add:
+            return "(" + " + ".join(self.int_code(x) for x in e.args) + ")"
+        if e.is_Mul:
+            return "(" + " * ".join(self.int_code(x) for x in e.args) + ")"
+        raise NotTileable(f"cannot render the bound {e}")
+
+    def symbol(self, name: str) -> str:
+        if name in (ROW_FIRST, ROW_LAST):
+            return "_allrows"
+        if name.startswith("BLOCK_"):
+            return pyname(name[len("BLOCK_"):])
+        if name.startswith("param_"):
+            return pyname(name[len("param_"):])
+        if name.startswith("_"):
+            return name[1:].lower()
+        return pyname(name)
 
 
 def _reindexed_away(defn: Definition, tp: TileProgram) -> bool:
@@ -222,19 +276,26 @@ def _local_read_outside(tp: TileProgram) -> bool:
 
 
 class FusedFunctionRenderer(FunctionRenderer):
-    """A definition's function in the fused tile-loop form."""
+    """A kernel of the kernel IR (one loop over tiles) as a numpy function: the kernel's
+    tile program with all rows held at once, its ``bound-tiles`` ranges and probes
+    evaluated per row (:class:`BoundPrinter`)."""
 
-    def __init__(self, defn: Definition, tp: TileProgram):
-        super().__init__(defn)
+    def __init__(self, k: Kernel):
+        tp = k.tiles
+        super().__init__(tp.cascade)
+        if tp.loop_rank is None:
+            raise NotTileable(f"{k.name} has no loop over tiles")
         if tp.kept:
             raise NotTileable(f"{sorted(tp.kept)} are read after the loop")
-        if _reindexed_away(defn, tp):
+        if _reindexed_away(tp.cascade, tp):
             raise NotTileable("the tile program re-indexes a tensor away from its ranks")
         if _local_read_outside(tp):
             raise NotTileable("a tensor that lives for one tile is read outside the loop")
-        self.tp = tp
-        self.rows = Rows(_row_rank_usable(tp)) if _row_rank_usable(tp) else None
-        self.full_flags: dict[str, str] = {}
+        self.kernel, self.tp = k, tp
+        row = row_rank(k) if _skips_tiles(k.bounds) else None
+        self.rows = Rows(row) if row else None
+        self.full_flags: dict = {}
+        self.bound = BoundPrinter(k)
 
     def shape_without(self, st, drop: str, relative: bool) -> str:
         dims = []
@@ -274,120 +335,73 @@ class FusedFunctionRenderer(FunctionRenderer):
             out.append(f"{t}, {m} = _store({value}, {mask}, {shape}, {nl}, {r.nd}, ct)")
         return out
 
-    # --- tile skipping -------------------------------------------------------------
-    def bounds(self, g: Guard) -> list[list] | None:
-        """Per conjunction of ``g``: affine bounds of the tile rank, or None if not affine."""
-        dnf = conjunctions(g.cond)
-        known = {self.tp.loop_rank, self.tp.tile_rank} | ({self.rows.rank} if self.rows else set())
-        if dnf is None or self.tp.tile_rank is None or not free_ranks(g.cond) <= known:
-            return None
-        out = []
-        for conj in dnf:
-            bounds = []
-            for atom in conj:
-                b = atom_bound(atom, self.tp.tile_rank) if isinstance(atom, Binary) else None
-                if b is None or isinstance(b, bool):
-                    return None
-                bounds.append(b)
-            out.append(bounds)
-        return out
-
-    def names(self) -> dict[str, str]:
-        names = {self.tp.loop_rank: self.tp.loop_rank.lower()}
-        if self.rows:
-            names[self.rows.rank] = "_allrows"
-        return names
-
-    def interval_code(self, bounds) -> tuple[str, str]:
-        """Code for (lowest, highest) tile index a conjunction allows, per row."""
-        lows = [guard_code(b.value, self.names()) for b in bounds if b.lower]
-        highs = [guard_code(b.value, self.names()) for b in bounds if not b.lower]
-        return _nested("np.maximum", ["0"] + lows), _nested("np.minimum", [str(self.tp.tile_size - 1)] + highs)
+    # --- tile skipping (the kernel's bounds, per row) --------------------------------------
+    def in_range(self, rng) -> str:
+        """Per row: whether this tile lies in a kernel-IR tile range."""
+        m1 = self.tp.loop_rank.lower()
+        lo, hi = self.bound.code(rng.lo), self.bound.code(rng.hi)
+        return f"np.broadcast_to((({lo}) <= {m1}) & ({m1} < ({hi})), (_allrows.shape[0],))"
 
     def guard_lines(self) -> list[str]:
-        """Per tile: the rows any update can change (``_lo``, ``_hi``), and full-tile flags."""
-        tp = self.tp
-        if self.rows is None:
+        """Per tile: the rows any update can change (``_lo``, ``_hi``) from the live range
+        and the block-mask probes, then the full-tile flag."""
+        bounds = self.kernel.bounds
+        if self.rows is None or bounds is None:
             return []
-        everything = ["_lo, _hi = 0, _allrows.shape[0]"]
-        if tp.tile_size is None:
-            return everything
-        lines = []
-        live_terms = []
-        for tensor, guards in tp.guards:
-            some_terms = []
-            for g in guards:
-                if tp.tile_rank not in g.exists:
-                    continue
-                conj = self.bounds(g)
-                if conj is None:
-                    data = self.data_dependent_live(g, lines)
-                    if data is not None:
-                        some_terms.append(data)
-                    continue
-                parts = []
-                for bounds in conj:
-                    lo, hi = self.interval_code(bounds)
-                    parts.append(f"(({lo}) <= ({hi}))")
-                some_terms.append(" | ".join(parts))
-            if not some_terms:
-                return everything  # an update that may always be computed: no row is skippable
-            live_terms.append(" & ".join(f"({t})" for t in dict.fromkeys(some_terms)))
-        live = " | ".join(f"({t})" for t in dict.fromkeys(live_terms))
-        lines.append(f"_live = np.broadcast_to({live}, (_allrows.shape[0],))")
+        lines, terms = [], []
+        if bounds.live is not None:
+            terms.append(self.in_range(bounds.live))
+        if bounds.live_probes:
+            per_update = [" & ".join(self.probe_live(c, lines) for c in conds)
+                          for conds in bounds.live_probes]
+            terms.append(" | ".join(f"({t})" for t in dict.fromkeys(per_update)))
+        if not terms:
+            return ["_lo, _hi = 0, _allrows.shape[0]"] + self.full_flag_lines()
+        lines.append("_live = " + " & ".join(f"({t})" for t in terms))
         lines.append("_lo, _hi = _row_range(_live)")
         lines.append("if _lo >= _hi:")
         lines.append("    continue")
-        lines += self.full_flag_lines()
-        return lines
+        return lines + self.full_flag_lines()
 
-    def data_dependent_live(self, g: Guard, lines: list[str]) -> str | None:
-        """The block mask of a data-dependent guard for this tile: rows where some point of
-        the tile satisfies it (evaluated on the rows × tile grid, absent reads count false)."""
-        from ..passes.tile_loads import expand_loads as _expand_loads, inline_loads as _inline_loads
+    def probe_live(self, cond, lines: list[str]) -> str:
+        """A block-mask probe of the kernel (a data-dependent guard, loads expanded): rows
+        where some point of this tile satisfies it (absent reads count false)."""
+        from ..einsum_ir.ir import Call, Einsum
 
-        tp = self.tp
-        if not free_ranks(g.cond) <= {tp.loop_rank, tp.tile_rank, self.rows.rank}:
-            return None
-        cond = _expand_loads(g.cond, _inline_loads(tp)[0])  # blocked copies read at the source
-        if any(isinstance(n, Access) and n.tensor in tp.local | set(tp.state) for n in walk(cond)):
-            return None
-        g = Guard(cond, g.exists)
-        key = ("live", g.cond)
+        key = ("live", cond)
         if key in self.full_flags:
             return self.full_flags[key]
-        from ..einsum_ir.ir import Call, Einsum, Reduce
-
+        tp = self.tp
         probe = Einsum("_LIVE", (tp.loop_rank, self.rows.rank),
-                       Reduce("max", (tp.tile_rank,), Call("select", (g.cond, Num(1), Num(0)))))
+                       Reduce("max", (tp.tile_rank,), Call("select", (cond, Num(1), Num(0)))))
         r = FusedStatementRenderer(self.defn, probe, self.temps, tp, None, {}, in_loop=True)
         body, value, mask, nl = r.render()
         name = self.temps.new("live")
-        lines += [f"# block mask: rows of this tile where {g}"] + body
+        lines += [f"# block mask: rows of this tile where {print_expr(cond)}"] + body
         lines.append(f"{name} = _rows_live({value}, {mask}, {nl}, {r.nd}, _allrows.shape[0])")
         self.full_flags[key] = name
         return name
 
     def full_flag_lines(self) -> list[str]:
-        """``_full_T``: statement T's where holds at every point of this tile's rows."""
-        lines = []
-        for st in self.tp.body:
-            if st.where is None or self.tp.tile_rank not in free_ranks(st.where):
-                continue
-            conj = self.bounds(Guard(st.where, frozenset({self.tp.tile_rank})))
-            if conj is None or len(conj) != 1:
-                continue
-            lo, hi = self.interval_code(conj[0])
-            flag = f"_full_{pyname(st.tensor)}"
-            lines.append(f"{flag}_rows = np.broadcast_to(np.logical_and(({lo}) <= 0, "
-                         f"({hi}) >= {self.tp.tile_size - 1}), (_allrows.shape[0],))")
-            self.full_flags[st.tensor] = flag
-        return lines
+        """``_full``: this tile is in the kernel's full range for the row, so the ``where``
+        clauses that hold on full tiles are dropped there.  Full tiles that also need a
+        data-dependent check (``full_probes``) run masked here: masks are always exact."""
+        bounds = self.kernel.bounds
+        if bounds.full is None or bounds.full_probes:
+            return []
+        loads = inline_loads(self.tp)[0]
+        tensors = [st.tensor for st in self.tp.body if st.where is not None
+                   and expand_loads(st.where, loads) in bounds.full_holds]
+        if not tensors:
+            return []
+        for t in tensors:
+            self.full_flags[t] = "_full"
+        return [f"_full_rows = {self.in_range(bounds.full)}"]
 
     def segment_lines(self) -> tuple[list[str], bool]:
         """Split this tile's rows into runs where every full-flag is constant: rows whose
         filter holds on the whole tile run without it (``_full_T``), the others with it."""
-        flags = [f for k, f in self.full_flags.items() if isinstance(k, str)]
+        flags = list(dict.fromkeys(f for k, f in self.full_flags.items() if isinstance(k, str)))
         if not flags:
             return [], False
         names = ", ".join(flags)

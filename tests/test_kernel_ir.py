@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -226,3 +227,45 @@ def test_emit_kernel_for_every_example(path, capsys):
         assert "cannot compile" in out.err, out.err
         return
     assert out.out.startswith("program ") and "kernel " in out.out
+
+
+# --- numpy renders the kernel program ----------------------------------------------------
+
+def test_numpy_runs_a_multi_kernel_program_part_by_part(tmp_path):
+    """Linear attention on numpy is the same two-kernel program as on the GPUs (K^T V
+    first, O(M)): one function per part and a chain; float64 stays float64 across the
+    buffer, and M = 0 gives 0, not 0/0."""
+    import numpy as np
+
+    from attnc.backends import compile_module, load_generated, write_atomic
+
+    _, files = compile_module(parse_file(EXAMPLES / "linear.attn"), "numpy", "linear_np")
+    text = files["linear_np.py"]
+    assert "def linear_attention__k0(" in text and "def linear_attention__k1(" in text
+    write_atomic(tmp_path / "linear_np.py", text)
+    gen = load_generated(tmp_path / "linear_np.py")
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 300, 8)), rng.standard_normal((2, 300, 3))
+    phi = lambda x: np.where(x > 0, x + 1, np.exp(x))  # noqa: E731
+    want = (phi(Q) @ (np.swapaxes(phi(K), -1, -2) @ V)) / (phi(Q) @ phi(K).sum(-2)[..., None])
+    got = gen.linear_attention(Q, K, V)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    empty = gen.linear_attention(Q, K[:, :0], V[:, :0])
+    assert not np.isnan(empty).any() and (empty == 0).all()
+
+
+def test_no_backend_derives_bounds_or_roles_of_its_own():
+    """Tile bounds, rank roles and variant plans come from the lowering stages: no
+    backend imports the derivations (``attnc.passes.tile``'s guard algebra, map-ranks'
+    classification, the variant builders)."""
+    import ast
+
+    import attnc.backends as backends
+
+    derivations = {"atom_bound", "conjunctions", "update_guards", "classify_ranks",
+                   "head_packing", "build_variants", "combine_program", "tile_program"}
+    for path in Path(backends.__file__).parent.glob("*.py"):
+        imported = {a.name for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) for a in node.names}
+        assert not imported & derivations, (path.name, sorted(imported & derivations))

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from .. import __version__
-from ..backends import choose_form, compile_module, get_backend, load_generated, lower_stages, write_atomic
+from ..backends import BACKENDS, choose_form, compile_module, get_backend, load_generated, lower_stages, write_atomic
 from ..einsum_ir.kernel import print_kernel_module, print_program
 from ..passes.lowering import LOWERING_STAGES
 from ..passes.tile import NotTileable
@@ -227,7 +227,8 @@ def _check_target(backend: str) -> tuple[str | None, float]:
         return "cpu", 1e-4
     if backend == "cuda" and os.environ.get("ATTNC_CUDA_EMULATE") == "1":
         return "cpu", 1e-4  # the same .cu compiled as C++ for CPU tensors
-    raise UsageError(f"the {backend} backend needs a CUDA GPU to run; compile it with "
+    hint = " (or set ATTNC_CUDA_EMULATE=1 to run its .cu as C++ on the CPU)" if backend == "cuda" else ""
+    raise UsageError(f"the {backend} backend needs a CUDA GPU to run{hint}; compile it with "
                      f"'attnc compile --backend {backend}'")
 
 
@@ -287,6 +288,7 @@ def cmd_run(args) -> int:
 
     module = parse_file(args.spec)
     given = _parse_sizes(args.size, zero=True)
+    device, _ = _check_target(args.backend)
     rng = np.random.default_rng(args.seed)
     np.set_printoptions(precision=4, suppress=True, linewidth=100)
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +305,12 @@ def cmd_run(args) -> int:
             except ValueError as err:
                 raise UsageError(f"{defn.name}: {err}") from None
             call, params = random_call(defn, rng, sizes)
-            outs = getattr(generated, defn.name)(*call, **params)
+            fn = getattr(generated, defn.name)
+            if device is not None:  # a torch backend: tensors in, numpy arrays out
+                from ..backends.check import torch_caller
+
+                fn = torch_caller(fn, device)
+            outs = fn(*call, **params)
             refs = interpret(defn, *call, **params)
             if len(defn.outputs) == 1:
                 outs, refs = (outs,), (refs,)
@@ -325,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, backend=True, pipeline=True):
         sp.add_argument("spec", help="the .attn file")
         if backend:
-            sp.add_argument("--backend", default="numpy", help="numpy (default)")
+            sp.add_argument("--backend", default="numpy",
+                            help="numpy (default), triton or cuda: " + "; ".join(
+                                f"{b.name}: {b.doc}" for b in BACKENDS.values()))
         if pipeline:
             sp.add_argument("--passes", help="comma-separated passes: " + ", ".join(PASSES))
             sp.add_argument("--stop-after", dest="stop_after",
@@ -352,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check", help="compare the compiled code with the interpreter")
     common(k)
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     k.set_defaults(fn=cmd_check)
 
     r = sub.add_parser("report", help="pass-count bounds, footprints and costs")
@@ -365,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("run", help="compile, then run the generated module on random inputs")
     common(u)
     u.add_argument("--size", help="input rank sizes, e.g. P=6,M=9 (default 8 each)")
-    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     u.set_defaults(fn=cmd_run)
     return p
 

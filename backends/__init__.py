@@ -16,18 +16,20 @@ from ..einsum_ir.ir import Module
 @dataclass(frozen=True)
 class Backend:
     name: str
-    render: Callable[..., dict[str, str]]  # (module, stem, fused=True) -> {filename: text}
+    # (module, stem, fused=True) -> {filename: text}; a numpy-runtime backend also gets
+    # sources=, options=, after_lowering= (it lowers each definition itself)
+    render: Callable[..., dict[str, str]]
     doc: str
     tile: int = 64  # default tile of the streamed rank (the online pass's option)
     runtime: str = "numpy"  # what the generated functions take: numpy arrays or torch tensors
 
 
 def _numpy(module: Module, stem: str, fused: bool = True, sources: Module | None = None,
-           options: dict | None = None) -> dict[str, str]:
+           options: dict | None = None, after_lowering=None) -> dict[str, str]:
     from .numpy_backend import render_module
 
     return {f"{stem}.py": render_module(module, f"{stem}.attn", fused=fused, sources=sources,
-                                        options=options)}
+                                        options=options, after_lowering=after_lowering)}
 
 
 def _triton(module: Module, stem: str, fused: bool = True) -> dict[str, str]:
@@ -62,8 +64,8 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
         options["tile"] = chosen.tile
     stages = run_pipeline(module, names, stop_after, after_each, options)
     if chosen.runtime == "numpy":  # lowered per definition; the per-Einsum form takes the rest
-        return stages, chosen.render(stages[-1][1], stem, fused=fused,
-                                     sources=_before_online(stages), options=options)
+        return stages, chosen.render(stages[-1][1], stem, fused=fused, options=options,
+                                     sources=_before_online(stages), after_lowering=after_lowering)
     stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
     return stages, chosen.render(kernels, stem, fused=fused)
 

@@ -588,15 +588,19 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined)
 
 
-def lower_for_numpy(defn: Definition, source: Definition | None, options: dict):
+def lower_for_numpy(defn: Definition, source: Definition | None, options: dict,
+                    after_lowering=None):
     """The kernel program of ``defn`` for the numpy target, or None when it has none (the
-    per-Einsum form runs it: it takes every cascade)."""
+    per-Einsum form runs it: it takes every cascade; ``after_lowering`` hears why)."""
     from ..passes.lowering import TARGETS, lower
     from ..passes.tile import NotTileable
 
     try:
-        return lower(defn, TARGETS["numpy"], options, source)
-    except NotTileable:
+        return lower(defn, TARGETS["numpy"], options, source, after_lowering)
+    except NotTileable as err:
+        if after_lowering is not None:
+            after_lowering("choose-form", f"{defn.name}: no kernel program ({err}); the numpy "
+                                          f"backend runs the cascade Einsum by Einsum")
         return None
 
 
@@ -647,7 +651,7 @@ def function_renderers(defn: Definition, fused: bool, program=None) -> tuple[lis
 
 def render_module(module: Module, source_name: str, include_runtime: bool = True,
                   fused: bool = True, sources: Module | None = None,
-                  options: dict | None = None) -> str:
+                  options: dict | None = None, after_lowering=None) -> str:
     """The generated Python module's text (deterministic for a given module).  ``sources``:
     the definitions before ``online`` (what a multi-kernel program partitions)."""
     env = _environment()
@@ -655,7 +659,7 @@ def render_module(module: Module, source_name: str, include_runtime: bool = True
     functions, chains = [], []
     for d in module.definitions:
         source = sources[d.name] if sources is not None else None
-        program = lower_for_numpy(d, source, dict(options or {})) if fused else None
+        program = lower_for_numpy(d, source, dict(options or {}), after_lowering) if fused else None
         renderers, chain = function_renderers(d, fused, program)
         functions += [r.context() for r in renderers]
         chains += chain

@@ -75,7 +75,10 @@ def _variants(p: Program, target: Target, options: dict) -> Program:
     variants = tuple(v for v in full.variants if v.kind in keep)
     used = {k for v in variants for k in v.kernels}
     kernels = tuple(k for k in full.kernels if k.name in used)
-    return dataclasses.replace(full, kernels=kernels, variants=variants, notes=p.notes + full.notes)
+    written = {b.name for k in kernels for b in k.writes}
+    buffers = tuple(b for b in full.buffers if b.kind != "workspace" or b.name in written)
+    return dataclasses.replace(full, kernels=kernels, variants=variants, buffers=buffers,
+                               notes=p.notes + full.notes)
 
 
 def lower(defn: Definition, target: Target, options: dict | None = None,

@@ -61,8 +61,8 @@ def test_check_passes_and_reports_errors(capsys):
 def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):
     real = BACKENDS["numpy"]
 
-    def broken(module, stem, fused=True):
-        files = real.render(module, stem, fused=fused)
+    def broken(module, stem, fused=True, **lowering):
+        files = real.render(module, stem, fused=fused, **lowering)
         return {k: v.replace("return _output(", "return 1.0001 * _output(") for k, v in files.items()}
 
     monkeypatch.setitem(BACKENDS, "broken", Backend("broken", broken, "test"))

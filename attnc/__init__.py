@@ -13,3 +13,22 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "einsum_ir" / "__init__.py").is_file() and not (
         _Path(__file__).resolve().parent / "einsum_ir").exists():
     __path__.append(str(_checkout))  # noqa: F821 - the package's own __path__
+
+# The Python API, imported on first use so that ``import attnc`` stays cheap (no sympy,
+# lark or jinja until a spec is compiled): attnc.compile, attnc.load, attnc.SpecError.
+_API = {"compile": "api", "load": "api", "CompileOptions": "api", "CompiledModule": "api",
+        "cache_dir": "api", "SpecError": "api", "SpecWarning": "api"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from importlib import import_module
+
+        value = getattr(import_module(f"{__name__}.frontends.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

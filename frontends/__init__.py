@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..einsum_ir.diagnostics import Collector, Diagnostic, SpecError
+from ..einsum_ir.diagnostics import Collector, Diagnostic, SpecError, SpecWarning
 from ..einsum_ir.ir import Loc, Module
 from ..einsum_ir.schedule import check_schedules
 from .limits import recursion_room
 from .lower import lower_file
 from .parser import parse_syntax
 
-__all__ = ["parse", "parse_file", "SpecError"]
+__all__ = ["parse", "parse_file", "SpecError", "SpecWarning"]
 
 
 def parse(text: str, filename: str = "<string>") -> Module:
@@ -27,6 +27,7 @@ def _parse(text: str, filename: str) -> Module:
     errors.raise_if_any()
     check_schedules(module, errors)
     errors.raise_if_any()
+    errors.issue_warnings()
     return module
 
 

@@ -11,6 +11,8 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
@@ -18,7 +20,7 @@ from ..backends import BACKENDS, choose_form, compile_module, get_backend, load_
 from ..einsum_ir.kernel import print_kernel_module, print_program
 from ..passes.lowering import LOWERING_STAGES
 from ..passes.tile import NotTileable
-from ..einsum_ir.diagnostics import SpecError
+from ..einsum_ir.diagnostics import SpecError, SpecWarning
 from ..einsum_ir.ir import Module
 from ..einsum_ir.printer import print_module
 from ..passes.pipeline import PASSES, resolve, run_pipeline
@@ -324,6 +326,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+@contextmanager
+def _spec_warnings_on_stderr():
+    """Lints print like errors (located, with a caret), each time; other warnings as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SpecWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SpecWarning):
+                print(str(message), file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnc", description="A compiler for attention cascades (.attn).")
     p.add_argument("--version", action="version", version=f"attnc {__version__}")
@@ -382,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with recursion_room():
+        with recursion_room(), _spec_warnings_on_stderr():
             return args.fn(args)
     except SpecError as err:
         print(err.format(), file=sys.stderr)

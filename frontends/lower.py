@@ -566,7 +566,28 @@ class DefinitionLowering:
             self.errors.error(f"tensor '{name}' has {len(ranks)} rank(s) "
                               f"[{','.join(r or '?' for r in ranks)}] but is indexed with {len(subs)}",
                               e.loc)
+        else:
+            self._check_size_subscripts(name, subs, ranks)
         return ir.Access(name, subs, loc=e.loc)
+
+    def _check_size_subscripts(self, name: str, subs, ranks) -> None:
+        """A size as a whole subscript, usually a case slip (``Q[p,E]`` for ``Q[p,e]``).
+        In its own rank's position it reads one past the last element, so every read is
+        absent: an error (an iterative tensor's own rank has one more element: ``RD[M1,p]``
+        is its last).  Elsewhere it reads one fixed element: a warning."""
+        for sub, rank in zip(subs, ranks):
+            if not isinstance(sub, ir.Size) or rank is None:
+                continue
+            slip = f"write the index variable '{sub.rank.lower()}'"
+            if sub.rank == rank and self.iter_ranks.get(name) != rank:
+                self.errors.error(f"subscript '{sub.rank}' of '{name}' is the size of its rank "
+                                  f"{rank}: it is one past the last element, so every read is "
+                                  f"absent", sub.loc, slip)
+            elif sub.rank != rank and sub.rank.lower() in self.scope.index_vars():
+                self.errors.warning(f"subscript '{sub.rank}' of '{name}' (rank {rank}) is a "
+                                    f"size: every element reads the one at {rank} = {sub.rank} "
+                                    f"(absent when {sub.rank} >= {rank})", sub.loc,
+                                    f"if you meant an index, {slip}")
 
     def _subscript(self, s: ast.SExpr) -> ir.Expr:
         self.subscript_depth += 1

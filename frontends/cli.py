@@ -26,6 +26,7 @@ from ..einsum_ir.printer import print_module
 from ..passes.pipeline import PASSES, resolve, run_pipeline
 from . import parse_file
 from .limits import recursion_room
+from .progress import status
 
 EXIT_MISMATCH = 1
 EXIT_USER_ERROR = 2
@@ -199,12 +200,20 @@ def _declined(backend: str, err: Exception) -> UsageError:
 def _compile(module: Module, args, echo=None, echo_kernel=None):
     """(stages, files) for the spec's backend, through the requested pipeline."""
     names, options = _choice(args)
-    try:
-        return compile_module(module, args.backend, Path(args.spec).stem, names, options,
-                              getattr(args, "stop_after", None), echo,
-                              fused=not getattr(args, "O0", False), after_lowering=echo_kernel)
-    except NotTileable as err:
-        raise _declined(args.backend, err) from None
+    what = f"compiling {Path(args.spec).name} for {args.backend}"
+    quiet = False if getattr(args, "print_after_all", False) else None  # stdout shows the work
+    with status(what, enabled=quiet) as line:
+        def stage(name, x, show=None):
+            line.update(f"{what}: {name}")
+            if show is not None:
+                show(name, x)
+        try:
+            return compile_module(module, args.backend, Path(args.spec).stem, names, options,
+                                  getattr(args, "stop_after", None),
+                                  lambda n, x: stage(n, x, echo), fused=not getattr(args, "O0", False),
+                                  after_lowering=lambda n, x: stage(n, x, echo_kernel))
+        except NotTileable as err:
+            raise _declined(args.backend, err) from None
 
 
 def _compile_to_temp(spec: str, module: Module, args, tmp: str):

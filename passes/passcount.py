@@ -414,3 +414,8 @@ def count_passes(defn: Definition) -> PassAnalysis:
         bound = max(bound, 1)
     bound_rank = next((rp.rank for rp in symbolic if rp.count == bound > 1), None)
     return PassAnalysis(canonical, ranks, bound, bound_rank)
+
+
+def raises_bound(before: Definition, after: Definition) -> bool:
+    """Whether ``after`` needs more passes than ``before`` (its ``pass_bound`` is larger)."""
+    return count_passes(after).pass_bound > count_passes(before).pass_bound

@@ -13,6 +13,7 @@ from ..einsum_ir.ir import Definition, Module
 from .canonicalize import canonicalize
 from .defer_normalization import defer_normalization
 from .online import online
+from .passcount import raises_bound
 from .reassociate import reassociate
 from .split_k import split_k, split_k_blockers, stream_k
 from .stream_final import stream_final
@@ -68,7 +69,21 @@ def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:
 
 
 def apply(stage: Stage, module: Module, options: dict | None = None) -> Module:
-    return dataclasses.replace(module, definitions=tuple(stage(d, options) for d in module.definitions))
+    return dataclasses.replace(module, definitions=tuple(bounded(stage, d, options)
+                                                         for d in module.definitions))
+
+
+def bounded(stage: Stage, defn: Definition, options: dict | None = None) -> Definition:
+    """The stage's result, or its input when the result needs more passes than the input
+    (no stage raises a bound it was given).  Before → after (cosine attention: dividing
+    by the norms before ``Q·K`` re-reads the normalised rows over ``e``)::
+
+        reassociate: pass bound 1 -> 2     =>   reassociate keeps its input (bound 1)
+    """
+    out = stage(defn, options)
+    if out == defn or raises_bound(defn, out):
+        return defn
+    return out
 
 
 def run_pipeline(module: Module, names=None, stop_after: str | None = None,

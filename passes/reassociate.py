@@ -109,6 +109,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Expr, Inde
                             Num, Param, Reduce, Size, SizeLet, Statement, Unary, size_symbol)
 from .canonicalize import canonicalize
 from .costs import statement_flops
+from .passcount import raises_bound
 
 SEQUENCE_SIZE = 4096
 FEATURE_SIZE = 64
@@ -791,7 +792,7 @@ class _Rewriter:
         best, best_cost = defn, self.cost(defn)
         for candidate in self.candidates(defn, st, term, inlined):
             cost = self.cost(candidate)
-            if cost < best_cost:
+            if cost < best_cost and not raises_bound(defn, candidate):
                 best, best_cost = candidate, cost
         return best
 
@@ -802,6 +803,18 @@ class _Rewriter:
         if plan is not None:
             namer = _Namer(defn, others)
             yield replace_statement(defn, st, emit(term, plan, st.tensor, namer, st.loc), inlined)
+        outer = [f for f in term.factors if f.role != "mask" and f.ranks <= set(term.out)]
+        core = dataclasses.replace(term, factors=tuple(f for f in term.factors if f not in outer))
+        plan = plan_term(core, self.sizes) if outer and len(core.contracted) >= 2 else None
+        if plan is not None:  # the same order, the factors over output ranks only applied last
+            namer = _Namer(defn, others)
+            name = namer.fresh(f"{st.tensor}_core")
+            statements = emit(core, plan, name, namer, st.loc)
+            value: Expr = Access(name, tuple(Index(r) for r in term.out))
+            for f in outer:
+                value = Binary("*" if f.role == "mul" else "/", value, f.expr)
+            statements.append(Einsum(st.tensor, st.lhs, value, loc=st.loc))
+            yield replace_statement(defn, st, statements, inlined)
         mask = chunkable(term, defn)
         if mask is not None:
             chunks, lets = self.chunking(defn, mask.m)

@@ -566,7 +566,7 @@ class FunctionRenderer:
         params = []
         for p in d.scalar_params:
             default = size_code(p.default, False) if p.default is not None else None
-            params.append((pyname(p.name), p.name, default))
+            params.append((pyname(p.name), p.name, default, p.dtype))
         outputs = []
         for o in d.outputs:
             shape = f"batch + {tup(pyname(r) for r in o.ranks)}"
@@ -637,7 +637,7 @@ def function_renderers(defn: Definition, fused: bool, program=None) -> tuple[lis
 
             chain = chain_spec(program, pyname, size_code, print_definition(defn).rstrip())
             params = [(pyname(p.name), p.name, size_code(p.default, False) if p.default is not None
-                       else None) for p in program.cascade.scalar_params]
+                       else None, p.dtype) for p in program.cascade.scalar_params]
             between = {b.name for b in program.buffers if b.kind == "intermediate"}
             return [part_renderer(q, between) for q in program.parts], [
                 dataclasses.replace(chain, params=params)]

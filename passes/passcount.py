@@ -26,6 +26,9 @@ over ``R`` is the largest pass number, 0 when no Einsum traverses ``R``.  Each w
 edge on the longest path is one read-read :class:`Dependency`: the later Einsum reads again
 a fiber (of the ``tensor`` it names) that the earlier one had to read completely.
 
+A plain, unfiltered copy of an argument (the ``online`` pass's tile copies ``BV[m1,m0,f] =
+V[m1 * M0 + m0, f]``) is the argument: reading it makes no edge, in any order.
+
 Iterative ranks (EDGE's iterative Einsums) are traversed once, in order: an update
 ``T[i+1] = f(T[i], X[i])`` consumes step ``i`` only, so reads at ``i`` and ``i+1`` stream;
 only the final state ``T[I]`` needs the whole traversal.  For a rank ``R`` other than the
@@ -197,6 +200,19 @@ def _is_aligned(sub: Expr, rank: str) -> bool:
         and isinstance(sub.left, Num)
 
 
+def input_copies(defn: Definition) -> frozenset[str]:
+    """Tensors that are plain copies of an argument, unfiltered: the ``online`` pass's tile
+    copies ``BV[m1,m0,f] = V[m1 * M0 + m0, f]``.  A read of one is a read of the argument,
+    there from the start, whatever its order (no out-of-order re-read over ``f`` or a head
+    rank is counted for it)."""
+    args = {a.name for a in defn.tensor_args}
+    outputs = {o.name for o in defn.outputs}
+    return frozenset(st.tensor for st in defn.statements
+                     if not isinstance(st, IterativeEinsum) and st.where is None
+                     and isinstance(st.expr, Access) and st.expr.tensor in args
+                     and st.tensor not in outputs)
+
+
 class _Producers:
     """Which statement (index) produced each tensor: an Einsum, or an init and an update."""
 
@@ -205,6 +221,7 @@ class _Producers:
         self.plain: dict[str, int] = {}
         self.init: dict[str, int] = {}
         self.update: dict[str, int] = {}
+        self.copies = input_copies(defn)
         for i, st in enumerate(defn.statements):
             if isinstance(st, IterativeEinsum):
                 (self.init if st.init else self.update)[st.tensor] = i
@@ -216,6 +233,8 @@ class _Producers:
 
     def edges(self, ci: int, acc: Access, rank: str) -> list[_Edge]:
         """The edges one read ``acc`` of statement ``ci`` makes over ``rank``."""
+        if acc.tensor in self.copies:
+            return []  # a copy of an argument (a tile copy) is the argument
         if acc.tensor in self.plain:
             return [self._generic(ci, self.plain[acc.tensor], acc, rank)]
         if acc.tensor in self.update:

@@ -445,3 +445,21 @@ def test_streaming_executor_on_cascade4():
     assert streamed_traversals(statements, "E") == 2
     assert streamed_traversals(statements, "P") == 1
     assert count_passes(parse(cascade_source(statements)).definitions[0]).passes["M"] == 3
+
+
+def test_a_copy_of_an_argument_is_the_argument():
+    """The online pass's tile copies are the inputs they copy: reading one out of order
+    (a per-head gate from another head's value row) is no re-read of a computed fiber."""
+    direct = """
+attention g(Q[P,H,E], V[M,H,F]) -> O[P,H,F] {
+  O[p,h,f] = sum[m](Q[p,h,0] * V[m,h,f] * V[m, H - 1 - h, f])
+}"""
+    copied = """
+attention g(Q[P,H,E], V[M,H,F]) -> O[P,H,F] {
+  BV[m,h,f] = V[m,h,f]
+  O[p,h,f] = sum[m](Q[p,h,0] * BV[m,h,f] * BV[m, H - 1 - h, f])
+}"""
+    filtered = copied.replace("BV[m,h,f] = V[m,h,f]", "BV[m,h,f] = V[m,h,f]   where f > 0")
+    a, b, c = (count_passes(parse(t).definitions[0]) for t in (direct, copied, filtered))
+    assert a.passes == b.passes and b.pass_bound == 1
+    assert c.passes["H"] == 2, "a filtered copy is a computed tensor: its reordered read counts"

@@ -131,3 +131,28 @@ def test_check_with_the_triton_backend(capsys):
     assert main(["check", str(EXAMPLES / "gqa_decode.attn"), "--backend", "triton"]) == 0
     out = capsys.readouterr().out
     assert "gqa_decode" in out and "ok" in out
+
+
+def test_run_with_a_torch_backend_passes_tensors(capsys, monkeypatch):
+    """`attnc run --backend triton` (was: 'must be a torch.Tensor, got ndarray', exit 70)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["run", str(CAUSAL), "--backend", "triton", "--size", "P=4,M=6,E=8,F=3"]) == 0
+    out = capsys.readouterr().out
+    err = float(out.split("relative error vs the interpreter ")[1].split()[0])
+    assert "AV[4, 3] float32" in out and err < 1e-5
+
+
+def test_check_cuda_runs_emulated_or_says_how(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU: the check runs on it")
+    monkeypatch.delenv("ATTNC_CUDA_EMULATE", raising=False)
+    assert main(["check", str(CAUSAL), "--backend", "cuda"]) == 2
+    assert "set ATTNC_CUDA_EMULATE=1" in capsys.readouterr().err
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    assert main(["check", str(CAUSAL), "--backend", "cuda"]) == 0
+    assert "causal_softmax" in capsys.readouterr().out

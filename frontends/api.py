@@ -184,7 +184,7 @@ class CompiledModule(types.ModuleType):
     @functools.cached_property
     def stages(self) -> list[tuple[str, Module]]:
         """(stage, cascade): the spec ("input"), then the cascade after every pass compiled."""
-        return self._ctx.stages or _stages(self.spec, self._ctx)[0]
+        return self._ctx.stages or self._compiled[0]
 
     @functools.cached_property
     def ir(self) -> dict[str, str]:
@@ -197,7 +197,17 @@ class CompiledModule(types.ModuleType):
     def kernels(self):
         """The kernel program (Triton, CUDA) as the kernel IR; None for numpy.
         ``str(mod.kernels)`` is what ``attnc compile --emit kernel`` prints."""
-        return _stages(self.spec, self._ctx)[1]
+        return self._compiled[1]
+
+    @functools.cached_property
+    def lowering(self) -> dict[str, str]:
+        """Lowering stage (tile, map-ranks, bound-tiles, variants) -> the kernel program
+        after it, printed (Triton, CUDA; empty for numpy), as ``--print-after-all`` shows."""
+        return self._compiled[2]
+
+    @functools.cached_property
+    def _compiled(self):
+        return _stages(self.spec, self._ctx)
 
     @functools.cached_property
     def report(self) -> dict:
@@ -245,7 +255,9 @@ class _Kernels:
 
 
 def _stages(module: Module, ctx: _Context):
-    """(stages, kernels or None) of the compiled form, recomputed (no rendering)."""
+    """(stages, kernels or None, lowering stage -> printed program) of the compiled form,
+    recomputed (no rendering)."""
+    from ..einsum_ir.kernel import print_program
     from ..passes.pipeline import run_pipeline
 
     names, options = ctx.options.pipeline()
@@ -253,9 +265,15 @@ def _stages(module: Module, ctx: _Context):
         options["tile"] = get_backend(ctx.backend).tile
     stages = run_pipeline(module, names, ctx.options.stop_after, None, options)
     if get_backend(ctx.backend).runtime == "numpy":
-        return stages, None
-    stages, kernels = choose_form(module, stages, ctx.backend, options, names)
-    return stages, _Kernels(kernels)
+        return stages, None, {}
+    lowering: dict[str, list[str]] = {}
+
+    def seen(stage, program):
+        text = program if isinstance(program, str) else print_program(program)
+        lowering.setdefault(stage, []).append(text)
+    stages, kernels = choose_form(module, stages, ctx.backend, options, names,
+                                  after_lowering=seen)
+    return stages, _Kernels(kernels), {k: "\n".join(v) for k, v in lowering.items()}
 
 
 def _build(module: Module, backend: str, stem: str, opts: CompileOptions, folder: Path,
@@ -322,5 +340,6 @@ def _spec_text(spec) -> tuple[str, str]:
 
 
 def _looks_like_path(text: str) -> bool:
-    return "\n" not in text and "{" not in text and (
-        text.endswith(".attn") or Path(text).is_file())
+    """A spec's text has a body in braces; anything else names a file (a typo in a path
+    is then "cannot read", not a syntax error at 1:1)."""
+    return "{" not in text

@@ -56,6 +56,20 @@ def test_compile_a_path_returns_the_module_with_its_ir_and_report(cache):
     assert mod.kernels is None and mod.files == [mod.path]
 
 
+def test_compile_for_a_kernel_backend_exposes_the_kernel_program(cache):
+    pytest.importorskip("torch")
+    mod = attnc.compile(CAUSAL, backend="cuda")
+    assert [f.name for f in mod.files] == ["causal.cu", "causal.py"]
+    assert str(mod.kernels).startswith("program causal_softmax:")
+    assert list(mod.lowering) == ["tile", "map-ranks", "bound-tiles", "variants"]
+    assert mod.lowering["variants"] in str(mod.kernels)
+
+
+def test_a_mistyped_path_cannot_be_read(cache):
+    with pytest.raises(attnc.SpecError, match="cannot read examples/casual.attn"):
+        attnc.compile("examples/casual.attn")
+
+
 def test_compile_source_text_with_options(cache):
     mod = attnc.compile(RELU, tile=4, passes="canonicalize,online")
     assert mod.path.name == "relu_attn.py" and [n for n, _ in mod.stages] == ["input", "canonicalize", "online"]

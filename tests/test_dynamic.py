@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import attnc  # noqa: E402
 from attnc.einsum_ir.interpreter import interpret  # noqa: E402
 
-CAUSAL = Path(__file__).resolve().parent.parent / "examples" / "causal.attn"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LENGTHS = (7, 19, 33, 70)  # ceil(M/64) takes the values 1 and 2: the same kernel
 
 
@@ -27,22 +27,28 @@ def dynamo():
     torch._dynamo.reset()
 
 
-def _run(fn, lengths, **params):
-    outs = []
-    for n in lengths:
-        q, k, v = torch.randn(2, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 8)
-        outs.append(((q, k, v), fn(q, k, v, **params)))
-    return outs
+def _causal(n):
+    return torch.randn(2, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 8)
 
 
-def test_causal_over_several_lengths_without_breaks_or_recompiles(dynamo, tmp_path, monkeypatch):
+def _gqa(n):  # H = 8 query heads over HK = 2 KV heads: let G = H / HK
+    return torch.randn(3, 8, 1, 16), torch.randn(3, 2, n, 16), torch.randn(3, 2, n, 8)
+
+
+def _run(fn, lengths, inputs=_causal, **params):
+    return [(x, fn(*x, **params)) for x in map(inputs, lengths)]
+
+
+@pytest.mark.parametrize("example, inputs", [("causal", _causal), ("gqa_decode", _gqa)])
+def test_over_several_lengths_without_breaks_or_recompiles(example, inputs, dynamo, tmp_path,
+                                                           monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
-    mod = attnc.compile(CAUSAL,
-                        backend="triton")
-    compiled = torch.compile(mod.causal_softmax, dynamic=True, fullgraph=True)
+    mod = attnc.compile(EXAMPLES / f"{example}.attn", backend="triton")
+    fn = getattr(mod, mod.spec.definitions[0].name)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     defn = mod.spec.definitions[0]
-    for (q, k, v), out in _run(compiled, LENGTHS, scale=0.25):
-        want = interpret(defn, q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.25)
+    for x, out in _run(compiled, LENGTHS, inputs, scale=0.25):
+        want = interpret(defn, *(t.double().numpy() for t in x), scale=0.25)
         assert out.shape == want.shape
         assert torch.allclose(out.double(), torch.from_numpy(want), rtol=1e-4, atol=1e-5)
     assert dict(dynamo["graph_break"]) == {}
@@ -50,11 +56,10 @@ def test_causal_over_several_lengths_without_breaks_or_recompiles(dynamo, tmp_pa
     assert not dynamo["recompiles"]
 
 
-@pytest.mark.xfail(strict=True, reason="a default parameter (1/sqrt(E)) is computed in float64 "
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchRuntimeError, reason="a default parameter (1/sqrt(E)) is computed in float64 "
                                        "torch tensors: under dynamic shapes an unbacked SymFloat "
                                        "the custom op's float argument refuses (default_code)")
 def test_a_default_parameter_under_dynamic_shapes(dynamo, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
-    mod = attnc.compile(CAUSAL,
-                        backend="triton")
+    mod = attnc.compile(EXAMPLES / "causal.attn", backend="triton")
     _run(torch.compile(mod.causal_softmax, dynamic=True, fullgraph=True), LENGTHS[:2])

@@ -116,9 +116,9 @@ def compile(spec, backend: str = "numpy", *, name: str | None = None,
     text, filename = _spec_text(spec)
     module = parse(text, filename)
     stem = name or (Path(filename).stem if filename != "<string>" else module.definitions[0].name)
-    if not stem.isidentifier():
-        raise ValueError(f"name {stem!r}: the generated module's name must be an identifier "
-                         f"(pass name=...)")
+    if not stem or Path(stem).name != stem or stem.startswith("."):
+        raise ValueError(f"name {stem!r}: the generated module's file stem must be a plain "
+                         f"file name")
     key = content_key(text, chosen.name, stem, opts)
     folder = Path(cache or cache_dir()) / f"{stem}-{key[:16]}"
     loaded = sys.modules.get(_module_name(folder, stem))

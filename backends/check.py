@@ -146,7 +146,8 @@ def random_call(defn: Definition, rng, sizes: dict[str, int], first_batch=(), ot
             args.append(random_index_tensor(rng, shape, a.dtype, *extents[a.name]))
         else:
             args.append(random_tensor(rng, shape, a.dtype))
-    params = {p.name: float(rng.uniform(1.0, 4.0)) for p in defn.scalar_params if p.default is None}
+    params = {p.name: float(rng.integers(1, 4)) if p.dtype in ("i32", "i64") else float(rng.uniform(1.0, 4.0))
+              for p in defn.scalar_params if p.default is None}  # an integer parameter refuses 2.5
     return args, params
 
 

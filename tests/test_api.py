@@ -234,6 +234,15 @@ def test_an_integer_parameter_refuses_a_fraction_numpy(cache):
         mod.scaled(q, k, v, W=2.5)
 
 
+def test_check_draws_whole_numbers_for_an_integer_parameter(tmp_path, capsys):
+    from attnc.frontends.cli import main
+
+    spec = tmp_path / "scaled.attn"
+    spec.write_text(INT_PARAM)
+    assert main(["check", str(spec)]) == 0
+    assert main(["run", str(spec)]) == 0
+
+
 @pytest.mark.parametrize("backend", [
     pytest.param(b, marks=pytest.mark.xfail(
         strict=True, reason="kernel_common.launcher_signature does not pass the dtype yet"))

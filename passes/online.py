@@ -168,6 +168,7 @@ class Region:
     shifts: dict[str, tuple[Shift, ...] | None] = field(default_factory=dict)
     direct: list[tuple[Einsum, Shift]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    inits: dict[str, Expr] = field(default_factory=dict)  # a running max's start (a sink)
 
     def reads_shift(self, e: Expr) -> bool:
         """``e`` reads a max of the region or a map that carries a shift."""
@@ -203,6 +204,110 @@ def candidate_maxes(defn: Definition) -> dict[str, list[str]]:
 def _is_max_over_one(st: Statement) -> bool:
     return (is_reduction(st) and st.expr.op == "max" and len(st.expr.ranks) == 1
             and st.expr.ranks[0] not in st.lhs)
+
+
+def fold_max_inits(defn: Definition, rank: str | None = None) -> tuple[Definition, dict[str, Expr]]:
+    """A max over ``R`` joined, after the reduction, with values that do not vary over
+    ``R`` is one running max that *starts* at them (a monoid's identity replaced by a
+    start value: max is idempotent, so the start joins once whatever the tiling).  Before
+    → after (an attention sink inside the softmax's max)::
+
+        MX_max[h,p] = max[m](S[h,p,m])            MX[h,p] = max[m](S[h,p,m])
+        MX[h,p] = max(MX_max[h,p], SINK[h])   ->  (its running max starts at SINK[h]:
+                                                   RMX[0,h,p] = SINK[h], not -inf)
+
+    Only when the reduction is read by that join alone, the join has no ``where``, and
+    the start values are present wherever the join is computed (numbers, parameters,
+    in-range reads of arguments over the join's ranks): then the folded max is present
+    exactly where the source's join was.  ``rank``: fold only maxes over it.  Returns the
+    folded definition and the start value of each folded max.
+    """
+    by_name = {st.tensor: st for st in defn.statements}
+    readers: dict[str, list[str]] = {}
+    for st in defn.statements:
+        for acc in statement_reads(st):
+            readers.setdefault(acc.tensor, []).append(st.tensor)
+    outputs = {o.name for o in defn.outputs}
+    folds: dict[str, tuple[str, Expr]] = {}   # join -> (reduction, start)
+    for st in defn.statements:
+        found = _max_join(defn, st, by_name)
+        if found is None:
+            continue
+        red, start = found
+        if rank is not None and by_name[red].expr.ranks != (rank,):
+            continue
+        if readers.get(red) == [st.tensor] and red not in outputs:
+            folds[st.tensor] = (red, start)
+    if not folds:
+        return defn, {}
+    folded = {red: join for join, (red, _) in folds.items()}
+    statements = []
+    for st in defn.statements:
+        if st.tensor in folds:
+            continue
+        if st.tensor in folded:
+            st = dataclasses.replace(st, tensor=folded[st.tensor])
+        statements.append(st)
+    inits = {join: start for join, (_, start) in folds.items()}
+    return dataclasses.replace(defn, statements=tuple(statements)), inits
+
+
+def _max_join(defn: Definition, st: Statement, by_name) -> tuple[str, Expr] | None:
+    """``T = max(A, Y...)`` (nested, any order) with ``A`` a max over one rank of the same
+    left side and the ``Y`` total and invariant over it: (A, start Y)."""
+    if not isinstance(st, Einsum) or st.where is not None:
+        return None
+    args = _max_args(st.expr)
+    if args is None or len(args) < 2:
+        return None
+    identity = tuple(Index(r) for r in st.lhs)
+    reds = [a for a in args if isinstance(a, Access) and a.subscripts == identity
+            and isinstance(by_name.get(a.tensor), Einsum) and _is_max_over_one(by_name[a.tensor])
+            and by_name[a.tensor].lhs == st.lhs]
+    if len(reds) != 1:
+        return None
+    red = by_name[reds[0].tensor]
+    rest = [a for a in args if a is not reds[0]]
+    if not all(_total_start(defn, y, st.lhs, red.expr.ranks[0]) for y in rest):
+        return None
+    start = rest[0]
+    for y in rest[1:]:
+        start = Call("max", (start, y))
+    return red.tensor, start
+
+
+def _max_args(e: Expr) -> list[Expr] | None:
+    if isinstance(e, Call) and e.fn == "max":
+        out = []
+        for a in e.args:
+            out += _max_args(a) or [a]
+        return out
+    return None
+
+
+def _total_start(defn: Definition, e: Expr, lhs: tuple[str, ...], rank: str) -> bool:
+    """``e`` is present at every point of ``lhs`` and does not vary over ``rank``."""
+    args = {a.name: a for a in defn.tensor_args}
+    for n in walk(e):
+        if isinstance(n, Index) and n.rank not in lhs:
+            return False
+        if isinstance(n, Access):
+            arg = args.get(n.tensor)
+            if arg is None or any(not (isinstance(sub, Index) and sub.rank == r)
+                                  for sub, r in zip(n.subscripts, arg.ranks)):
+                return False
+    return rank not in free_ranks(e)
+
+
+def analyze_folded(defn: Definition, rank: str) -> Region:
+    """:func:`analyze` of the definition with the maxes over ``rank`` that start at a
+    value folded (:func:`fold_max_inits`); the region keeps the start values."""
+    folded, inits = fold_max_inits(defn, rank)
+    region = analyze(folded, rank)
+    region.inits = {n: y for n, y in inits.items() if n in region.maxes}
+    if set(region.inits) != set(inits):
+        return analyze(defn, rank)
+    return region
 
 
 def analyze(defn: Definition, rank: str) -> Region:
@@ -531,9 +636,10 @@ def online(defn: Definition, tile: int = 64) -> Definition:
     tile = int(tile)
     defn = canonicalize(defn)
     tried: set[str] = set()
-    while (rank := next((r for r in candidate_maxes(defn) if r not in tried), None)) is not None:
+    while (rank := next((r for r in candidate_maxes(fold_max_inits(defn)[0])
+                         if r not in tried), None)) is not None:
         tried.add(rank)
-        region = analyze(defn, rank)
+        region = analyze_folded(defn, rank)
         if not region.problems:
             defn = _convert(region, tile)
     if not defn.iterative_ranks:
@@ -610,8 +716,8 @@ def online_blockers(defn: Definition) -> list[str]:
     """Why each max over a rank that is used inside exp cannot be made one-pass ([] if none)."""
     defn = canonicalize(defn)
     out: list[str] = []
-    for rank, maxes in candidate_maxes(defn).items():
-        for problem in dict.fromkeys(analyze(defn, rank).problems):
+    for rank, maxes in candidate_maxes(fold_max_inits(defn)[0]).items():
+        for problem in dict.fromkeys(analyze_folded(defn, rank).problems):
             out.append(f"{', '.join(maxes)} (max over {rank.lower()}): {problem}")
     return out
 
@@ -765,8 +871,10 @@ INITS = {"max": Unary("-", Const("inf")), "min": Const("inf"), "sum": Num(0)}
 
 
 def _init(t: _Tiling, st: Einsum) -> IterativeEinsum:
-    return IterativeEinsum(t.running[st.tensor], (t.r1,) + st.lhs, t.r1, True,
-                           INITS[st.expr.op], loc=st.loc)
+    """``RM[0,p] = -inf`` (``RMX[0,h,p] = SINK[h]`` for a max that starts at a sink)."""
+    start = t.region.inits.get(st.tensor, INITS[st.expr.op])
+    return IterativeEinsum(t.running[st.tensor], (t.r1,) + st.lhs, t.r1, True, start,
+                           loc=st.loc)
 
 
 def _update(t: _Tiling, st: Einsum) -> IterativeEinsum:
@@ -865,6 +973,8 @@ def _extent_guard(atoms: frozenset) -> Expr | None:
 
 def _witness_kind(t: _Tiling, name: str) -> str | None:
     op = t.region.reductions[name].expr.op
+    if name in t.region.inits:
+        return None  # it starts at its sink: the state is never -inf, present or not
     if op != "sum":
         return op
     return "positive" if _positive_sum(t.region, t.region.reductions[name]) else None
@@ -896,7 +1006,8 @@ def _positive_sum(region: Region, st: Einsum) -> bool:
     if len(terms) != 2 or [s for s, _ in terms] != [1, -1]:
         return False
     (_, x), (_, gm_read) = terms
-    if not (isinstance(gm_read, Access) and gm_read.tensor in region.maxes):
+    if not (isinstance(gm_read, Access) and gm_read.tensor in region.maxes) \
+            or gm_read.tensor in region.inits:  # the max may be the sink: terms may underflow
         return False
     gm = region.reductions[gm_read.tensor]
     return x == substitute(gm.expr.body, dict(zip(gm.lhs, gm_read.subscripts)))

@@ -199,6 +199,26 @@ def alibi_inputs(rng, s: Sizes) -> Inputs:
     return [Q, K, V, slopes], params_of(s)
 
 
+def ref_sink_logit(Q, K, V, SINK, scale=None):
+    """Softmax over the visible keys and one more logit per head, ``SINK[h]``, that has no
+    value; a query with no visible key is 0 (the max over its keys is absent)."""
+    P, M = Q.shape[-2], K.shape[-2]
+    mask = causal_mask(P, M)
+    S = np.where(mask, Q @ transpose(K) * default_scale(Q, scale), -np.inf)
+    sink = np.broadcast_to(SINK[..., :, None, None], S.shape[:-1] + (1,))
+    mx = np.maximum(S.max(axis=-1, keepdims=True, initial=-np.inf), sink)
+    weights = np.exp(S - mx)
+    denom = weights.sum(axis=-1, keepdims=True) + np.exp(sink - mx)
+    out = (weights / denom) @ V
+    return np.where(mask.any(axis=-1)[:, None], out, 0.0)
+
+
+def sink_inputs(rng, s: Sizes) -> Inputs:
+    """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
+    Q, K, V = qkv(rng, s, ("H", "H"))
+    return [Q, K, V, 2.0 * rng.standard_normal(s["H"])], params_of(s)
+
+
 def ref_softcap(Q, K, V, scale=None, cap=50.0):
     S = cap * np.tanh(Q @ transpose(K) * default_scale(Q, scale) / cap)
     return masked_softmax(S, causal_mask(Q.shape[-2], K.shape[-2])) @ V
@@ -504,6 +524,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "alibi", alibi_inputs, ref_alibi,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 8, "M": 8, "E": 3, "F": 2},
          {"H": 1, "P": 6, "M": 4, "E": 2, "F": 2})),
+    "sink_logit.attn": ExampleRef(
+        "sink_logit", sink_inputs, ref_sink_logit,
+        ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 9, "M": 6, "E": 3, "F": 2},
+         {"H": 1, "P": 4, "M": 4, "E": 2, "F": 2, "scale": 3.0})),
     "softcap.attn": ExampleRef(
         "softcap", qkv_inputs, ref_softcap,
         ({"P": 5, "M": 37, "E": 6, "F": 3, "cap": 0.5}, {"P": 9, "M": 6, "E": 3, "F": 2, "cap": 2.0},

@@ -427,6 +427,9 @@ def _shifts(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
         return _shifts(region, st, e.left)
     if isinstance(e, Unary) and e.op == "-":
         return _shifts(region, st, e.operand)
+    common = _common_shift(region, st, e)
+    if common:
+        return common
     if isinstance(e, Reduce) and (e.op == "sum" or e is st.expr):
         inner = _shifts(region, st, e.body)
         if any(free_ranks(sub) & set(e.ranks) for s in inner for sub in s.subs):
@@ -438,6 +441,33 @@ def _shifts(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
                       f"{region.rank.lower()}")
     raise Blocked(f"combines a shifted exponential by {_describe(e)}, which does not factor out "
                   f"of the sum")
+
+
+POSITIVELY_HOMOGENEOUS = ("relu", "abs")  # f(a * x) = a * f(x) for a > 0
+
+
+def _common_shift(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
+    """The shift factors every operand of ``e`` shares, when it is a sum or difference, a
+    max or min, or ``relu`` / ``abs`` of operands carrying the same positive factor:
+    ``a·x ± a·y = a·(x ± y)``, ``max(a·x, a·y) = a·max(x, y)``, ``relu(a·x) = a·relu(x)``.
+    Before → after (softpick: ``exp(S - MX) - exp(-MX) = exp(-MX) · (exp(S) - 1)``)::
+
+        X[p,m] = exp(S[p,m] - MX[p]) - exp(-MX[p])   carries exp(0 - MX[p])
+        AV[p,f] = relu(X[p,m]) * V[m,f] / D[p]       carries it too: one rescale by the
+                                                     running max, as for exp(S - MX) alone
+    () when the operands' factors differ (or one has none)."""
+    if isinstance(e, Binary) and e.op in ("+", "-"):
+        operands = (e.left, e.right)
+    elif isinstance(e, Call) and (e.fn in POSITIVELY_HOMOGENEOUS or e.fn in ("max", "min")):
+        operands = e.args
+    else:
+        return ()
+    if not all(region.reads_shift(a) for a in operands):
+        return ()
+    shifts = [_shifts(region, st, a) for a in operands]
+    if any(sorted(x, key=repr) != sorted(shifts[0], key=repr) for x in shifts[1:]):
+        return ()
+    return shifts[0]
 
 
 def _bare_max(region: Region, e: Expr) -> str | None:

@@ -411,11 +411,13 @@ def _coefficient(loop: _Loop, e: Expr, ref: Access) -> sympy.Expr:
         if set(e.ranks) & free_ranks(ref):
             raise _NotRelative(f"reduces over a rank that {print_expr(ref)} is read at")
         return _coefficient(loop, e.body, ref)
-    if isinstance(e, Binary) and e.op in ("+", "-"):
-        left, right = _coefficient(loop, e.left, ref), _coefficient(loop, e.right, ref)
-        if sympy.simplify(left - right) == 0:
-            return left
-        raise _NotRelative(f"adds terms scaled by different powers of exp({print_expr(ref)})")
+    common = (e.left, e.right) if isinstance(e, Binary) and e.op in ("+", "-") else \
+        e.args if isinstance(e, Call) and e.fn in ("relu", "abs", "max", "min") else None
+    if common is not None:  # a positive factor common to every operand factors out of them
+        coefficients = [_coefficient(loop, a, ref) for a in common]
+        if all(sympy.simplify(c - coefficients[0]) == 0 for c in coefficients[1:]):
+            return coefficients[0]
+        raise _NotRelative(f"combines terms scaled by different powers of exp({print_expr(ref)})")
     raise _NotRelative(f"reads the loop's state through {_describe(e)}")
 
 

@@ -213,6 +213,19 @@ def ref_sink_logit(Q, K, V, SINK, scale=None):
     return np.where(mask.any(axis=-1)[:, None], out, 0.0)
 
 
+def ref_softpick(Q, K, V, scale=None, eps=1e-6):
+    """relu(e^(x-mx) - e^(-mx)) / (sum |e^(x-mx) - e^(-mx)| + eps) over the visible keys; a
+    query with none visible is 0."""
+    P, M = Q.shape[-2], K.shape[-2]
+    mask = causal_mask(P, M)
+    S = Q @ transpose(K) * default_scale(Q, scale)
+    mx = np.where(mask, S, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    X = np.where(mask, np.exp(S - mx) - np.exp(-mx), 0.0)
+    out = np.maximum(X, 0.0) @ V / (np.abs(X).sum(axis=-1, keepdims=True) + eps)
+    return np.where(mask.any(axis=-1)[:, None], out, 0.0)
+
+
 def sink_inputs(rng, s: Sizes) -> Inputs:
     """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
     Q, K, V = qkv(rng, s, ("H", "H"))
@@ -528,6 +541,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "sink_logit", sink_inputs, ref_sink_logit,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 9, "M": 6, "E": 3, "F": 2},
          {"H": 1, "P": 4, "M": 4, "E": 2, "F": 2, "scale": 3.0})),
+    "softpick.attn": ExampleRef(
+        "softpick", qkv_inputs, ref_softpick,
+        ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "eps": 0.5},
+         {"P": 4, "M": 11, "E": 4, "F": 2, "scale": 2.0})),
     "softcap.attn": ExampleRef(
         "softcap", qkv_inputs, ref_softcap,
         ({"P": 5, "M": 37, "E": 6, "F": 3, "cap": 0.5}, {"P": 9, "M": 6, "E": 3, "F": 2, "cap": 2.0},

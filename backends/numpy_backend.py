@@ -94,11 +94,14 @@ def size_code(e: sympy.Expr, exact: bool, lib: str = "np", vector: bool = False,
         if exp.is_Integer and exp < 0:
             if lib == "np":  # IEEE, as the interpreter: a default 1/L0 at L0 = 0 is inf
                 return f"np.divide(1.0, {again(base ** -exp, exact)})"
+            if lib == "math":  # plain floats: the runtime's IEEE divide (sizes.py.jinja)
+                return f"_fdiv(1.0, {again(base ** -exp, exact)})"
             return f"(1.0 / {again(base ** -exp, exact)})"
         if exp == sympy.Rational(1, 2):
             return f"{lib}.sqrt({again(base, False)})"
         if exp == -sympy.Rational(1, 2):
-            return f"(1.0 / {lib}.sqrt({again(base, False)}))"
+            return f"_fdiv(1.0, math.sqrt({again(base, False)}))" if lib == "math" else \
+                f"(1.0 / {lib}.sqrt({again(base, False)}))"
         return f"({again(base, exact)} ** {again(exp, exact)})"
     if isinstance(e, (sympy.ceiling, sympy.floor)) and not vector:
         return _rounded_code(e, lib, symbol)

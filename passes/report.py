@@ -15,6 +15,7 @@ import sympy
 from ..einsum_ir.ir import Access, Definition, IterativeEinsum, Module, Num, Statement
 from ..einsum_ir.printer import print_definition, print_size, print_statement
 from ..einsum_ir.schedule import statement_reads
+from .canonicalize import canonicalize
 from .costs import COMPUTE_BYTES, CascadeCosts, cascade_costs, evaluate, known_sizes
 from .fusion import STREAM, FusionGroup, fusion_groups
 from .passcount import (Dependency, PassAnalysis, count_passes, iteration_space,
@@ -88,7 +89,32 @@ def stage_report(after: str, defn: Definition, sizes: Mapping[str, int] | None) 
         "fusion": [_group_entry(g) for g in groups],
         "cascade": print_definition(canonical),
         "online_blockers": _online_blockers(defn) if analysis.pass_bound > 1 else [],
+        "not_one_pass": not_one_pass(analysis, defn) if analysis.pass_bound > 1 else [],
     }
+
+
+def not_one_pass(analysis: PassAnalysis, defn: Definition) -> list[str]:
+    """Why a stage needs more than one pass, always with a true reason: the dependences
+    over the bound rank (from the pass count: each re-read and what completes first), then
+    why the online pass does not remove them (its blockers, or that no max read inside
+    ``exp`` over that rank gives it a shift to rescale by)."""
+    from .online import candidate_maxes, fold_max_inits
+
+    rank = analysis.bound_rank
+    rp = analysis[rank]
+    lines = [d.describe() for d in rp.chain]
+    blockers = _online_blockers(defn)
+    lines += blockers
+    if not blockers:
+        shifted = rank in candidate_maxes(fold_max_inits(canonicalize(defn))[0])
+        lines.append(
+            f"online: {'the max' if shifted else 'no max'} over {rank.lower()} "
+            + ("is not blocked, but a later reduction still re-reads a fiber it completed"
+               if shifted else
+               f"is read inside exp/exp2, so there is no running max to rescale partial sums "
+               f"by; plain running reductions stream {rank.lower()} only where the cascade "
+               f"already makes one pass over it"))
+    return lines
 
 
 def _online_blockers(defn: Definition) -> list[str]:
@@ -174,8 +200,12 @@ def render_report(report: dict) -> str:
             blocks.append(_render_summary(defn["name"], stages))
         for before, stage in zip([None] + stages, stages):
             if before is not None and before["cascade"] == stage["cascade"]:
-                blocks.append(f"== {defn['name']} (after {stage['after']}): "
-                              f"the cascade after {before['after']}, unchanged\n")
+                text = (f"== {defn['name']} (after {stage['after']}): "
+                        f"the cascade after {before['after']}, unchanged\n")
+                if stage is stages[-1] and stage.get("not_one_pass"):
+                    text += (f"still {stage['pass_bound']}-pass over {stage['bound_rank']} "
+                             f"because:\n" + "\n".join(_indent(stage["not_one_pass"])) + "\n")
+                blocks.append(text)
             else:
                 blocks.append(_render_stage(defn["name"], stage, sizes))
     return "\n".join(blocks)
@@ -208,8 +238,10 @@ def _render_stage(name: str, stage: dict, sizes: Mapping[str, int]) -> str:
         if r["chain"]:
             lines += ["", f"dependencies over {r['rank']}:"]
             lines += _indent([d["text"] for d in r["chain"]])
-    if stage.get("online_blockers"):
-        lines += ["", "not one-pass because:"] + _indent(stage["online_blockers"])
+    chain = {d["text"] for r in stage["ranks"] for d in r["chain"]}  # printed just above
+    why = [x for x in stage.get("not_one_pass", []) if x not in chain]
+    if why:
+        lines += ["", "not one-pass because:"] + _indent(why)
     lines += ["", "einsums:"] + _indent(_table(_einsum_header(stage), _einsum_rows(stage)))
     lines += ["", "totals:"] + _indent(_table(["", "", ""], _total_rows(stage), show_header=False))
     lines += ["", "fusion groups" + (f" over {bound}:" if bound else ":")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import sympy
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnc.einsum_ir.ir import Module, size_symbol
@@ -18,6 +18,7 @@ from attnc.passes.passcount import FINAL_STATE, REDUCTION, count_passes
 from attnc.passes.report import PASS_COLOURS, build_report, render_report, report_dot
 
 from conftest import EXAMPLES, all_examples
+from strategies import definitions
 
 FUSEMAX = EXAMPLES / "fusemax"
 SIZES = {"M": 8192, "P": 8192, "E": 128, "F": 128}
@@ -288,7 +289,7 @@ def test_report_json_schema():
     assert list(stage)[:3] == ["after", "pass_bound", "passes"]
     assert list(stage) == ["after", "pass_bound", "passes", "bound_rank", "ranks", "einsums",
                            "flops", "compulsory_bytes", "arithmetic_intensity", "footprint",
-                           "fusion", "cascade", "online_blockers"]
+                           "fusion", "cascade", "online_blockers", "not_one_pass"]
     assert stage["after"] == "input" and stage["pass_bound"] == 2
     assert stage["passes"] == {"P": 1, "E": 1, "M": 2, "F": 1}
     assert list(stage["ranks"][0]) == ["rank", "size", "value", "constant", "passes",
@@ -463,3 +464,22 @@ attention g(Q[P,H,E], V[M,H,F]) -> O[P,H,F] {
     a, b, c = (count_passes(parse(t).definitions[0]) for t in (direct, copied, filtered))
     assert a.passes == b.passes and b.pass_bound == 1
     assert c.passes["H"] == 2, "a filtered copy is a computed tensor: its reordered read counts"
+
+
+@settings(max_examples=30, deadline=None)
+@given(definitions(data_masks=True))
+def test_a_cascade_left_above_one_pass_says_why(defn):
+    """Every cascade the pipeline leaves above one pass gets a reason, and it is true: the
+    report's first reasons are the pass count's own dependences over the bound rank."""
+    from attnc.passes.pipeline import run_pipeline
+
+    stages = run_pipeline(Module((defn,)), options={"tile": 4})
+    report = build_report(Module((defn,)), stages=stages)
+    final = report["definitions"][0]["stages"][-1]
+    if final["pass_bound"] <= 1:
+        assert final["not_one_pass"] == []
+        return
+    chain = count_passes(stages[-1][1].definitions[0])[final["bound_rank"]].chain
+    assert chain and final["not_one_pass"][:len(chain)] == [d.describe() for d in chain]
+    assert len(final["not_one_pass"]) > len(chain), "and why the online pass leaves them"
+    assert "because:" in render_report(report)

@@ -340,8 +340,13 @@ def _post(defn: Definition, maps, reductions) -> frozenset[str]:
 def _check_structure(region: Region) -> None:
     r = region.rank.lower()
     for st in region.defn.statements:
-        if isinstance(st, IterativeEinsum) and region.rank in st.lhs:
+        if isinstance(st, IterativeEinsum) and st.iter_rank == region.rank:
             region.problems.append(f"{st.tensor} is already iterative over {r}")
+        elif isinstance(st, IterativeEinsum) and region.rank in st.lhs and not st.init:
+            region.problems.append(
+                f"{st.tensor} is iterative over {st.iter_rank.lower()} and carries {r}: each "
+                f"step would need its own loop over {r}'s tiles (a nested online form, not "
+                f"derived yet)")
         if st.tensor in region.maps and any(region.rank in red.ranks for red in _reduces(st)):
             region.problems.append(f"{st.tensor} reduces over {r} while carrying {r}")
         if st.tensor not in region.maps and st.tensor not in region.reductions:

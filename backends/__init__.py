@@ -8,9 +8,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..einsum_ir.ir import Module
+if TYPE_CHECKING:  # annotations only: load_generated and write_atomic need no sympy
+    from ..einsum_ir.ir import Module
 
 
 @dataclass(frozen=True)

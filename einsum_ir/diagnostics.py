@@ -8,8 +8,10 @@ that may be intended is a warning: collected the same way, issued as a Python
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .ir import Loc
+if TYPE_CHECKING:  # annotations only: importing diagnostics stays cheap (no sympy)
+    from .ir import Loc
 
 
 @dataclass(frozen=True)

@@ -3,23 +3,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..einsum_ir.diagnostics import Collector, Diagnostic, SpecError, SpecWarning
-from ..einsum_ir.ir import Loc, Module
-from ..einsum_ir.schedule import check_schedules
-from .limits import recursion_room
-from .lower import lower_file
-from .parser import parse_syntax
+
+if TYPE_CHECKING:
+    from ..einsum_ir.ir import Module
 
 __all__ = ["parse", "parse_file", "SpecError", "SpecWarning"]
 
 
 def parse(text: str, filename: str = "<string>") -> Module:
     """Parse and check ``.attn`` source; raises :class:`SpecError` with every error of a phase."""
+    from .limits import recursion_room
+
     with recursion_room():  # a UTF-8 byte-order mark is white space
         return _parse(text.removeprefix("\ufeff"), filename)
 
 
 def _parse(text: str, filename: str) -> Module:
+    # the parser, the lowering and sympy load on the first parse, not with the package:
+    # attnc.compile imports a cached module without them
+    from ..einsum_ir.schedule import check_schedules
+    from .lower import lower_file
+    from .parser import parse_syntax
+
     errors = Collector({filename: text})
     tree = parse_syntax(text, filename, errors)
     errors.raise_if_any()
@@ -47,6 +55,8 @@ def parse_file(path: str | Path) -> Module:
 
 def _decode_error(path: Path, data: bytes, err: UnicodeDecodeError) -> SpecError:
     """Where the first byte that is not UTF-8 sits (columns count characters before it)."""
+    from ..einsum_ir.ir import Loc
+
     before = data[:err.start]
     line_start = before.rfind(b"\n") + 1
     col = len(before[line_start:].decode("utf-8", "replace")) + 1

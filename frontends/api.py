@@ -22,12 +22,17 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import re
+from typing import TYPE_CHECKING
+
 from .. import __version__
-from ..backends import choose_form, compile_module, get_backend, load_generated, write_atomic
+from ..backends import load_generated, write_atomic
 from ..einsum_ir.diagnostics import Diagnostic, SpecError, SpecWarning
-from ..einsum_ir.ir import Module
 from . import parse
 from .progress import status
+
+if TYPE_CHECKING:
+    from ..einsum_ir.ir import Module
 
 __all__ = ["compile", "load", "CompileOptions", "CompiledModule", "cache_dir", "SpecError", "SpecWarning"]
 
@@ -57,11 +62,10 @@ class CompileOptions:
         if opts.get("passes") is not None:
             opts["passes"] = tuple(opts["passes"])
         opts["sizes"] = tuple(sorted(dict(opts.get("sizes") or ()).items()))
-        out = cls(**opts)
-        out.validate()
-        return out
+        return cls(**opts)
 
     def validate(self) -> None:
+        """Values against the registries (a cached compile was validated when it was built)."""
         from ..passes.lowering import LOWERING_STAGES
         from ..passes.pipeline import resolve
 
@@ -111,23 +115,23 @@ def compile(spec, backend: str = "numpy", *, name: str | None = None,
     cache folder (default :func:`cache_dir`).  ``progress``: a status line on stderr
     (default: when stderr is a terminal).  ``options``: see :class:`CompileOptions`.
     """
-    chosen = get_backend(backend)
     opts = CompileOptions.of(options)
     text, filename = _spec_text(spec)
-    module = parse(text, filename)
-    stem = name or (Path(filename).stem if filename != "<string>" else module.definitions[0].name)
+    stem = name or (Path(filename).stem if filename != "<string>" else _first_name(text))
     if not stem or Path(stem).name != stem or stem.startswith("."):
         raise ValueError(f"name {stem!r}: the generated module's file stem must be a plain "
                          f"file name")
-    key = content_key(text, chosen.name, stem, opts)
+    key = content_key(text, backend, stem, opts)
     folder = Path(cache or cache_dir()) / f"{stem}-{key[:16]}"
-    loaded = sys.modules.get(_module_name(folder, stem))
-    if isinstance(loaded, CompiledModule) and (folder / META).is_file():
-        return loaded
-    stages = None
-    if not (folder / META).is_file():
-        stages = _build(module, chosen.name, stem, opts, folder, filename, text, progress)
-    return _load(folder, stem, _Context(text, filename, chosen.name, opts, module, stages))
+    if (folder / META).is_file():  # built (and so validated) before: no parsing, no sympy
+        return _load(folder, stem, _Context(text, filename, backend, opts, None, None))
+    from ..backends import get_backend
+
+    get_backend(backend)
+    opts.validate()
+    module = parse(text, filename)
+    stages = _build(module, backend, stem, opts, folder, filename, text, progress)
+    return _load(folder, stem, _Context(text, filename, backend, opts, module, stages))
 
 
 def load(path: str | os.PathLike) -> types.ModuleType:
@@ -257,6 +261,7 @@ class _Kernels:
 def _stages(module: Module, ctx: _Context):
     """(stages, kernels or None, lowering stage -> printed program) of the compiled form,
     recomputed (no rendering)."""
+    from ..backends import choose_form, get_backend
     from ..einsum_ir.kernel import print_program
     from ..passes.pipeline import run_pipeline
 
@@ -278,6 +283,7 @@ def _stages(module: Module, ctx: _Context):
 
 def _build(module: Module, backend: str, stem: str, opts: CompileOptions, folder: Path,
            filename: str, text: str, progress: bool | None):
+    from ..backends import compile_module
     from ..passes.tile import NotTileable
 
     names, options = opts.pipeline()
@@ -337,6 +343,13 @@ def _spec_text(spec) -> tuple[str, str]:
     if not isinstance(spec, str):
         raise TypeError(f"spec must be .attn source text or a path, got {type(spec).__name__}")
     return spec, "<string>"
+
+
+def _first_name(text: str) -> str:
+    """The first definition's name, read without parsing (comments dropped); a spec without
+    one fails to parse anyway."""
+    found = re.search(r"\battention\s+([A-Za-z_]\w*)", re.sub(r"#[^\n]*", "", text))
+    return found.group(1) if found else "spec"
 
 
 def _looks_like_path(text: str) -> bool:

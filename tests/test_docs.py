@@ -57,6 +57,10 @@ def attnc_commands(body: str, prompt_only: bool) -> list[str]:
     return commands
 
 
+# one worker, in order: a document's blocks build on each other (the README's python block
+# imports the module its sh block wrote)
+pytestmark = pytest.mark.xdist_group("docs")
+
 CASES = [pytest.param(doc, i, id=f"{doc.relative_to(ROOT)}:{line}")
          for doc in DOCUMENTS for i, (_, _, line) in enumerate(blocks(doc))]
 

@@ -1,0 +1,202 @@
+"""A context-parallel launcher: ring attention over ``torch.distributed`` for any definition
+whose loop has a derivable combine (``passes/context_parallel.py``).
+
+Every process holds a shard of the queries and of the keys and values (any lengths, one
+shard per rank in rank order: rank ``r`` holds positions ``offset_r .. offset_r + n_r``).
+The key shards travel around the ring; at each of the ``world`` steps a process computes the
+partial states of its queries against the key shard it holds (at global positions, so causal
+masks, windows, ALiBi and document masks stay exact), merges them into its running state with
+the derived combine, and passes the shard on — the next shard's transfer overlaps the local
+partial.  After the last step it finishes its queries' outputs::
+
+    cp = attnc.backends.context_parallel.compile_context_parallel(spec, "causal_softmax")
+    AV_local = cp(Q_local, K_local, V_local)          # in every process of the group
+
+The partial (the loop over a key shard) comes from any backend; the merge and the finish
+(loop-less, O(rows) per step) run on the host with numpy — a device merge kernel is future
+work, as is the zig-zag load balancing of causal shards.
+Backward over the ring waits for the derived backward (issue 12): ``requires_grad`` inputs
+are refused.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..einsum_ir.ir import Definition, Module
+from ..passes.context_parallel import ShardedForm, offset_param, sharded_form, total_param
+
+
+@dataclass
+class ContextParallel:
+    """The launcher of one definition's :class:`ShardedForm` (see the module docstring)."""
+
+    form: ShardedForm
+    partial: Any
+    merge: Any
+    finish: Any
+    runtime: str              # "numpy" or "torch": what the partial function takes
+
+    def __call__(self, *args, group=None, **params):
+        import torch
+        import torch.distributed as dist
+
+        form = self.form
+        names = [a.name for a in form.source.tensor_args]
+        if len(args) != len(names):
+            raise TypeError(f"{form.source.name}: expected {len(names)} tensors "
+                            f"({', '.join(names)}), got {len(args)}")
+        named = dict(zip(names, args))
+        for n, x in named.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"argument '{n}' must be a torch.Tensor, got {type(x).__name__}")
+            if x.requires_grad:
+                raise NotImplementedError(
+                    f"argument '{n}' requires grad: the backward over the ring needs the "
+                    f"derived backward (issue 12), not there yet")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        keys = self._lengths(named, form.key_inputs, form.keys, group, world)
+        queries = (self._lengths(named, form.query_inputs, form.queries, group, world)
+                   if form.queries else None)
+        if queries is not None:
+            params[offset_param(form.queries)] = float(sum(queries[:rank]))
+            params[total_param(form.queries)] = float(sum(queries))
+        params[total_param(form.keys)] = float(sum(keys))
+        self._global_defaults(named, params)
+        block = {n: named[n] for n in form.key_inputs}
+        states = None
+        for step in range(world):
+            source = (rank - step) % world
+            pending = self._pass_on(block, keys[(source - 1) % world], rank, world, group) \
+                if step < world - 1 else None
+            call = dict(named, **block)
+            part = self._call(self.partial, form.partial, call,
+                              dict(params, **{offset_param(form.keys): float(sum(keys[:source]))}))
+            states = part if states is None else self._merge(states, part, named, params)
+            if pending is not None:
+                for work in pending[0]:
+                    work.wait()
+                block = pending[1]
+        call = dict(named, **dict(zip(form.states, states)))
+        out = self._call(self.finish, form.finish, call, params)
+        return out[0] if len(out) == 1 else out
+
+    # --- pieces ---------------------------------------------------------------------------
+    def _global_defaults(self, named, params) -> None:
+        """Defaults over a sharded rank's size (``bias = -log(M)``), at the global sizes."""
+        import sympy
+
+        form = self.form
+        totals = {form.keys: params[total_param(form.keys)]}
+        if form.queries:
+            totals[form.queries] = params[total_param(form.queries)]
+        for p in form.source.scalar_params:
+            if p.default is None or p.name in params or not (
+                    {s.name for s in p.default.free_symbols} & set(totals)):
+                continue
+            sizes = {}
+            for a in form.source.tensor_args:
+                x = named[a.name]
+                for k, r in enumerate(a.ranks):
+                    sizes[r] = x.shape[x.dim() - len(a.ranks) + k]
+            sizes.update(totals)
+            value = p.default.subs({s: sizes[s.name] for s in p.default.free_symbols})
+            params[p.name] = float(sympy.N(value))
+
+
+    def _lengths(self, named, inputs, rank_name, group, world) -> list[int]:
+        """Every process's shard length along ``rank_name`` (all-gathered)."""
+        import torch
+        import torch.distributed as dist
+
+        a = next(x for x in self.form.source.tensor_args if x.name == inputs[0])
+        x = named[a.name]
+        local = x.shape[x.dim() - len(a.ranks) + a.ranks.index(rank_name)]
+        for n in inputs[1:]:
+            b = next(y for y in self.form.source.tensor_args if y.name == n)
+            y = named[n]
+            if y.shape[y.dim() - len(b.ranks) + b.ranks.index(rank_name)] != local:
+                raise ValueError(f"argument '{n}': its shard along {rank_name} has another "
+                                 f"length than '{a.name}''s ({local})")
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(out, torch.tensor([local], dtype=torch.int64), group=group)
+        return [int(t.item()) for t in out]
+
+    def _pass_on(self, block, incoming: int, rank: int, world: int, group):
+        """Send this key shard to the next rank, receive the previous rank's (async)."""
+        import torch
+        import torch.distributed as dist
+
+        works, received = [], {}
+        for a in self.form.source.tensor_args:
+            if a.name not in block:
+                continue
+            x = block[a.name].contiguous()
+            shape = list(x.shape)
+            shape[x.dim() - len(a.ranks) + a.ranks.index(self.form.keys)] = incoming
+            buf = torch.empty(shape, dtype=x.dtype)
+            peer_next = dist.get_global_rank(group, (rank + 1) % world) if group else (rank + 1) % world
+            peer_prev = dist.get_global_rank(group, (rank - 1) % world) if group else (rank - 1) % world
+            works.append(dist.isend(x, peer_next, group=group))
+            works.append(dist.irecv(buf, peer_prev, group=group))
+            received[a.name] = buf
+        return works, received
+
+    def _call(self, fn, defn: Definition, named: dict, params: dict) -> tuple:
+        import torch
+
+        args = [named[a.name] for a in defn.tensor_args]
+        kwargs = {p.name: params[p.name] for p in defn.scalar_params if p.name in params}
+        if self.runtime == "numpy" or defn is not self.form.partial:
+            out = fn(*[a.detach().numpy() for a in args], **kwargs)
+            out = out if isinstance(out, tuple) else (out,)
+            return tuple(torch.from_numpy(o) for o in out)
+        out = fn(*args, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
+
+    def _merge(self, states, part, named, params) -> tuple:
+        import torch
+
+        stacked = dict(named)
+        for name, a, b in zip(self.form.states, states, part):
+            ncore = len(next(x for x in self.form.merge.tensor_args if x.name == name).ranks) - 1
+            a, b = torch.broadcast_tensors(a, b)
+            stacked[name] = torch.stack([a, b], dim=a.dim() - ncore)
+        return self._call(self.merge, self.form.merge, stacked, params)
+
+
+def compile_context_parallel(spec: str | Path | Module, name: str | None = None,
+                             backend: str = "numpy", directory: str | Path | None = None,
+                             **options) -> ContextParallel:
+    """Compile definition ``name`` (default: the first) of a spec for the ring: its partial,
+    merge and finish functions with ``backend``, written under ``directory`` (a temporary
+    one by default) and imported.  Refuses a definition without a derivable combine."""
+    from ..frontends import parse, parse_file
+    from . import compile_module, get_backend, load_generated, write_atomic
+
+    if isinstance(spec, Module):
+        module = spec
+    elif isinstance(spec, Path) or (isinstance(spec, str) and "{" not in spec):
+        module = parse_file(spec)
+    else:
+        module = parse(spec, "spec.attn")
+    defn = module.definitions[0] if name is None else module[name]
+    runtime = get_backend(backend).runtime
+    form = sharded_form(defn, {"tile": options.get("tile", 64)},
+                        state_dtype=None if runtime == "numpy" else "f32")
+    out = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="attnc_cp_"))
+
+    def build(definitions, on: str, stem: str):
+        _, files = compile_module(Module(definitions), on, stem, names=[], options=dict(options))
+        for file, text in files.items():
+            write_atomic(out / file, text)
+        return load_generated(out / f"{stem}.py")
+
+    # the partial (the loop over the key shard) on the backend; the merge and the finish,
+    # O(rows) per step and loop-less, on the host with numpy
+    partial = build((form.partial,), backend, f"{defn.name}_cp_partial")
+    host = build((form.merge, form.finish), "numpy", f"{defn.name}_cp_merge")
+    return ContextParallel(form, getattr(partial, form.partial.name),
+                           getattr(host, form.merge.name), getattr(host, form.finish.name), runtime)

@@ -1,0 +1,173 @@
+"""Context parallelism: ring attention over torch.distributed (gloo, loopback, 2-3 processes).
+
+Every example with a derivable combine is sharded along its queries and keys with uneven
+lengths (an empty shard, a shard past every visible key), run as a ring of processes, and
+the gathered outputs are compared with the interpreter on the whole inputs.  The pieces
+(partial, merge, finish) are numpy modules; the ring and its transfers are torch.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnc.frontends import parse_file
+from attnc.passes.context_parallel import ContextParallelUnsupported, sharded_form
+
+from conftest import EXAMPLES
+from example_refs import EXAMPLES as REFS
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.xdist_group("context_parallel")
+
+# (example, size case, query cuts, key cuts): the last cut takes the rest
+CASES = {
+    (3, "numpy"): [("causal.attn", 0, (2, 0), (0, 30)), ("alibi.attn", 0, (1, 3), (9, 2)),
+        ("document_mask.attn", 1, (4, 4), (3, 5)), ("sliding_window.attn", 0, (3, 1), (20, 4)),
+        ("softmax1.attn", 1, (3, 3), (2, 2)), ("sink_logit.attn", 0, (2, 2), (5, 5)),
+        ("lse.attn", 0, (1, 1), (12, 12)), ("sigmoid.attn", 0, (2, 2), (10, 10)),
+        ("gqa_decode.attn", 0, (1, 1), (7, 0))],
+    (2, "numpy"): [("causal.attn", 2, (1,), (11,)), ("softpick.attn", 0, (3,), (18,)),
+                   ("differential.attn", 0, (2,), (20,))],
+    # the partial as Triton kernels (interpreter), float32 inputs and states
+    (2, "triton"): [("causal.attn", 0, (2,), (21,)), ("document_mask.attn", 1, (5,), (4,))],
+}
+
+
+def _cuts(cuts, total: int, world: int) -> list[int]:
+    out = list(cuts)[: world - 1]
+    out.append(total - sum(out))
+    assert out[-1] >= 0
+    return out
+
+
+def _shard(x: np.ndarray, ranks, rank_name: str, cuts: list[int], k: int) -> np.ndarray:
+    axis = x.ndim - len(ranks) + ranks.index(rank_name)
+    start = sum(cuts[:k])
+    return np.ascontiguousarray(np.take(x, range(start, start + cuts[k]), axis=axis))
+
+
+def _ring_worker(rank: int, world: int, backend: str, port: int, root: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from attnc.backends.context_parallel import compile_context_parallel
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    if backend == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for i, (path, case, qcuts, kcuts) in enumerate(CASES[world, backend]):
+            ref = REFS[path]
+            module = parse_file(EXAMPLES / path)
+            defn = module[ref.definition]
+            data = np.load(Path(root) / f"in{i}.npz")
+            arrays = [data[a.name] for a in defn.tensor_args]
+            params = {k[2:]: float(data[k]) for k in data.files if k.startswith("p_")}
+            cp = compile_context_parallel(module, ref.definition, backend, tile=4 if backend ==
+                                          "numpy" else 16, directory=Path(root) / f"gen{rank}_{i}")
+            form = cp.form
+            local = []
+            for a, x in zip(defn.tensor_args, arrays):
+                if a.name in form.key_inputs:
+                    cuts = _cuts(kcuts, x.shape[x.ndim - len(a.ranks) + a.ranks.index(form.keys)], world)
+                    x = _shard(x, a.ranks, form.keys, cuts, rank)
+                elif a.name in form.query_inputs:
+                    cuts = _cuts(qcuts, x.shape[x.ndim - len(a.ranks) + a.ranks.index(form.queries)], world)
+                    x = _shard(x, a.ranks, form.queries, cuts, rank)
+                if backend != "numpy" and x.dtype == np.float64:
+                    x = x.astype(np.float32)
+                local.append(torch.from_numpy(x))
+            out = cp(*local, **params)
+            out = out if isinstance(out, tuple) else (out,)
+            np.savez(Path(root) / f"out{i}_{rank}.npz", *[o.numpy() for o in out])
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,backend", sorted(CASES))
+def test_ring_matches_one_process(world, backend, tmp_path):
+    from attnc.einsum_ir.interpreter import interpret
+
+    mp = pytest.importorskip("torch.multiprocessing")
+    wants = []
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for i, (path, case, _, _) in enumerate(CASES[world, backend]):
+        ref = REFS[path]
+        defn = parse_file(EXAMPLES / path)[ref.definition]
+        arrays, params = ref.make_inputs(np.random.default_rng(case), ref.sizes[case])
+        np.savez(tmp_path / f"in{i}.npz", **{a.name: x for a, x in zip(defn.tensor_args, arrays)},
+                 **{f"p_{k}": v for k, v in params.items()})
+        want = interpret(defn, *arrays, **params)
+        wants.append(want if isinstance(want, tuple) else (want,))
+    mp.spawn(_ring_worker, args=(world, backend, _free_port(), str(tmp_path)), nprocs=world,
+             join=True)
+    tol = 1e-12 if backend == "numpy" else 2e-5
+    for i, (path, _, _, _) in enumerate(CASES[world, backend]):
+        ref = REFS[path]
+        defn = parse_file(EXAMPLES / path)[ref.definition]
+        form = sharded_form(defn, {"tile": 4}, None)
+        parts = [np.load(tmp_path / f"out{i}_{r}.npz") for r in range(world)]
+        for k, (want, out) in enumerate(zip(wants[i], defn.outputs)):
+            pieces = [p[f"arr_{k}"] for p in parts]
+            if form.queries and form.queries in out.ranks:
+                axis = want.ndim - len(out.ranks) + out.ranks.index(form.queries)
+                got = np.concatenate(pieces, axis=axis)
+            else:
+                got = pieces[0]
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=f"{path} {out.name}")
+
+
+def test_shards_at_global_positions():
+    """The partial reads its shard locally and compares global positions."""
+    from attnc.einsum_ir.printer import print_definition
+
+    form = sharded_form(parse_file(EXAMPLES / "causal.attn").definitions[0], {"tile": 4})
+    text = print_definition(form.partial)
+    assert "m_offset" in text and "p_offset" in text and "M_total - P_total" in text
+    assert form.key_inputs == ("K", "V") and form.query_inputs == ("Q",)
+    assert [a.name for a in form.merge.tensor_args] == ["RM_state", "RD_state", "RNV_state"]
+
+
+@pytest.mark.parametrize("path,why", [
+    ("linear.attn", "streams E, a head dim"),
+    ("bigbird.attn", "would need its neighbours"),
+    ("prefix_lm.attn", "queries and keys are the same rank"),
+])
+def test_what_cannot_be_sharded_is_refused_with_the_reason(path, why):
+    with pytest.raises(ContextParallelUnsupported, match=why):
+        sharded_form(parse_file(EXAMPLES / path).definitions[0])
+
+
+def test_backward_over_the_ring_is_refused_until_it_exists(tmp_path):
+    from attnc.backends.context_parallel import compile_context_parallel
+
+    cp = compile_context_parallel(EXAMPLES / "causal.attn", directory=tmp_path)
+    q = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="derived backward"):
+        cp(q, torch.randn(5, 4), torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("path", sorted(REFS))
+def test_every_example_shards_or_says_why(path):
+    """Every example either has a sharded form (partial, merge, finish over its states) or
+    is refused with a reason; none fails otherwise."""
+    defn = parse_file(EXAMPLES / path)[REFS[path].definition]
+    try:
+        form = sharded_form(defn, {"tile": 4})
+    except ContextParallelUnsupported as why:
+        assert str(why)
+        return
+    assert form.states and form.key_inputs
+    assert [o.name for o in form.finish.outputs] == [o.name for o in defn.outputs]

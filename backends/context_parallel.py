@@ -83,6 +83,49 @@ class ContextParallel:
         out = self._call(self.finish, form.finish, call, params)
         return out[0] if len(out) == 1 else out
 
+    # --- the merge API (FlashInfer's merge_state, derived) ---------------------------------
+    def states(self, *args, key_offset: int = 0, key_total: int | None = None,
+               query_offset: int = 0, query_total: int | None = None, **params) -> tuple:
+        """The partial states of these queries against these keys, which sit at positions
+        ``key_offset ..`` of a sequence of ``key_total`` keys (default: just these)."""
+        form = self.form
+        named = dict(zip([a.name for a in form.source.tensor_args], args))
+        keys = self._local_length(named, form.key_inputs, form.keys)
+        params[offset_param(form.keys)] = float(key_offset)
+        params[total_param(form.keys)] = float(keys if key_total is None else key_total)
+        if form.queries:
+            rows = self._local_length(named, form.query_inputs, form.queries)
+            params[offset_param(form.queries)] = float(query_offset)
+            params[total_param(form.queries)] = float(rows if query_total is None else query_total)
+        self._global_defaults(named, params)
+        return self._call(self.partial, form.partial, named, params)
+
+    def merge_states(self, *states: tuple, **params) -> tuple:
+        """One state from several (each a tuple from :meth:`states` or this method)."""
+        out = states[0]
+        for s in states[1:]:
+            out = self._merge(out, s, {}, params)
+        return out
+
+    def finish_states(self, states: tuple, *args, key_total: int | None = None,
+                      query_total: int | None = None, **params):
+        """The definition's outputs from a (merged) state; ``args`` are the definition's
+        inputs for what the finish reads besides the state (a query norm)."""
+        form = self.form
+        named = dict(zip([a.name for a in form.source.tensor_args], args))
+        named.update(zip(form.states, states))
+        if key_total is not None:
+            params[total_param(form.keys)] = float(key_total)
+        if form.queries and query_total is not None:
+            params[total_param(form.queries)] = float(query_total)
+        out = self._call(self.finish, form.finish, named, params)
+        return out[0] if len(out) == 1 else out
+
+    def _local_length(self, named, inputs, rank_name) -> int:
+        a = next(x for x in self.form.source.tensor_args if x.name == inputs[0])
+        x = named[a.name]
+        return x.shape[x.dim() - len(a.ranks) + a.ranks.index(rank_name)]
+
     # --- pieces ---------------------------------------------------------------------------
     def _global_defaults(self, named, params) -> None:
         """Defaults over a sharded rank's size (``bias = -log(M)``), at the global sizes."""

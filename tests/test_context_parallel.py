@@ -171,3 +171,33 @@ def test_every_example_shards_or_says_why(path):
         return
     assert form.states and form.key_inputs
     assert [o.name for o in form.finish.outputs] == [o.name for o in defn.outputs]
+
+
+def test_shared_prefix_merged_with_each_suffix(tmp_path):
+    """FlashInfer's merge_state, derived: the attention of a batch's queries over one shared
+    prefix (computed once) merged with each sequence's own suffix equals attention over the
+    concatenation; the merged state merges again (associative)."""
+    from attnc.backends.context_parallel import compile_context_parallel
+    from attnc.einsum_ir.interpreter import interpret
+
+    path = EXAMPLES / "causal.attn"
+    cp = compile_context_parallel(path, directory=tmp_path)
+    rng = np.random.default_rng(3)
+    P, prefix, E, F = 4, 9, 5, 3
+    K0, V0 = rng.standard_normal((prefix, E)), rng.standard_normal((prefix, F))
+    t = torch.from_numpy
+    for suffix in (0, 1, 6):
+        Q = rng.standard_normal((P, E))
+        K1, V1 = rng.standard_normal((suffix, E)), rng.standard_normal((suffix, F))
+        total = prefix + suffix
+        a = cp.states(t(Q), t(K0), t(V0), key_offset=0, key_total=total)
+        b = cp.states(t(Q), t(K1), t(V1), key_offset=prefix, key_total=total)
+        got = cp.finish_states(cp.merge_states(a, b), t(Q), key_total=total)
+        want = interpret(parse_file(path).definitions[0], Q, np.concatenate([K0, K1]),
+                         np.concatenate([V0, V1]))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-13)
+        halves = cp.states(t(Q), t(K0[:4]), t(V0[:4]), key_total=total), \
+            cp.states(t(Q), t(K0[4:]), t(V0[4:]), key_offset=4, key_total=total)
+        again = cp.merge_states(cp.merge_states(*halves), b)
+        np.testing.assert_allclose(cp.finish_states(again, t(Q), key_total=total).numpy(), want,
+                                   rtol=1e-12, atol=1e-13)

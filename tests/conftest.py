@@ -73,6 +73,7 @@ def golden(request):
     return check
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``-n``), the tests that share an expensive module-scoped fixture
     (every example compiled by nvcc, every kernel compiled for sm_90) run on one worker, so

@@ -107,7 +107,13 @@ def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str
                  for t in dict.fromkeys(st.tensor for st in stmts)
                  if t in finals or t in later_reads)
     lets = _lets_bound_by(defn, args)
-    stmts, sizes = _sizes_as_params(stmts, {r for a in args for r in a.ranks} | {x.name for x in lets})
+    bound = {r for a in args for r in a.ranks} | {x.name for x in lets}
+    for st in stmts:  # a rank it iterates must have a size its inputs give
+        ranks = set(st.lhs) | {r for n in walk(st.expr) if isinstance(n, Reduce) for r in n.ranks}
+        if ranks - bound:
+            raise NotTileable(f"{defn.name}: a kernel computing {st.tensor} would iterate "
+                              f"{sorted(ranks - bound)[0]}, whose size none of its inputs gives")
+    stmts, sizes = _sizes_as_params(stmts, bound)
     params += tuple(ScalarParam(size_param(r)) for r in sizes)
     return dataclasses.replace(defn, name=f"{defn.name}__k{k}", params=params, outputs=outs,
                                lets=lets, statements=tuple(stmts))

@@ -269,3 +269,33 @@ def test_no_backend_derives_bounds_or_roles_of_its_own():
         imported = {a.name for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.ImportFrom) for a in node.names}
         assert not imported & derivations, (path.name, sorted(imported & derivations))
+
+
+def test_a_part_that_cannot_size_its_loop_is_not_a_kernel(tmp_path):
+    """Gated linear attention's chunked cumulative gate: the part computing the prefix over
+    T (let T = M) reads only the chunk states, which do not give T's size: no multi-kernel
+    program (numpy runs it per Einsum, exactly; it crashed with an unbound T before)."""
+    import numpy as np
+
+    from attnc.backends import compile_module, load_generated, write_atomic
+    from attnc.backends.check import check_definition
+    from attnc.frontends import parse
+
+    spec = """
+attention gla_parts(Q[P,E], K[M,E], V[M,F], LG[M]) -> O[P,F] {
+  let T = M
+  CG[t]   = sum[m](LG[m])   where m <= t
+  S[p,m]  = Q[p,e] * K[m,e] * exp(CG[p + M - P] - CG[m])   where m <= p + M - P
+  O[p,f]  = S[p,m] * V[m,f]
+}"""
+    module = parse(spec, "gla_parts.attn")
+    with pytest.raises(NotTileable, match="would iterate T"):
+        run = run_pipeline(module, options={"tile": 4})
+        stages = [n for n, _ in run]
+        lower(run[-1][1].definitions[0], TARGETS["cuda"], {"tile": 4},
+              run[stages.index("online") - 1][1].definitions[0])
+    _, files = compile_module(module, "numpy", "gla_parts", options={"tile": 4})
+    write_atomic(tmp_path / "gla_parts.py", files["gla_parts.py"])
+    fn = load_generated(tmp_path / "gla_parts.py").gla_parts
+    assert all(r.ok for r in check_definition(module.definitions[0], fn, seed=2))
+    assert np.isfinite(fn(np.ones((2, 3)), np.ones((5, 3)), np.ones((5, 2)), -np.ones(5))).all()

@@ -226,6 +226,13 @@ def ref_softpick(Q, K, V, scale=None, eps=1e-6):
     return np.where(mask.any(axis=-1)[:, None], out, 0.0)
 
 
+def ref_retention(Q, K, V, gamma=0.96875):
+    """(Q K^T ∘ D) V with D[p,m] = gamma^(p+M-P-m) on the causal triangle, 0 above."""
+    dist = query_key_distance(Q.shape[-2], K.shape[-2])
+    decay = np.where(dist >= 0, float(gamma) ** np.maximum(dist, 0), 0.0)
+    return (Q @ transpose(K) * decay) @ V
+
+
 def sink_inputs(rng, s: Sizes) -> Inputs:
     """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
     Q, K, V = qkv(rng, s, ("H", "H"))
@@ -537,6 +544,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "alibi", alibi_inputs, ref_alibi,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 8, "M": 8, "E": 3, "F": 2},
          {"H": 1, "P": 6, "M": 4, "E": 2, "F": 2})),
+    "retention.attn": ExampleRef(
+        "retention", qkv_inputs, ref_retention,
+        ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "gamma": 0.5},
+         {"P": 12, "M": 12, "E": 4, "F": 2, "gamma": 1.0})),
     "sink_logit.attn": ExampleRef(
         "sink_logit", sink_inputs, ref_sink_logit,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 9, "M": 6, "E": 3, "F": 2},

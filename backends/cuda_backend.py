@@ -104,8 +104,8 @@ from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expanded_body
-from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            chain_spec, constant_code, default_code, py_literal, rendered_kernels)
+from .kernel_common import (KernelValue, Term, TileRendererBase, _indirect, _integer_affine,
+                            _merge_terms, _nonneg, chain_spec, constant_code, default_code, py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -233,8 +233,8 @@ class KernelRenderer(TileRendererBase):
         return " * ".join(self.block(r) for r in layout) or "1"
 
     def _count_uses(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for st in self.body + self.tp.epilogue + self.tp.prologue:
+        out: dict[str, int] = {}  # (an init may read an input: a sink starts a running max)
+        for st in self.body + self.tp.epilogue + self.tp.prologue + self.tp.inits:
             for e in (st.expr, st.where):
                 for n in walk(e) if e is not None else ():
                     if isinstance(n, Access):
@@ -387,13 +387,17 @@ class KernelRenderer(TileRendererBase):
         if isinstance(e, Unary) and e.op == "-":
             c, lay = self.subscript(e.operand)
             return f"(-{c})", lay
-        if isinstance(e, Binary) and e.op in ("+", "-", "*", "//"):
+        if isinstance(e, Access):  # an index tensor's element: a gather (kernel_common)
+            v = self.index_element(e)
+            return v.code, v.layout
+        if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
             a, la = self.subscript(e.left)
             b, lb = self.subscript(e.right)
             lay = self.canon(set(la) | set(lb))
-            if e.op == "//":
-                return f"attnc_floordiv({a}, {b})", lay
-            return f"({a} {e.op} {b})", lay
+            wide = "64" if _indirect(e) else ""  # index elements are 64-bit
+            if e.op in ("//", "%") and not (wide and _nonneg(e.left)):  # C truncates
+                return f"attnc_{'floordiv' if e.op == '//' else 'floormod'}{wide}({a}, {b})", lay
+            return f"({a} {'/' if e.op == '//' else e.op} {b})", lay
         raise CudaUnsupported(f"subscript {e}")
 
     # --- loads -----------------------------------------------------------------------
@@ -401,22 +405,24 @@ class KernelRenderer(TileRendererBase):
         dt = self.inputs[name].dtype
         return "scalar_t" if dt in (None, "f16", "bf16") else _DTYPE_C[dt]
 
-    def hoisted_load(self, e: Access) -> CVal:
+    def hoisted_load(self, e: Access, index: bool = False) -> CVal:
         """A load before the loop: at the body's indent, not touching the loop's sync state."""
         saved_dirty, saved_indent = self.dirty, self.indent
         self.indent = 1
-        out = super().hoisted_load(e)
+        out = super().hoisted_load(e, index)
         self.indent, self.dirty = saved_indent, saved_dirty
         return out
 
-    def emit_load(self, e: Access) -> CVal:
+    def emit_load(self, e: Access, index: bool = False) -> CVal:
         """A load of an input: a register for a scalar, else a shared buffer filled by the
-        block (see :meth:`TileRendererBase.load`)."""
+        block (see :meth:`TileRendererBase.load`); ``index``: an index tensor's elements,
+        read as ``long long``."""
         name = e.tensor
         arg = self.inputs[name]
         terms, offset = [], []
         for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
             code, lay = self.subscript(sub)
+            terms += self.index_terms(sub)
             offset.append(f"(long long)({code}) * a.s_{name}[{MAX_BATCH_DIMS + k}]")
             if isinstance(sub, Index) and sub.rank == rank:
                 t = self.range_term(rank) if rank in self.ranks.vector else None
@@ -428,7 +434,11 @@ class KernelRenderer(TileRendererBase):
                                                  for s in e.subscripts)))
         ctype = self.ctype(name)
         addr = f"{cname(name)}[boff_{name} + {' + '.join(offset) or '0'}]"
+        terms = list(_merge_terms(terms))
         mask = _conj(t.code for t in terms)
+        if index:
+            return self.emit_index_load(name, addr, mask, layout, terms, ctype)
+        gathers = any(_indirect(s) for s in e.subscripts)
         if not layout:
             v = self.new(name.lower())
             read = f"attnc_to_float({addr})"
@@ -438,11 +448,25 @@ class KernelRenderer(TileRendererBase):
             buf = self.buffer(name.lower(), layout, ctype)
             zero = f"attnc_from_float<{ctype}>(0.0f)"
             self.elementwise(layout, [f"{self.at(buf)} = {f'{mask} ? {addr} : {zero}' if mask else addr};"],
-                             reads_shared=False)
+                             reads_shared=gathers)
             self.dirty = True
             out = CVal(f"attnc_to_float({self.at(buf)})", layout, tuple(terms), loaded=True,
                        buf=buf if ctype == "scalar_t" else None)
         return out
+
+    def emit_index_load(self, name: str, addr: str, mask, layout, terms, ctype: str) -> CVal:
+        """An index tensor's elements for a subscript: a ``long long`` register for a
+        scalar, else a shared buffer of its own type (0 where absent)."""
+        if not layout:
+            v = self.new(name.lower())
+            read = f"(long long){addr}"
+            self.emit(f"const long long {v} = {f'{mask} ? {read} : 0LL' if mask else read};")
+            return CVal(v, (), tuple(terms), loaded=True, is_int=True)
+        buf = self.buffer(name.lower(), layout, ctype)
+        read = f"{mask} ? {addr} : ({ctype})0" if mask else addr
+        self.elementwise(layout, [f"{self.at(buf)} = {read};"], reads_shared=False)
+        self.dirty = True
+        return CVal(f"((long long){self.at(buf)})", layout, tuple(terms), loaded=True, is_int=True)
 
     def previous_state(self, t: str) -> CVal:
         """State ``t`` before this step: its ``_prev`` copy (resolved where it is read)."""
@@ -482,6 +506,10 @@ class KernelRenderer(TileRendererBase):
         return x.code if x.is_bool else f"({x.code} != 0.0f)"
 
     def binary(self, e: Binary, st) -> CVal:
+        exact = self.int_comparison(e) if e.op in ("<", "<=", ">", ">=", "==", "!=") else None
+        if exact is not None:  # integers from index tensors: compared as integers
+            ac, la, bc, lb, terms = exact
+            return CVal(f"({ac} {e.op} {bc})", self.canon(set(la) | set(lb)), terms, is_bool=True)
         a, b = self.value(e.left, st), self.value(e.right, st)
         lay = self.canon(set(a.layout) | set(b.layout))
         terms = _merge_terms(a.terms, b.terms)
@@ -791,7 +819,10 @@ class KernelRenderer(TileRendererBase):
             code = f"{present} ? {v} : 0.0f" if present else v
             offset = [f"(long long){self.index_code(rank)[0]} * a.s_{o.name}[{MAX_BATCH_DIMS + k}]"
                       for k, rank in enumerate(o.ranks)]
-            ranges = _conj(t.code for t in (self.range_term(x) for x in layout) if t)
+            ranges = _conj([t.code for t in (self.range_term(x) for x in layout) if t]
+                           # an output without the row rank (a decode's state, when map-ranks
+                           # made a head dim the row) is the same in every row block
+                           + (["(row0_ == 0)"] if self.ranks.row not in (None, *o.ranks) else []))
             ctype = f"out_{o.name}_t"
             store = (f"{cname(o.name)}[boff_{o.name} + {' + '.join(offset) or '0'}] = "
                      f"attnc_from_float<{ctype}>({code});")
@@ -950,8 +981,6 @@ def _stream_k_lines(kr: KernelRenderer, prog: list[str], body: list[str]) -> lis
 def _check_outputs(kr: KernelRenderer) -> None:
     r = kr.ranks
     for o in kr.outputs:
-        if r.row is not None and r.row not in o.ranks:
-            raise CudaUnsupported(f"output {o.name} does not have the row rank {r.row}")
         for rank in o.ranks:
             if rank not in r.vector and rank not in r.grid and rank != kr.slot:
                 raise CudaUnsupported(f"output {o.name} has rank {rank}, not in the grid")
@@ -966,9 +995,6 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     stream-K worker storing at slot ``slot_`` of that workspace rank."""
     kr = KernelRenderer(tp, ranks=ranks, bounds=bounds,
                         outputs=None if outputs is None else tuple(outputs), slot=slot)
-    for o in kr.outputs:  # checked before rendering so that errors name the cause
-        if kr.ranks.row is not None and kr.ranks.row not in o.ranks:
-            raise CudaUnsupported(f"output {o.name} does not have the row rank {kr.ranks.row}")
     body = _kernel_body(kr)
     input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
     lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]

@@ -1,7 +1,22 @@
 """What every tile-program kernel renderer shares (Triton, CUDA): how ranks are
 laid out in a kernel, presence terms, loads inlined from blocked copies, and the
 target-independent half of a renderer (:class:`TileRendererBase`: expression dispatch,
-state reads, tile bounds from the guards)."""
+state reads, index elements of indirect subscripts, tile bounds from the guards).
+
+An indirect subscript (``KC[PT[b, m // PG], m % PG, e]``) is gathered: the index
+tensor's elements for the tile are loaded first (as 64-bit integers, masked by the index
+tensor's own bounds), then the addressed rows, masked by the subscript's bounds.  Both
+masks are presence terms of the value, so an index element outside its tensor, or one
+(``-1``, past the cache) that addresses no row, reads an absent element, never memory
+outside the tensor.  Before → after (Triton)::
+
+    KC[PT[b, (m1*M0 + m0) // PG], (m1*M0 + m0) % PG, e]
+    ->
+    inb_1 = ((m1 * M0 + offs_m0) // PG >= 0) & ((m1 * M0 + offs_m0) // PG < NB)
+    pt_2 = tl.load(PT_ptr + ... , mask=inb_1, other=0).to(tl.int64)
+    inb_3 = (pt_2 >= 0) & (pt_2 < NP)
+    kc_4 = tl.load(KC_ptr + pt_2[:, None] * stride_KC_0 + ..., mask=inb_1 & inb_3 & ...)
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,11 +25,11 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..einsum_ir.exprs import free_ranks
+from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Expr, Index, Num, Param, Reduce,
                             Size, Unary)
 from ..einsum_ir.kernel import CeilDiv, FloatFloor, FloorDiv, IMax, IMin
-from ..einsum_ir.types import INT, type_env
+from ..einsum_ir.types import INT, INTEGER_DTYPES, type_env
 from ..passes.tile import TileProgram
 
 
@@ -54,6 +69,37 @@ def _integer_affine(e: Expr) -> bool:
     if isinstance(e, Binary):
         return e.op in ("+", "-", "*") and _integer_affine(e.left) and _integer_affine(e.right)
     return False
+
+
+def _indirect(e: Expr) -> bool:
+    """Whether a subscript reads an index tensor's element."""
+    return any(isinstance(n, Access) for n in walk(e))
+
+
+def _nonneg(e: Expr) -> bool:
+    """An integer subscript known not to be negative (index variables, sizes, non-negative
+    literals under ``+ * // %``): its ``//`` and ``%`` need no floor correction.  An index
+    element is not known to be (a page table holds -1)."""
+    if isinstance(e, (Index, Size)):
+        return True
+    if isinstance(e, Num):
+        return isinstance(e.value, int) and e.value >= 0
+    if isinstance(e, Binary) and e.op in ("+", "*", "//", "%"):
+        return _nonneg(e.left) and _nonneg(e.right)
+    return False
+
+
+def _subscript_expr(e: Expr, indices: frozenset[str]) -> bool:
+    """An integer expression a subscript may hold: integer-affine, with ``//`` and ``%``,
+    and elements of the input index tensors ``indices`` read at such subscripts."""
+    if isinstance(e, Access):
+        return e.tensor in indices and all(_subscript_expr(s, indices) for s in e.subscripts)
+    if isinstance(e, Binary):
+        return e.op in ("+", "-", "*", "//", "%") and _subscript_expr(e.left, indices) \
+            and _subscript_expr(e.right, indices)
+    if isinstance(e, Unary):
+        return e.op == "-" and _subscript_expr(e.operand, indices)
+    return _integer_affine(e)
 
 
 def constant_code(e: Expr) -> str | None:
@@ -185,30 +231,57 @@ class TileRendererBase:
             return self.reduce(e, st)
         raise self.Unsupported(str(e))
 
-    def load(self, e: Access):
+    def load(self, e: Access, index: bool = False):
         """A load of an input, once per tile; one that does not depend on the tile is
-        emitted once, before the loop."""
-        key = ("load", e)
+        emitted once, before the loop.  ``index``: an index tensor's elements read as
+        integers for a subscript (:meth:`index_element`)."""
+        key = ("load", e, index)
         invariant = not any(self.ranks.loop in free_ranks(s) for s in e.subscripts)
         if invariant and key in self.hoisted_memo:
             return self.hoisted_memo[key]
         if key in self.memo:
             return self.memo[key]
         if invariant and self.in_loop:
-            return self.hoisted_load(e)
-        out = self.emit_load(e)
+            return self.hoisted_load(e, index)
+        out = self.emit_load(e, index)
         self.memo[key] = out
         return out
 
-    def hoisted_load(self, e: Access):
+    def hoisted_load(self, e: Access, index: bool = False):
         """``load(e)`` emitted into the code before the loop, with that code's memo."""
         saved, self.lines = self.lines, self.hoisted
         saved_memo, self.memo = self.memo, self.hoisted_memo
         self.in_loop = False
-        out = self.load(e)
+        out = self.load(e, index)
         self.in_loop = True
         self.lines, self.memo = saved, saved_memo
         return out
+
+    # --- indirect subscripts --------------------------------------------------------------
+    def index_element(self, e: Access):
+        """An index tensor's element(s) in a subscript: a 64-bit integer value (0 where it
+        is absent) whose presence terms are the index tensor's own bounds."""
+        if e.tensor not in self.inputs:
+            raise self.Unsupported(f"{e.tensor} is read as an index but is not an input")
+        return self.load(e, index=True)
+
+    def index_terms(self, e: Expr) -> tuple[Term, ...]:
+        """Presence of the index elements subscript ``e`` reads: an absent index element
+        makes the access absent (the contract's *Indirect subscripts*)."""
+        return _merge_terms(*(self.index_element(n).terms for n in walk(e)
+                              if isinstance(n, Access)))
+
+    def int_comparison(self, e: Binary):
+        """A comparison of two integer subscript expressions (``m < L[b]``, ``p < CU[b+1] -
+        CU[b]``) in exact integer code: ``(left, its layout, right, its layout, presence)``,
+        or None when a side is not one."""
+        indices = frozenset(a.name for a in self.defn.tensor_args if a.dtype in INTEGER_DTYPES)
+        if not (_subscript_expr(e.left, indices) and _subscript_expr(e.right, indices)):
+            return None
+        if not (_indirect(e.left) or _indirect(e.right)):
+            return None
+        (a, la), (b, lb) = self.subscript(e.left), self.subscript(e.right)
+        return a, la, b, lb, _merge_terms(self.index_terms(e.left), self.index_terms(e.right))
 
     def access(self, e: Access):
         """A read: a load of an input, or a value computed in this kernel.

@@ -45,7 +45,7 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            chain_spec, constant_code, launcher_signature, py_literal,
+                            _nonneg, chain_spec, constant_code, launcher_signature, py_literal,
                             rendered_kernels)
 from .numpy_backend import pyname, size_code
 
@@ -62,6 +62,7 @@ class TVal(KernelValue):
     """A rendered Triton value (a block or a scalar)."""
 
     raw: str | None = None   # a load in its own dtype (for tl.dot operands)
+    exact: bool = False      # a comparison of integers (and conjunctions of them)
 
 
 @dataclass
@@ -167,16 +168,22 @@ class KernelRenderer(TileRendererBase):
         if isinstance(e, Unary):
             c, lay = self.subscript(e.operand)
             return f"(-{c})", lay
+        if isinstance(e, Access):  # an index tensor's element: a gather (kernel_common)
+            v = self.index_element(e)
+            return v.code, v.layout
         if isinstance(e, Binary):
             a, la = self.subscript(e.left)
             b, lb = self.subscript(e.right)
             lay = self.canon(set(la) | set(lb))
-            return f"({self.expand(a, la, lay)} {e.op} {self.expand(b, lb, lay)})", lay
+            a, b = self.expand(a, la, lay), self.expand(b, lb, lay)
+            if e.op in ("//", "%") and not _nonneg(e.left):  # Triton's truncate toward zero
+                return (self.floor_div(a, b) if e.op == "//" else self.floor_mod(a, b)), lay
+            return f"({a} {e.op} {b})", lay
         raise TritonUnsupported(f"subscript {e}")
 
-    def emit_load(self, e: Access) -> TVal:
+    def emit_load(self, e: Access, index: bool = False) -> TVal:
         """``tl.load`` of an input block, masked by its ranges and bounds (see
-        :meth:`TileRendererBase.load`)."""
+        :meth:`TileRendererBase.load`); ``index``: an index tensor's elements as int64."""
         name = e.tensor
         arg = self.inputs[name]
         parts = []
@@ -184,6 +191,7 @@ class KernelRenderer(TileRendererBase):
         for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
             code, lay = self.subscript(sub)
             parts.append((code, lay, k))
+            terms += self.index_terms(sub)
             if isinstance(sub, Index) and sub.rank == rank and sub.rank in self.ranks.vector:
                 t = self.range_term(rank)
                 if t:
@@ -204,9 +212,14 @@ class KernelRenderer(TileRendererBase):
                             for c, lay, k in parts) or "0"
         mask_code = self.mask_code(terms, layout)
         v = self.new(name.lower())
+        if index:
+            mask = f", mask={mask_code}, other=0" if mask_code else ""
+            self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})"
+                      f".to(tl.int64)")
+            return TVal(v, layout, _merge_terms(terms), loaded=True, is_int=True)
         mask = f", mask={mask_code}, other=0.0" if mask_code else ""
         self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})")
-        return TVal(f"{v}.to(tl.float32)", layout, tuple(terms), loaded=True, raw=v)
+        return TVal(f"{v}.to(tl.float32)", layout, _merge_terms(terms), loaded=True, raw=v)
 
     def mask_code(self, terms, layout) -> str | None:
         """The conjunction of presence terms over ``layout`` (named once per tile)."""
@@ -256,6 +269,12 @@ class KernelRenderer(TileRendererBase):
         return TVal(f"({x.code} == 0)", x.layout, x.terms, is_bool=True)
 
     def binary(self, e: Binary, st) -> TVal:
+        exact = self.int_comparison(e) if e.op in ("<", "<=", ">", ">=", "==", "!=") else None
+        if exact is not None:  # integers from index tensors: compared as integers
+            ac, la, bc, lb, terms = exact
+            lay = self.canon(set(la) | set(lb))
+            return TVal(f"({self.expand(ac, la, lay)} {e.op} {self.expand(bc, lb, lay)})", lay,
+                        terms, is_bool=True, exact=True)
         a, b = self.value(e.left, st), self.value(e.right, st)
         lay = self.canon(set(a.layout) | set(b.layout))
         ac, bc = self.expand(a.code, a.layout, lay), self.expand(b.code, b.layout, lay)
@@ -264,13 +283,14 @@ class KernelRenderer(TileRendererBase):
             op = "&" if e.op == "and" else "|"
             ac = ac if a.is_bool else f"({ac} != 0)"
             bc = bc if b.is_bool else f"({bc} != 0)"
-            return TVal(f"({ac} {op} {bc})", lay, terms, is_bool=True)
+            return TVal(f"({ac} {op} {bc})", lay, terms, is_bool=True, exact=a.exact and b.exact)
         if e.op in ("<", "<=", ">", ">=", "==", "!="):
-            if _integer_affine(e.left) and _integer_affine(e.right):
+            exact = _integer_affine(e.left) and _integer_affine(e.right)
+            if exact:
                 (ia, la), (ib, lb) = self.subscript(e.left), self.subscript(e.right)
                 lay = self.canon(set(la) | set(lb))
                 ac, bc = self.expand(ia, la, lay), self.expand(ib, lb, lay)
-            return TVal(f"({ac} {e.op} {bc})", lay, terms, is_bool=True)
+            return TVal(f"({ac} {e.op} {bc})", lay, terms, is_bool=True, exact=exact)
         if e.op == "**":
             if isinstance(e.right, Num) and float(e.right.value) == 2.0:
                 return TVal(f"({ac} * {ac})", lay, terms)
@@ -308,6 +328,8 @@ class KernelRenderer(TileRendererBase):
         w = self.new("w")
         if c.terms:
             code = f"{code} & {self.mask_code(c.terms, c.layout)}"
+        if not c.layout and not c.exact:  # the interpreter's 0-d int1 of a float compare
+            code = f"tl.where({code}, 1, 0) != 0"  # joins no block: make it a plain int1
         self.emit(f"{w} = {code}")
         return Term(w, c.layout)
 
@@ -442,6 +464,10 @@ class KernelRenderer(TileRendererBase):
     def floor_div(self, a: str, b: str) -> str:
         """Floor division for a positive divisor (Triton's ``//`` truncates toward zero)."""
         return f"((({a}) - (((({a}) % ({b})) + ({b})) % ({b}))) // ({b}))"
+
+    def floor_mod(self, a: str, b: str) -> str:
+        """The language's ``%`` (floor modulo) for a positive divisor."""
+        return f"(((({a}) % ({b})) + ({b})) % ({b}))"
 
     def first_tile(self, k: str, c: str) -> str:
         """The least m1 with ``c*m1 + k >= 0`` (c > 0): ``ceil(-k / c) = -floor(k / c)``."""
@@ -711,8 +737,10 @@ def _store_lines(kr: KernelRenderer, outputs, slot: str | None = None) -> list[s
     for o in outputs:
         if o.name not in kr.values:
             raise TritonUnsupported(f"{o.name} is not computed in the kernel")
-        if r.row is not None and r.row not in o.ranks:
-            raise TritonUnsupported(f"output {o.name} does not have the row rank {r.row}")
+        # an output without the row rank (a decode's state, when map-ranks made a head dim
+        # the row) holds the same value in every row block: the first block stores it
+        first_only = r.row is not None and r.row not in o.ranks and not (
+            kr.pack and kr.pack.rank in o.ranks)
         val = kr.values[o.name]
         layout = kr.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
         code = kr.expand(val.code, val.layout, layout)
@@ -731,6 +759,8 @@ def _store_lines(kr: KernelRenderer, outputs, slot: str | None = None) -> list[s
             idx, lay = kr.index_code(rank, ())
             offset.append(f"{kr.expand(idx, lay, layout)} * stride_{o.name}_{k}")
         ranges = [Term(f"rng_{x.lower()}", (x,)) for x in layout]
+        if first_only:
+            ranges.append(Term("(pid_row == 0)", ()))
         mask = kr.mask_code(ranges, layout)
         post.append(f"tl.store({pyname(o.name)}_ptr + boff_{o.name} + {' + '.join(offset) or '0'}, "
                     f"{code}{', mask=' + mask if mask else ''})")

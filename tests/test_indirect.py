@@ -350,20 +350,18 @@ def test_check_draws_index_tensors_in_range_with_some_absent_entries():
         {"CU": (9, True)}
 
 
-# --- the kernel backends decline, saying why ---------------------------------------------------
+# --- the kernel backends compile them; a limit still refuses with the place ------------------
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_kernel_backends_decline_indirect_subscripts_with_the_place(backend):
-    from attnc.passes.tile import NotTileable
-
-    module = parse_file(EXAMPLES / "paged_decode.attn")
-    with pytest.raises(NotTileable) as info:
-        compile_module(module, backend, "paged_decode")
-    message = str(info.value)
-    assert "indirect subscript KC[PT[b, (m1 * M0 + m0) // PG]" in message
-    assert f"paged_decode.attn:9:25: the {backend} backend does not gather yet; " \
-           f"use --backend numpy" in message
+@pytest.mark.parametrize("name", INDIRECT_EXAMPLES)
+def test_kernel_backends_compile_indirect_examples(name, backend):
+    """Gathers and floor modulo on Triton and CUDA: tests/test_indirect_gpu.py runs them."""
+    module = parse_file(EXAMPLES / name)
+    _, files = compile_module(module, backend, Path(name).stem, options={"tile": 16})
+    text = "".join(files.values())
+    assert ("tl.load(PT_ptr" in text or "tl.load(CU_ptr" in text) if backend == "triton" \
+        else ("(long long)PT[" in text or "(long long)CU[" in text or "s_pt" in text)
 
 
 RING = """
@@ -375,10 +373,13 @@ attention ring(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_kernel_backends_decline_modulo_subscripts(backend):
-    """Their ``%`` truncates toward zero; the language's is floor modulo."""
+def test_a_backend_limit_refuses_with_the_place_and_the_reason(backend, monkeypatch):
+    """The refusal machinery stays for what a kernel backend may lack (none today)."""
+    from attnc.passes import capabilities
     from attnc.passes.tile import NotTileable
 
+    compile_module(parse(RING, "spec.attn"), backend, "ring")
+    monkeypatch.setitem(capabilities.LIMITS, backend, {"modulo": "does not compute floor modulo"})
     with pytest.raises(NotTileable, match=f"'%' subscript K\\[.*spec.attn:3:.*the {backend} "
-                                          f"backend does not compute floor modulo yet"):
+                                          f"backend does not compute floor modulo; use --backend numpy"):
         compile_module(parse(RING, "spec.attn"), backend, "ring")

@@ -25,9 +25,11 @@ from conftest import EXAMPLES, TWO_PASS, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
 # Examples the Triton backend declines, and why (a regression shows up as a change here).
-EXPECTED_UNSUPPORTED: dict[str, str] = {
-    rel: "indirect subscript" for rel in ("paged_decode.attn", "paged_prefill.attn",
-                                          "varlen_prefill.attn")}
+EXPECTED_UNSUPPORTED: dict[str, str] = {}
+# Examples whose grids (a program per sequence and head) are too many programs for the
+# interpreter at these sizes; checked at small sizes elsewhere.
+SMALL_SIZES_ONLY = {rel: "tests/test_indirect_gpu.py runs it at small sizes" for rel in (
+    "paged_decode.attn", "paged_prefill.attn", "varlen_prefill.attn")}
 TILE = 16
 
 
@@ -67,6 +69,8 @@ def test_example_matches_interpreter(rel, tmp_path):
         assert rel in EXPECTED_UNSUPPORTED and EXPECTED_UNSUPPORTED[rel] in str(err), str(err)
         return
     assert rel not in EXPECTED_UNSUPPORTED, "now supported: update EXPECTED_UNSUPPORTED"
+    if rel in SMALL_SIZES_ONLY:
+        pytest.skip(SMALL_SIZES_ONLY[rel])
     rng = np.random.default_rng(7)
     for defn in module.definitions:
         fn = getattr(gen, defn.name)

@@ -131,8 +131,22 @@ def _backend(name: str):
         raise UsageError(str(err)) from None
 
 
-def cmd_compile(args) -> int:
+def _load(args) -> Module:
+    """The spec's module; with ``--backward``, each definition's derived backward cascade
+    (``NAME_backward``: gradients from the outputs' adjoints, passes/backward.py)."""
     module = parse_file(args.spec)
+    if not getattr(args, "backward", False):
+        return module
+    from ..passes.backward import NotDifferentiable, backward
+
+    try:
+        return Module(tuple(backward(d) for d in module.definitions))
+    except NotDifferentiable as why:
+        raise UsageError(f"{args.spec}: no derived backward: {why}") from None
+
+
+def cmd_compile(args) -> int:
+    module = _load(args)
 
     def echo(name, mod):
         if args.print_after_all:
@@ -246,7 +260,7 @@ def _check_target(backend: str) -> tuple[str | None, float]:
 def cmd_check(args) -> int:
     from ..backends.check import check_definition
 
-    module = parse_file(args.spec)
+    module = _load(args)
     failed = False
     device, tolerance = _check_target(args.backend)
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +289,7 @@ def cmd_check(args) -> int:
 def cmd_report(args) -> int:
     from ..passes.report import build_report, render_report, report_dot
 
-    module = parse_file(args.spec)
+    module = _load(args)
     sizes = _parse_sizes(args.size)
     stages = _pipeline(module, args)
     _check_sizes([module] + [m for _, m in stages], sizes)
@@ -297,7 +311,7 @@ def cmd_run(args) -> int:
     from ..einsum_ir.interpreter import interpret
     from ..einsum_ir.sizes import evaluate_lets
 
-    module = parse_file(args.spec)
+    module = _load(args)
     given = _parse_sizes(args.size, zero=True)
     device, _ = _check_target(args.backend)
     rng = np.random.default_rng(args.seed)
@@ -358,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, backend=True, pipeline=True):
         sp.add_argument("spec", help="the .attn file")
+        sp.add_argument("--backward", action="store_true",
+                        help="the derived backward cascade of each definition (NAME_backward: "
+                             "the gradients of its float inputs from its outputs' adjoints)")
         if backend:
             sp.add_argument("--backend", default="numpy",
                             help="numpy (default), triton or cuda: " + "; ".join(

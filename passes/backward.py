@@ -1,0 +1,392 @@
+"""``backward``: the vector-Jacobian cascade of a definition, derived as another cascade.
+
+Reverse-mode differentiation of a cascade of Einsums is a cascade of Einsums: the forward
+statements are kept (recomputed, not stored), and for every statement ``T[lhs] = E`` that
+reads a floating-point tensor ``X`` the adjoint ``dT`` flows back as
+
+    dX <- sum[ranks of the statement not in X's subscripts](dT[lhs] * dE/dX[subs])
+
+with the statement's ``where`` (a point that is not computed contributes nothing).  A
+reduction's body is differentiated the same way (sum: the body's derivative; max and min:
+the points that attain it share the adjoint evenly).  Before → after (one statement)::
+
+    QK[p,m] = Q[p,e] * K[m,e] * scale   where m <= p + M - P
+
+    dQ_1[p,e] = sum[m](dQK[p,m] * K[m,e] * scale)   where m <= p + M - P
+    dK_1[m,e] = sum[p](dQK[p,m] * Q[p,e] * scale)   where m <= p + M - P
+    dscale_1  = sum[p,m,e](dQK[p,m] * Q[p,e] * K[m,e])   where m <= p + M - P
+
+**Absent elements.**  A contribution is absent where its statement computed nothing, and
+the contract's ``+`` of an absent and a present element is absent; so a tensor with several
+contributions adds them after filling each one's absent points with 0 — an iterative rank
+of size 1 (``F[0,x] = 0; F[z+1,x] = C[x]``: an update that is not computed carries the 0).
+A tensor no statement reads back has no adjoint; an output's adjoint is an input ``dAV``.
+Masked rows therefore get zero gradients, never NaN (the division ``a / b`` is
+differentiated only where it was computed).  Integer and bool tensors, and ``where``
+conditions, are constants.  Iterative (hand-written online) cascades are refused: their
+source form is the one to differentiate.  A subscript that is not a rank's own index
+(``K[m1*M0 + m0, e]``) is refused for a tensor that needs a gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+
+from ..einsum_ir.exprs import children, free_ranks, walk
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
+                            IterativeEinsum, Num, Output, Param, Reduce, Size, SizeLet,
+                            Statement, TensorArg, Unary)
+from ..einsum_ir.types import FLOAT, type_env
+from ..einsum_ir.ir import size_symbol
+from .canonicalize import canonicalize
+from .defer_normalization import conjoin, taken_names
+from .names import fresh_rank
+
+
+class NotDifferentiable(Exception):
+    """Why a definition has no derived backward (the message names the statement)."""
+
+
+def adjoint_name(name: str) -> str:
+    return f"d{name}"
+
+
+# --- derivatives of expressions ---------------------------------------------------------------
+
+
+def _is_zero(e: Expr) -> bool:
+    return isinstance(e, Num) and e.value == 0
+
+
+def _is_one(e: Expr) -> bool:
+    return isinstance(e, Num) and e.value == 1
+
+
+def _mul(a: Expr, b: Expr) -> Expr:
+    if _is_zero(a) or _is_zero(b):
+        return Num(0)
+    if _is_one(a):
+        return b
+    if _is_one(b):
+        return a
+    return Binary("*", a, b)
+
+
+def _add(a: Expr, b: Expr) -> Expr:
+    if _is_zero(a):
+        return b
+    if _is_zero(b):
+        return a
+    return Binary("+", a, b)
+
+
+def _neg(a: Expr) -> Expr:
+    return Num(0) if _is_zero(a) else Unary("-", a)
+
+
+LN2 = Num(0.6931471805599453)
+
+
+def derivative(e: Expr, leaf) -> Expr:
+    """d e / d leaf, where ``leaf(node)`` is True for the one node differentiated against
+    (an access occurrence or a parameter); comparisons and conditions are constants."""
+    if leaf(e):
+        return Num(1)
+    if isinstance(e, (Num, Const, Index, Size, Param, Access)) or not children(e):
+        return Num(0)  # another tensor, a size, a constant (subscripts are positions)
+    if isinstance(e, Unary):
+        return _neg(derivative(e.operand, leaf)) if e.op == "-" else Num(0)
+    if isinstance(e, Binary):
+        da, db = derivative(e.left, leaf), derivative(e.right, leaf)
+        a, b = e.left, e.right
+        if e.op == "+":
+            return _add(da, db)
+        if e.op == "-":
+            return _add(da, _neg(db))
+        if e.op == "*":
+            return _add(_mul(da, b), _mul(a, db))
+        if e.op == "/":
+            return _add(Binary("/", da, b) if not _is_zero(da) else Num(0),
+                        _neg(_mul(db, Binary("/", e, b))))
+        if e.op == "**":
+            out = Num(0)
+            if not _is_zero(da):
+                out = _mul(da, _mul(b, Binary("**", a, Binary("-", b, Num(1)))))
+            if not _is_zero(db):
+                out = _add(out, _mul(db, _mul(e, Call("log", (a,)))))
+            return out
+        return Num(0)  # comparisons, and/or, //, %: piecewise constant
+    if isinstance(e, Call):
+        return _call_derivative(e, leaf)
+    raise NotDifferentiable(f"cannot differentiate {type(e).__name__}")
+
+
+def _call_derivative(e: Call, leaf) -> Expr:
+    if e.fn == "select":
+        c, a, b = e.args
+        da, db = derivative(a, leaf), derivative(b, leaf)
+        if _is_zero(da) and _is_zero(db):
+            return Num(0)
+        return Call("select", (c, da, db))
+    if e.fn in ("max", "min"):
+        a, b = e.args
+        da, db = derivative(a, leaf), derivative(b, leaf)
+        if _is_zero(da) and _is_zero(db):
+            return Num(0)
+        pick_a = Binary(">=" if e.fn == "max" else "<=", a, b)
+        return Call("select", (pick_a, da, db))
+    (x,) = e.args
+    dx = derivative(x, leaf)
+    if _is_zero(dx):
+        return Num(0)
+    local = {
+        "exp": lambda: e,
+        "exp2": lambda: _mul(e, LN2),
+        "log": lambda: Binary("/", Num(1), x),
+        "log2": lambda: Binary("/", Num(1), _mul(x, LN2)),
+        "sqrt": lambda: Binary("/", Num(0.5), e),
+        "rsqrt": lambda: Unary("-", _mul(Num(0.5), Binary("/", e, x))),
+        "tanh": lambda: Binary("-", Num(1), _mul(e, e)),
+        "sigmoid": lambda: _mul(e, Binary("-", Num(1), e)),
+        "abs": lambda: Call("select", (Binary(">=", x, Num(0)), Num(1), Unary("-", Num(1)))),
+        "relu": lambda: Call("select", (Binary(">", x, Num(0)), Num(1), Num(0))),
+    }.get(e.fn)
+    if local is None:
+        raise NotDifferentiable(f"no derivative for {e.fn}")
+    return _mul(dx, local())
+
+
+# --- the backward cascade ---------------------------------------------------------------------
+
+
+def backward(defn: Definition, wrt: tuple[str, ...] | None = None) -> Definition:
+    """The VJP cascade of ``defn`` (see the module docstring).  Its arguments are
+    ``defn``'s and one adjoint ``d<OUT>`` per output; its outputs the gradients
+    ``d<X>`` of ``wrt`` (default: every floating-point tensor argument and every float
+    scalar parameter), in that order."""
+    defn = canonicalize(defn)
+    if any(isinstance(st, IterativeEinsum) for st in defn.statements):
+        raise NotDifferentiable(
+            f"{defn.name} is an iterative (hand-written online) cascade: differentiate its "
+            f"source form, whose derived online form the backward recomputes")
+    lets = {let.name for let in defn.lets}
+    for out in defn.outputs:
+        if set(out.ranks) & lets:
+            raise NotDifferentiable(
+                f"output {out.name} is over {sorted(set(out.ranks) & lets)[0]}, a size a 'let' "
+                f"computes: its adjoint d{out.name} cannot be an argument (arguments bind sizes)")
+    types = type_env(defn)
+    floats = {a.name for a in defn.tensor_args if a.dtype is None or a.dtype in
+              ("f16", "bf16", "f32", "f64")}
+    floats |= {st.tensor for st in defn.statements if types.of(st.expr) == FLOAT}
+    params = {p.name for p in defn.scalar_params if p.dtype is None or p.dtype.startswith(("f", "b"))}
+    targets = tuple(wrt) if wrt is not None else tuple(
+        [a.name for a in defn.tensor_args if a.name in floats] + sorted(params))
+    taken = taken_names(defn) | {adjoint_name(n) for n in targets} \
+        | {adjoint_name(o.name) for o in defn.outputs}
+    b = _Builder(defn, floats, params, taken)
+    for out in defn.outputs:
+        b.seed(out)
+    for st in reversed(defn.statements):
+        b.propagate(st)
+    outputs, statements = [], list(defn.statements)
+    for name in targets:
+        grad, stmts = b.gradient(name)
+        statements += stmts
+        outputs.append(grad)
+    args = tuple(defn.params) + tuple(TensorArg(adjoint_name(o.name), o.ranks)
+                                      for o in defn.outputs)
+    return dataclasses.replace(defn, name=f"{defn.name}_backward", params=args,
+                               lets=defn.lets + tuple(b.lets), statements=tuple(statements),
+                               outputs=tuple(outputs))
+
+
+class _Builder:
+    def __init__(self, defn, floats, params, taken):
+        self.defn, self.floats, self.params = defn, floats, params
+        self.taken = set(taken)
+        self.contributions: dict[str, list[Statement]] = {}
+        self.adjoint: dict[str, str] = {}      # tensor -> the name of its full adjoint
+        self.pending: list[Statement] = []     # adjoint statements, in the order made
+        self.lets: list[SizeLet] = []
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken or name.lower() in {t.lower() for t in self.taken}:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def seed(self, out: Output) -> None:
+        """The caller's adjoint of an output: its first contribution (other statements
+        that read the output add theirs)."""
+        ids = tuple(Index(r) for r in out.ranks)
+        c = Einsum(self.fresh(f"{adjoint_name(out.name)}_0"), out.ranks,
+                   Access(adjoint_name(out.name), ids))
+        self.contributions.setdefault(out.name, []).append(c)
+        self.pending.append(c)
+
+    def ranks(self, name: str) -> tuple[str, ...]:
+        if name in self.params:
+            return ()
+        return self.defn.tensor_ranks(name)
+
+    def propagate(self, st: Einsum) -> None:
+        """Contributions of ``st``'s adjoint to every float tensor and parameter it reads."""
+        dT = self.finish(st.tensor)
+        if dT is None:
+            return
+        body, reduce = st.expr, None
+        if isinstance(body, Reduce):
+            reduce, body = body, body.body
+        seed: Expr = Access(dT, tuple(Index(r) for r in st.lhs))
+        if reduce is not None and reduce.op in ("max", "min"):
+            # the points that attain it share the adjoint evenly (exact ties are not rare:
+            # a key read twice, K[m // 2, e], gives its score twice)
+            ids = tuple(Index(r) for r in st.lhs)
+            attains = Call("select", (Binary("==", body, Access(st.tensor, ids)), Num(1), Num(0)))
+            ties = Einsum(self.fresh(f"{st.tensor}_ties"), st.lhs,
+                          Reduce("sum", reduce.ranks, attains), st.where)
+            self.pending.append(ties)
+            seed = _mul(seed, Binary("/", attains, Access(ties.tensor, ids)))
+        space = tuple(st.lhs) + (reduce.ranks if reduce is not None else ())
+        reads = [n for n in walk(st.expr) if isinstance(n, Access)]
+        for node in _differentiable_leaves(body, self.floats, self.params):
+            d = derivative(body, lambda n, node=node: n is node)
+            if _is_zero(d):
+                continue
+            self.contribute(st, node, _present_where(_mul(seed, d), reads), space)
+
+    def contribute(self, st: Einsum, node, value: Expr, space: tuple[str, ...]) -> None:
+        """``dX_k[X's ranks] = sum[the rest](value) where st's where``.  A subscript that is
+        not the rank's own index scatters by a filter: ``V[h // G, m, f]`` gives
+        ``dV_k[hk,m,f] = sum[h](...) where h // G == hk`` (GQA's heads summed per group)."""
+        name = node.tensor if isinstance(node, Access) else node.name
+        lhs, conds = [], []
+        if isinstance(node, Access):
+            for sub, r in zip(node.subscripts, self.defn.tensor_ranks(name)):
+                if sub == Index(r) and r not in lhs:
+                    lhs.append(r)
+                    continue
+                if r in space or r in lhs:  # the statement iterates r itself: an alias
+                    r = self.alias(r)
+                lhs.append(r)
+                conds.append(Binary("==", _without_mod(sub), Index(r)))
+        lhs = tuple(lhs)
+        summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
+                       if r not in lhs)
+        expr = Reduce("sum", summed, value) if summed else value
+        where = conjoin(st.where, *conds)
+        c = Einsum(self.fresh(f"{adjoint_name(name)}_{len(self.contributions.get(name, [])) + 1}"),
+                   lhs, expr, where)
+        self.contributions.setdefault(name, []).append(c)
+        self.pending.append(c)
+
+    def alias(self, rank: str) -> str:
+        """A rank of the same size under another name (``let P_1 = P``)."""
+        alias = fresh_rank(f"{rank}X", self.taken)
+        self.taken |= {alias, alias.lower()}
+        self.lets.append(SizeLet(alias, size_symbol(rank)))
+        return alias
+
+    def finish(self, name: str) -> str | None:
+        """The adjoint of ``name`` (summing its contributions), or None when nothing reads it."""
+        if name in self.adjoint:
+            return self.adjoint[name]
+        found = self.contributions.get(name)
+        if not found:
+            return None
+        out, stmts = self._sum(name, found)
+        self.pending += stmts
+        self.adjoint[name] = out
+        return out
+
+    def _sum(self, name: str, found: list[Einsum]) -> tuple[str, list[Statement]]:
+        """One adjoint from the contributions (read by position: a contribution may name an
+        alias of a rank)."""
+        if len(found) == 1 and found[0].lhs == self.ranks(name):
+            return found[0].tensor, []
+        lhs = self.ranks(name)
+        z = fresh_rank("Z", self.taken)
+        self.taken |= {z, z.lower()}
+        self.lets.append(SizeLet(z, sympy.Integer(1)))
+        stmts, terms = [], []
+        for c in found:  # absent -> 0: a one-step iterative fill
+            f = self.fresh(f"{c.tensor}_filled")
+            stmts.append(IterativeEinsum(f, (z,) + lhs, z, True, Num(0)))
+            stmts.append(IterativeEinsum(f, (z,) + lhs, z, False,
+                                         Access(c.tensor, tuple(Index(r) for r in lhs))))
+            terms.append(Access(f, (Size(z),) + tuple(Index(r) for r in lhs)))
+        total: Expr = terms[0]
+        for t in terms[1:]:
+            total = Binary("+", total, t)
+        out = self.fresh(adjoint_name(name))
+        stmts.append(Einsum(out, lhs, total))
+        return out, stmts
+
+    def gradient(self, name: str) -> tuple[Output, list[Statement]]:
+        """The output ``d<name>`` and the statements that make it (0 when nothing reads it)."""
+        adj = self.finish(name)
+        ranks = self.ranks(name)
+        out_name = adjoint_name(name)
+        stmts = list(self.pending)
+        self.pending = []
+        if adj is None:
+            stmts.append(Einsum(out_name, ranks, Num(0)))
+        elif adj != out_name:
+            stmts.append(Einsum(out_name, ranks, Access(adj, tuple(Index(r) for r in ranks))))
+        dtype = next((a.dtype for a in self.defn.tensor_args if a.name == name), None)
+        return Output(out_name, ranks, dtype), stmts
+
+
+def _without_mod(e: Expr) -> Expr:
+    """``a % b`` as ``a - a // b * b`` (a condition's value: '%' is for subscripts)."""
+    if isinstance(e, Binary) and e.op == "%":
+        a, b = _without_mod(e.left), _without_mod(e.right)
+        return Binary("-", a, Binary("*", Binary("//", a, b), b))
+    kids = children(e)
+    if not kids or isinstance(e, Access):
+        return e
+    from ..einsum_ir.exprs import with_children
+
+    return with_children(e, tuple(_without_mod(k) for k in kids))
+
+
+def _present_where(value: Expr, reads: list[Access]) -> Expr:
+    """``value`` computed only where the forward point was: every forward read it does not
+    itself read enters as ``select(R == R, 1, 1)`` (1, but absent where ``R`` is)."""
+    have = {n for n in walk(value) if isinstance(n, Access)}
+    for acc in dict.fromkeys(reads):
+        if acc not in have:
+            value = _mul(value, Call("select", (Binary("==", acc, acc), Num(1), Num(1))))
+            have.add(acc)
+    return value
+
+
+def _differentiable_leaves(e: Expr, floats: set[str], params: set[str]) -> list:
+    """Every occurrence of a float tensor access or float parameter in ``e``, outside
+    subscripts and conditions (they are constants)."""
+    out = []
+
+    def visit(n: Expr, constant: bool) -> None:
+        if isinstance(n, Access):
+            if n.tensor in floats and not constant:
+                out.append(n)
+            return  # subscripts are integer positions
+        if isinstance(n, Param):
+            if n.name in params and not constant:
+                out.append(n)
+            return
+        if isinstance(n, Binary) and n.op in ("<", "<=", ">", ">=", "==", "!=", "and", "or"):
+            constant = True
+        if isinstance(n, Call) and n.fn == "select":
+            visit(n.args[0], True)
+            visit(n.args[1], constant)
+            visit(n.args[2], constant)
+            return
+        for k in children(n):
+            visit(k, constant)
+
+    visit(e, False)
+    return out

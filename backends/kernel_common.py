@@ -522,7 +522,9 @@ def default_code(e) -> str:
 
     if e.has(sympy.floor, sympy.ceiling):
         return size_code(e, False, "math")
-    return size_code(e, False, "torch", symbol=lambda n: f"_f64({pyname(n)})")
+    # plain floats with IEEE division (_fdiv): a size under torch.compile(dynamic=True)
+    # stays a value the custom op takes (a float64 tensor's .item() would not)
+    return size_code(e, False, "math", symbol=lambda n: f"float({pyname(n)})")
 
 
 def py_literal(x) -> str:
@@ -531,10 +533,10 @@ def py_literal(x) -> str:
 
 
 def launcher_signature(defn, pyname) -> tuple[list, str]:
-    """A generated function's parameters ``(pyname, name, default code or None)`` and its
+    """A generated function's parameters ``(pyname, name, default code or None, dtype)`` and its
     signature: tensors positional, scalar parameters keyword-only."""
-    params = [(pyname(s.name), s.name, default_code(s.default) if s.default is not None else None)
-              for s in defn.scalar_params]
+    params = [(pyname(s.name), s.name, default_code(s.default) if s.default is not None else None,
+               s.dtype) for s in defn.scalar_params]
     sig = [pyname(a.name) for a in defn.tensor_args]
     if params:
         sig += ["*"] + [x[0] if x[2] is None else f"{x[0]}=None" for x in params]

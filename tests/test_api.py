@@ -245,10 +245,7 @@ def test_check_draws_whole_numbers_for_an_integer_parameter(tmp_path, capsys):
     assert main(["run", str(spec)]) == 0
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(
-        strict=True, reason="kernel_common.launcher_signature does not pass the dtype yet"))
-    for b in ("triton", "cuda")])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_an_integer_parameter_refuses_a_fraction_gpu(backend):
     """The torch launchers share the check (templates/common/sizes.py.jinja); the call
     site passes the declared dtype when the renderer gives it."""

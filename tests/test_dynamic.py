@@ -56,11 +56,6 @@ def test_over_several_lengths_without_breaks_or_recompiles(example, inputs, dyna
     assert not dynamo["recompiles"]
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchRuntimeError, reason=(
-    "a default (1/sqrt(E)) is computed in float64 torch tensors, whose .item() is an unbacked "
-    "SymFloat the custom op refuses; kernel_common.default_code rendering with "
-    "size_code(e, False, 'math', symbol=lambda n: f'float({pyname(n)})') fixes it (IEEE "
-    "division by _fdiv, templates/common/sizes.py.jinja)"))
 def test_a_default_parameter_under_dynamic_shapes(dynamo, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     mod = attnc.compile(EXAMPLES / "causal.attn", backend="triton")

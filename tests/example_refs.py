@@ -233,6 +233,23 @@ def ref_retention(Q, K, V, gamma=0.96875):
     return (Q @ transpose(K) * decay) @ V
 
 
+def ref_gla(Q, K, V, LG):
+    """(Q K^T ∘ D) V, D[p,m] = exp(sum of LG over keys m+1 .. p') on the causal triangle."""
+    P, M = Q.shape[-2], K.shape[-2]
+    CG = np.cumsum(LG, axis=-1)
+    qpos = np.arange(P) + M - P
+    CGq = np.take(CG, np.clip(qpos, 0, M - 1), axis=-1)
+    mask = causal_mask(P, M) & (qpos >= 0)[:, None]
+    decay = np.where(mask, np.exp(np.where(mask, CGq[..., :, None] - CG[..., None, :], 0.0)), 0.0)
+    return (Q @ transpose(K) * decay) @ V
+
+
+def gla_inputs(rng, s: Sizes) -> Inputs:
+    """Log forget gates in (log 0.5, 0]: decays between 0.5 and 1 per step."""
+    Q, K, V = qkv(rng, s)
+    return [Q, K, V, np.log(rng.uniform(0.5, 1.0, s["M"]))], params_of(s)
+
+
 def sink_inputs(rng, s: Sizes) -> Inputs:
     """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
     Q, K, V = qkv(rng, s, ("H", "H"))
@@ -544,6 +561,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "alibi", alibi_inputs, ref_alibi,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 8, "M": 8, "E": 3, "F": 2},
          {"H": 1, "P": 6, "M": 4, "E": 2, "F": 2})),
+    "gla.attn": ExampleRef(
+        "gla", gla_inputs, ref_gla,
+        ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2},
+         {"P": 12, "M": 12, "E": 4, "F": 2})),
     "retention.attn": ExampleRef(
         "retention", qkv_inputs, ref_retention,
         ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "gamma": 0.5},

@@ -28,7 +28,8 @@ from attnc.passes.capabilities import unsupported_subscript  # noqa: E402 - decl
 from conftest import EXAMPLES, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()
-               if not any(unsupported_subscript(d) for d in parse_file(p).definitions)]
+               if not any(unsupported_subscript(d) for d in parse_file(p).definitions)
+               and p.name != "gla.attn"]  # declined by the backend (test_triton_backend)
 POINTER = {None: "*bf16", "f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64",
            "i32": "*i32", "i64": "*i64", "bool": "*i1"}
 

@@ -263,3 +263,17 @@ def test_a_float_page_table_is_refused_naming_the_argument(backend, kernels, emu
     args[3] = args[3].astype(np.float32)
     with pytest.raises(ValueError, match="argument 'PT'"):
         call(kernels(backend, "paged_decode.attn"), args)
+
+
+def test_half_precision_gathers_on_triton(kernels):
+    """f16 cache and queries: the gathered K tile feeds tl.dot in its own dtype."""
+    args = paged_case(np.random.default_rng(1), 16, 3, None)
+    xs = [torch.from_numpy(a).to(torch.float16) if a.dtype.kind == "f" else torch.from_numpy(a)
+          for a in args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = kernels("triton", "paged_decode.attn")(*xs)
+    want = ref_paged_decode(*args)
+    assert got.dtype == torch.float16
+    np.testing.assert_array_equal(got.numpy() == 0, want == 0)
+    assert np.max(np.abs(got.double().numpy() - want)) <= 5e-3 * max(1.0, np.max(np.abs(want)))

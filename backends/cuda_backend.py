@@ -791,8 +791,14 @@ class KernelRenderer(TileRendererBase):
                           f"{name}_prev[k_] = {name}[k_];")
             else:
                 self.emit(f"const float {name}_prev = {name};")
+        live = self.block_probe()
+        start = len(self.lines)
         for st in self.body:
             self.statement(st)
+        if live is not None:  # a tile no row of the block can use runs nothing
+            pad = "  " * self.indent
+            self.lines[start:] = ([f"{pad}if ({live}) {{"] + ["  " + ln for ln in self.lines[start:]]
+                                  + [f"{pad}}}"])
         self.emit("__syncthreads();  // the next tile overwrites this tile's buffers")
         body, self.lines = self.lines, outer
         self.memo, self.in_loop, self.indent = saved_memo, False, 1
@@ -809,6 +815,28 @@ class KernelRenderer(TileRendererBase):
         for st in self.tp.epilogue:
             self.statement(st)
         return self.lines
+
+    def block_probe(self) -> str | None:
+        """A block-uniform flag 'some update can change a row of this block on this tile',
+        from the data-dependent guards the bound-tiles stage found (a block mask computed per
+        tile, reduced by :meth:`any_term` into shared memory, so every thread takes the same
+        branch around the tile's barriers); None when only affine guards (tile bounds) apply."""
+        r = self.ranks
+        probes = self.bounds.live_probes if self.bounds is not None else ()
+        if not probes:
+            return None
+        flags = []
+        for conds in dict.fromkeys(probes):
+            parts = []
+            for cond in conds:
+                c = self.value(cond, Einsum("_probe", (), cond))
+                lay = self.canon(set(c.layout) | {r.row, r.tile})
+                terms = [Term(self.truth(c), c.layout), *c.terms]
+                terms += [t for t in (self.range_term(r.row),) if t]
+                parts.append(self.any_term(terms, set(lay)).code)
+            flags.append(" && ".join(parts))
+        self.sync_if_dirty()
+        return " || ".join(f"({f})" for f in flags)
 
     def store_outputs(self) -> None:
         for o in self.outputs:

@@ -303,6 +303,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    """Per kernel: configuration, registers, stack, shared memory, main-loop SASS counts."""
+    from ..backends.kernel_report import kernel_report, render_kernel_report, report_json
+
+    sizes = _parse_sizes(args.size)
+    parse_file(args.spec)  # a located error before the compile subprocess
+    with status("compiling kernels for sm_%d" % args.arch):
+        reports = kernel_report(args.spec, sizes, args.dtype, args.arch)
+    print(report_json(reports) if args.json else render_kernel_report(reports), end="")
+    return 0
+
+
 def cmd_run(args) -> int:
     """Compile, import the generated module, run it on random inputs, show the result."""
     import numpy as np
@@ -420,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--size", help="input rank sizes, e.g. P=6,M=9 (default 8 each)")
     u.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     u.set_defaults(fn=cmd_run)
+
+    g = sub.add_parser("kernels", help="static kernel report: every Triton kernel compiled for "
+                                      "a GPU target without a GPU, counted from its SASS")
+    g.add_argument("spec", help="the .attn file")
+    g.add_argument("--size", required=True, help="the sizes the launcher configures for, "
+                                                 "e.g. P=16384,M=16384,E=128,F=128")
+    g.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"),
+                   help="input dtype (default bf16)")
+    g.add_argument("--arch", type=_positive, default=90, help="sm_ target (default 90)")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.set_defaults(fn=cmd_kernels)
     return p
 
 

@@ -372,8 +372,10 @@ class FusedFunctionRenderer(FunctionRenderer):
         if key in self.full_flags:
             return self.full_flags[key]
         tp = self.tp
-        probe = Einsum("_LIVE", (tp.loop_rank, self.rows.rank),
-                       Reduce("max", (tp.tile_rank,), Call("select", (cond, Num(1), Num(0)))))
+        others = tuple(sorted(free_ranks(cond) - {tp.loop_rank, self.rows.rank, tp.tile_rank}))
+        probe = Einsum("_LIVE", (tp.loop_rank, self.rows.rank),  # any grid point (a sequence b)
+                       Reduce("max", (tp.tile_rank,) + others,
+                              Call("select", (cond, Num(1), Num(0)))))
         r = FusedStatementRenderer(self.defn, probe, self.temps, tp, None, {}, in_loop=True)
         body, value, mask, nl = r.render()
         name = self.temps.new("live")

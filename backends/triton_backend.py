@@ -295,7 +295,7 @@ class KernelRenderer(TileRendererBase):
             if isinstance(e.right, Num) and float(e.right.value) == 2.0:
                 return TVal(f"({ac} * {ac})", lay, terms)
             ac, bc = self.float_code(a, lay), self.float_code(b, lay)
-            return TVal(f"tl.exp2({bc} * tl.log2({ac}))", lay, terms)
+            return TVal(self.power(ac, bc), lay, terms)
         if e.op == "//":
             return TVal(f"tl.floor({ac} / {bc})", lay, terms)
         if a.is_bool:
@@ -461,6 +461,19 @@ class KernelRenderer(TileRendererBase):
         self.values[st.tensor] = TVal(name, layout, terms, is_bool=False)
 
     # --- tile range from the guards (TileRendererBase.tile_bounds) --------------------
+    def power(self, a: str, b: str) -> str:
+        """``a ** b`` as C's ``pow`` (and numpy's): a negative base with an integer exponent
+        keeps its sign (``W ** (p - m)`` with ``W < 0``), ``x ** 0`` is 1; ``exp2(b *
+        log2(a))`` alone is NaN there."""
+        x, y, mag = self.new("pow_a"), self.new("pow_b"), self.new("pow")
+        self.emit(f"{x} = {a}")
+        self.emit(f"{y} = {b}")
+        self.emit(f"{mag} = tl.exp2({y} * tl.log2(tl.abs({x})))")
+        whole = f"({y} == tl.floor({y}))"
+        odd = f"({y} - 2.0 * tl.floor({y} * 0.5) != 0.0)"
+        signed = f"tl.where({whole}, tl.where({odd}, -{mag}, {mag}), tl.log2({x}))"  # NaN
+        return f"tl.where({y} == 0.0, 1.0, tl.where({x} < 0.0, {signed}, {mag}))"
+
     def floor_div(self, a: str, b: str) -> str:
         """Floor division for a positive divisor (Triton's ``//`` truncates toward zero)."""
         return f"((({a}) - (((({a}) % ({b})) + ({b})) % ({b}))) // ({b}))"

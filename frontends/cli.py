@@ -309,8 +309,13 @@ def cmd_kernels(args) -> int:
 
     sizes = _parse_sizes(args.size)
     parse_file(args.spec)  # a located error before the compile subprocess
-    with status("compiling kernels for sm_%d" % args.arch):
-        reports = kernel_report(args.spec, sizes, args.dtype, args.arch)
+    from ..backends.triton_backend import TritonUnsupported
+
+    try:
+        with status("compiling kernels for sm_%d" % args.arch):
+            reports = kernel_report(args.spec, sizes, args.dtype, args.arch)
+    except (TritonUnsupported, NotTileable) as err:
+        raise _declined("triton", err) from None
     print(report_json(reports) if args.json else render_kernel_report(reports), end="")
     return 0
 

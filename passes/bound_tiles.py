@@ -170,7 +170,7 @@ class TileBounder:
         out = []
         for _, guards in self.tp.guards:
             data = [g for g in guards if r.tile in g.exists and not self.exact(g)
-                    and free_ranks(g.cond) <= {r.loop, r.tile, r.row}]
+                    and free_ranks(g.cond) <= {r.loop, r.tile, r.row} | set(r.grid)]
             if not data:
                 return ()
             conds = tuple(expand_loads(g.cond, self.loads) for g in data)

@@ -250,6 +250,26 @@ def gla_inputs(rng, s: Sizes) -> Inputs:
     return [Q, K, V, np.log(rng.uniform(0.5, 1.0, s["M"]))], params_of(s)
 
 
+def ref_rwkv(R, K, V, WD, U):
+    """sum_{m<p} (sum_e R[p,e] K[m,e] w[e]^(p-1-m)) V[m] + (sum_e R[p,e] U[e] K[p,e]) V[p],
+    with the per-step decay w = exp(-exp(WD))."""
+    P = R.shape[-2]
+    dist = np.arange(P)[:, None] - 1 - np.arange(P)[None, :]
+    past = dist >= 0
+    rate = np.exp(WD)[..., None, None, :]
+    decay = np.where(past[..., None], np.exp(-np.maximum(dist, 0)[..., None] * rate), 0.0)
+    S = np.einsum("...pe,...me,...pme->...pm", R, K, decay)
+    bonus = np.einsum("...pe,...e,...pe->...p", R, U, K)
+    return S @ V + bonus[..., None] * V
+
+
+def rwkv_inputs(rng, s: Sizes) -> Inputs:
+    """Per-channel log-rates around -1 (decays near 0.7 per step) and a bonus per channel."""
+    R, K = normal(rng, s["P"], s["E"]), normal(rng, s["P"], s["E"])
+    return [R, K, normal(rng, s["P"], s["F"]), rng.normal(-1.0, 0.5, s["E"]),
+            normal(rng, s["E"])], params_of(s)
+
+
 def sink_inputs(rng, s: Sizes) -> Inputs:
     """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
     Q, K, V = qkv(rng, s, ("H", "H"))
@@ -569,6 +589,9 @@ EXAMPLES: dict[str, ExampleRef] = {
         "retention", qkv_inputs, ref_retention,
         ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "gamma": 0.5},
          {"P": 12, "M": 12, "E": 4, "F": 2, "gamma": 1.0})),
+    "rwkv.attn": ExampleRef(
+        "rwkv", rwkv_inputs, ref_rwkv,
+        ({"P": 9, "E": 4, "F": 3}, {"P": 1, "E": 3, "F": 2}, {"P": 33, "E": 2, "F": 3})),
     "sink_logit.attn": ExampleRef(
         "sink_logit", sink_inputs, ref_sink_logit,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 9, "M": 6, "E": 3, "F": 2},

@@ -465,3 +465,23 @@ def test_document_mask_with_contiguous_documents(P, M, tmp_path):
         got = gen.document_mask(*[torch.from_numpy(x).float() for x in (Q, K, V)],
                                 torch.from_numpy(DQ), torch.from_numpy(DK))
     assert relative_error(got.numpy(), want) < 1e-5
+
+
+def test_power_of_a_negative_base_is_c_pow(tmp_path):
+    """``W ** (p - m)`` with W < 0 and an integer exponent keeps its sign, and ``x ** 0`` is
+    1, as numpy's and C's pow (exp2(b * log2(a)) alone gives NaN there)."""
+    from attnc.frontends import parse
+
+    spec = """
+attention negpow(W[M], V[M,F], Q[P,F]) -> O[P,F] {
+  O[p,f] = W[m] ** (p - m) * V[m,f] + 0 * Q[p,f]   where m <= p
+}"""
+    module = parse(spec, "negpow.attn")
+    gen = compile_module(module, "negpow.attn", tmp_path)
+    W = np.array([-2.0, -0.5, 0.0, 3.0, -1.0])
+    V = np.arange(10.0).reshape(5, 2)
+    Q = np.ones((4, 2))
+    want = interpret(module.definitions[0], W, V, Q)
+    got = gen.negpow(*[torch.from_numpy(a).float() for a in (W, V, Q)])
+    assert np.all(np.isfinite(got.numpy()))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)

@@ -29,7 +29,11 @@ from conftest import EXAMPLES, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()
                if not any(unsupported_subscript(d) for d in parse_file(p).definitions)
-               and p.name != "gla.attn"]  # declined by the backend (test_triton_backend)
+               and p.name not in ("gla.attn", "rwkv.attn")]
+# gla: declined by the backend (test_triton_backend); rwkv: its per-channel decay sits inside
+# the e-sum, so the kernel multiplies a rows x tile x E block (no dot): it runs (interpreter,
+# tests/test_triton_backend.py) but its sm_90 compile takes minutes: the chunked form of
+# issue 13 is the kernel to compile
 POINTER = {None: "*bf16", "f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64",
            "i32": "*i32", "i64": "*i64", "bool": "*i1"}
 

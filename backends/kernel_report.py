@@ -132,6 +132,22 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def kernel_signature(part, arg_names, pointers: dict, blocks: dict) -> tuple[dict, dict]:
+    """A kernel's argument types for ``triton.compile`` (``pointers``: pointer type per
+    tensor argument; ``blocks``: ``BLOCK_<rank>`` constexprs) and its constexprs by
+    position, as the launcher passes them on a GPU."""
+    signature, constexprs = {}, {}
+    for i, name in enumerate(arg_names):
+        if name.endswith("_ptr"):
+            signature[name] = pointers[name[:-len("_ptr")]]
+        elif name in blocks or name == "INPUT_PRECISION":
+            signature[name] = "constexpr"
+            constexprs[(i,)] = blocks.get(name, "tf32")
+        else:
+            signature[name] = "fp32" if name in set(part.params) else "i32"
+    return signature, constexprs
+
+
 def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names) -> dict:
     dtypes = {name: dt for _, name, _, dt in spec.args}
     pointers = {py: (POINTER[dtypes.get(name)] if dtypes.get(name) not in (None, "f32", "f16", "bf16")
@@ -148,16 +164,9 @@ def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names)
             blocks[f"BLOCK_{r}"] = 16
         else:
             blocks[f"BLOCK_{r}"] = _pow2(sizes.get(r, 64))
-    signature, constexprs = {}, {}
-    for i, name in enumerate(arg_names):
-        if name.endswith("_ptr"):
-            signature[name] = pointers[name[:-len("_ptr")]]
-        elif name in blocks or name == "INPUT_PRECISION":
-            signature[name] = "constexpr"
-            constexprs[str(i)] = blocks.get(name, "tf32")
-        else:
-            signature[name] = "fp32" if name in set(part.params) else "i32"
-    return dict(kernel=part.kernel, signature=signature, constexprs=constexprs,
+    signature, constexprs = kernel_signature(part, arg_names, pointers, blocks)
+    return dict(kernel=part.kernel, signature=signature,
+                constexprs={str(k[0]): v for k, v in constexprs.items()},
                 num_warps=config["num_warps"], num_stages=config.get("num_stages", 2),
                 blocks=blocks)
 

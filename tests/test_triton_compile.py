@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton")
 
 from attnc.backends import compile_module, lower_stages  # noqa: E402
 from attnc.backends import triton_backend  # noqa: E402
+from attnc.backends.kernel_report import kernel_signature  # noqa: E402
 from attnc.frontends import parse_file  # noqa: E402
 from attnc.passes.capabilities import unsupported_subscript  # noqa: E402 - declined: test_indirect
 
@@ -60,17 +61,7 @@ def _signature(part, variant, dtypes, arg_names):
     pointers.update({pyname: "*fp32" if work else "*bf16" for pyname, _, _, work in part.outputs})
     blocks = {f"BLOCK_{r}": 16 if r == variant.split else 64 if r in (part.row, part.tile) else 128
               for r in part.vector}
-    params = set(part.params)
-    signature, constexprs = {}, {}
-    for i, name in enumerate(arg_names):
-        if name.endswith("_ptr"):
-            signature[name] = pointers[name[:-len("_ptr")]]
-        elif name in blocks or name == "INPUT_PRECISION":
-            signature[name] = "constexpr"
-            constexprs[(i,)] = blocks.get(name, "tf32")
-        else:
-            signature[name] = "fp32" if name in params else "i32"
-    return signature, constexprs
+    return kernel_signature(part, arg_names, pointers, blocks)
 
 
 COMPILE = """

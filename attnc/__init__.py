@@ -16,15 +16,18 @@ if (_checkout / "einsum_ir" / "__init__.py").is_file() and not (
 
 # The Python API, imported on first use so that ``import attnc`` stays cheap (no sympy,
 # lark or jinja until a spec is compiled): attnc.compile, attnc.load, attnc.SpecError.
-_API = {"compile": "api", "load": "api", "CompileOptions": "api", "CompiledModule": "api",
-        "cache_dir": "api", "SpecError": "api", "SpecWarning": "api"}
+_API = {"compile": "frontends.api", "load": "frontends.api", "CompileOptions": "frontends.api",
+        "CompiledModule": "frontends.api", "cache_dir": "frontends.api",
+        "SpecError": "frontends.api", "SpecWarning": "frontends.api",
+        # partial states, their derived merge, ring attention over torch.distributed
+        "compile_context_parallel": "backends.context_parallel"}
 
 
 def __getattr__(name: str):
     if name in _API:
         from importlib import import_module
 
-        value = getattr(import_module(f"{__name__}.frontends.{_API[name]}"), name)
+        value = getattr(import_module(f"{__name__}.{_API[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

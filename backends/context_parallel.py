@@ -216,15 +216,11 @@ def compile_context_parallel(spec: str | Path | Module, name: str | None = None,
     """Compile definition ``name`` (default: the first) of a spec for the ring: its partial,
     merge and finish functions with ``backend``, written under ``directory`` (a temporary
     one by default) and imported.  Refuses a definition without a derivable combine."""
-    from ..frontends import parse, parse_file
+    from ..frontends import parse
+    from ..frontends.api import _spec_text
     from . import compile_module, get_backend, load_generated, write_atomic
 
-    if isinstance(spec, Module):
-        module = spec
-    elif isinstance(spec, Path) or (isinstance(spec, str) and "{" not in spec):
-        module = parse_file(spec)
-    else:
-        module = parse(spec, "spec.attn")
+    module = spec if isinstance(spec, Module) else parse(*_spec_text(spec))
     defn = module.definitions[0] if name is None else module[name]
     runtime = get_backend(backend).runtime
     form = sharded_form(defn, {"tile": options.get("tile", 64)},

@@ -515,15 +515,14 @@ def rendered_kernels(p, v, done: dict, render) -> list:
 
 
 def default_code(e) -> str:
-    """A parameter default as launcher code, in float64 IEEE arithmetic: sizes enter as
-    float64 tensors (``_f64``), so ``1/sqrt(E)`` at ``E = 0`` is ``inf`` as in numpy, not a
-    ZeroDivisionError (floor and ceiling keep exact integer code)."""
+    """A parameter default as launcher code in plain floats with IEEE division (``_fdiv``):
+    ``1/sqrt(E)`` at ``E = 0`` is ``inf`` as in numpy, not a ZeroDivisionError, and a size
+    under torch.compile(dynamic=True) stays a value the custom op takes (floor and
+    ceiling keep exact integer code)."""
     from .numpy_backend import pyname, size_code
 
     if e.has(sympy.floor, sympy.ceiling):
         return size_code(e, False, "math")
-    # plain floats with IEEE division (_fdiv): a size under torch.compile(dynamic=True)
-    # stays a value the custom op takes (a float64 tensor's .item() would not)
     return size_code(e, False, "math", symbol=lambda n: f"float({pyname(n)})")
 
 

@@ -41,16 +41,20 @@ def _parse(text: str, filename: str) -> Module:
 
 def parse_file(path: str | Path) -> Module:
     """Parse an ``.attn`` file; an unreadable file is a :class:`SpecError` too."""
+    return parse(read_spec(path), str(path))
+
+
+def read_spec(path: str | Path) -> str:
+    """An ``.attn`` file's text; unreadable or not UTF-8, a located :class:`SpecError`."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise _io_error(path, err) from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _decode_error(path, data, err) from None
-    return parse(text, str(path))
 
 
 def _decode_error(path: Path, data: bytes, err: UnicodeDecodeError) -> SpecError:

@@ -329,17 +329,9 @@ def _load(folder: Path, stem: str, ctx: _Context) -> CompiledModule:
 def _spec_text(spec) -> tuple[str, str]:
     """(text, file name) of a spec given as text or as a path."""
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and _looks_like_path(spec)):
-        from . import _decode_error, _io_error
+        from . import read_spec
 
-        path = Path(spec)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise _io_error(path, err) from None
-        try:
-            return data.decode("utf-8").removeprefix("\ufeff"), str(path)
-        except UnicodeDecodeError as err:
-            raise _decode_error(path, data, err) from None
+        return read_spec(spec).removeprefix("\ufeff"), str(Path(spec))
     if not isinstance(spec, str):
         raise TypeError(f"spec must be .attn source text or a path, got {type(spec).__name__}")
     return spec, "<string>"

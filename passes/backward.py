@@ -33,7 +33,7 @@ import dataclasses
 
 import sympy
 
-from ..einsum_ir.exprs import children, free_ranks, walk
+from ..einsum_ir.exprs import children, free_ranks, walk, with_children
 from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Num, Output, Param, Reduce, Size, SizeLet,
                             Statement, TensorArg, Unary)
@@ -348,8 +348,6 @@ def _without_mod(e: Expr) -> Expr:
     kids = children(e)
     if not kids or isinstance(e, Access):
         return e
-    from ..einsum_ir.exprs import with_children
-
     return with_children(e, tuple(_without_mod(k) for k in kids))
 
 

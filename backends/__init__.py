@@ -54,9 +54,15 @@ BACKENDS: dict[str, Backend] = {
 
 
 def compile_module(module: Module, backend: str, stem: str, names=None, options=None,
-                   stop_after=None, after_each=None, fused: bool = True, after_lowering=None):
+                   stop_after=None, after_each=None, fused: bool = True, after_lowering=None,
+                   backward: bool = False):
     """Run the cascade pipeline, lower to the kernel IR (kernel backends) and render;
-    returns (stages, files).  ``after_lowering(stage, program)`` sees every lowering stage."""
+    returns (stages, files).  ``after_lowering(stage, program)`` sees every lowering stage.
+    ``backward``: each definition's backward program too (``NAME_backward``; torch
+    backends make ``NAME`` differentiable), see :mod:`attnc.backends.backward_chain`."""
+    if backward:
+        return _compile_with_backward(module, backend, stem, names, options, stop_after,
+                                      after_each, fused, after_lowering)
     from ..passes.pipeline import run_pipeline
 
     chosen = get_backend(backend)
@@ -69,6 +75,24 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
                                      sources=_before_online(stages), after_lowering=after_lowering)
     stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
     return stages, chosen.render(kernels, stem, fused=fused)
+
+
+def _compile_with_backward(module, backend, stem, names, options, stop_after, after_each,
+                           fused, after_lowering):
+    """The module, its definitions' backward stages, and the chain functions appended to
+    the generated Python file."""
+    from .backward_chain import programs_for, render_chains, with_stages
+
+    chosen = get_backend(backend)
+    stage_options = dict(options or {})
+    if stage_options.get("tile") is None:
+        stage_options["tile"] = chosen.tile
+    programs = programs_for(module, backend, stage_options)
+    stages, files = compile_module(with_stages(module, programs), backend, stem, names,
+                                   options, stop_after, after_each, fused, after_lowering)
+    files = dict(files)
+    files[f"{stem}.py"] += render_chains(module, programs, chosen.runtime)
+    return stages, files
 
 
 def choose_form(module: Module, stages, backend: str, options: dict, names=None,

@@ -49,6 +49,7 @@ class CompileOptions:
     workers: int | None = None  # workers of split-k / stream-k
     sizes: tuple[tuple[str, int], ...] = ()  # size assumptions for cost decisions
     fused: bool = True  # False: the per-Einsum form (numpy), like -O0
+    grad: bool = False  # NAME_backward too (the backward program); torch: NAME differentiable
 
     @classmethod
     def of(cls, given: dict) -> "CompileOptions":
@@ -284,6 +285,7 @@ def _stages(module: Module, ctx: _Context):
 def _build(module: Module, backend: str, stem: str, opts: CompileOptions, folder: Path,
            filename: str, text: str, progress: bool | None):
     from ..backends import compile_module
+    from ..passes.backward import NotDifferentiable
     from ..passes.tile import NotTileable
 
     names, options = opts.pipeline()
@@ -293,7 +295,10 @@ def _build(module: Module, backend: str, stem: str, opts: CompileOptions, folder
             line.update(f"compiling {shown} for {backend}: {stage}")
         try:
             stages, files = compile_module(module, backend, stem, names, options, opts.stop_after,
-                                           after, fused=opts.fused, after_lowering=after)
+                                           after, fused=opts.fused, after_lowering=after,
+                                           backward=opts.grad)
+        except NotDifferentiable as err:
+            raise SpecError([Diagnostic(f"no derived backward: {err}")]) from None
         except NotTileable as err:
             raise SpecError([Diagnostic(
                 f"the {backend} backend cannot compile this spec: {err}",

@@ -19,6 +19,7 @@ from .. import __version__
 from ..backends import BACKENDS, choose_form, compile_module, get_backend, load_generated, lower_stages, write_atomic
 from ..einsum_ir.kernel import print_kernel_module, print_program
 from ..passes.lowering import LOWERING_STAGES
+from ..passes.backward import NotDifferentiable
 from ..passes.tile import NotTileable
 from ..einsum_ir.diagnostics import SpecError, SpecWarning
 from ..einsum_ir.ir import Module
@@ -146,6 +147,10 @@ def _load(args) -> Module:
 
 
 def cmd_compile(args) -> int:
+    if getattr(args, "grad", False) and (args.backward or args.emit in ("ir", "kernel")
+                                         or getattr(args, "stop_after", None)):
+        raise UsageError("--grad writes a differentiable module: it takes neither --backward "
+                         "(the backward cascade alone), --emit ir/kernel nor --stop-after")
     module = _load(args)
 
     def echo(name, mod):
@@ -225,9 +230,12 @@ def _compile(module: Module, args, echo=None, echo_kernel=None):
             return compile_module(module, args.backend, Path(args.spec).stem, names, options,
                                   getattr(args, "stop_after", None),
                                   lambda n, x: stage(n, x, echo), fused=not getattr(args, "O0", False),
-                                  after_lowering=lambda n, x: stage(n, x, echo_kernel))
+                                  after_lowering=lambda n, x: stage(n, x, echo_kernel),
+                                  backward=getattr(args, "grad", False))
         except NotTileable as err:
             raise _declined(args.backend, err) from None
+        except NotDifferentiable as why:
+            raise UsageError(f"{args.spec}: no derived backward: {why}") from None
 
 
 def _compile_to_temp(spec: str, module: Module, args, tmp: str):
@@ -418,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the IR after every pass and the kernel program after every "
                         "lowering stage")
     c.add_argument("--size", help="size assumptions for cost decisions, e.g. M=8192,E=128")
+    c.add_argument("--grad", action="store_true",
+                   help="a differentiable module: NAME, and NAME_backward running the backward "
+                        "program's kernels (torch backends: NAME is a torch.autograd.Function)")
     c.set_defaults(fn=cmd_compile)
 
     k = sub.add_parser("check", help="compare the compiled code with the interpreter")

@@ -42,6 +42,7 @@ from ..einsum_ir.ir import size_symbol
 from .canonicalize import canonicalize
 from .defer_normalization import conjoin, taken_names
 from .names import fresh_rank
+from .shift_invariance import shifts
 
 
 class NotDifferentiable(Exception):
@@ -185,7 +186,9 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None) -> Definition
         [a.name for a in defn.tensor_args if a.name in floats] + sorted(params))
     taken = taken_names(defn) | {adjoint_name(n) for n in targets} \
         | {adjoint_name(o.name) for o in defn.outputs}
-    b = _Builder(defn, floats, params, taken)
+    # a stabilising shift (softmax's row max) has a zero adjoint: a constant here, so its
+    # contributions, its ties and their extra passes are never made
+    b = _Builder(defn, floats - shifts(defn), params, taken)
     for out in defn.outputs:
         b.seed(out)
     for st in reversed(defn.statements):
@@ -210,6 +213,9 @@ class _Builder:
         self.adjoint: dict[str, str] = {}      # tensor -> the name of its full adjoint
         self.pending: list[Statement] = []     # adjoint statements, in the order made
         self.lets: list[SizeLet] = []
+        self.origin: dict[str, tuple] = {}     # contribution -> (statement, access) it came from
+        self.statement = {st.tensor: st for st in defn.statements}
+        self.args = {a.name: a for a in defn.tensor_args}
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -282,6 +288,8 @@ class _Builder:
                    lhs, expr, where)
         self.contributions.setdefault(name, []).append(c)
         self.pending.append(c)
+        if isinstance(node, Access) and not conds:
+            self.origin[c.tensor] = (st, node)
 
     def alias(self, rank: str) -> str:
         """A rank of the same size under another name (``let P_1 = P``)."""
@@ -308,6 +316,12 @@ class _Builder:
         if len(found) == 1 and found[0].lhs == self.ranks(name):
             return found[0].tensor, []
         lhs = self.ranks(name)
+        if all(c.lhs == lhs and self.covers(c.tensor) for c in found):
+            total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
+            for c in found[1:]:
+                total = Binary("+", total, Access(c.tensor, tuple(Index(r) for r in lhs)))
+            out = self.fresh(adjoint_name(name))
+            return out, [Einsum(out, lhs, total)]
         z = fresh_rank("Z", self.taken)
         self.taken |= {z, z.lower()}
         self.lets.append(SizeLet(z, sympy.Integer(1)))
@@ -325,6 +339,80 @@ class _Builder:
         stmts.append(Einsum(out, lhs, total))
         return out, stmts
 
+    def covers(self, contribution: str) -> bool:
+        """Whether a contribution is present wherever its tensor is (so contributions add
+        without filling absent points with 0).  Its statement must compute the point that
+        reads the tensor's element whenever that element is present: one point per element
+        (the statement iterates exactly the tensor's ranks), no ``where``, and every other
+        read present there too (:meth:`present_with`)."""
+        if contribution not in self.origin:
+            return False
+        st, node = self.origin[contribution]
+        ranks = self.defn.tensor_ranks(node.tensor)
+        body, reduced = st.expr, ()
+        if isinstance(body, Reduce):
+            body, reduced = body.body, body.ranks
+        extra = (set(st.lhs) | set(reduced)) - set(ranks)
+        if (st.where is not None or node.subscripts != tuple(Index(r) for r in ranks)
+                or len(set(ranks)) != len(ranks) or not set(ranks) <= set(st.lhs) | set(reduced)
+                or any(isinstance(n, Reduce) for n in walk(body))):
+            return False
+        # a rank the statement adds (the f of AV[p,f] = sum[m](SN[p,m] * V[m,f]) reading
+        # SN) has a point unless its size is 0; when every output has it, a size of 0
+        # empties every output and every adjoint, and all gradients are 0 either way
+        if any(r not in o.ranks for r in extra for o in self.defn.outputs):
+            return False
+        return all(self.present_with(acc, node, 0) for acc in walk(body)
+                   if isinstance(acc, Access))
+
+    def present_with(self, acc: Access, x: Access, depth: int) -> bool:
+        """``acc`` is present wherever ``x`` is (both read at one point of a statement)."""
+        if acc == x:
+            return True
+        if depth > 8 or any(isinstance(n, Access) for s in acc.subscripts for n in walk(s)):
+            return False
+        if acc.tensor in self.args:  # an input read at its own ranks is in bounds
+            return all(self.in_bounds(sub, r)
+                       for sub, r in zip(acc.subscripts, self.args[acc.tensor].ranks))
+        st = self.statement.get(acc.tensor)
+        if not isinstance(st, Einsum) or st.where is not None or \
+                not all(isinstance(s, Index) for s in acc.subscripts):
+            return False
+        body, reduced = st.expr, ()
+        if isinstance(body, Reduce):
+            body, reduced = body.body, body.ranks
+        if any(isinstance(n, Reduce) for n in walk(body)):
+            return False
+        point = dict(zip(st.lhs, acc.subscripts))
+        # the reduction's point that reads x's element: its ranks pinned by one read of x
+        for read in (n for n in walk(body) if isinstance(n, Access) and n.tensor == x.tensor):
+            pinned = dict(point)
+            for sub, want in zip(read.subscripts, x.subscripts):
+                if not isinstance(sub, Index):
+                    break
+                if sub.rank in pinned and pinned[sub.rank] != want:
+                    break
+                pinned[sub.rank] = want
+            else:
+                if not set(reduced) <= set(pinned):
+                    continue
+                if all(self.present_with(_at(n, pinned), x, depth + 1)
+                       for n in walk(body) if isinstance(n, Access)):
+                    return True
+        return False
+
+    def in_bounds(self, sub: Expr, rank: str) -> bool:
+        """``sub`` (over the ranks of the reading statement) stays inside ``rank``: the rank
+        itself, or a group ``h // G`` with ``G = H / HK`` reading a rank of size ``HK``."""
+        if sub == Index(rank):
+            return True
+        if (isinstance(sub, Binary) and sub.op == "//" and isinstance(sub.left, Index)
+                and isinstance(sub.right, Size)):
+            lets = {let.name: let.value for let in self.defn.lets}
+            group = lets.get(sub.right.rank, size_symbol(sub.right.rank))
+            return sympy.simplify(size_symbol(sub.left.rank) / group - size_symbol(rank)) == 0
+        return False
+
     def gradient(self, name: str) -> tuple[Output, list[Statement]]:
         """The output ``d<name>`` and the statements that make it (0 when nothing reads it)."""
         adj = self.finish(name)
@@ -338,6 +426,16 @@ class _Builder:
             stmts.append(Einsum(out_name, ranks, Access(adj, tuple(Index(r) for r in ranks))))
         dtype = next((a.dtype for a in self.defn.tensor_args if a.name == name), None)
         return Output(out_name, ranks, dtype), stmts
+
+
+def _at(acc: Access, point: dict) -> Access:
+    """``acc`` with its rank subscripts replaced by the expressions of ``point``."""
+    def sub(e: Expr) -> Expr:
+        if isinstance(e, Index) and e.rank in point:
+            return point[e.rank]
+        kids = children(e)
+        return with_children(e, tuple(sub(k) for k in kids)) if kids else e
+    return Access(acc.tensor, tuple(sub(s) for s in acc.subscripts))
 
 
 def _without_mod(e: Expr) -> Expr:

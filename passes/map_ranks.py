@@ -75,7 +75,12 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
                 used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
                 (in_streamed if acc.tensor in streamed else in_other).update(used)
     selectors = _selectors(tp, statements, streamed)
-    grid = [r for r in state_ranks if (r in in_streamed and r in in_other) or r in selectors]
+    contracted = _contracted(statements)
+    # a rank read by both streamed and other inputs selects which keys a program streams
+    # (a head rank) -- unless the loop body contracts it: the head dim e of dQ[p,e] =
+    # sum[m](dS[p,m] * K[m,e]) whose scores contract e too is held whole
+    grid = [r for r in state_ranks
+            if ((r in in_streamed and r in in_other) or r in selectors) and r not in contracted]
     rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
     guard_ranks = set()
     for _, gs in tp.guards:
@@ -98,6 +103,16 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
         if r in every and r not in vector and r not in grid and r != tp.loop_rank:
             vector.append(r)
     return RankRoles(row, tp.tile_rank, tp.loop_rank, tuple(grid), tuple(vector))
+
+
+def _contracted(statements) -> set[str]:
+    """Ranks a reduction of the loop body sums over (the tile's head dims)."""
+    out = set()
+    for st in statements:
+        for red in walk(st.expr):
+            if isinstance(red, Reduce):
+                out |= set(red.ranks)
+    return out
 
 
 def _streamed_inputs(tp: TileProgram, statements, inputs) -> set[str]:

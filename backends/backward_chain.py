@@ -1,0 +1,109 @@
+"""Modules with gradients: every definition's backward program, compiled and chained.
+
+``compile_module(..., backward=True)`` compiles, besides each definition ``NAME``, the
+stages of its backward program (:mod:`attnc.passes.backward_program`) as ordinary
+definitions, and appends (``templates/common/backward.py.jinja``):
+
+* ``NAME_backward(tensors..., adjoints..., *, params)``: the stages in order; returns the
+  gradients of ``NAME``'s floating-point tensor arguments and float scalar parameters (a
+  scalar's summed over the batch);
+* on torch backends, ``NAME`` itself becomes differentiable (a ``torch.autograd.Function``
+  whose backward is ``NAME_backward``; without ``requires_grad`` it is the plain launch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from ..einsum_ir.ir import Definition, Module
+from ..passes.backward import NotDifferentiable
+from ..passes.backward_program import BackwardProgram, backward_program
+from ..passes.tile import NotTileable
+from .kernel_common import launcher_signature
+
+COMMON = Path(__file__).resolve().parent.parent / "templates" / "common"
+
+
+@dataclass(frozen=True)
+class StageCall:
+    fn: str
+    args: tuple[str, ...]
+    outs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChainOfStages:
+    """What the template needs for one definition's backward."""
+
+    name: str
+    signature: str            # NAME_backward's
+    forward_signature: str    # NAME's
+    inputs: tuple[str, ...]   # NAME's tensor arguments
+    params: tuple[str, ...]   # NAME's scalar parameters
+    tensors: tuple[str, ...]  # NAME_backward's tensor arguments (inputs, then adjoints)
+    adjoints: tuple[str, ...]
+    stages: tuple[StageCall, ...]
+    grads: tuple[str, ...]
+    scalar_grads: tuple[str, ...]
+    zeros: tuple[tuple[str, str], ...]   # (gradient, the argument it has the shape of)
+    rows: tuple[tuple[str, tuple[str, ...]], ...]  # (scalar gradient, the parts the host adds)
+
+
+def programs_for(module: Module, backend: str, options: dict | None = None
+                 ) -> list[BackwardProgram]:
+    """Each definition's backward program for ``backend``.  numpy runs a backward whose
+    stages have no kernel program as the whole cascade (Einsum by Einsum); a kernel
+    backend refuses it (NotTileable with the stage's reason)."""
+    programs = []
+    for d in module.definitions:
+        try:
+            programs.append(backward_program(d, backend, options))
+        except NotTileable:
+            if backend != "numpy":
+                raise
+            from ..passes.backward import backward
+
+            import dataclasses
+
+            whole = backward(d)
+            stage = dataclasses.replace(whole, name=f"{whole.name}_0")
+            programs.append(BackwardProgram(whole.name, whole, (stage,)))
+    return programs
+
+
+def with_stages(module: Module, programs: list[BackwardProgram]) -> Module:
+    """``module``'s definitions and every backward stage, as one module to compile."""
+    return Module(module.definitions + tuple(s for p in programs for s in p.stages))
+
+
+def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfStages:
+    cascade = program.cascade
+    _, signature = launcher_signature(cascade, str)
+    _, forward_signature = launcher_signature(forward, str)
+    params = tuple(s.name for s in forward.scalar_params)
+    stages = tuple(StageCall(s.name, tuple(a.name for a in s.tensor_args),
+                             tuple(o.name for o in s.outputs)) for s in program.stages)
+    grads = tuple(o.name for o in cascade.outputs)
+    return ChainOfStages(
+        name=forward.name, signature=signature, forward_signature=forward_signature,
+        inputs=tuple(a.name for a in forward.tensor_args), params=params,
+        tensors=tuple(a.name for a in cascade.tensor_args),
+        adjoints=tuple(f"d{o.name}" for o in forward.outputs), stages=stages, grads=grads,
+        scalar_grads=tuple(g for g in grads if g[1:] in params),
+        zeros=tuple((g, g[1:]) for g in program.zeros), rows=program.rows)
+
+
+def render_chains(module: Module, programs: list[BackwardProgram], runtime: str) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(COMMON)),
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    chains = [chain_of_stages(d, p) for d, p in zip(module.definitions, programs)]
+    return env.get_template("backward.py.jinja").render(programs=chains, runtime=runtime)
+
+
+def not_differentiable_reason(err: Exception) -> str:
+    if isinstance(err, NotDifferentiable):
+        return f"no derived backward: {err}"
+    return f"the backward has no kernel program: {err}"

@@ -1,0 +1,281 @@
+"""The backward as a program of stages: each stage an ordinary cascade that streams once.
+
+The derived backward cascade (:mod:`attnc.passes.backward`) recomputes the forward and
+reads row statistics in the same pass that makes them (``SN[p,m] = exp(QK[p,m] - GM[p])``
+needs ``GM[p] = max[m](...)`` over the same keys).  A kernel streams the keys once, so the
+backward is cut where a reduction over a long rank is read again along that rank: the
+reduction becomes the output of an earlier stage and an input of the later ones (saved at
+O(rows) memory, FlashAttention-2's row statistics).  Stages are grouped greedily — a
+reduction joins the previous stage when that stage still lowers for the target (the
+``online`` pass fuses ``GM`` and ``SD`` into one pass, as in the forward) — and so are the
+gradients (``dK`` and ``dV`` share a key-major kernel; ``dQ`` gets a query-major one).
+Before → after (causal softmax)::
+
+    causal_softmax_backward(Q, K, V, scale, dAV) -> (dQ, dK, dV, dscale)   one cascade
+
+    stage 0: (Q, K, V, scale, dAV)           -> (GM, SD, dSD_1)    rows p, streams m
+    stage 1: (..., GM, SD, dSD_1)            -> dQ                 rows p, streams m
+    stage 2: (..., GM, SD, dSD_1)            -> (dK, dV)           rows m, streams p
+    stage 3: (..., GM, SD, dSD_1)            -> dscale
+
+Each stage is compiled by the ordinary pipeline and lowering, so every backend renders
+it; a stage no target kernel can take makes the backward refused for that target with the
+stage's reason (numpy then runs the whole cascade Einsum by Einsum).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import (Access, Definition, Einsum, Module, Output, Reduce, Statement,
+                            TensorArg)
+from ..einsum_ir.kernel import KernelIRError
+from .backward import backward
+from .map_ranks import long_ranks
+from .tile import NotTileable
+
+
+@dataclass(frozen=True)
+class BackwardProgram:
+    """``cascade``: the whole backward (its arguments and gradients are the program's);
+    ``stages``: definitions run in order, each reading the arguments and what earlier
+    stages returned (``saved``: every stage output that is not a gradient)."""
+
+    name: str
+    cascade: Definition
+    stages: tuple[Definition, ...]
+    zeros: tuple[str, ...] = ()   # gradients that are 0 (read only in conditions)
+    rows: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (scalar gradient, parts the host adds)
+
+    @property
+    def saved(self) -> tuple[str, ...]:
+        grads = {o.name for o in self.cascade.outputs} | {x for _, parts in self.rows
+                                                           for x in parts}
+        return tuple(o.name for s in self.stages for o in s.outputs if o.name not in grads)
+
+
+def _reduced_long(st, long: frozenset[str]) -> set[str]:
+    out = set()
+    for n in walk(st.expr):
+        if isinstance(n, Reduce):
+            out |= set(n.ranks) & long
+    return out
+
+
+def _iterated(st) -> set[str]:
+    out = set(st.lhs) | free_ranks(st.expr)
+    for n in walk(st.expr):
+        if isinstance(n, Reduce):
+            out |= set(n.ranks)
+    return out
+
+
+def cut_points(cascade: Definition) -> list[str]:
+    """Reductions over a long rank that a statement reads while iterating that rank again,
+    in statement order."""
+    long = long_ranks(cascade)
+    outputs = {o.name for o in cascade.outputs}
+    readers: dict[str, list] = {}
+    for st in cascade.statements:
+        for n in walk(st.expr):
+            if isinstance(n, Access):
+                readers.setdefault(n.tensor, []).append(st)
+    cuts = []
+    for st in cascade.statements:
+        if not isinstance(st, Einsum) or st.tensor in outputs:
+            continue
+        reduced = _reduced_long(st, long)
+        if reduced and any(reduced & _iterated(r) for r in readers.get(st.tensor, [])):
+            cuts.append(st.tensor)
+    return cuts
+
+
+def stage_definition(cascade: Definition, name: str, outputs: list[str],
+                     inputs: set[str]) -> Definition:
+    """The slice of ``cascade`` computing ``outputs`` from its arguments and ``inputs``
+    (earlier stages' results, float32 arguments here).  Every argument of the cascade is
+    kept: they bind the sizes."""
+    by_name = {st.tensor: st for st in cascade.statements}
+    needed: set[str] = set()
+    todo = list(outputs)
+    while todo:
+        t = todo.pop()
+        if t in needed or t in inputs or t not in by_name:
+            continue
+        needed.add(t)
+        for st in cascade.statements:
+            if st.tensor == t:
+                for e in (st.expr, st.where):
+                    for n in (walk(e) if e is not None else ()):
+                        if isinstance(n, Access):
+                            todo.append(n.tensor)
+    statements = tuple(st for st in cascade.statements if st.tensor in needed)
+    grads = {o.name: o for o in cascade.outputs}
+    outs = tuple(grads.get(o) or Output(o, cascade.tensor_ranks(o), "f32") for o in outputs)
+    saved = tuple(TensorArg(t, cascade.tensor_ranks(t), "f32") for t in sorted(inputs)
+                  if any(isinstance(n, Access) and n.tensor == t
+                         for st in statements for e in (st.expr, st.where)
+                         for n in (walk(e) if e is not None else ())))
+    return dataclasses.replace(cascade, name=name, params=cascade.params + saved,
+                               outputs=outs, statements=statements)
+
+
+def lowers(defn: Definition, backend: str, options: dict | None = None) -> str | None:
+    """None when ``defn`` compiles to a kernel program that ``backend`` renders, else why
+    not (numpy: a fused kernel program, not the Einsum-by-Einsum fallback)."""
+    from ..backends import compile_module, lower_stages
+    from ..passes.pipeline import run_pipeline
+
+    options = dict(options or {})
+    options.setdefault("tile", 64)
+    module = Module((defn,))
+    if backend != "numpy" and any(not isinstance(st, Einsum) for st in defn.statements):
+        fills = sorted({st.tensor for st in defn.statements if not isinstance(st, Einsum)})
+        return (f"{defn.name}: gradient contributions added after filling their absent "
+                f"points with 0 ({', '.join(fills)}): the compiler could not prove each "
+                f"present wherever its tensor is, and kernels have no form for the fill")
+    try:
+        if backend == "numpy":
+            lower_stages(run_pipeline(module, None, None, None, options), backend, options)
+        else:
+            compile_module(module, backend, "stage", options=options)
+    except NotTileable as err:
+        return str(err)
+    except KernelIRError as err:  # a compiler bug in this grouping: another one is tried
+        return f"the kernel program fails its verifier ({err})"
+    return None
+
+
+def _grouped(cascade: Definition, backend: str, items: list[str], inputs: set[str],
+             prefix: str, options) -> list[list[str]]:
+    """Greedy groups of ``items`` (in order): an item joins the last group when the
+    group's stage still lowers."""
+    groups: list[list[str]] = []
+    for item in items:
+        if groups:
+            trial = groups[-1] + [item]
+            made = inputs | {t for g in groups[:-1] for t in g}
+            if lowers(stage_definition(cascade, prefix, trial, made), backend, options) is None:
+                groups[-1] = trial
+                continue
+        groups.append([item])
+    return groups
+
+
+def backward_program(defn: Definition, backend: str = "triton",
+                     options: dict | None = None,
+                     wrt: tuple[str, ...] | None = None) -> BackwardProgram:
+    """The backward of ``defn`` as stages that each lower for ``backend`` (raises
+    :class:`NotTileable` naming the stage that does not, and why)."""
+    source = backward(defn, wrt)
+    name = source.name
+    cascade, rows = _scalars_by_rows(source, backend, options)
+    cuts = cut_points(cascade)
+    long = long_ranks(cascade)
+    groups = _grouped(cascade, backend, cuts, set(), f"{name}_s", options)
+    saved = set(cuts)
+    zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
+    grads = sorted((o.name for o in cascade.outputs if o.name not in zeros),
+                   key=lambda g: (sorted(set(cascade.tensor_ranks(g)) & long) or ["~"],
+                                  [o.name for o in cascade.outputs].index(g)))
+    groups += _grouped(cascade, backend, grads, saved, f"{name}_g", options)
+    stages, made = [], set()
+    for i, group in enumerate(groups):
+        stage = stage_definition(cascade, f"{name}_{i}", group, made)
+        why = lowers(stage, backend, options)
+        if why is not None:
+            raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) has no kernel "
+                              f"program: {why}")
+        stages.append(stage)
+        made |= set(group)
+    return BackwardProgram(name, source, tuple(stages), zeros, rows)
+
+
+def _scalars_by_rows(cascade: Definition, backend: str, options
+                     ) -> tuple[Definition, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """A scalar gradient (a float parameter's) is returned by the kernels as parts the host
+    adds: one per contribution (an absent output element is 0, so no fill is needed), each
+    summed per row in the kernels when the whole sum has no kernel program.  Before → after::
+
+        dscale_1 = sum[h, p, m, e](dQK_1[h,p,m] * (Q[h,p,e] * K[h,m,e]))
+        dscale = dscale_1
+     ->
+        dscale_1_rows[h,p] = sum[m, e](dQK_1[h,p,m] * (Q[h,p,e] * K[h,m,e]))   (an output)
+        dscale = sum of dscale_1_rows                                          (on the host)
+    """
+    long = long_ranks(cascade)
+    cuts = set(cut_points(cascade))
+    found = []
+    for out in cascade.outputs:
+        if out.ranks or _is_zero(cascade, out.name):
+            continue
+        parts = []
+        for src in _contributions(cascade, out.name):
+            trial = _with_output(cascade, src.tensor, src.tensor, (), None)
+            if lowers(stage_definition(trial, f"{cascade.name}_r", [src.tensor], cuts),
+                      backend, options) is None:
+                cascade, part = trial, src.tensor
+            else:
+                cascade, part = _by_rows(cascade, src, long, cuts, backend, options)
+            if part is None:
+                break
+            parts.append(part)
+        else:
+            cascade = dataclasses.replace(cascade, outputs=tuple(
+                o for o in cascade.outputs if o.name != out.name))
+            found.append((out.name, tuple(parts)))
+    return cascade, tuple(found)
+
+
+def _contributions(cascade: Definition, name: str) -> list[Einsum]:
+    """The statements whose values add up to scalar ``name``: the contributions of a
+    filled sum, or the one reduction it copies."""
+    by_name = {st.tensor: st for st in cascade.statements}
+    st = by_name[name]
+    while isinstance(st.expr, Access) and not st.expr.subscripts and \
+            isinstance(by_name.get(st.expr.tensor), Einsum):  # a copy: dcap = dcap_3
+        st = by_name[st.expr.tensor]
+    if not any(isinstance(by_name.get(n.tensor), Statement) and not isinstance(
+            by_name[n.tensor], Einsum) for n in walk(st.expr) if isinstance(n, Access)):
+        return [st]
+    reads = [n.tensor for n in walk(st.expr) if isinstance(n, Access)]
+    srcs = []
+    for t in reads:
+        updates = [u for u in cascade.statements
+                   if u.tensor == t and not isinstance(u, Einsum) and not u.init]
+        if updates and isinstance(updates[0].expr, Access):
+            t = updates[0].expr.tensor
+        srcs.append(by_name[t])
+    return srcs
+
+
+def _with_output(cascade: Definition, old: str, name: str, ranks, stmt) -> Definition:
+    statements = cascade.statements if stmt is None else \
+        tuple(st for st in cascade.statements if st.tensor != name) + (stmt,)
+    outputs = tuple(o for o in cascade.outputs if o.name != name) + (Output(name, ranks, "f32"),)
+    return dataclasses.replace(cascade, statements=statements, outputs=outputs)
+
+
+def _by_rows(cascade, src, long, cuts, backend, options):
+    """``src`` (a scalar sum) as per-row partial sums the host adds, if a row choice lowers."""
+    if not isinstance(src, Einsum) or not isinstance(src.expr, Reduce) or src.lhs:
+        return cascade, None
+    reduced = src.expr.ranks
+    for streamed in [r for r in reduced if r in long]:
+        keep = tuple(r for r in reduced if r in long and r != streamed)
+        rest = tuple(r for r in reduced if r not in keep)
+        name = f"{src.tensor}_rows"
+        part = Einsum(name, keep, Reduce("sum", rest, src.expr.body), src.where)
+        trial = _with_output(cascade, src.tensor, name, keep, part)
+        if lowers(stage_definition(trial, f"{cascade.name}_r", [name], cuts),
+                  backend, options) is None:
+            return trial, name
+    return cascade, None
+
+
+def _is_zero(cascade: Definition, name: str) -> bool:
+    from ..einsum_ir.ir import Num
+
+    return any(isinstance(st, Einsum) and st.tensor == name and st.expr == Num(0)
+               for st in cascade.statements)

@@ -1,0 +1,197 @@
+"""The backward as kernels: shift invariance, presence-proven sums, the staged backward
+program (passes/backward_program.py), NAME_backward on every backend and torch autograd.
+
+The oracle is the interpreter running the derived backward cascade (itself checked against
+finite differences in test_backward.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attnc.backends import compile_module, load_generated, write_atomic
+from attnc.backends.check import bounded_sizes, random_call
+from attnc.einsum_ir.interpreter import interpret
+from attnc.einsum_ir.ir import Einsum
+from attnc.frontends import parse, parse_file
+from attnc.passes.backward import backward
+from attnc.passes.backward_program import backward_program
+from attnc.passes.canonicalize import canonicalize
+from attnc.passes.shift_invariance import is_shift, shifts
+from attnc.passes.tile import NotTileable
+
+from conftest import EXAMPLES
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _example(name):
+    return parse_file(EXAMPLES / name).definitions[0]
+
+
+# --- shift invariance --------------------------------------------------------------------------
+
+
+def test_softmax_row_max_is_a_shift_and_a_returned_or_unnormalised_max_is_not():
+    assert shifts(canonicalize(_example("causal.attn"))) == {"GM"}
+    assert shifts(canonicalize(_example("lse.attn"))) == {"GM"}  # LSE = GM + log(SD)
+    assert shifts(canonicalize(_example("sink_logit.attn"))) == {"MX"}
+    # softpick's eps in the denominator does not scale with exp(-MX)
+    assert shifts(canonicalize(_example("softpick.attn"))) == frozenset()
+    unnormalised = parse("""
+attention f(Q[P,E], K[M,E]) -> O[P] {
+  S[p,m] = Q[p,e] * K[m,e]
+  GM[p] = max[m](S[p,m])
+  O[p] = sum[m](exp(S[p,m] - GM[p]))
+}""").definitions[0]
+    assert not is_shift(canonicalize(unnormalised), "GM")
+    summed_over_rows = parse("""
+attention f(Q[P,E], K[M,E], V[M,F]) -> O[F] {
+  S[p,m] = Q[p,e] * K[m,e]
+  GM[p] = max[m](S[p,m])
+  O[f] = sum[p,m](exp(S[p,m] - GM[p]) * V[m,f]) / sum[p,m](exp(S[p,m] - GM[p]))
+}""").definitions[0]
+    # the factor exp(-c[p]) differs between the terms of a sum over p
+    assert not is_shift(canonicalize(summed_over_rows), "GM")
+
+
+def test_a_shift_has_no_adjoint_statements():
+    bw = backward(_example("causal.attn"))
+    names = {st.tensor for st in bw.statements}
+    assert not any(n.startswith(("dGM", "GM_ties")) for n in names)
+
+
+# --- sums of contributions without fills --------------------------------------------------------
+
+
+def test_contributions_present_wherever_their_tensor_is_add_without_fills():
+    bw = backward(_example("causal.attn"))
+    assert all(isinstance(st, Einsum) for st in bw.statements)
+    assert any(st.tensor == "dSN" for st in bw.statements)
+
+
+def test_lse_keeps_fills_and_stays_exact_when_the_value_dim_is_empty():
+    """AV is empty when F = 0 but LSE is not: SN's contribution through AV is absent there,
+    so it is filled with 0 before the sum (a plain '+' would drop LSE's)."""
+    d = _example("lse.attn")
+    bw = backward(d)
+    assert any(not isinstance(st, Einsum) for st in bw.statements)
+    rng = np.random.default_rng(3)
+    Q, K, V = rng.standard_normal((4, 3)), rng.standard_normal((6, 3)), np.zeros((6, 0))
+    dAV, dLSE = np.zeros((4, 0)), rng.standard_normal(4)
+    dQ = interpret(bw, Q, K, V, dAV, dLSE)[0]
+    assert np.abs(dQ).max() > 0  # LSE's gradient survives
+    eps, v = 1e-6, rng.standard_normal(Q.shape)
+    plus = interpret(d, Q + eps * v, K, V)[1]
+    minus = interpret(d, Q - eps * v, K, V)[1]
+    assert np.sum(dQ * v) == pytest.approx(np.sum((plus - minus) / (2 * eps) * dLSE), rel=1e-5)
+
+
+# --- the staged program -------------------------------------------------------------------------
+
+
+def test_causal_backward_program_streams_once_per_stage():
+    bp = backward_program(_example("causal.attn"), "triton")
+    outs = [tuple(o.name for o in s.outputs) for s in bp.stages]
+    assert outs[0] == ("GM", "SD")            # the forward's row statistics, one pass
+    assert ("dK", "dV") in outs               # one key-major kernel for both
+    assert any("dQ" in o for o in outs)
+    assert len(bp.stages) == 4
+    assert set(bp.saved) == {"GM", "SD", "dSD_1"}
+
+
+def _check_module(mod, d, backend, seeds=(0, 1), high=40):
+    bw = backward(d)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        args, params = random_call(d, rng, bounded_sizes(d, rng, 1, high))
+        outs = _tuple(interpret(d, *args, **params))
+        douts = [rng.standard_normal(o.shape) for o in outs]
+        ref = _tuple(interpret(bw, *args, *douts, **params))
+        fn = getattr(mod, f"{d.name}_backward")
+        if backend == "numpy":
+            got = _tuple(fn(*args, *douts, **params))
+        else:
+            import torch
+
+            cast = [torch.tensor(a, dtype=torch.float32) if np.asarray(a).dtype == np.float64
+                    else torch.tensor(np.asarray(a)) for a in args]
+            got = _tuple(fn(*cast, *[torch.tensor(x, dtype=torch.float32) for x in douts],
+                            **params))
+            got = tuple(np.asarray(g.detach().numpy() if hasattr(g, "numpy") else g) for g in got)
+        for out, g, r in zip(bw.outputs, got, ref):
+            r = np.asarray(r, dtype=np.float64)
+            scale = np.abs(r).max() + 1e-12
+            tol = 5e-2 if not out.ranks else 2e-5  # a parameter's: sums of cancelling parts
+            assert np.asarray(g).shape == r.shape, out.name
+            assert np.abs(np.asarray(g, dtype=np.float64) - r).max() / scale < tol, \
+                (out.name, seed)
+
+
+def _compiled(tmp_path, name, backend, **options):
+    module = parse_file(EXAMPLES / name)
+    _, files = compile_module(module, backend, "mod", options=options or None, backward=True)
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    return module.definitions[0], load_generated(tmp_path / "mod.py")
+
+
+@pytest.mark.parametrize("name", ["causal.attn", "mha.attn", "document_mask.attn",
+                                  "softcap.attn", "sliding_window.attn", "sigmoid.attn",
+                                  "lse.attn", "gqa_decode.attn", "differential.attn"])
+def test_numpy_backward_matches_the_cascade(tmp_path, name):
+    d, mod = _compiled(tmp_path, name, "numpy")
+    _check_module(mod, d, "numpy")
+
+
+@pytest.mark.parametrize("name", ["mha.attn", "document_mask.attn", "softcap.attn"])
+def test_triton_backward_stages_match_the_cascade(tmp_path, name):
+    d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
+    _check_module(mod, d, "triton", seeds=(0,))
+
+
+def test_torch_autograd_and_torch_compile_fullgraph(tmp_path):
+    torch = pytest.importorskip("torch")
+    d, mod = _compiled(tmp_path, "causal.attn", "triton", tile=16)
+    gen = torch.Generator().manual_seed(0)
+    Q, K, V = (torch.randn(2, n, e, generator=gen, requires_grad=True)
+               for n, e in ((19, 16), (37, 16), (37, 8)))
+    (mod.causal_softmax(Q, K, V).square().sum()).backward()
+    ref = [x.detach().double().requires_grad_() for x in (Q, K, V)]
+    S = ref[0] @ ref[1].transpose(-1, -2) / 4.0
+    mask = torch.arange(37)[None, :] <= torch.arange(19)[:, None] + 37 - 19
+    (torch.softmax(S.masked_fill(~mask, float("-inf")), -1) @ ref[2]).square().sum().backward()
+    for x, r in zip((Q, K, V), ref):
+        assert (x.grad.double() - r.grad).abs().max() < 1e-5 * r.grad.abs().max()
+        x.grad = None
+    loss = torch.compile(lambda q, k, v: mod.causal_softmax(q, k, v).square().sum(),
+                         fullgraph=True)
+    loss(Q, K, V).backward()
+    assert (Q.grad.double() - ref[0].grad).abs().max() < 1e-5 * ref[0].grad.abs().max()
+    with torch.no_grad():  # no tape: the plain launch
+        assert mod.causal_softmax(Q, K, V).grad_fn is None
+
+
+def test_cuda_backward_under_emulation(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    d, mod = _compiled(tmp_path, "causal.attn", "cuda", tile=16)
+    _check_module(mod, d, "cuda", seeds=(0,), high=24)
+
+
+def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_path):
+    with pytest.raises(NotTileable, match=r"stage \d+ \(dK\) has no kernel program"):
+        backward_program(_example("gqa_decode.attn"), "triton")
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "lse.attn"),
+                        "--backend", "triton", "--grad", "-o", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "filling their absent points with 0" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "causal.attn"),
+                        "--grad", "-o", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "def causal_softmax_backward(" in (tmp_path / "causal.py").read_text()

@@ -239,3 +239,57 @@ def evaluate(expr: sympy.Expr, known: Mapping[str, int]) -> int | float | None:
     if not value.is_number or not value.is_finite:
         return None
     return int(value) if value.is_integer else float(value)
+
+
+# ----------------------------------------------------------------------------
+# Comparing forms: FLOPs plus sequential steps
+# ----------------------------------------------------------------------------
+
+# What one step of an iterative rank costs beyond its FLOPs, in FLOPs: the steps of a loop
+# run one after another, each paying a fixed latency (a Python iteration of numpy calls,
+# about 20 µs at a few GFLOP/s; a GPU's scan step, a synchronisation and a state round
+# trip).  It is what makes a chunked form choose chunks of 16-128 rather than of one key.
+STEP_FLOPS = 2 ** 17
+
+
+def sequential_steps(defn: Definition) -> sympy.Expr:
+    """The steps a definition runs one after another: the sizes of its iterative ranks."""
+    return sympy.Add(*(size_symbol(r) for r in defn.iterative_ranks))
+
+
+def at_sizes(defn: Definition, sizes: Mapping[str, float]) -> dict[str, float]:
+    """``sizes`` extended with every ``let`` of ``defn`` it does not give (evaluated)."""
+    known = dict(sizes)
+    for let in defn.lets:
+        if let.name not in known:
+            value = sympy.sympify(let.value).subs({size_symbol(k): v for k, v in known.items()})
+            if value.is_number:
+                known[let.name] = float(value)
+    return known
+
+
+def form_cost(defn: Definition, sizes: Mapping[str, float]) -> float:
+    """FLOPs plus ``STEP_FLOPS`` per sequential step, at ``sizes`` (argument ranks; lets
+    follow): how the ``chunked`` pass compares a form with another and picks a chunk size."""
+    known = {size_symbol(k): v for k, v in at_sizes(defn, sizes).items()}
+    flops = sum((statement_flops(st) for st in defn.statements), sympy.Integer(0))
+    total = flops + STEP_FLOPS * sequential_steps(defn)
+    return float(sympy.sympify(total).subs(known))
+
+
+def stored_elements(defn: Definition) -> sympy.Expr:
+    """Elements of the intermediate tensors an Einsum-by-Einsum run keeps (outputs and
+    arguments excluded; an iterative tensor keeps its ``I + 1`` steps): what a form stores,
+    next to the live footprint that a fused one-pass loop would need."""
+    outputs = {o.name for o in defn.outputs}
+    seen: dict[str, sympy.Expr] = {}
+    for st in defn.statements:
+        if st.tensor in outputs or st.tensor in seen:
+            continue
+        steps = sympy.Integer(1)
+        if isinstance(st, IterativeEinsum):
+            steps = size_symbol(st.iter_rank) + 1
+        seen[st.tensor] = steps * space_size(tuple(r for r in st.lhs
+                                                   if not isinstance(st, IterativeEinsum)
+                                                   or r != st.iter_rank))
+    return sympy.expand(sympy.Add(*seen.values()))

@@ -11,10 +11,12 @@ from typing import Callable
 
 from ..einsum_ir.ir import Definition, Module
 from .canonicalize import canonicalize
+from .chunked import chunked
+from .costs import form_cost
 from .defer_normalization import defer_normalization
 from .online import online
 from .passcount import raises_bound
-from .reassociate import reassociate
+from .reassociate import DEFAULT_TILE, assumed_sizes, reassociate
 from .split_k import split_k, split_k_blockers, stream_k
 from .stream_final import stream_final
 
@@ -37,8 +39,12 @@ PASSES: dict[str, Stage] = {
     "canonicalize": Stage("canonicalize", canonicalize, "one reduction per Einsum, at its root"),
     "defer-normalization": Stage("defer-normalization", defer_normalization,
                                  "move reduction-invariant normalizers out of reductions"),
-    "reassociate": Stage("reassociate", reassociate,
-                         "cheapest contraction order of softmax-free chains", ("sizes", "tile")),
+    "chunked": Stage("chunked", chunked,
+                     "causal sums with an associative state: chunks and a state scan", ("sizes",)),
+    "reassociate": Stage("reassociate", lambda d, sizes=None, tile=DEFAULT_TILE:
+                         reassociate_or_chunk(d, sizes, tile),
+                         "cheapest contraction order of softmax-free chains (causal ones with an "
+                         "associative state: their chunked form, when cheaper)", ("sizes", "tile")),
     "online": Stage("online", online, "derive the one-pass (online softmax) cascade", ("tile",)),
     "stream-final": Stage("stream-final", stream_final,
                           "fold post-loop sums that read a running max's final value into the loop"),
@@ -51,6 +57,25 @@ PASSES: dict[str, Stage] = {
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("canonicalize", "defer-normalization", "reassociate", "online",
                                      "stream-final")
+
+
+def reassociate_or_chunk(defn: Definition, sizes: dict[str, int] | None = None,
+                         tile: int = DEFAULT_TILE) -> Definition:
+    """The cheaper, by ``costs.form_cost`` at the assumed sizes, of ``reassociate`` and
+    ``reassociate`` after ``chunked``.  One stage, so that a target that cannot take the
+    chunked form falls back to the form without ``reassociate``, as for any form it chose
+    (``backends.choose_form``).  Before → after (retention, at M = P = 4096)::
+
+        reassociate:  QK[p,m] = ...; O[p,f] = sum[m](QK1[p,m] * V[m,f])      9.6e9 FLOPs
+        chunked:      SKV[m1+1,e,f] = gamma ** M0 * SKV[m1,e,f] + LKV[m1,e,f] ...   1.2e8
+    """
+    plain = reassociate(defn, sizes, tile=tile)
+    chunked_form = chunked(defn, sizes)
+    if chunked_form == canonicalize(defn):
+        return plain
+    chunked_form = reassociate(chunked_form, sizes, tile=tile)
+    assumed = assumed_sizes(defn, sizes)
+    return chunked_form if form_cost(chunked_form, assumed) < form_cost(plain, assumed) else plain
 
 
 def _when_splittable(split, defn: Definition, workers: int) -> Definition:

@@ -16,7 +16,8 @@ from ..einsum_ir.ir import Access, Definition, IterativeEinsum, Module, Num, Sta
 from ..einsum_ir.printer import print_definition, print_size, print_statement
 from ..einsum_ir.schedule import statement_reads
 from .canonicalize import canonicalize
-from .costs import COMPUTE_BYTES, CascadeCosts, cascade_costs, evaluate, known_sizes
+from .costs import (COMPUTE_BYTES, CascadeCosts, cascade_costs, evaluate, known_sizes,
+                    sequential_steps, stored_elements)
 from .fusion import STREAM, FusionGroup, fusion_groups
 from .passcount import (Dependency, PassAnalysis, count_passes, iteration_space,
                         reduced_ranks, statement_label)
@@ -46,10 +47,14 @@ def build_report(module: Module, sizes: Mapping[str, int] | None = None,
     definitions = []
     for defn in module.definitions:
         versions = [(name, _find(m, defn.name)) for name, m in stages]
-        definitions.append({
+        entry = {
             "name": defn.name,
             "stages": [stage_report(name, d, sizes) for name, d in versions if d is not None],
-        })
+        }
+        forms = forms_report(defn, sizes)
+        if forms:
+            entry["forms"] = forms
+        definitions.append(entry)
     return {"schema": SCHEMA, "sizes": dict(sizes or {}), "definitions": definitions}
 
 
@@ -91,6 +96,40 @@ def stage_report(after: str, defn: Definition, sizes: Mapping[str, int] | None) 
         "online_blockers": _online_blockers(defn) if analysis.pass_bound > 1 else [],
         "not_one_pass": not_one_pass(analysis, defn) if analysis.pass_bound > 1 else [],
     }
+
+
+def forms_report(defn: Definition, sizes: Mapping[str, int] | None) -> list[dict]:
+    """The recurrent, chunked and quadratic forms of a definition with a chunked form
+    (``chunked.chunked_forms``, on the cascade after defer-normalization), side by side:
+    FLOPs, sequential steps, the cost the choice compares, stored intermediates, the live
+    footprint; ``chosen`` marks the cheaper of the chunked and the quadratic form.  Empty
+    when no sum has a chunked form."""
+    from .chunked import chunked_forms
+    from .defer_normalization import defer_normalization
+
+    forms = chunked_forms(defer_normalization(canonicalize(defn)), dict(sizes or {}))
+    if not forms:
+        return []
+    chosen = min(forms[1:], key=lambda f: f.cost).name
+    out = []
+    for form in forms:
+        analysis = count_passes(form.definition)
+        known = known_sizes(analysis.definition, sizes)
+        costs = cascade_costs(analysis)
+        out.append({
+            "form": form.name,
+            "chunks": list(form.chunks),
+            "chosen": form.name == chosen,
+            "pass_bound": analysis.pass_bound,
+            "flops": _quantity(costs.total_flops, known),
+            "steps": _quantity(sequential_steps(form.definition), known),
+            "cost": form.cost,
+            "stored_elements": _quantity(stored_elements(form.definition), known),
+            "footprint": {"elements": _quantity(costs.footprint_elements, known),
+                          "bytes": _quantity(costs.footprint_bytes, known)},
+            "cascade": print_definition(form.definition),
+        })
+    return out
 
 
 def not_one_pass(analysis: PassAnalysis, defn: Definition) -> list[str]:
@@ -198,6 +237,8 @@ def render_report(report: dict) -> str:
         stages = defn["stages"]
         if len(stages) > 1:
             blocks.append(_render_summary(defn["name"], stages))
+        if defn.get("forms"):
+            blocks.append(_render_forms(defn["name"], defn["forms"]))
         for before, stage in zip([None] + stages, stages):
             if before is not None and before["cascade"] == stage["cascade"]:
                 text = (f"== {defn['name']} (after {stage['after']}): "
@@ -218,6 +259,25 @@ def _render_summary(name: str, stages: list[dict]) -> str:
             for s in stages]
     header = ["after", "pass bound"] + [f"passes({r})" for r in ranks] + ["flops", "footprint"]
     return "\n".join([f"== {name}: stages", ""] + _indent(_table(header, rows))) + "\n"
+
+
+def _render_forms(name: str, forms: list[dict]) -> str:
+    """The recurrent, chunked and quadratic forms side by side, and the choice."""
+    header = ["form", "chunk", "pass bound", "flops", "steps", "cost", "stored", "footprint"]
+    rows = [[f["form"] + (" (chosen)" if f["chosen"] else ""),
+             ",".join(map(str, f["chunks"])) or "-", str(f["pass_bound"]),
+             _fmt(f["flops"]["value"]), _fmt(f["steps"]["value"]), f"{f['cost']:.3g}",
+             _fmt(f["stored_elements"]["value"]), _fmt(f["footprint"]["elements"]["value"])]
+            for f in forms]
+    lines = [f"== {name}: forms of its causal sums (passes/chunked.py)", ""]
+    lines += _indent(_table(header, rows))
+    lines += ["", "  cost = flops + steps * STEP_FLOPS (costs.form_cost, at the given sizes, "
+                  "else 4096 per sequence rank and 64 per other); stored = the intermediates' "
+                  "elements; flops, steps, stored and footprint symbolic:"]
+    for f in forms:
+        lines.append(f"    {f['form']}: flops {f['flops']['expr']}; steps {f['steps']['expr']}; "
+                     f"stored {f['stored_elements']['expr']}")
+    return "\n".join(lines) + "\n"
 
 
 def _render_stage(name: str, stage: dict, sizes: Mapping[str, int]) -> str:

@@ -1,0 +1,300 @@
+"""``chunked``: the chunked form of causal, softmax-free sums with an associative state.
+
+Every chunked cascade is compared with the quadratic source in the interpreter (ragged
+lengths, lengths below the chunk size, empty ones, a KV-cache offset, batch dims), and the
+long-sequence test runs the numpy backend at 64k keys against a float64 recurrence.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnc.backends import choose_form, lower_stages
+from attnc.einsum_ir import ir
+from attnc.einsum_ir.interpreter import interpret
+from attnc.einsum_ir.printer import print_ir
+from attnc.frontends import parse, parse_file
+from attnc.passes.canonicalize import canonicalize
+from attnc.passes.chunked import chunked, chunked_blockers, chunked_forms
+from attnc.passes.costs import form_cost
+from attnc.passes.defer_normalization import defer_normalization
+from attnc.passes.passcount import raises_bound
+from attnc.passes.pipeline import run_pipeline
+from attnc.passes.reassociate import assumed_sizes
+from attnc.passes.report import build_report, render_report
+from attnc.passes.tile import NotTileable
+
+from conftest import EXAMPLES as EXAMPLES_DIR
+from example_refs import EXAMPLES
+
+CHUNKABLE = ("retention", "gla", "linear_causal", "rwkv")
+
+
+@functools.lru_cache(maxsize=None)
+def example(name: str) -> ir.Definition:
+    defn = parse_file(EXAMPLES_DIR / f"{name}.attn").definitions[0]
+    return defer_normalization(canonicalize(defn))
+
+
+@functools.lru_cache(maxsize=None)
+def forced(name: str, chunk: int) -> ir.Definition:
+    return chunked(example(name), chunk=chunk)
+
+
+def inputs(name: str, P: int, M: int, E: int = 3, F: int = 2, batch=(), seed: int = 0):
+    """Inputs of example ``name``: queries P, keys M (RWKV: M = P), log gates in
+    (log 0.5, 0], RWKV's decays and bonus of either sign."""
+    rng = np.random.default_rng(seed)
+    if name == "rwkv":
+        M = P
+    args = [rng.standard_normal(batch + (P, E)), rng.standard_normal(batch + (M, E)),
+            rng.standard_normal(batch + (M, F))]
+    if name == "gla":
+        args.append(np.log(rng.uniform(0.5, 1.0, batch + (M,))))
+    if name == "rwkv":
+        args += [rng.standard_normal(E), rng.standard_normal(E)]
+    return args
+
+
+def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual == 0, expected == 0, err_msg="absent pattern differs")
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_retention_becomes_chunks_and_a_decayed_state():
+    out = forced("retention", 64)
+    text = print_ir(out)
+    assert "let M0 = 64" in text and "let M1 = ceil(M/M0)" in text
+    # the state at each chunk's start, decayed across a chunk, and every decay relative to
+    # a chunk start (no gamma ** -m anywhere: it overflows for long sequences)
+    assert "SKV[m1+1,e,f] = gamma ** M0 * SKV[m1,e,f] + LKV[m1,e,f]" in text
+    assert "gamma ** (M0 - m0)" in text
+    assert "O[p,f] = O_intra[p,f] + O_inter[p,f]" in text
+    assert out.iterative_ranks == ("M1",)
+    assert parse(text, "out.attn").definitions[0] == out  # prints as valid .attn
+
+
+def test_gla_decays_are_differences_of_cumulative_gates_from_a_chunk_start():
+    text = print_ir(forced("gla", 32))
+    assert "exp(CG[M0 + m1 * M0] - CG[m1 * M0]) * SKV[m1,e,f]" in text
+    assert "exp(CG[M + p - P] - CG[(p + M - P) // M0 * M0])" in text
+
+
+@pytest.mark.parametrize("name", CHUNKABLE)
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_chunked_equals_the_quadratic_form_on_ragged_lengths(name, chunk):
+    source, out = example(name), forced(name, chunk)
+    for P, M in [(1, 1), (5, 5), (13, 13), (7, 13), (3, 20), (2, 3), (0, 0), (0, 4), (3, 0),
+                 (6, 2)]:
+        args = inputs(name, P, M)
+        assert_same(interpret(out, *args), interpret(source, *args))
+
+
+@pytest.mark.parametrize("name", CHUNKABLE)
+def test_chunked_equals_the_source_with_batch_dims_and_the_reference(name):
+    args = inputs(name, 9, 11, batch=(2,), seed=3)  # RWKV's WD, U: no batch dim
+    got = interpret(forced(name, 4), *args)
+    assert_same(got, interpret(example(name), *args))
+    per_batch = [a if a.ndim == 1 and name == "rwkv" else a[1] for a in args]
+    np.testing.assert_allclose(got[1], EXAMPLES[f"{name}.attn"].reference(*per_batch),
+                               rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(("retention", "gla", "linear_causal")), P=st.integers(0, 19),
+       extra=st.integers(0, 23), chunk=st.integers(1, 9), seed=st.integers(0, 2**16),
+       gamma=st.floats(0.05, 1.0))
+def test_chunked_equals_the_source_for_any_lengths_and_chunks(name, P, extra, chunk, seed, gamma):
+    M = P + extra
+    args = inputs(name, P, M, seed=seed)
+    params = {"gamma": gamma} if name == "retention" else {}
+    assert_same(interpret(forced(name, chunk), *args, **params),
+                interpret(example(name), *args, **params))
+
+
+def test_queries_past_the_keys_read_no_state():
+    """P > M: the first P - M queries sit before every key (absent, 0), as in the source."""
+    source, out = example("retention"), forced("retention", 4)
+    args = inputs("retention", 9, 4)
+    got = interpret(out, *args)
+    assert_same(got, interpret(source, *args))
+    assert not got[:5].any() and got[5:].all()
+
+
+@pytest.mark.parametrize("name", CHUNKABLE)
+def test_the_chunked_form_keeps_the_pass_bound(name):
+    assert not raises_bound(example(name), forced(name, 64))
+
+
+# ----------------------------------------------------------------------------
+# Long sequences: the numpy backend at 64k keys, against a float64 recurrence
+# ----------------------------------------------------------------------------
+
+
+def recurrent_reference(Q, K, V, decay):
+    """O[t] = Q[t] S[t+1], S[t+1] = decay[t] S[t] + K[t]^T V[t], in float64, step by step."""
+    S = np.zeros((K.shape[1], V.shape[1]))
+    out = np.empty((Q.shape[0], V.shape[1]))
+    for t in range(K.shape[0]):
+        S = decay[t] * S + np.outer(K[t], V[t])
+        out[t] = Q[t] @ S
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name", ["retention", "gla"])
+def test_64k_keys_on_the_numpy_backend_neither_overflow_nor_lose_accuracy(name, cache):
+    import attnc
+
+    N = 65536
+    mod = attnc.compile(str(EXAMPLES_DIR / f"{name}.attn"), backend="numpy",
+                        sizes={"P": N, "M": N, "E": 4, "F": 4})
+    assert "SKV[m1+1,e,f] = " in mod.ir["reassociate"]  # the chunked form was chosen
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((N, 4)) for _ in range(3))
+    if name == "gla":
+        LG = np.log(rng.uniform(0.9, 1.0, N))
+        args, decay = (Q, K, V, LG), np.exp(LG)
+    else:
+        args, decay = (Q, K, V), np.full(N, 0.96875)
+    fn = getattr(mod, name)
+    start = time.perf_counter()
+    out = fn(*args)
+    seconds = time.perf_counter() - start
+    want = recurrent_reference(Q, K, V, decay)
+    np.testing.assert_allclose(out, want, rtol=1e-8, atol=1e-10)
+    assert seconds < 60, f"{name} at 64k took {seconds:.1f} s"
+    out32 = fn(*(a.astype(np.float32) for a in args))  # float32 inputs: states in float32
+    assert out32.dtype == np.float32 and np.isfinite(out32).all()
+    # GLA's intra-chunk decay is a difference of global cumulative gates (|CG| ~ 3400 here):
+    # float32 keeps about |CG| * 2^-24 of it; retention's decays are exact powers
+    tol = 1e-3 if name == "gla" else 1e-5
+    assert np.abs(out32 - want).max() <= tol * np.abs(want).max()
+
+
+def test_a_naive_factorisation_would_overflow_where_the_chunked_form_does_not():
+    """gamma ** (p - m) as gamma ** p * gamma ** -m: inf at 64k; the chunked form's decays
+    are powers of distances within a chunk."""
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float64(0.96875) ** -65535.0)
+    text = print_ir(forced("retention", 64))
+    assert "** (-" not in text and "gamma ** m" not in text
+
+
+# ----------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------
+
+
+def spec(body: str, args: str = "Q[P,E], K[M,E], V[M,F]") -> ir.Definition:
+    text = f"attention t({args}) -> O[P,F] {{\n{body}\n}}"
+    return defer_normalization(canonicalize(parse(text, "t.attn").definitions[0]))
+
+
+@pytest.mark.parametrize("body, args, reason", [
+    ("  QK[p,m] = Q[p,e] * K[m,e]   where m <= p + M - P\n"
+     "  O[p,f] = exp(QK[p,m] - max[m](QK[p,m])) * V[m,f] / sum[m](exp(QK[p,m] - max[m](QK[p,m])))",
+     None, "term QK[p,m] reading both p and m"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * gamma ** (p * m) * V[m,f]   where m <= p + M - P",
+     "Q[P,E], K[M,E], V[M,F], gamma = 0.9", "reading both p and m"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * (p - m) * V[m,f]   where m <= p + M - P",
+     None, "is not a decay"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * V[m,f]   where m <= p",
+     None, "may lie past the last key"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * V[m,f]   where m <= p + M - P and p + M - P - m < 8",
+     None, "which no state over chunks carries"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * V[m,f]", None, "no mask on its sum: not causal"),
+    ("  KM[m,e] = K[m,e]   where K[m,e] > 0\n"
+     "  O[p,f] = Q[p,e] * KM[m,e] * V[m,f]   where m <= p + M - P",
+     None, "may be absent"),
+    ("  O[p,f] = Q[p,e] * K[m,e] * gamma ** (p - m) * V[m,f]   where m <= p + M - P",
+     "Q[P,E], K[M,E], V[M,F], G[M]", None),
+])
+def test_refusals_say_why(body, args, reason):
+    if reason is None:  # the control: chunkable (the base G[M] is unused, gamma a param)
+        defn = spec(body.replace("gamma", "0.5"), args)
+        assert chunked_blockers(defn) == []
+        return
+    defn = spec(body, args or "Q[P,E], K[M,E], V[M,F]")
+    blockers = chunked_blockers(defn)
+    assert any(reason in b for b in blockers), blockers
+    assert chunked(defn, chunk=4) == canonicalize(defn)  # left as it is
+
+
+def test_the_softmax_examples_are_refused_for_their_scores():
+    (line,) = [b for b in chunked_blockers(example("causal")) if b.startswith("SNV")]
+    assert "the exponent of SN[p,m] has the term QK[p,m] reading both p and m" in line
+
+
+# ----------------------------------------------------------------------------
+# The cost model's choice, the pipeline, the report
+# ----------------------------------------------------------------------------
+
+
+def chosen_chunks(defn: ir.Definition, sizes) -> list[int]:
+    out = chunked(defn, sizes)
+    return [int(let.value) for let in out.lets if let not in defn.lets and let.value.is_Integer]
+
+
+def test_the_cost_model_keeps_short_sequences_quadratic_and_chunks_long_ones():
+    defn = example("retention")
+    assert chosen_chunks(defn, {"P": 16, "M": 16, "E": 64, "F": 64}) == []
+    assert chosen_chunks(defn, {"P": 4096, "M": 4096, "E": 64, "F": 64}) != []
+    small = chosen_chunks(defn, {"P": 65536, "M": 65536, "E": 4, "F": 4})
+    large = chosen_chunks(defn, {"P": 65536, "M": 65536, "E": 256, "F": 256})
+    assert small[0] > large[0]  # wide heads make the intra-chunk part dearer: smaller chunks
+
+
+def test_the_chosen_chunk_is_the_cheapest_candidate():
+    defn, sizes = example("gla"), {"P": 8192, "M": 8192, "E": 64, "F": 64}
+    assumed = assumed_sizes(defn, sizes)
+    out = chunked(defn, sizes)
+    for c in (16, 32, 64, 128, 256):
+        assert form_cost(out, assumed) <= form_cost(chunked(defn, chunk=c), assumed) + 1e-6
+
+
+def test_default_pipeline_chunks_for_numpy_and_gpu_targets_fall_back():
+    module = parse_file(EXAMPLES_DIR / "retention.attn")
+    options = {"tile": 64, "sizes": {"P": 4096, "M": 4096, "E": 64, "F": 64}}
+    stages = run_pipeline(module, None, None, None, options)
+    after = dict(stages)["reassociate"].definitions[0]
+    assert after.iterative_ranks == ("M1",) and "SKV" in after.iterative_tensors
+    with pytest.raises(NotTileable, match="M0"):
+        lower_stages(stages, "triton", options)
+    stages2, kernels = choose_form(module, stages, "triton", options)
+    assert "without 'reassociate'" in kernels.programs[0].notes[0]
+    assert not dict(stages2)["online"].definitions[0].iterative_tensors.keys() & {"SKV"}
+
+
+def test_report_shows_the_three_forms_and_the_choice():
+    module = parse_file(EXAMPLES_DIR / "retention.attn")
+    report = build_report(module, {"P": 4096, "M": 4096, "E": 64, "F": 64})
+    forms = report["definitions"][0]["forms"]
+    assert [f["form"] for f in forms] == ["recurrent", "chunked", "quadratic"]
+    assert [f["chosen"] for f in forms] == [False, True, False]
+    rec, chu, quad = forms
+    assert rec["steps"]["value"] == 4096 and quad["steps"]["value"] == 0
+    assert chu["flops"]["value"] < quad["flops"]["value"] / 50
+    assert rec["stored_elements"]["value"] > chu["stored_elements"]["value"]
+    text = render_report(report)
+    assert "forms of its causal sums" in text and "chunked (chosen)" in text
+    assert "forms" not in build_report(parse_file(EXAMPLES_DIR / "causal.attn"))["definitions"][0]
+
+
+def test_forms_agree_with_each_other():
+    defn = example("gla")
+    forms = chunked_forms(defn, {"P": 300, "M": 300, "E": 8, "F": 8})
+    args = inputs("gla", 37, 50)
+    want = interpret(defn, *args)
+    for f in forms:
+        assert_same(interpret(f.definition, *args), want)

@@ -298,3 +298,68 @@ def test_forms_agree_with_each_other():
     want = interpret(defn, *args)
     for f in forms:
         assert_same(interpret(f.definition, *args), want)
+
+
+# ----------------------------------------------------------------------------
+# The algebra, not the examples' text
+# ----------------------------------------------------------------------------
+
+VARIANTS = {
+    "per-head decay": ("Q[H,P,E], K[H,M,E], V[H,M,F], G[H]", "O[H,P,F]",
+                       "  O[h,p,f] = Q[h,p,e] * K[h,m,e] * G[h] ** (p + M - P - m) * V[h,m,f]"
+                       "   where m <= p + M - P"),
+    "normalised retention": ("Q[P,E], K[M,E], V[M,F], gamma = 0.9", "O[P,F]",
+                             "  S[p,m] = Q[p,e] * K[m,e] * gamma ** (p + M - P - m)"
+                             "   where m <= p + M - P\n"
+                             "  O[p,f] = S[p,m] * V[m,f] / sum[m](S[p,m])"),
+    "exp2 of a data-dependent cumulative gate": (
+        "Q[P,E], K[M,E], V[M,F], LG[M]", "O[P,F]",
+        "  let T = M\n"
+        "  CG[t] = sum[m](LG[m])   where m <= t\n"
+        "  O[p,f] = Q[p,e] * K[m,e] * exp2(2 * CG[p + M - P] - 2 * CG[m] + 0.5) * V[m,f]"
+        "   where m <= p + M - P"),
+    "a decay written as its own map": (
+        "Q[P,E], K[M,E], V[M,F], gamma = 0.8", "O[P,F]",
+        "  D[p,m] = gamma ** (p - m + M - P)\n"
+        "  O[p,f] = Q[p,e] * K[m,e] * D[p,m] * V[m,f]   where m <= p + M - P"),
+    "query and key weights, no decay": (
+        "Q[P,E], K[M,E], V[M,F], WQ[P], WK[M]", "O[P,F]",
+        "  O[p,f] = Q[p,e] * WQ[p] * K[m,e] * WK[m] * V[m,f] / 3   where m <= p + M - P"),
+}
+
+
+def variant(key: str) -> ir.Definition:
+    args, out, body = VARIANTS[key]
+    text = f"attention v({args}) -> {out} {{\n{body}\n}}"
+    return defer_normalization(canonicalize(parse(text, "v.attn").definitions[0]))
+
+
+def variant_inputs(defn: ir.Definition, sizes: dict[str, int], seed: int):
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in defn.tensor_args:
+        shape = tuple(sizes[r] for r in a.ranks)
+        if a.name == "LG":
+            out.append(np.log(rng.uniform(0.6, 1.0, shape)))
+        elif a.name == "G":
+            out.append(rng.uniform(0.5, 1.0, shape))
+        else:
+            out.append(rng.standard_normal(shape))
+    return out
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_variants_chunk_and_equal_their_source(key, chunk):
+    source = variant(key)
+    assert chunked_blockers(source) == []
+    out = chunked(source, chunk=chunk)
+    assert out.iterative_ranks and parse(print_ir(out), "o.attn").definitions[0] == out
+    for P, M in [(1, 1), (6, 6), (4, 11), (9, 9), (0, 3), (5, 0)]:
+        args = variant_inputs(source, {"P": P, "M": M, "E": 3, "F": 2, "H": 2}, P * 31 + M)
+        assert_same(interpret(out, *args), interpret(source, *args))
+
+
+def test_a_per_head_decay_gives_a_state_per_head():
+    text = print_ir(chunked(variant("per-head decay"), chunk=8))
+    assert "[0,h,e,f] = 0" in text and "G[h] ** M0 * " in text

@@ -310,12 +310,17 @@ def _decay_reads_total(defn: Definition, decay: Decay, p: str, m: str,
             acc = decay.sym.back(call)
             dims = defn.tensor_ranks(name)
             for s, d, arg in zip(acc.subscripts, dims, call.args):
-                own = ip if part == "query" else im
-                if _mentions(arg, own):
-                    if sympy.expand(arg - at[part]) != 0 or _extent(defn, d) != _extent(defn, m):
+                plain = isinstance(s, Index) and _extent(defn, s.rank) == _extent(defn, d)
+                if part == "query" and plain:
+                    continue  # read at the query's own p in every part
+                if _mentions(arg, ip if part == "query" else im):
+                    if sympy.expand(arg - at[part]) != 0:
                         return (f"{print_expr(acc)} in {print_expr(decay.source)} is read at "
                                 f"another place than the {part}'s position")
-                elif not (isinstance(s, Index) and _extent(defn, s.rank) == _extent(defn, d)):
+                    if _extent(defn, d) != _extent(defn, m):
+                        return (f"{print_expr(acc)} in {print_expr(decay.source)} reads rank "
+                                f"{d} at a key's position: its extent need not be {m}'s")
+                elif not plain:
                     return f"{print_expr(acc)} in {print_expr(decay.source)} may read out of bounds"
             if not _total(defn, name):
                 return (f"{name}, read by {print_expr(decay.source)}, may be absent at some "
@@ -341,6 +346,7 @@ def _total(defn: Definition, name: str) -> bool:
         return False
     mask = causal_mask(st.where, st.lhs, st.expr.ranks)
     return (mask is not None and bool(sympy.sympify(mask.offset).is_nonnegative)
+            and _extent(defn, mask.m) == _extent(defn, mask.p)  # a t exists: so does m = 0
             and _reads_total(defn, st.expr.body))
 
 
@@ -452,22 +458,34 @@ def _upstream_wheres(defn: Definition, e: Expr, depth: int = 4) -> list[Expr]:
     return out
 
 
-def chunked_blockers(defn: Definition) -> list[str]:
-    """Per statement with a sum, why it has no chunked form (empty when one has)."""
+def _survey(defn: Definition) -> tuple[list[str], dict[str, str], set[str]]:
+    """(chunkable sums, why each other sum is not, the tensors the chunkable ones inline)."""
     defn = canonicalize(defn)
-    out = []
+    ok, why, inlined = [], {}, set()
     for name in consumers(defn):
         st = _plain_einsum(defn, name)
-        if st is None or not isinstance(st.expr, Reduce) and as_term(st) is None:
-            continue
-        if not any(isinstance(n, Reduce) for n in walk(st.expr)) and st.where is None:
+        if st is None or not any(isinstance(n, Reduce) for n in walk(st.expr)):
             continue
         try:
-            recognise(defn, st)
-            return []
+            inlined |= set(recognise(defn, st)[1])
+            ok.append(name)
         except NotChunkable as err:
-            out.append(f"{name}: {err}")
-    return out or ["no plain Einsum sums under a mask"]
+            why[name] = str(err)
+    return ok, why, inlined
+
+
+def chunkable_sums(defn: Definition) -> list[str]:
+    """The statements whose sums have a chunked form."""
+    return _survey(defn)[0]
+
+
+def chunked_blockers(defn: Definition) -> list[str]:
+    """Why each sum the pass leaves as it is has no chunked form, ``NAME: reason`` (a sum
+    inlined into a chunkable one is not left); empty when every sum has one."""
+    ok, why, inlined = _survey(defn)
+    if not ok and not why:
+        return ["no statement sums: nothing to chunk"]
+    return [f"{name}: {reason}" for name, reason in why.items() if name not in inlined]
 
 
 # ----------------------------------------------------------------------------
@@ -687,7 +705,7 @@ def chunked_forms(defn: Definition, sizes: dict[str, int] | None = None) -> list
     single size when the pass keeps the quadratic form) and quadratic (the source) forms;
     empty when no statement has a chunked form."""
     canonical = canonicalize(defn)
-    if chunked_blockers(canonical):
+    if not chunkable_sums(canonical):
         return []
     assumed = assumed_sizes(canonical, sizes)
 

@@ -363,3 +363,24 @@ def test_variants_chunk_and_equal_their_source(key, chunk):
 def test_a_per_head_decay_gives_a_state_per_head():
     text = print_ir(chunked(variant("per-head decay"), chunk=8))
     assert "[0,h,e,f] = 0" in text and "G[h] ** M0 * " in text
+
+
+def test_a_query_gate_read_at_p_is_a_decay_factor_of_the_query():
+    """exp(GQ[p] - B[m]): GQ is over the queries, read at p in every part."""
+    source = spec("  O[p,f] = Q[p,e] * K[m,e] * exp(GQ[p] - GK[m]) * V[m,f]   where m <= p + M - P",
+                  "Q[P,E], K[M,E], V[M,F], GQ[P], GK[M]")
+    out = chunked(source, chunk=3)
+    assert out.iterative_ranks
+    rng = np.random.default_rng(5)
+    for P, M in [(4, 9), (7, 7), (0, 2)]:
+        args = [rng.standard_normal(s) for s in ((P, 2), (M, 2), (M, 3), (P,), (M,))]
+        assert_same(interpret(out, *args), interpret(source, *args))
+
+
+def test_a_gate_running_sum_over_another_extent_may_be_absent_and_is_refused():
+    """CG over T (not M's extent) read at the key: T may be shorter than the keys."""
+    source = spec("  let N = T\n  CG[t] = sum[n](LG[n])   where n <= t\n"
+                  "  O[p,f] = Q[p,e] * K[m,e] * exp(CG[p + M - P] - CG[m]) * V[m,f]"
+                  "   where m <= p + M - P", "Q[P,E], K[M,E], V[M,F], LG[T]")
+    (line,) = [b for b in chunked_blockers(source) if b.startswith("O:")]
+    assert "reads rank T at a key's position: its extent need not be M's" in line

@@ -269,6 +269,8 @@ class _Builder:
         not the rank's own index scatters by a filter: ``V[h // G, m, f]`` gives
         ``dV_k[hk,m,f] = sum[h](...) where h // G == hk`` (GQA's heads summed per group)."""
         name = node.tensor if isinstance(node, Access) else node.name
+        if isinstance(node, Access) and self.group_read(node) is not None:
+            return self.contribute_by_group(st, node, value, space)
         lhs, conds = [], []
         if isinstance(node, Access):
             for sub, r in zip(node.subscripts, self.defn.tensor_ranks(name)):
@@ -290,6 +292,51 @@ class _Builder:
         self.pending.append(c)
         if isinstance(node, Access) and not conds:
             self.origin[c.tensor] = (st, node)
+
+    def group_read(self, node: Access) -> int | None:
+        """The position of the one grouped subscript ``h // G`` (``G = H / HK``, into a rank
+        of size ``HK``) of a read whose other subscripts are the ranks' own indices."""
+        ranks = self.defn.tensor_ranks(node.tensor)
+        grouped = [j for j, (sub, r) in enumerate(zip(node.subscripts, ranks))
+                   if sub != Index(r)]
+        if len(grouped) != 1 or len(set(ranks)) != len(ranks):
+            return None
+        (j,) = grouped
+        sub = node.subscripts[j]
+        if not (isinstance(sub, Binary) and sub.op == "//" and isinstance(sub.left, Index)
+                and isinstance(sub.right, Size) and self.in_bounds(sub, ranks[j])
+                and sub.left.rank not in ranks):
+            return None
+        return j
+
+    def contribute_by_group(self, st: Einsum, node: Access, value: Expr, space) -> None:
+        """A read ``V[h // G, m, f]`` (GQA: ``G`` query heads per K/V head) contributes per
+        query head, then sums each group.  Before → after::
+
+            dV_1[hk,m,f] = sum[h, p](...)   where h // G == hk
+         ->
+            dV_1_heads[h,m,f] = sum[p](...)
+            dV_1[hk,m,f] = sum[g](dV_1_heads[hk*G + g, m, f])
+
+        (the per-head part is what a key-major kernel computes for MHA)."""
+        j = self.group_read(node)
+        ranks = self.defn.tensor_ranks(node.tensor)
+        sub = node.subscripts[j]
+        head, grouped = sub.left.rank, ranks[j]
+        per_head = tuple(head if k == j else r for k, r in enumerate(ranks))
+        summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
+                       if r not in per_head)
+        expr = Reduce("sum", summed, value) if summed else value
+        n = len(self.contributions.get(node.tensor, [])) + 1
+        heads = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}_heads"), per_head, expr,
+                       st.where)
+        g = self.alias(sub.right.rank)
+        at = tuple(Binary("+", Binary("*", Index(grouped), Size(sub.right.rank)), Index(g))
+                   if k == j else Index(r) for k, r in enumerate(ranks))
+        c = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}"), ranks,
+                   Reduce("sum", (g,), Access(heads.tensor, at)))
+        self.contributions.setdefault(node.tensor, []).append(c)
+        self.pending += [heads, c]
 
     def alias(self, rank: str) -> str:
         """A rank of the same size under another name (``let P_1 = P``)."""

@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Definition, Einsum, Module, Output, Reduce, Statement,
+from ..einsum_ir.ir import (Access, Definition, Einsum, Index, Module, Output, Reduce, Statement,
                             TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from .backward import backward
@@ -88,7 +88,20 @@ def cut_points(cascade: Definition) -> list[str]:
         reduced = _reduced_long(st, long)
         if reduced and any(reduced & _iterated(r) for r in readers.get(st.tensor, [])):
             cuts.append(st.tensor)
+        elif _read_elsewhere(cascade, st.tensor):
+            cuts.append(st.tensor)
     return cuts
+
+
+def _read_elsewhere(cascade: Definition, name: str) -> bool:
+    """Whether some statement reads ``name`` at points other than its own (a group sum
+    ``dK_1_heads[hk*G + g, m, e]``): a kernel holds only the tile it computes."""
+    for st in cascade.statements:
+        for n in walk(st.expr):
+            if isinstance(n, Access) and n.tensor == name and not all(
+                    isinstance(s, Index) for s in n.subscripts):
+                return True
+    return False
 
 
 def stage_definition(cascade: Definition, name: str, outputs: list[str],
@@ -147,19 +160,48 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
     return None
 
 
-def _grouped(cascade: Definition, backend: str, items: list[str], inputs: set[str],
-             prefix: str, options) -> list[list[str]]:
-    """Greedy groups of ``items`` (in order): an item joins the last group when the
-    group's stage still lowers."""
+def cut_dependencies(cascade: Definition, name: str, cuts: set[str]) -> set[str]:
+    """The cut tensors ``name`` reads, directly or through tensors that are not cut."""
+    by_name = {st.tensor: st for st in cascade.statements}
+    found, todo, seen = set(), [name], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for st in cascade.statements:
+            if st.tensor != t:
+                continue
+            for e in (st.expr, st.where):
+                for n in (walk(e) if e is not None else ()):
+                    if isinstance(n, Access) and n.tensor in by_name:
+                        (found.add if n.tensor in cuts and n.tensor != name else todo.append)(
+                            n.tensor)
+    return found - {name}
+
+
+def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
+             options) -> list[list[str]]:
+    """Stages from ``items`` (cut tensors and gradients, in dependency order): each item
+    joins the earliest stage that has what it needs — its cut dependencies in earlier
+    stages or in the same one (the ``online`` pass fuses a row max and its sum) — and
+    still lowers; else it opens a new stage."""
+    cuts = set(items)
     groups: list[list[str]] = []
     for item in items:
-        if groups:
-            trial = groups[-1] + [item]
-            made = inputs | {t for g in groups[:-1] for t in g}
-            if lowers(stage_definition(cascade, prefix, trial, made), backend, options) is None:
-                groups[-1] = trial
-                continue
-        groups.append([item])
+        deps = cut_dependencies(cascade, item, cuts)
+        placed = False
+        for i, group in enumerate(groups):
+            if any(d in cuts and all(d not in g for g in groups[:i + 1]) for d in deps):
+                continue  # a dependency is made later than this stage
+            made = {t for g in groups[:i] for t in g}
+            trial = stage_definition(cascade, prefix, group + [item], made)
+            if lowers(trial, backend, options) is None:
+                group.append(item)
+                placed = True
+                break
+        if not placed:
+            groups.append([item])
     return groups
 
 
@@ -172,14 +214,9 @@ def backward_program(defn: Definition, backend: str = "triton",
     name = source.name
     cascade, rows = _scalars_by_rows(source, backend, options)
     cuts = cut_points(cascade)
-    long = long_ranks(cascade)
-    groups = _grouped(cascade, backend, cuts, set(), f"{name}_s", options)
-    saved = set(cuts)
     zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
-    grads = sorted((o.name for o in cascade.outputs if o.name not in zeros),
-                   key=lambda g: (sorted(set(cascade.tensor_ranks(g)) & long) or ["~"],
-                                  [o.name for o in cascade.outputs].index(g)))
-    groups += _grouped(cascade, backend, grads, saved, f"{name}_g", options)
+    grads = [o.name for o in cascade.outputs if o.name not in zeros]
+    groups = _grouped(cascade, backend, cuts + grads, f"{name}_s", options)
     stages, made = [], set()
     for i, group in enumerate(groups):
         stage = stage_definition(cascade, f"{name}_{i}", group, made)

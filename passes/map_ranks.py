@@ -27,7 +27,7 @@ import sympy
 from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import Access, Binary, Index, Reduce, Size, size_symbol
 from ..einsum_ir.kernel import HeadPacking, Kernel, Program, RankRoles, map_kernels
-from .tile import TileProgram
+from .tile import NotTileable, TileProgram
 from .tile_loads import expanded_body
 
 
@@ -92,6 +92,12 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
         # K^T V): its first rank is blocked into rows, so no program holds E x F whole
         row = next((r for r in state_ranks if r not in grid), None)
     grid += [r for r in rows if r != row]
+    if row is not None:
+        for st in tp.inits:  # programs own disjoint row blocks: a state without the row
+            if row not in st.lhs:  # rank would be written by every one of them
+                raise NotTileable(
+                    f"{st.tensor} is reduced over the row rank {row}, whose blocks "
+                    f"different programs own (no cross-program sum)")
     vector = [r for r in (row, tp.tile_rank) if r]
     every = set()
     for st in statements + tuple(tp.epilogue) + tuple(tp.prologue) + tuple(tp.inits):

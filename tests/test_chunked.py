@@ -182,6 +182,26 @@ def test_64k_keys_on_the_numpy_backend_neither_overflow_nor_lose_accuracy(name, 
     assert np.abs(out32 - want).max() <= tol * np.abs(want).max()
 
 
+@pytest.mark.parametrize("name", ["retention", "gla"])
+def test_16_bit_inputs_keep_float32_states(name, cache):
+    """f16 inputs: the chunked form's state and decays are computed in float32 (the
+    language's rule), so the result is the float64 one up to f16 rounding."""
+    import attnc
+
+    N = 4096
+    mod = attnc.compile(str(EXAMPLES_DIR / f"{name}.attn"), backend="numpy",
+                        sizes={"P": N, "M": N, "E": 4, "F": 4})
+    assert "SKV[m1+1,e,f] = " in mod.ir["reassociate"]
+    rng = np.random.default_rng(1)
+    args = [rng.standard_normal((N, 4)) for _ in range(3)]
+    if name == "gla":
+        args.append(np.log(rng.uniform(0.99, 1.0, N)))
+    want = getattr(mod, name)(*args)
+    got = getattr(mod, name)(*(a.astype(np.float16) for a in args))
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    assert np.abs(got.astype(np.float64) - want).max() <= 2e-3 * np.abs(want).max()
+
+
 def test_a_naive_factorisation_would_overflow_where_the_chunked_form_does_not():
     """gamma ** (p - m) as gamma ** p * gamma ** -m: inf at 64k; the chunked form's decays
     are powers of distances within a chunk."""

@@ -49,6 +49,10 @@ class ChainOfStages:
     scalar_grads: tuple[str, ...]
     zeros: tuple[tuple[str, str], ...]   # (gradient, the argument it has the shape of)
     rows: tuple[tuple[str, tuple[str, ...]], ...]  # (scalar gradient, the parts the host adds)
+    with_stats: str | None            # NAME_with_stats, when the forward saves statistics
+    outputs: tuple[str, ...]          # NAME's outputs
+    stats: tuple[str, ...]            # what NAME_with_stats returns besides them
+    scalar_parts: tuple[str, ...]     # stage outputs that only make scalar gradients
 
 
 def programs_for(module: Module, backend: str, options: dict | None = None
@@ -74,8 +78,11 @@ def programs_for(module: Module, backend: str, options: dict | None = None
 
 
 def with_stages(module: Module, programs: list[BackwardProgram]) -> Module:
-    """``module``'s definitions and every backward stage, as one module to compile."""
-    return Module(module.definitions + tuple(s for p in programs for s in p.stages))
+    """``module``'s definitions, each forward with its saved statistics, and every
+    backward stage, as one module to compile."""
+    return Module(module.definitions
+                  + tuple(p.with_stats for p in programs if p.with_stats is not None)
+                  + tuple(s for p in programs for s in p.stages))
 
 
 def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfStages:
@@ -92,7 +99,12 @@ def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfSta
         tensors=tuple(a.name for a in cascade.tensor_args),
         adjoints=tuple(f"d{o.name}" for o in forward.outputs), stages=stages, grads=grads,
         scalar_grads=tuple(g for g in grads if g[1:] in params),
-        zeros=tuple((g, g[1:]) for g in program.zeros), rows=program.rows)
+        zeros=tuple((g, g[1:]) for g in program.zeros), rows=program.rows,
+        with_stats=program.with_stats.name if program.with_stats is not None else None,
+        outputs=tuple(o.name for o in forward.outputs),
+        stats=tuple(o.name for o in program.with_stats.outputs[len(forward.outputs):])
+        if program.with_stats is not None else (),
+        scalar_parts=tuple(x for _, parts in program.rows for x in parts))
 
 
 def render_chains(module: Module, programs: list[BackwardProgram], runtime: str) -> str:

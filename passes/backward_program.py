@@ -32,6 +32,7 @@ from ..einsum_ir.ir import (Access, Definition, Einsum, Index, Module, Output, R
                             TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from .backward import backward
+from .canonicalize import canonicalize
 from .map_ranks import long_ranks
 from .tile import NotTileable
 
@@ -46,6 +47,9 @@ class BackwardProgram:
     cascade: Definition
     stages: tuple[Definition, ...]
     zeros: tuple[str, ...] = ()   # gradients that are 0 (read only in conditions)
+    # the forward with the row statistics the first stages would recompute as outputs too
+    # (NAME_with_stats): under autograd it runs instead of NAME and those stages are skipped
+    with_stats: Definition | None = None
     rows: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (scalar gradient, parts the host adds)
 
     @property
@@ -226,7 +230,28 @@ def backward_program(defn: Definition, backend: str = "triton",
                               f"program: {why}")
         stages.append(stage)
         made |= set(group)
-    return BackwardProgram(name, source, tuple(stages), zeros, rows)
+    return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
+        defn, stages, backend, options), rows=rows)
+
+
+def _with_stats(defn: Definition, stages, backend: str, options) -> Definition | None:
+    """``defn`` returning, besides its outputs, what the leading stages make from forward
+    tensors alone (``GM``, ``SD``), when that still lowers: the forward saves its row
+    statistics instead of the backward recomputing them (FlashAttention-2's LSE)."""
+    forward = {st.tensor for st in canonicalize(defn).statements}
+    saved = []
+    for stage in stages:
+        names = [o.name for o in stage.outputs]
+        if not all(n in forward for n in names):
+            break
+        saved += names
+    if not saved:
+        return None
+    ranks = {st.tensor: st.lhs for st in canonicalize(defn).statements}
+    extra = tuple(Output(n, ranks[n], "f32") for n in saved
+                  if n not in {o.name for o in defn.outputs})
+    out = dataclasses.replace(defn, name=f"{defn.name}_with_stats", outputs=defn.outputs + extra)
+    return out if lowers(out, backend, options) is None else None
 
 
 def _scalars_by_rows(cascade: Definition, backend: str, options

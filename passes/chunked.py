@@ -19,7 +19,12 @@ every later query through ``g(p, r)``, since ``g(p, m) = g(p, r) · h(m, r)`` wi
 and the output is their sum (factors over the output's ranks only, a normaliser, applied
 after).  Every decay is taken relative to a chunk start, so exponents are differences of
 nearby positions (``gamma ** (M0 - m0)``, ``exp(CG[(m1+1)*M0] - CG[m1*M0 + m0])``) and
-nothing overflows on long sequences where ``gamma ** -m`` would.  Before → after
+nothing overflows on long sequences where ``gamma ** -m`` would; a decay that reads a
+causal running sum (GLA's cumulative log-gate ``CG[t] = sum[m](LG[m]) where m <= t``) reads
+it through the chunk-local running sum ``CG_local[m1,m0]`` instead, since every difference
+the chunked form takes lies within a chunk or across one chunk boundary
+(``exp(CG_local[m1, M0 - 1] + CG_local[m1 + 1, 0] - CG_local[m1,m0])``): the global sum,
+which grows with the sequence and loses float32 precision, is not needed.  Before → after
 (retention, ``C = 64``)::
 
     S[p,m] = sum[e](Q[p,e] * K[m,e] * gamma ** (p + M - P - m))   where m <= p + M - P
@@ -350,6 +355,22 @@ def _total(defn: Definition, name: str) -> bool:
             and _reads_total(defn, st.expr.body))
 
 
+def _running_sum(defn: Definition, name: str, m: str) -> Einsum | None:
+    """``name``'s statement when it is ``T[t] = sum[n](X) where n <= t`` over the extent of
+    the keys ``m`` (GLA's cumulative log-gate), with ``X`` total."""
+    st = _plain_einsum(defn, name)
+    if st is None or st.where is None or len(st.lhs) != 1 or not isinstance(st.expr, Reduce):
+        return None
+    if st.expr.op != "sum" or len(st.expr.ranks) != 1:
+        return None
+    mask = causal_mask(st.where, st.lhs, st.expr.ranks)
+    if mask is None or sympy.sympify(mask.offset) != 0:
+        return None
+    if not (_extent(defn, mask.p) == _extent(defn, m) == _extent(defn, mask.m)):
+        return None
+    return st if _reads_total(defn, st.expr.body) else None
+
+
 # ----------------------------------------------------------------------------
 # Recognising a chunkable term
 # ----------------------------------------------------------------------------
@@ -509,8 +530,11 @@ class Chunks:
 class _Form:
     """Builds the chunked form of a recognised term (see the module docstring)."""
 
-    def __init__(self, c: Causal, ch: Chunks, sizes: Mapping[str, float], namer: _Namer):
-        self.c, self.ch, self.sizes, self.namer = c, ch, dict(sizes), namer
+    def __init__(self, c: Causal, ch: Chunks, sizes: Mapping[str, float], namer: _Namer,
+                 defn: Definition):
+        self.c, self.ch, self.sizes, self.namer, self.defn = c, ch, dict(sizes), namer, defn
+        self.lets: list[SizeLet] = []  # ranks the local running sums add
+        self.locals: dict[str, Einsum] = {}  # running sum read by a decay -> its chunk-local sum
         self.ip = sympy.Symbol(f"i_{c.p}", integer=True)
         self.im = sympy.Symbol(f"i_{c.m}", integer=True)
         self.ij = sympy.Symbol(f"i_{ch.key}", integer=True)
@@ -519,6 +543,7 @@ class _Form:
         self.position = _size_ir(Index(c.p), c.offset)  # the query's position p + D
         self.chunk = Binary("//", self.position, Size(ch.size))  # its chunk
         self.start_at = Binary("*", self.chunk, Size(ch.size))  # its chunk's start
+        self.offset_at = Binary("%", self.position, Size(ch.size))  # its place in the chunk
         prank = frozenset(c.term.out).union(*(f.ranks for f in c.query + c.outer))
         prank |= frozenset().union(*(self._ranks(d, d.query) for d in c.decays))
         halves = frozenset().union(*(self._ranks(d, d.key) for d in c.decays))
@@ -541,12 +566,69 @@ class _Form:
         return d.sym.atom(self.start_at)
 
     def _query_decay(self, d: Decay, key: sympy.Expr) -> Expr:
-        """``kind(A(p) + E0 + B(key))``: the decay from ``key`` to the query."""
-        return d.of(d.query + d.key.subs(self.im, key))
+        """``kind(A(p) + E0 + B(key))``: the decay from ``key`` (in the query's chunk) to
+        the query."""
+        chunk, offset = d.sym.atom(self.chunk), d.sym.atom(self.offset_at)
+        start = self._start(d)
+        places = [(self.ip + self.c.offset, chunk, offset), (start, chunk, sympy.Integer(0)),
+                  (start + self.ij, chunk, self.ij)]
+        return d.of(self._local(d, d.query + d.key.subs(self.im, key), places))
 
     def _key_decay(self, d: Decay, key: sympy.Expr, ref: sympy.Expr) -> Expr:
-        """``kind(B(key) - B(ref))``: the decay from ``key`` to the later position ``ref``."""
-        return d.of(d.key.subs(self.im, key) - d.key.subs(self.im, ref))
+        """``kind(B(key) - B(ref))``: the decay from ``key`` (in chunk ``m1``) to the later
+        position ``ref`` (the next chunk's start)."""
+        m1 = sympy.Symbol(f"i_{self.ch.count}", integer=True)
+        places = [(self.block, m1, sympy.Integer(0)), (self.block + self.ij, m1, self.ij),
+                  (self.next, m1 + 1, sympy.Integer(0))]
+        return d.of(self._local(d, d.key.subs(self.im, key) - d.key.subs(self.im, ref), places))
+
+    def _local(self, d: Decay, x: sympy.Expr, places) -> sympy.Expr:
+        """``x`` with every read ``CG[pos]`` of a causal running sum ``CG[t] = sum[n](X[n])
+        where n <= t`` written chunk-locally: ``CG[c*M0 + o] = CL[c, o] + PRE[c]`` with
+        ``CL`` the running sum within chunk ``c`` and ``PRE[c+1] = PRE[c] + CL[c, M0-1]``.
+        The exponents are differences of positions in one chunk or the next, so ``PRE``
+        cancels and what is left is sums of a chunk's own gates (float32 keeps them: the
+        global ``CG`` grows with the sequence).  ``x`` as it is when ``PRE`` does not cancel."""
+        m1 = sympy.Symbol(f"i_{self.ch.count}", integer=True)
+        swap = {}
+        for call in x.atoms(AppliedUndef):
+            kind, name = d.sym.funcs[str(call.func)]
+            local = self._local_sum(name) if kind == "T" and len(call.args) == 1 else None
+            at = [(c, o) for pos, c, o in places if sympy.expand(call.args[0] - pos) == 0]
+            if local is None or not at:
+                continue
+            (chunk, offset), = at[:1]
+            d.sym.funcs[f"T_{local}"] = ("T", local)
+            swap[call] = (sympy.Function(f"T_{local}")(chunk, offset)
+                          + sympy.Function(f"PRE_{name}")(chunk))
+        if not swap:
+            return x
+        out = sympy.expand(x.xreplace(swap))
+        for name in {str(c.func)[4:] for c in out.atoms(AppliedUndef)
+                     if str(c.func).startswith("PRE_")}:
+            pre, local = sympy.Function(f"PRE_{name}"), sympy.Function(f"T_{self.locals[name].tensor}")
+            last = size_symbol(self.ch.size) - 1
+            out = sympy.expand(out.xreplace({pre(m1 + 1): pre(m1) + local(m1, last)}))
+        if any(str(c.func).startswith("PRE_") for c in out.atoms(AppliedUndef)):
+            return x
+        return out
+
+    def _local_sum(self, name: str) -> str | None:
+        """The chunk-local running sum of ``name`` (made once), or None if ``name`` is no
+        causal running sum over the keys' positions."""
+        if name not in self.locals:
+            st = _running_sum(self.defn, name, self.c.m)
+            if st is None:
+                return None
+            (t,), (n,) = st.lhs, st.expr.ranks
+            k = fresh_rank(f"{self.ch.size}K", self.namer.taken)
+            self.lets.append(SizeLet(k, size_symbol(self.ch.size)))
+            at = Binary("+", self.ch.start(), Index(k))
+            body = rename(st.expr.body, {n: at})
+            self.locals[name] = Einsum(self.namer.fresh(f"{name}_local"),
+                                       (self.ch.count, self.ch.key), Reduce("sum", (k,), body),
+                                       Binary("<=", Index(k), Index(self.ch.key)), loc=st.loc)
+        return self.locals[name].tensor
 
     def _keys(self, fs, at: Expr) -> list[Factor]:
         return [Factor.of(rename(f.expr, {self.c.m: at}), f.role) for f in fs]
@@ -606,6 +688,7 @@ class _Form:
         intra, inter = self.namer.fresh(f"{name}_intra"), self.namer.fresh(f"{name}_inter")
         out += self._emit(self.intra(), intra, loc)
         out += self._emit(self.inter(prefix), inter, loc)
+        out = list(self.locals.values()) + out
         subs = tuple(Index(r) for r in self.c.term.out)
         total: Expr = Binary("+", Access(intra, subs), Access(inter, subs))
         for f in self.c.outer + self.c.term.coefficients:
@@ -667,8 +750,11 @@ def chunk_statement(defn: Definition, st: Einsum, causal: Causal, inlined, size:
     sizes[chunks.size] = size
     sizes[chunks.count] = -(-sizes[causal.m] // size)
     others = [s for s in defn2.statements if s is not st]
-    form = _Form(causal, chunks, sizes, _Namer(defn2, others))
-    return replace_statement(defn2, st, form.statements(st.tensor, st.lhs, st.loc), inlined)
+    form = _Form(causal, chunks, sizes, _Namer(defn2, others), defn2)
+    statements = form.statements(st.tensor, st.lhs, st.loc)
+    defn2 = dataclasses.replace(defn2, lets=defn2.lets + tuple(form.lets))
+    st = next(s for s in defn2.statements if s == st)
+    return replace_statement(defn2, st, statements, tuple(inlined) + tuple(form.locals))
 
 
 def _chunking(defn: Definition, c: Causal, size: int) -> tuple[Chunks, tuple[SizeLet, ...]]:

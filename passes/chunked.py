@@ -606,7 +606,8 @@ class _Form:
         out = sympy.expand(x.xreplace(swap))
         for name in {str(c.func)[4:] for c in out.atoms(AppliedUndef)
                      if str(c.func).startswith("PRE_")}:
-            pre, local = sympy.Function(f"PRE_{name}"), sympy.Function(f"T_{self.locals[name].tensor}")
+            pre = sympy.Function(f"PRE_{name}")
+            local = sympy.Function(f"T_{self.locals[name].tensor}")
             last = size_symbol(self.ch.size) - 1
             out = sympy.expand(out.xreplace({pre(m1 + 1): pre(m1) + local(m1, last)}))
         if any(str(c.func).startswith("PRE_") for c in out.atoms(AppliedUndef)):
@@ -620,7 +621,7 @@ class _Form:
             st = _running_sum(self.defn, name, self.c.m)
             if st is None:
                 return None
-            (t,), (n,) = st.lhs, st.expr.ranks
+            (n,) = st.expr.ranks
             k = fresh_rank(f"{self.ch.size}K", self.namer.taken)
             self.lets.append(SizeLet(k, size_symbol(self.ch.size)))
             at = Binary("+", self.ch.start(), Index(k))
@@ -688,7 +689,9 @@ class _Form:
         intra, inter = self.namer.fresh(f"{name}_intra"), self.namer.fresh(f"{name}_inter")
         out += self._emit(self.intra(), intra, loc)
         out += self._emit(self.inter(prefix), inter, loc)
-        out = list(self.locals.values()) + out
+        read = {n.tensor for st in out for e in (st.expr, st.where) if e is not None
+                for n in walk(e) if isinstance(n, Access)}
+        out = [st for st in self.locals.values() if st.tensor in read] + out
         subs = tuple(Index(r) for r in self.c.term.out)
         total: Expr = Binary("+", Access(intra, subs), Access(inter, subs))
         for f in self.c.outer + self.c.term.coefficients:

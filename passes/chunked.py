@@ -55,8 +55,8 @@ exactly one mask, ``m <= p + D`` with ``p`` an output rank and ``p + D <= M - 1`
 query (``D <= M - P``, as ``reassociate``'s chunked prefix form requires); every factor
 reading ``p`` and ``m`` together is a decay as above (a map-defined tensor is looked
 through); the base of a power reads neither; key factors (and decays) are present at
-every in-bounds point, and the decays read tensors over the positions only at the key's
-or the query's own position.  Then the two parts combine with ``+`` exactly where the
+every in-bounds point, and a decay reads a tensor over the keys' positions only at the
+key's or the query's own position (tensors of the query's own ranks at ``p``).  Then the two parts combine with ``+`` exactly where the
 source is present (see ``reassociate``'s chunked form: the query's own key is in its
 chunk, and the state is present from its zero init); a query with ``p + D < 0`` reads a
 negative chunk, absent, as the source sums over no key.

@@ -35,7 +35,7 @@ which grows with the sequence and loses float32 precision, is not needed.  Befor
     K1[m1,m0,e] = K[m1 * M0 + m0, e] * gamma ** (M0 - m0)
     LKV[m1,e,f] = sum[m0](K1[m1,m0,e] * V[m1 * M0 + m0, f])
     SKV[0,e,f] = 0
-    SKV[m1+1,e,f] = gamma ** M0 * SKV[m1,e,f] + LKV[m1,e,f]
+    SKV[m1+1,e,f] = select(m1 > 0, gamma ** M0 * SKV[m1,e,f], 0) + LKV[m1,e,f]
     PKV[m1,e,f] = SKV[m1,e,f]                      # the state at chunk m1's start
     QK[p,m0] = sum[e](Q[p,e] * K[(p + M - P) // M0 * M0 + m0, e])
                where (p + M - P) // M0 * M0 + m0 <= p + M - P
@@ -43,9 +43,10 @@ which grows with the sequence and loses float32 precision, is not needed.  Befor
     O_intra[p,f] = sum[m0](QK1[p,m0] * V[(p + M - P) // M0 * M0 + m0, f])
     QPKV[p,f] = sum[e](Q[p,e] * PKV[(p + M - P) // M0, e, f])
     O_inter[p,f] = QPKV[p,f] * gamma ** (M + p - P - (p + M - P) // M0 * M0)
-    O[p,f] = O_intra[p,f] + O_inter[p,f]
+    O[p,f] = O_intra[p,f] + select((p + M - P) // M0 > 0, O_inter[p,f], 0)
 
-Each part's contraction order is the cheapest (``reassociate``'s planner).  A decay
+(the zero state before the first chunk is never multiplied: ``0 * inf`` would be NaN where
+the source has Inf).  Each part's contraction order is the cheapest (``reassociate``'s planner).  A decay
 ``select(m == p + D, X, g)`` (RWKV's bonus for the current token) is ``g`` for every key
 the state carries and the whole ``select`` in the intra-chunk part.
 
@@ -678,10 +679,14 @@ class _Form:
         idx = (Index(self.ch.count),) + tuple(Index(r) for r in self.state)
         slhs = (self.ch.count,) + self.state
         out = self._emit(self.local(), local, loc)
+        # the zero state before the first chunk is no value of the source: it is never
+        # multiplied (a decay or a query factor that is Inf would make 0 * inf = NaN), only
+        # added to (0 + x is x, Inf and NaN included)
         carried: Expr = Access(state, idx)
         decay = self.chunk_decay()
         if decay is not None:
-            carried = Binary("*", decay, carried)
+            first = Binary(">", Index(self.ch.count), Num(0))
+            carried = Call("select", (first, Binary("*", decay, carried), Num(0)))
         out += [IterativeEinsum(state, slhs, self.ch.count, True, Num(0), loc=loc),
                 IterativeEinsum(state, slhs, self.ch.count, False,
                                 Binary("+", carried, Access(local, idx)), loc=loc),
@@ -693,7 +698,8 @@ class _Form:
                 for n in walk(e) if isinstance(n, Access)}
         out = [st for st in self.locals.values() if st.tensor in read] + out
         subs = tuple(Index(r) for r in self.c.term.out)
-        total: Expr = Binary("+", Access(intra, subs), Access(inter, subs))
+        before = Call("select", (Binary(">", self.chunk, Num(0)), Access(inter, subs), Num(0)))
+        total: Expr = Binary("+", Access(intra, subs), before)
         for f in self.c.outer + self.c.term.coefficients:
             total = Binary("*" if f.role == "mul" else "/", total, f.expr)
         return out + [Einsum(name, lhs, total, loc=loc)]

@@ -73,9 +73,9 @@ def test_retention_becomes_chunks_and_a_decayed_state():
     assert "let M0 = 64" in text and "let M1 = ceil(M/M0)" in text
     # the state at each chunk's start, decayed across a chunk, and every decay relative to
     # a chunk start (no gamma ** -m anywhere: it overflows for long sequences)
-    assert "SKV[m1+1,e,f] = gamma ** M0 * SKV[m1,e,f] + LKV[m1,e,f]" in text
+    assert "SKV[m1+1,e,f] = select(m1 > 0, gamma ** M0 * SKV[m1,e,f], 0) + LKV[m1,e,f]" in text
     assert "gamma ** (M0 - m0)" in text
-    assert "O[p,f] = O_intra[p,f] + O_inter[p,f]" in text
+    assert "O[p,f] = O_intra[p,f] + select((p + M - P) // M0 > 0, O_inter[p,f], 0)" in text
     assert out.iterative_ranks == ("M1",)
     assert parse(text, "out.attn").definitions[0] == out  # prints as valid .attn
 
@@ -90,6 +90,19 @@ def test_gla_decays_are_sums_of_a_chunks_own_gates():
     assert ("exp(CG_local[(p + M - P) // M0, (p + M - P) % M0] - CG_local[(p + M - P) // M0, m0])"
             in text)
     assert "exp(CG_local[m1, M0 - 1] + CG_local[1 + m1, 0] - CG_local[m1,0]) * SKV[m1,e,f]" in text
+
+
+def test_the_zero_state_is_never_multiplied():
+    """Before the first chunk the state is a present 0 the source does not have: an Inf
+    query factor or decay times it would be NaN where the source has Inf."""
+    source, out = example("retention"), forced("retention", 4)
+    args = inputs("retention", 6, 6, seed=2)
+    args[0][1, 0] = np.inf  # a query of the first chunk
+    with np.errstate(invalid="ignore", over="ignore"):
+        got, want = interpret(out, *args), interpret(source, *args)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isinf(got[1]).any()  # 0 * inf would have made the whole row NaN
 
 
 @pytest.mark.parametrize("name", CHUNKABLE)

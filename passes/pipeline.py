@@ -64,10 +64,11 @@ def reassociate_or_chunk(defn: Definition, sizes: dict[str, int] | None = None,
     """The cheaper, by ``costs.form_cost`` at the assumed sizes, of ``reassociate`` and
     ``reassociate`` after ``chunked``.  One stage, so that a target that cannot take the
     chunked form falls back to the form without ``reassociate``, as for any form it chose
-    (``backends.choose_form``).  Before → after (retention, at M = P = 4096)::
+    (``backends.choose_form``).  The two candidates for retention at M = P = 4096, E = F =
+    64 (``form_cost``: FLOPs + ``STEP_FLOPS`` per step)::
 
-        reassociate:  QK[p,m] = ...; O[p,f] = sum[m](QK1[p,m] * V[m,f])      9.6e9 FLOPs
-        chunked:      SKV[m1+1,e,f] = gamma ** M0 * SKV[m1,e,f] + LKV[m1,e,f] ...   1.2e8
+        reassociate:            O[p,f] = sum[m](QK1[p,m] * V[m,f])              4.4e9
+        reassociate(chunked):   SKV[m1+1,e,f] = ... + LKV[m1,e,f]  (C = 32)     1.25e8  kept
     """
     plain = reassociate(defn, sizes, tile=tile)
     chunked_form = chunked(defn, sizes)

@@ -523,9 +523,9 @@ class Chunks:
     count: str  # M1 = ceil(M / M0)
     key: str  # m0 (the size's own rank)
 
-    def start(self, step: int = 0) -> Expr:
-        chunk = Index(self.count) if step == 0 else Binary("+", Index(self.count), Num(step))
-        return Binary("*", chunk, Size(self.size))
+    def start(self) -> Expr:
+        """Chunk ``m1``'s first key, ``m1 * M0``."""
+        return Binary("*", Index(self.count), Size(self.size))
 
 
 class _Form:

@@ -48,7 +48,7 @@ class ChainOfStages:
     grads: tuple[str, ...]
     scalar_grads: tuple[str, ...]
     zeros: tuple[tuple[str, str], ...]   # (gradient, the argument it has the shape of)
-    rows: tuple[tuple[str, tuple[str, ...]], ...]  # (scalar gradient, the parts the host adds)
+    rows: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]  # (gradient, (part, ranks to sum))
     with_stats: str | None            # NAME_with_stats, when the forward saves statistics
     outputs: tuple[str, ...]          # NAME's outputs
     stats: tuple[str, ...]            # what NAME_with_stats returns besides them
@@ -104,7 +104,8 @@ def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfSta
         outputs=tuple(o.name for o in forward.outputs),
         stats=tuple(o.name for o in program.with_stats.outputs[len(forward.outputs):])
         if program.with_stats is not None else (),
-        scalar_parts=tuple(x for _, parts in program.rows for x in parts))
+        scalar_parts=tuple(x for g, parts in program.rows for x, _ in parts
+                           if g[1:] in params))
 
 
 def render_chains(module: Module, programs: list[BackwardProgram], runtime: str) -> str:

@@ -271,6 +271,8 @@ class _Builder:
         name = node.tensor if isinstance(node, Access) else node.name
         if isinstance(node, Access) and self.group_read(node) is not None:
             return self.contribute_by_group(st, node, value, space)
+        if isinstance(node, Access) and self.broadcast_heads(node, space):
+            return self.contribute_per_head(st, node, value, space)
         lhs, conds = [], []
         if isinstance(node, Access):
             for sub, r in zip(node.subscripts, self.defn.tensor_ranks(name)):
@@ -337,6 +339,38 @@ class _Builder:
                    Reduce("sum", (g,), Access(heads.tensor, at)))
         self.contributions.setdefault(node.tensor, []).append(c)
         self.pending += [heads, c]
+
+    def broadcast_heads(self, node: Access, space) -> tuple[str, ...]:
+        """Head ranks (the leading rank of a 3+-rank argument) the statement iterates but
+        ``node`` does not read, when it reads its own ranks: MQA's ``K[m,e]`` shared by
+        every query head ``h``."""
+        ranks = self.defn.tensor_ranks(node.tensor)
+        if node.subscripts != tuple(Index(r) for r in ranks):
+            return ()
+        heads = {a.ranks[0] for a in self.defn.tensor_args if len(a.ranks) > 2}
+        return tuple(r for r in space if r in heads and r not in ranks)
+
+    def contribute_per_head(self, st: Einsum, node: Access, value: Expr, space) -> None:
+        """A read shared by every head contributes per head, then sums the heads (as a GQA
+        group does).  Before → after::
+
+            dK_1[m,e] = sum[h, p](...)
+         ->
+            dK_1_heads[h,m,e] = sum[p](...)
+            dK_1[m,e] = sum[h](dK_1_heads[h,m,e])"""
+        heads = self.broadcast_heads(node, space)
+        ranks = self.defn.tensor_ranks(node.tensor)
+        per_head = heads + ranks
+        summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
+                       if r not in per_head)
+        expr = Reduce("sum", summed, value) if summed else value
+        n = len(self.contributions.get(node.tensor, [])) + 1
+        part = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}_heads"), per_head, expr,
+                      st.where)
+        c = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}"), ranks,
+                   Reduce("sum", heads, Access(part.tensor, tuple(Index(r) for r in per_head))))
+        self.contributions.setdefault(node.tensor, []).append(c)
+        self.pending += [part, c]
 
     def alias(self, rank: str) -> str:
         """A rank of the same size under another name (``let P_1 = P``)."""

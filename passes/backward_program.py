@@ -50,12 +50,13 @@ class BackwardProgram:
     # the forward with the row statistics the first stages would recompute as outputs too
     # (NAME_with_stats): under autograd it runs instead of NAME and those stages are skipped
     with_stats: Definition | None = None
-    rows: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (scalar gradient, parts the host adds)
+    # (gradient over no long rank, its parts the host adds: (part, trailing ranks to sum))
+    rows: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     @property
     def saved(self) -> tuple[str, ...]:
         grads = {o.name for o in self.cascade.outputs} | {x for _, parts in self.rows
-                                                           for x in parts}
+                                                           for x, _ in parts}
         return tuple(o.name for s in self.stages for o in s.outputs if o.name not in grads)
 
 
@@ -92,9 +93,17 @@ def cut_points(cascade: Definition) -> list[str]:
         reduced = _reduced_long(st, long)
         if reduced and any(reduced & _iterated(r) for r in readers.get(st.tensor, [])):
             cuts.append(st.tensor)
-        elif _read_elsewhere(cascade, st.tensor):
+        elif _read_elsewhere(cascade, st.tensor) or (reduced and _totalled(cascade, st.tensor)):
             cuts.append(st.tensor)
     return cuts
+
+
+def _totalled(cascade: Definition, name: str) -> bool:
+    """Whether a statement only sums ``name`` over more ranks (the per-head partial of a
+    K/V gradient shared by several heads: ``dK_1[m,e] = sum[h](dK_1_heads[h,m,e])``)."""
+    return any(isinstance(st, Einsum) and isinstance(st.expr, Reduce)
+               and isinstance(st.expr.body, Access) and st.expr.body.tensor == name
+               for st in cascade.statements)
 
 
 def _read_elsewhere(cascade: Definition, name: str) -> bool:
@@ -255,10 +264,11 @@ def _with_stats(defn: Definition, stages, backend: str, options) -> Definition |
 
 
 def _scalars_by_rows(cascade: Definition, backend: str, options
-                     ) -> tuple[Definition, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """A scalar gradient (a float parameter's) is returned by the kernels as parts the host
-    adds: one per contribution (an absent output element is 0, so no fill is needed), each
-    summed per row in the kernels when the whole sum has no kernel program.  Before → after::
+                     ) -> tuple[Definition, tuple[tuple[str, tuple[tuple[str, int], ...]], ...]]:
+    """A gradient over no long rank (a float parameter's, a per-head slope's) is returned
+    by the kernels as parts the host adds: one per contribution (an absent output element
+    is 0, so no fill is needed), each summed per row in the kernels (the parts' trailing
+    ranks, summed on the host) when the whole sum has no kernel program.  Before → after::
 
         dscale_1 = sum[h, p, m, e](dQK_1[h,p,m] * (Q[h,p,e] * K[h,m,e]))
         dscale = dscale_1
@@ -270,23 +280,26 @@ def _scalars_by_rows(cascade: Definition, backend: str, options
     cuts = set(cut_points(cascade))
     found = []
     for out in cascade.outputs:
-        if out.ranks or _is_zero(cascade, out.name):
+        if set(out.ranks) & long or _is_zero(cascade, out.name):
             continue
         parts = []
         for src in _contributions(cascade, out.name):
-            trial = _with_output(cascade, src.tensor, src.tensor, (), None)
+            if src.lhs != out.ranks:
+                break
+            trial = _with_output(cascade, src.tensor, src.tensor, out.ranks, None)
             if lowers(stage_definition(trial, f"{cascade.name}_r", [src.tensor], cuts),
                       backend, options) is None:
-                cascade, part = trial, src.tensor
+                cascade, part = trial, (src.tensor, 0)
             else:
                 cascade, part = _by_rows(cascade, src, long, cuts, backend, options)
             if part is None:
                 break
             parts.append(part)
         else:
-            cascade = dataclasses.replace(cascade, outputs=tuple(
-                o for o in cascade.outputs if o.name != out.name))
-            found.append((out.name, tuple(parts)))
+            if not out.ranks or len(parts) > 1 or parts[0][1]:
+                cascade = dataclasses.replace(cascade, outputs=tuple(
+                    o for o in cascade.outputs if o.name != out.name))
+                found.append((out.name, tuple(parts)))
     return cascade, tuple(found)
 
 
@@ -295,7 +308,8 @@ def _contributions(cascade: Definition, name: str) -> list[Einsum]:
     filled sum, or the one reduction it copies."""
     by_name = {st.tensor: st for st in cascade.statements}
     st = by_name[name]
-    while isinstance(st.expr, Access) and not st.expr.subscripts and \
+    while isinstance(st.expr, Access) and st.where is None and \
+            st.expr.subscripts == tuple(Index(r) for r in st.lhs) and \
             isinstance(by_name.get(st.expr.tensor), Einsum):  # a copy: dcap = dcap_3
         st = by_name[st.expr.tensor]
     if not any(isinstance(by_name.get(n.tensor), Statement) and not isinstance(
@@ -320,19 +334,22 @@ def _with_output(cascade: Definition, old: str, name: str, ranks, stmt) -> Defin
 
 
 def _by_rows(cascade, src, long, cuts, backend, options):
-    """``src`` (a scalar sum) as per-row partial sums the host adds, if a row choice lowers."""
-    if not isinstance(src, Einsum) or not isinstance(src.expr, Reduce) or src.lhs:
+    """``src`` (a sum over every long rank) as partial sums kept over its outer ranks (heads
+    and rows) but one long rank (the streamed one), which the host adds, if such a choice
+    lowers: (cascade, (part, number of trailing ranks to add)), or (cascade, None)."""
+    if not isinstance(src, Einsum) or not isinstance(src.expr, Reduce):
         return cascade, None
     reduced = src.expr.ranks
-    for streamed in [r for r in reduced if r in long]:
-        keep = tuple(r for r in reduced if r in long and r != streamed)
+    outer = {r for a in cascade.tensor_args for r in a.ranks[:-1]}  # not a head dim
+    for streamed in [r for r in reduced if r in long][::-1]:
+        keep = tuple(r for r in reduced if r in outer and r != streamed)
         rest = tuple(r for r in reduced if r not in keep)
         name = f"{src.tensor}_rows"
-        part = Einsum(name, keep, Reduce("sum", rest, src.expr.body), src.where)
-        trial = _with_output(cascade, src.tensor, name, keep, part)
+        part = Einsum(name, src.lhs + keep, Reduce("sum", rest, src.expr.body), src.where)
+        trial = _with_output(cascade, src.tensor, name, src.lhs + keep, part)
         if lowers(stage_definition(trial, f"{cascade.name}_r", [name], cuts),
                   backend, options) is None:
-            return trial, name
+            return trial, (name, len(keep))
     return cascade, None
 
 

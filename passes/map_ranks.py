@@ -33,9 +33,15 @@ from .tile_loads import expanded_body
 
 def long_ranks(defn) -> frozenset[str]:
     """Ranks of tensor arguments other than the innermost dim of a float argument: the
-    sequence-like ranks a kernel blocks or streams, never holds whole."""
-    short = {a.ranks[-1] for a in defn.tensor_args
-             if a.ranks and a.dtype not in ("i32", "i64", "bool")}
+    sequence-like ranks a kernel blocks or streams, never holds whole.  A statistic over a
+    subset of another argument's ranks (the row statistics ``GM[H,P]`` a backward stage
+    reads beside ``Q[H,P,E]``) does not make its innermost rank short."""
+    floats = [a for a in defn.tensor_args if a.ranks and a.dtype not in ("i32", "i64", "bool")]
+
+    def statistic(a) -> bool:
+        return any(set(a.ranks) < set(b.ranks) and a.ranks[-1] in b.ranks[:-1] for b in floats)
+
+    short = {a.ranks[-1] for a in floats if not statistic(a)}
     every = {r for a in defn.tensor_args for r in a.ranks}
     return frozenset(every - short)
 
@@ -79,8 +85,13 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     # a rank read by both streamed and other inputs selects which keys a program streams
     # (a head rank) -- unless the loop body contracts it: the head dim e of dQ[p,e] =
     # sum[m](dS[p,m] * K[m,e]) whose scores contract e too is held whole
+    # and, beside a row, a long state rank only the streamed inputs read (the head h of a
+    # key-major dV[h,m,f] = sum[p](dO[h,p,f] * A[h,p,m])) is one per program, not held whole
+    long = long_ranks(defn)
+    has_row = any(r not in in_streamed for r in state_ranks)
     grid = [r for r in state_ranks
-            if ((r in in_streamed and r in in_other) or r in selectors) and r not in contracted]
+            if ((r in in_streamed and r in in_other) or r in selectors
+                or (has_row and r in in_streamed and r in long)) and r not in contracted]
     rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
     guard_ranks = set()
     for _, gs in tp.guards:
@@ -94,8 +105,8 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     grid += [r for r in rows if r != row]
     if row is not None:
         for st in tp.inits:  # programs own disjoint row blocks: a state without the row
-            if row not in st.lhs:  # rank would be written by every one of them
-                raise NotTileable(
+            if row not in st.lhs and row in _summed_into(tp, st.tensor):  # rank that sums
+                raise NotTileable(  # over it would differ per program, each writing it
                     f"{st.tensor} is reduced over the row rank {row}, whose blocks "
                     f"different programs own (no cross-program sum)")
     vector = [r for r in (row, tp.tile_rank) if r]
@@ -109,6 +120,28 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
         if r in every and r not in vector and r not in grid and r != tp.loop_rank:
             vector.append(r)
     return RankRoles(row, tp.tile_rank, tp.loop_rank, tuple(grid), tuple(vector))
+
+
+def _summed_into(tp: TileProgram, state: str) -> set[str]:
+    """Ranks reduced by the loop-body statements that ``state``'s update reads, directly or
+    through each other (a state that sums nothing over the row is the same in every
+    program: decode's running max over keys when the value dim is the row)."""
+    by_name: dict[str, list] = {}
+    for st in tp.body:
+        by_name.setdefault(st.tensor, []).append(st)
+    out, todo, seen = set(), [state], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for st in by_name.get(t, []):
+            for n in walk(st.expr):
+                if isinstance(n, Reduce):
+                    out |= set(n.ranks)
+                elif isinstance(n, Access) and n.tensor in by_name:
+                    todo.append(n.tensor)
+    return out
 
 
 def _contracted(statements) -> set[str]:

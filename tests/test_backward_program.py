@@ -144,7 +144,7 @@ def _check_module(mod, d, backend, seeds=(0, 1), high=40):
             got = tuple(np.asarray(g.detach().numpy() if hasattr(g, "numpy") else g) for g in got)
         for out, g, r in zip(bw.outputs, got, ref):
             r = np.asarray(r, dtype=np.float64)
-            scale = np.abs(r).max() + 1e-12
+            scale = np.abs(r).max() + 1e-3  # a row with one visible key: dQ is 0 (rounding)
             tol = 5e-2 if not out.ranks else 2e-5  # a parameter's: sums of cancelling parts
             assert np.asarray(g).shape == r.shape, out.name
             assert np.abs(np.asarray(g, dtype=np.float64) - r).max() / scale < tol, \

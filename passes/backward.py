@@ -455,9 +455,10 @@ class _Builder:
         if acc.tensor in self.args:  # an input read at its own ranks is in bounds
             return all(self.in_bounds(sub, r)
                        for sub, r in zip(acc.subscripts, self.args[acc.tensor].ranks))
+        if self.read_by(acc, x, depth):
+            return True
         st = self.statement.get(acc.tensor)
-        if not isinstance(st, Einsum) or st.where is not None or \
-                not all(isinstance(s, Index) for s in acc.subscripts):
+        if not isinstance(st, Einsum) or not all(isinstance(s, Index) for s in acc.subscripts):
             return False
         body, reduced = st.expr, ()
         if isinstance(body, Reduce):
@@ -465,6 +466,25 @@ class _Builder:
         if any(isinstance(n, Reduce) for n in walk(body)):
             return False
         point = dict(zip(st.lhs, acc.subscripts))
+        implied = self.implied(x, 0)
+        if st.where is not None and not (free_ranks(st.where) & set(reduced)) \
+                and _at_expr(st.where, point) not in implied:
+            return False  # a where that x's own presence implies is fine
+
+        def where_holds(at: dict) -> bool:
+            return st.where is None or _at_expr(st.where, at) in implied
+
+        whole_fiber = st.where is None or not (free_ranks(st.where) & set(reduced))
+        if reduced and whole_fiber and all(("nonempty", r) in implied for r in reduced) and all(
+                self.present_with(_at(n, point), x, depth + 1) if not (
+                    set().union(*(free_ranks(u) for u in n.subscripts)) & set(reduced))
+                else n.tensor in self.args and n.subscripts == tuple(
+                    Index(r) for r in self.args[n.tensor].ranks)
+                for n in walk(body) if isinstance(n, Access)):
+            return True  # a fiber of inputs over ranks that x's presence shows non-empty
+        if not reduced:  # a map: present where everything it reads is
+            return all(self.present_with(_at(n, point), x, depth + 1)
+                       for n in walk(body) if isinstance(n, Access))
         # the reduction's point that reads x's element: its ranks pinned by one read of x
         for read in (n for n in walk(body) if isinstance(n, Access) and n.tensor == x.tensor):
             pinned = dict(point)
@@ -475,11 +495,17 @@ class _Builder:
                     break
                 pinned[sub.rank] = want
             else:
-                if not set(reduced) <= set(pinned):
+                if not set(reduced) <= set(pinned) or not where_holds(pinned):
                     continue
                 if all(self.present_with(_at(n, pinned), x, depth + 1)
                        for n in walk(body) if isinstance(n, Access)):
                     return True
+        # or the fiber's point at x's own indices (GM2[p] = max[m](QK2[p,m]) beside SN1[p,m])
+        mine = {s.rank for s in x.subscripts if isinstance(s, Index)}
+        if set(reduced) <= mine and set(reduced).isdisjoint(point):
+            pinned = {**point, **{r: Index(r) for r in reduced}}
+            return where_holds(pinned) and all(self.present_with(_at(n, pinned), x, depth + 1)
+                                    for n in walk(body) if isinstance(n, Access))
         return False
 
     def in_bounds(self, sub: Expr, rank: str) -> bool:
@@ -493,6 +519,51 @@ class _Builder:
             group = lets.get(sub.right.rank, size_symbol(sub.right.rank))
             return sympy.simplify(size_symbol(sub.left.rank) / group - size_symbol(rank)) == 0
         return False
+
+    def implied(self, x: Access, depth: int) -> set:
+        """The ``where`` conditions (at ``x``'s point) that ``x`` being present implies: its
+        statement's, and those of what it reads outside reductions."""
+        st = self.statement.get(x.tensor)
+        if not isinstance(st, Einsum) or depth > 8 or \
+                not all(isinstance(s, Index) for s in x.subscripts):
+            return set()
+        point = dict(zip(st.lhs, x.subscripts))
+        out = {_at_expr(st.where, point)} if st.where is not None else set()
+        if isinstance(st.expr, Reduce):  # present: some point of the fiber was computed
+            out |= {("nonempty", r) for r in st.expr.ranks}
+
+        def visit(e: Expr) -> None:
+            if isinstance(e, Reduce):
+                return
+            if isinstance(e, Access):
+                out.update(self.implied(_at(e, point), depth + 1))
+                return
+            for k in children(e):
+                visit(k)
+
+        visit(st.expr)
+        return out
+
+    def read_by(self, acc: Access, x: Access, depth: int) -> bool:
+        """``x``'s own statement reads ``acc`` at ``x``'s point (outside any reduction), so
+        ``x`` present means ``acc`` present: ``SN[p,m] = exp(QK[p,m] - GM[p])`` reads
+        ``GM[p]``."""
+        st = self.statement.get(x.tensor)
+        if not isinstance(st, Einsum) or not all(isinstance(s, Index) for s in x.subscripts):
+            return False
+        point = dict(zip(st.lhs, x.subscripts))
+
+        def visit(e: Expr) -> bool:
+            if isinstance(e, Reduce):
+                return False  # a reduction's reads are present at some point only
+            if isinstance(e, Access):
+                at = _at(e, point)
+                return at == acc or (depth < 8 and self.statement.get(e.tensor) is not None
+                                     and all(isinstance(s, Index) for s in at.subscripts)
+                                     and self.read_by(acc, at, depth + 1))
+            return any(visit(k) for k in children(e))
+
+        return visit(st.expr)
 
     def gradient(self, name: str) -> tuple[Output, list[Statement]]:
         """The output ``d<name>`` and the statements that make it (0 when nothing reads it)."""
@@ -517,6 +588,14 @@ def _at(acc: Access, point: dict) -> Access:
         kids = children(e)
         return with_children(e, tuple(sub(k) for k in kids)) if kids else e
     return Access(acc.tensor, tuple(sub(s) for s in acc.subscripts))
+
+
+def _at_expr(e: Expr, point: dict) -> Expr:
+    """``e`` with its rank indices replaced by the expressions of ``point``."""
+    if isinstance(e, Index) and e.rank in point:
+        return point[e.rank]
+    kids = children(e)
+    return with_children(e, tuple(_at_expr(k, point) for k in kids)) if kids else e
 
 
 def _without_mod(e: Expr) -> Expr:

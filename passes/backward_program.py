@@ -279,27 +279,31 @@ def _scalars_by_rows(cascade: Definition, backend: str, options
     long = long_ranks(cascade)
     cuts = set(cut_points(cascade))
     found = []
+    heads = {a.ranks[0] for a in cascade.tensor_args if len(a.ranks) > 2}
     for out in cascade.outputs:
-        if set(out.ranks) & long or _is_zero(cascade, out.name):
-            continue
-        parts = []
-        for src in _contributions(cascade, out.name):
+        if (set(out.ranks) & long) - heads or _is_zero(cascade, out.name):
+            continue  # a gradient over rows (dQ, dK) is made whole by a row kernel
+        srcs = _contributions(cascade, out.name)
+        if len(srcs) == 1 and lowers(stage_definition(cascade, f"{cascade.name}_r",
+                                                      [out.name], cuts), backend, options) is None:
+            continue  # one kernel makes it whole
+        parts, work = [], cascade
+        for src in srcs:
             if src.lhs != out.ranks:
                 break
-            trial = _with_output(cascade, src.tensor, src.tensor, out.ranks, None)
+            trial = _with_output(work, src.tensor, src.tensor, out.ranks, None)
             if lowers(stage_definition(trial, f"{cascade.name}_r", [src.tensor], cuts),
                       backend, options) is None:
-                cascade, part = trial, (src.tensor, 0)
+                work, part = trial, (src.tensor, 0)
             else:
-                cascade, part = _by_rows(cascade, src, long, cuts, backend, options)
+                work, part = _by_rows(work, src, long, cuts, backend, options)
             if part is None:
                 break
             parts.append(part)
         else:
-            if not out.ranks or len(parts) > 1 or parts[0][1]:
-                cascade = dataclasses.replace(cascade, outputs=tuple(
-                    o for o in cascade.outputs if o.name != out.name))
-                found.append((out.name, tuple(parts)))
+            cascade = dataclasses.replace(work, outputs=tuple(
+                o for o in work.outputs if o.name != out.name))
+            found.append((out.name, tuple(parts)))
     return cascade, tuple(found)
 
 

@@ -74,6 +74,16 @@ def test_contributions_present_wherever_their_tensor_is_add_without_fills():
     assert any(st.tensor == "dSN" for st in bw.statements)
 
 
+def test_presence_follows_reads_wheres_and_fibers():
+    """differential's dSN1 has a contribution from A[p,m] = SN1/SD1 - lam * SN2/SD2, which
+    reads SN2 and SD2: present wherever SN1 is (the same mask on QK2, GM2's fiber holds the
+    point, SD2 sums SN2); softmax_1's SD adds exp(-GM), read by SN itself."""
+    for name in ("differential.attn", "softmax1.attn", "sink_logit.attn"):
+        bw = backward(_example(name))
+        filled = {st.tensor for st in bw.statements if not isinstance(st, Einsum)}
+        assert not any(f.startswith(("dSN", "dN", "dA")) for f in filled), (name, filled)
+
+
 def test_lse_keeps_fills_and_stays_exact_when_the_value_dim_is_empty():
     """AV is empty when F = 0 but LSE is not: SN's contribution through AV is absent there,
     so it is filled with 0 before the sum (a plain '+' would drop LSE's)."""
@@ -167,8 +177,8 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
     _check_module(mod, d, "numpy")
 
 
-@pytest.mark.parametrize("name", ["mha.attn", "document_mask.attn", "softcap.attn",
-                                  "mqa_decode.attn"])
+@pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
+                                  "differential.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -213,7 +223,7 @@ def test_cuda_backward_under_emulation(tmp_path, monkeypatch):
 def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_path):
     with pytest.raises(NotTileable, match=r"stage \d+ \(.*\) has no kernel program: .*"
                                           r"filling their absent points with 0"):
-        backward_program(_example("differential.attn"), "triton")
+        backward_program(_example("lse.attn"), "triton")
     r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "lse.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
                        capture_output=True, text=True)

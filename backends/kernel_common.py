@@ -35,10 +35,13 @@ from ..passes.tile import TileProgram
 
 @dataclass(frozen=True)
 class Term:
-    """A presence term: a boolean block over ``layout`` (canonical rank order)."""
+    """A presence term: a boolean block over ``layout`` (canonical rank order).
+    ``invariant``: a scalar the kernel's arguments decide (a rank is not empty), the same
+    on every tile, so a renderer may test it once instead of in every update."""
 
     code: str
     layout: tuple[str, ...]
+    invariant: bool = False
 
 
 def _merge_terms(*groups: tuple[Term, ...]) -> tuple[Term, ...]:
@@ -356,7 +359,7 @@ class TileRendererBase:
             return tuple(keep)
         ranges = {self.range_term(r) for r in ranks}
         if all(t in ranges for t in inner):  # only rank ranges: "the rank is not empty"
-            return tuple(keep) + tuple(Term(f"({self.size(t.layout[0])} > 0)", ())
+            return tuple(keep) + tuple(Term(f"({self.size(t.layout[0])} > 0)", (), True)
                                        for t in dict.fromkeys(inner))
         key = ("any", tuple(inner), tuple(sorted(ranks)))
         if key not in self.memo:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+from .triton_backend import MAX_BATCH_DIMS as MAX_BATCH
 
 POINTER = {None: "*bf16", "f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64",
            "i32": "*i32", "i64": "*i64", "bool": "*i1"}
@@ -41,8 +44,9 @@ spec.loader.exec_module(module)
 results = []
 for job in jobs:
     constexprs = {(int(i),): v for i, v in job["constexprs"].items()}
+    attrs = {(int(i),): v for i, v in job["attrs"].items()}
     compiled = triton.compile(ASTSource(fn=getattr(module, job["kernel"]), signature=job["signature"],
-                                        constexprs=constexprs),
+                                        constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
     cubin = f"{out}/{job['kernel']}.cubin"
@@ -132,23 +136,77 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def kernel_signature(part, arg_names, pointers: dict, blocks: dict) -> tuple[dict, dict]:
+def kernel_signature(part, arg_names, pointers: dict, blocks: dict,
+                     values: dict | None = None) -> tuple[dict, dict, dict]:
     """A kernel's argument types for ``triton.compile`` (``pointers``: pointer type per
-    tensor argument; ``blocks``: ``BLOCK_<rank>`` constexprs) and its constexprs by
-    position, as the launcher passes them on a GPU."""
-    signature, constexprs = {}, {}
+    tensor argument; ``blocks``: ``BLOCK_<rank>`` and other constexprs), its constexprs by
+    position, and its attributes, specialised as Triton's launcher specialises the call
+    (``triton.runtime.jit``): pointers 16-byte aligned; an integer ``values`` gives is a
+    constant when it is 1 (a contiguous stride) and divisible by 16 when it is; integers
+    it does not give are plain ``i32``."""
+    signature, constexprs, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
     for i, name in enumerate(arg_names):
         if name.endswith("_ptr"):
             signature[name] = pointers[name[:-len("_ptr")]]
+            attrs[(i,)] = divisible
         elif name in blocks or name == "INPUT_PRECISION":
             signature[name] = "constexpr"
             constexprs[(i,)] = blocks.get(name, "tf32")
+        elif name in set(part.params):
+            signature[name] = "fp32"
+        elif values is not None and values.get(name) == 1:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
         else:
-            signature[name] = "fp32" if name in set(part.params) else "i32"
-    return signature, constexprs
+            value = (values or {}).get(name)
+            signature[name] = "i64" if value is not None and abs(value) >= 2 ** 31 else "i32"
+            if value is not None and value % 16 == 0:
+                attrs[(i,)] = divisible
+    return signature, constexprs, attrs
 
 
-def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names) -> dict:
+def launch_values(part, variant, sizes: dict, batch: tuple[int, ...]) -> dict[str, int]:
+    """The integers the launcher passes a kernel for contiguous tensors of ``sizes`` with
+    leading (batch) dims ``batch``: strides (0 where a tensor broadcasts), rank sizes and
+    ``let`` sizes, the batch counts ``NB<k>``."""
+    import math
+    from fractions import Fraction
+
+    values = {r: sizes[r] for r in part.sizes if r in sizes}
+    for name, code, _ in variant.lets:  # M0 = 64, M1 = ceiling(M/M0), a split's W
+        if name == variant.split:
+            values[name] = 16
+        else:
+            try:
+                values[name] = int(eval(code, {"math": math, "Fraction": Fraction}, dict(values)))  # noqa: S307
+            except (NameError, TypeError, ZeroDivisionError):
+                pass
+    full = (1,) * (MAX_BATCH - len(batch)) + tuple(batch)
+    values.update({f"NB{k}": full[k] for k in range(1, MAX_BATCH)})
+    tensors = [(name, ranks) for _, name, ranks in part.args]
+    tensors += [(name, ranks) for _, name, ranks, _ in part.outputs]
+    for name, ranks in tensors:
+        core = [values.get(r, sizes.get(r, 16)) for r in ranks]
+        for k in range(len(ranks)):
+            values[f"stride_{name}_{k}"] = math.prod(core[k + 1:])
+        for k in range(MAX_BATCH):
+            lead = math.prod(full[k + 1:]) * math.prod(core)
+            values[f"stride_{name}_b{k}"] = lead if full[k] != 1 else 0
+    return values
+
+
+def _row_volume(part, variant, sizes: dict) -> int:
+    """The launcher's ``volume`` for a kernel: the widest block's elements per row."""
+    if not part.row_blocks:
+        return 1
+    return max(math.prod(part.tile_size if r == part.tile else 16 if r == variant.split
+                         else max(16, _pow2(sizes.get(r, 64))) for r in lay)
+               for lay in part.row_blocks)
+
+
+def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names,
+          batch: tuple[int, ...] = ()) -> dict:
     dtypes = {name: dt for _, name, _, dt in spec.args}
     pointers = {py: (POINTER[dtypes.get(name)] if dtypes.get(name) not in (None, "f32", "f16", "bf16")
                      else FLOAT_POINTER[dtype]) for py, name, _ in part.args}
@@ -164,17 +222,24 @@ def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names)
             blocks[f"BLOCK_{r}"] = 16
         else:
             blocks[f"BLOCK_{r}"] = _pow2(sizes.get(r, 64))
-    signature, constexprs = kernel_signature(part, arg_names, pointers, blocks)
+    flags = {flag: True for flag, _ in part.flags}  # positive scales, as the defaults
+    signature, constexprs, attrs = kernel_signature(
+        part, arg_names, pointers, dict(blocks, **flags), launch_values(part, variant, sizes, batch))
     return dict(kernel=part.kernel, signature=signature,
                 constexprs={str(k[0]): v for k, v in constexprs.items()},
+                attrs={str(k[0]): v for k, v in attrs.items()},
                 num_warps=config["num_warps"], num_stages=config.get("num_stages", 2),
                 blocks=blocks)
 
 
 def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf16",
-                  arch: int = 90, name: str | None = None) -> list[KernelReport]:
-    """Compile every kernel of the spec's definitions (or of ``name``) for ``sm_<arch>``
-    with the configuration the launcher picks at ``sizes`` and count its SASS."""
+                  arch: int = 90, name: str | None = None,
+                  variants: tuple[str, ...] | None = None) -> list[KernelReport]:
+    """Compile every kernel of the spec's definitions (or of ``name``; of the variant kinds
+    ``variants``, e.g. ``("fused",)``) for ``sm_<arch>`` with the configuration the launcher
+    picks at ``sizes`` and count its SASS.  Sizes of names that are no rank of a definition
+    (``B=4,H=16`` for ``Q[P,E]``) are its leading batch dims, in order; tensors are
+    contiguous."""
     import triton
 
     from ..frontends import parse_file
@@ -199,16 +264,22 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
             continue
         spec = triton_backend.kernel_spec(program)
         for variant in spec.variants:
+            if variants is not None and variant.kind not in variants:
+                continue
             for part in variant.kernels:
                 if not part.define:
                     continue
                 rows = sizes.get(part.row, 1) if part.row else 1
                 head = max([sizes.get(r, 64) for r in part.vector if r not in
                             (part.row, part.tile, variant.split)] or [64])
-                config = namespace["_config"](rows, head, SimpleNamespace(type="cuda"))
+                itemsize = 4 if dtype == "f32" else 2
+                config = namespace["_config"](rows, head, SimpleNamespace(type="cuda"), itemsize,
+                                              volume=_row_volume(part, variant, sizes))
                 fn = namespace[part.kernel]
                 names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-                job = _jobs(spec, part, variant, sizes, dtype, config, names)
+                ranks = set(spec.input_ranks) | {let[0] for let in variant.lets}
+                batch = tuple(v for k, v in sizes.items() if k not in ranks)
+                job = _jobs(spec, part, variant, sizes, dtype, config, names, batch)
                 jobs.append(job)
                 meta.append((part, variant, job))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -36,8 +36,8 @@ import sympy
 
 from .. import __version__
 from ..einsum_ir.exprs import walk
-from ..einsum_ir.ir import (Access, Binary, Const, Einsum, Expr, Index, IterativeEinsum, Num,
-                            Param, Reduce, Size, Unary)
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Einsum, Expr, Index, IterativeEinsum,
+                            Num, Param, Reduce, Size, Unary)
 from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program,
                                 RankRoles as Ranks, TileBounds)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
@@ -63,6 +63,36 @@ class TVal(KernelValue):
 
     raw: str | None = None   # a load in its own dtype (for tl.dot operands)
     exact: bool = False      # a comparison of integers (and conjunctions of them)
+    # (base, factor, signed): the value is ``base * factor`` with ``factor`` a scalar of the
+    # kernel's arguments, so a consumer may fold the factor into its own constant;
+    # ``signed``: the launcher can evaluate the factor (numbers and parameters), so a
+    # kernel may specialise on its sign (:meth:`KernelRenderer.sign_flag`)
+    scaled: tuple[str, str, bool] | None = None
+    # where these terms fail, the value is its reduction's identity ``identity`` at every
+    # point (a sum of operands zeroed there is 0, a max -inf): an update that adds it (or
+    # takes the max with it) leaves the state as it was without a select
+    vanishes: tuple = ()
+    identity: str | None = None
+
+
+LOG2E = "1.4426950408889634"
+
+
+def _launcher_scalar(e: Expr) -> bool:
+    """A scalar of numbers and parameters whose kernel code is also launcher code."""
+    if isinstance(e, Binary):
+        return e.op in ("*", "/", "+", "-") and _launcher_scalar(e.left) and _launcher_scalar(e.right)
+    if isinstance(e, Unary):
+        return e.op == "-" and _launcher_scalar(e.operand)
+    return isinstance(e, (Num, Param))
+
+
+def _argument_scalar(e: Expr) -> bool:
+    """A scalar the kernel's arguments decide (numbers, parameters, sizes), rendered as one
+    expression (not ``**``, which names its parts): the same on every tile, so code that
+    uses it may move before the loop."""
+    return all(isinstance(n, (Num, Param, Size, Const, Binary, Unary, Call))
+               and not (isinstance(n, Binary) and n.op == "**") for n in walk(e))
 
 
 @dataclass
@@ -97,6 +127,11 @@ class KernelRenderer(TileRendererBase):
         self.hoisted: list[str] = []
         self.hoisted_memo: dict = {}
         self.in_loop = False
+        self.hoist_guards = False        # updates leave out invariant terms (loop_bodies)
+        self.update_guards: list = []    # the invariant terms each update left out
+        self.sign_flags: dict[str, str] = {}  # launcher code of a factor -> its sign flag
+        self.blocks: set = set()         # layouts of the blocks loaded and reduced
+        self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
         self.outputs: list = []          # what the kernel stores (set by the kernel builder)
         self.defn = self.tp.cascade
@@ -208,6 +243,7 @@ class KernelRenderer(TileRendererBase):
                     self.memo[("inb", bounds)] = inb
                 terms.append(Term(self.memo[("inb", bounds)], lay))
         layout = self.canon(set().union(*(set(p[1]) for p in parts)) if parts else set())
+        self.blocks.add(layout)
         offset = " + ".join(f"{self.expand(c, lay, layout)} * stride_{name}_{k}"
                             for c, lay, k in parts) or "0"
         mask_code = self.mask_code(terms, layout)
@@ -302,7 +338,21 @@ class KernelRenderer(TileRendererBase):
             ac = f"{ac}.to(tl.float32)"
         if b.is_bool:
             bc = f"{bc}.to(tl.float32)"
-        return TVal(f"({ac} {e.op} {bc})", lay, terms)
+        return TVal(f"({ac} {e.op} {bc})", lay, terms, scaled=self.scaled_product(e, a, b))
+
+    def scaled_product(self, e: Binary, a: TVal, b: TVal) -> tuple[str, str, bool] | None:
+        """``block * s`` (or ``s * block``) with ``s`` a scalar of the arguments: the block
+        (or its own base) and the factor, for :attr:`TVal.scaled`."""
+        if e.op != "*":
+            return None
+        for x, y, ye in ((a, b, e.right), (b, a, e.left)):
+            if x.layout and not y.layout and _argument_scalar(ye) and not (
+                    x.is_bool or x.is_int or y.is_bool or y.is_int):
+                signed = _launcher_scalar(ye)
+                if x.scaled:
+                    return x.scaled[0], f"({x.scaled[1]} * {y.code})", x.scaled[2] and signed
+                return x.code, y.code, signed
+        return None
 
     def float_code(self, x: TVal, layout) -> str:
         """``x`` over ``layout``, a boolean or an integer as float (``* 1.0`` also converts
@@ -311,6 +361,60 @@ class KernelRenderer(TileRendererBase):
         if x.is_bool:
             return f"{code}.to(tl.float32)"
         return f"({code} * 1.0)" if x.is_int else code
+
+    def call(self, e: Call, st) -> TVal:
+        """``exp`` as ``exp2`` with log2(e) folded into the argument's scalar factors
+        (:meth:`log2e_value`); ``tanh`` with the hardware's approximation (``_tanh``)."""
+        if e.fn == "exp":
+            x = self.log2e_value(e.args[0], st)
+            if x is not None and x.layout:
+                return TVal(f"_exp2({x.code})", x.layout, x.terms)
+        if e.fn == "tanh":
+            x = self.value(e.args[0], st)
+            if x.layout and not (x.is_bool or x.is_int):
+                return TVal(f"_tanh({x.code}, INPUT_PRECISION)", x.layout, x.terms)
+        return super().call(e, st)
+
+    def log2e_value(self, e: Expr, st) -> TVal | None:
+        """``e * log2(e)``, distributed over ``+`` and ``-`` so that a scaled block takes
+        the constant into its factor (one multiply-add per element with the subtrahend)
+        and a row vector is scaled before it is broadcast; None for a boolean or integer
+        operand.
+
+        Before → after::
+
+            tl.exp(bqk - rm[:, None])   with bqk = dot * scale
+            ->
+            _exp2(dot * scale_l2e - (rm * 1.4426950408889634)[:, None])
+        """
+        if isinstance(e, Binary) and e.op in ("+", "-"):
+            a, b = self.log2e_value(e.left, st), self.log2e_value(e.right, st)
+            if a is None or b is None:
+                return None
+            lay = self.canon(set(a.layout) | set(b.layout))
+            return TVal(f"({self.expand(a.code, a.layout, lay)} {e.op} "
+                        f"{self.expand(b.code, b.layout, lay)})", lay,
+                        _merge_terms(a.terms, b.terms))
+        if isinstance(e, Unary) and e.op == "-":
+            a = self.log2e_value(e.operand, st)
+            return None if a is None else dataclasses.replace(a, code=f"(-{a.code})")
+        v = self.value(e, st)
+        if v.is_bool or v.is_int:
+            return None
+        if v.scaled:
+            return TVal(f"({v.scaled[0]} * {self.invariant_scalar(f'({v.scaled[1]} * {LOG2E})')})",
+                        v.layout, v.terms)
+        return TVal(f"({v.code} * {LOG2E})", v.layout, v.terms)
+
+    def invariant_scalar(self, code: str) -> str:
+        """A scalar of the arguments, named once before the loop."""
+        key = ("scalar", code)
+        memo = self.hoisted_memo if self.in_loop else self.memo
+        if key not in memo:
+            name = self.new("c")
+            (self.hoisted if self.in_loop else self.lines).append(f"{name} = {code}")
+            memo[key] = name
+        return memo[key]
 
     def select(self, args: list[TVal], layout, terms) -> TVal:
         codes = [self.expand(a.code, a.layout, layout) for a in args]
@@ -344,6 +448,27 @@ class KernelRenderer(TileRendererBase):
         # only terms along the reduced ranks change which points count; the others stay
         # in the result's presence (their lanes are absent whatever the reduction gives)
         mask = self.mask_code([t for t in terms if set(t.layout) & set(e.ranks)], lay)
+        self.blocks.add(lay)
+        code, out_layout = self.reduce_code(e, code, mask, fill, lay)
+        v = self.new(e.op)
+        if e.op in ("max", "min") and body.scaled and body.scaled[2] and body.layout == lay:
+            # max(x * s) = max(x) * s for s > 0 (rounding is monotone): one multiply per
+            # row, not per element; the kernel is specialised on the sign of s
+            base, factor, _ = body.scaled
+            unscaled, _ = self.reduce_code(e, base, mask, fill, lay)
+            self.emit(f"if {self.sign_flag(factor)}:")
+            self.emit(f"    {v} = {unscaled} * {factor}")
+            self.emit("else:")
+            self.emit(f"    {v} = {code}")
+        else:
+            self.emit(f"{v} = {code}")
+        presence = self.reduce_presence(tuple(terms), set(e.ranks))
+        return TVal(v, out_layout, presence, identity=fill,
+                    vanishes=tuple(t for t in presence if t not in set(terms)))
+
+    def reduce_code(self, e: Reduce, code: str, mask: str | None, fill: str, lay):
+        """Code reducing block ``code`` over ``lay`` along ``e``'s ranks (the points outside
+        ``mask`` as ``fill``), and the result's layout."""
         if mask:
             code = f"tl.where({mask}, {code}, {fill})"
         out_layout = lay
@@ -351,9 +476,14 @@ class KernelRenderer(TileRendererBase):
             axis = out_layout.index(r)
             code = f"tl.{e.op}({code}, axis={axis})"
             out_layout = tuple(x for x in out_layout if x != r)
-        v = self.new(e.op)
-        self.emit(f"{v} = {code}")
-        return TVal(v, out_layout, self.reduce_presence(tuple(terms), set(e.ranks)))
+        return code, out_layout
+
+    def sign_flag(self, factor: str) -> str:
+        """A ``tl.constexpr`` the launcher sets to ``factor > 0`` (so both signs compile to
+        straight code; :attr:`sign_flags`)."""
+        if factor not in self.sign_flags:
+            self.sign_flags[factor] = f"POSITIVE_{len(self.sign_flags)}"
+        return self.sign_flags[factor]
 
     def any_term(self, inner: list[Term], ranks: set[str]) -> Term:
         """Whether some point along ``ranks`` has all ``inner`` terms: a max over them."""
@@ -375,6 +505,7 @@ class KernelRenderer(TileRendererBase):
         m = self.match_dot(e, st)
         if m is None:
             return None
+        self.has_dot = True
         r, ra, rb = m.r, m.ra, m.rb
         ac = self.operand(m.a, (ra, r), r)
         bc = self.operand(m.b, (r, rb), r)
@@ -384,11 +515,18 @@ class KernelRenderer(TileRendererBase):
         out = (ra, rb)
         layout = self.canon({ra, rb})
         code = v if out == layout else f"tl.trans({v})"
+        base, factor = code, None
         for s in m.scalars:
             sv = self.value(s, st)
             code = f"({code} * {sv.code})"
+            factor = sv.code if factor is None else f"({factor} * {sv.code})"
+        scaled = (base, factor, all(map(_launcher_scalar, m.scalars))) \
+            if factor and all(map(_argument_scalar, m.scalars)) else None
         a_terms, b_terms = self.dot_input_terms(m)
-        return TVal(code, layout, self.dot_presence(a_terms, b_terms, r, ra, rb, layout))
+        presence = self.dot_presence(a_terms, b_terms, r, ra, rb, layout)
+        inputs = set(a_terms) | set(b_terms)  # the operands are zero where the rest fail
+        return TVal(code, layout, presence, scaled=scaled, identity="0.0",
+                    vanishes=tuple(t for t in presence if t not in inputs))
 
     def masked_operand(self, x: TVal, filt: Term) -> TVal:
         """``x`` under a ``where`` term (a load keeps its own dtype for ``tl.dot``)."""
@@ -452,13 +590,78 @@ class KernelRenderer(TileRendererBase):
             return
         if isinstance(st, IterativeEinsum):
             ranges = {self.range_term(r) for r in self.ranks.vector}
-            mask = self.mask_code(tuple(t for t in terms if t and t not in ranges), layout)
-            new = f"tl.where({mask}, {code}, {name})" if mask else code
+            terms = tuple(t for t in terms if t and t not in ranges)
+            if self.hoist_guards:  # tested once before the loop (render)
+                self.update_guards.append(frozenset(t for t in terms if t.invariant))
+                terms = tuple(t for t in terms if not t.invariant)
+            unguarded = self.unguarded_update(st, terms, layout) if terms else None
+            if unguarded is not None:
+                new = unguarded
+            else:
+                mask = self.mask_code(terms, layout)
+                new = f"tl.where({mask}, {code}, {name})" if mask else code
             self.emit(f"{name} = {new}")
             self.values[st.tensor] = TVal(name, layout, ())
             return
         self.emit(f"{name} = {code}")
-        self.values[st.tensor] = TVal(name, layout, terms, is_bool=False)
+        same = val.layout == layout and not val.is_bool
+        self.values[st.tensor] = TVal(name, layout, terms, is_bool=False,
+                                      scaled=val.scaled if same else None,
+                                      vanishes=val.vanishes if same else (),
+                                      identity=val.identity if same else None)
+
+    def unguarded_update(self, st, guards, layout) -> str | None:
+        """An update whose guards all fail exactly where the value it adds (or takes the
+        max / min with) is that operation's identity, as code without a block select:
+        the state then comes out unchanged anyway.  With a factor on the state, the guard
+        moves onto the factor (one select per row, not per element), so a matrix product
+        accumulates straight into the state (``acc = dot(p, v, acc * alpha)``).  None when
+        the update is not of that form.
+
+        Before → after::
+
+            rnv = tl.where(any_1[:, None], slnv + rnv_prev * prm[:, None], rnv)
+            ->
+            rnv = slnv + rnv_prev * tl.where(any_1, prm, 1.0)[:, None]
+        """
+        e, g = st.expr, set(guards)
+
+        def state(x) -> bool:
+            return isinstance(x, Access) and x.tensor == st.tensor
+
+        def vanishing(x, identity) -> TVal | None:
+            if not isinstance(x, Access) or x.tensor in self.tp.state or x.tensor in self.inputs:
+                return None
+            v = self.value(x, st)
+            return v if v.identity == identity and g <= set(v.vanishes) else None
+
+        if isinstance(e, Call) and e.fn in ("max", "min") and len(e.args) == 2:
+            fill = "float('-inf')" if e.fn == "max" else "float('inf')"
+            for x, a in (e.args, e.args[::-1]):
+                if state(x) and vanishing(a, fill) is not None:
+                    return self.expand(self.value(e, st).code, self.value(e, st).layout, layout)
+        if not (isinstance(e, Binary) and e.op == "+"):
+            return None
+        for a, rest in ((e.left, e.right), (e.right, e.left)):
+            av = vanishing(a, "0.0")
+            if av is None:
+                continue
+            if state(rest):
+                return self.expand(self.value(e, st).code, self.value(e, st).layout, layout)
+            if not (isinstance(rest, Binary) and rest.op == "*"):
+                continue
+            for x, c in ((rest.left, rest.right), (rest.right, rest.left)):
+                cv = self.value(c, st)
+                if not state(x) or cv.is_bool or cv.is_int:
+                    continue
+                if not set().union(*(set(t.layout) for t in g)) <= set(cv.layout):
+                    continue
+                xv = self.value(x, st)
+                factor = f"tl.where({self.mask_code(tuple(guards), cv.layout)}, {cv.code}, 1.0)"
+                return (f"({self.expand(av.code, av.layout, layout)} + "
+                        f"{self.expand(xv.code, xv.layout, layout)} * "
+                        f"{self.expand(factor, cv.layout, layout)})")
+        return None
 
     # --- tile range from the guards (TileRendererBase.tile_bounds) --------------------
     def power(self, a: str, b: str) -> str:
@@ -579,19 +782,50 @@ class KernelRenderer(TileRendererBase):
             lo, hi = f"tl.maximum({lo}, seg_first)", f"tl.minimum({hi}, seg_stop)"
         self.emit(f"tile_lo = {lo}")
         self.emit(f"tile_hi = {hi}")
-        outer = self.lines
-        self.lines = []
+        outer, saved_memo = self.lines, self.memo
+        before = (dict(self.values), dict(self.state_prev))
+        body, full, full_body = self.loop_bodies(hoist_guards=True)
+        guards = set(self.update_guards)
+        if len(guards) == 1 and next(iter(guards)):
+            # every update holds only where the same argument-decided scalars hold: test
+            # them once, as an empty tile range, not as a block select per update per tile
+            cond = " & ".join(sorted(t.code for t in next(iter(guards))))
+            outer.append(f"tile_hi = tl.where({cond}, tile_hi, tile_lo)")
+        elif len(guards) > 1:  # updates guarded differently: each keeps its own select
+            self.values, self.state_prev = dict(before[0]), dict(before[1])
+            body, full, full_body = self.loop_bodies(hoist_guards=False)
+        self.in_loop = False
+        self.lines = outer
+        self.memo = saved_memo
+        self.lines += self.hoisted
+        if full_body is None:
+            self.emit(f"for {r.loop.lower()} in range(tile_lo, tile_hi):")
+            self.lines += ["    " + ln for ln in body]
+        else:
+            # masks only on the partial tiles: before, inside and after the full ones
+            self.emit(f"full_lo = tl.minimum(tl.maximum({full[0]}, tile_lo), tile_hi)")
+            self.emit(f"full_hi = tl.maximum(tl.minimum({full[1]}, tile_hi), full_lo)")
+            for lo, hi, lines in (("tile_lo", "full_lo", body), ("full_lo", "full_hi", full_body),
+                                  ("full_hi", "tile_hi", body)):
+                self.emit(f"for {r.loop.lower()} in range({lo}, {hi}):")
+                self.lines += ["    " + ln for ln in lines]
+        for st in self.tp.epilogue:
+            self.statement(st)
+        return self.lines
+
+    def loop_bodies(self, hoist_guards: bool):
+        """The loop body over any tile, and over full tiles: (body, the full range or None,
+        the full-tile body or None).  ``hoist_guards``: updates leave out their invariant
+        scalar terms (recorded per update in ``update_guards``)."""
+        self.hoist_guards, self.update_guards = hoist_guards, []
+        self.lines, self.memo = [], {}
         state = list(self.tp.state)
         for t in state:
             self.state_prev[t] = self.values[t]
-        saved_memo = self.memo
-        self.memo = {}
-        prev_names = []
         for t in state:
             prev = f"{pyname(t).lower()}_prev"
             self.emit(f"{prev} = {pyname(t).lower()}")
             self.state_prev[t] = dataclasses.replace(self.values[t], code=prev)
-            prev_names.append(prev)
         self.in_loop = True
         live = self.block_probe()
         head, self.lines = self.lines, []
@@ -614,24 +848,8 @@ class KernelRenderer(TileRendererBase):
                 prev, masked = head[:len(state)], head[len(state):] + body[len(head):]
                 full_body = (prev + self.lines + [f"if {every}:"] + ["    " + ln for ln in full_body]
                              + ["else:"] + ["    " + ln for ln in masked])
-        self.in_loop = False
-        self.lines = outer
-        self.memo = saved_memo
-        self.lines += self.hoisted
-        if full_body is None:
-            self.emit(f"for {r.loop.lower()} in range(tile_lo, tile_hi):")
-            self.lines += ["    " + ln for ln in body]
-        else:
-            # masks only on the partial tiles: before, inside and after the full ones
-            self.emit(f"full_lo = tl.minimum(tl.maximum({full[0]}, tile_lo), tile_hi)")
-            self.emit(f"full_hi = tl.maximum(tl.minimum({full[1]}, tile_hi), full_lo)")
-            for lo, hi, lines in (("tile_lo", "full_lo", body), ("full_lo", "full_hi", full_body),
-                                  ("full_hi", "tile_hi", body)):
-                self.emit(f"for {r.loop.lower()} in range({lo}, {hi}):")
-                self.lines += ["    " + ln for ln in lines]
-        for st in self.tp.epilogue:
-            self.statement(st)
-        return self.lines
+        self.hoist_guards = False
+        return body, full, full_body
 
 
 # ----------------------------------------------------------------------------
@@ -661,6 +879,10 @@ class KernelPart:
     persistent: bool = False   # a stream-K worker: one program per worker, grid (1, workers)
     define: bool = True        # False: the kernel is another variant's (a shared combine)
     fills: dict = field(default_factory=dict)  # workspace name -> its init value's code
+    flags: list = field(default_factory=list)  # (constexpr, launcher code of a factor > 0)
+    # the other ranks of each block a row carries (the launcher sizes the row block so
+    # that the widest fits in registers); None when a tl.dot needs rows of 16 at least
+    row_blocks: list | None = None
 
 
 @dataclass
@@ -694,15 +916,18 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     pre = []
     for g in reversed(r.grid):
         if kr.pack and g == kr.pack.rank:
-            pre += [f"idx_pk = pid % {_units(kr.pack)}", f"pid = pid // {_units(kr.pack)}"]
+            pre += [f"idx_pk = (pid % {_units(kr.pack)}).to(tl.int64)",
+                    f"pid = pid // {_units(kr.pack)}"]
             continue
-        pre += [f"idx_{g.lower()} = pid % {pyname(g)}", f"pid = pid // {pyname(g)}"]
+        pre += [f"idx_{g.lower()} = (pid % {pyname(g)}).to(tl.int64)", f"pid = pid // {pyname(g)}"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
         pre += [f"b{k} = pid % NB{k}", f"pid = pid // NB{k}"]
     pre.append("b0 = pid")
     tensors = [a.name for a in kr.defn.tensor_args] + [o.name for o in kr.outputs]
     for t in tensors:
-        pre.append(f"boff_{t} = " + " + ".join(f"b{k} * stride_{t}_b{k}" for k in range(MAX_BATCH_DIMS)))
+        # 64-bit: a batch of long sequences passes 2**31 elements
+        pre.append(f"boff_{t} = " + " + ".join(f"b{k}.to(tl.int64) * stride_{t}_b{k}"
+                                               for k in range(MAX_BATCH_DIMS)))
     for v in r.vector:
         if v == r.row and kr.pack:
             pre += _packed_row_lines(kr)
@@ -852,7 +1077,21 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
         outputs=[(pyname(o.name), o.name, list(o.ranks), o.name in workspace) for o in outputs],
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params],
         row=kr.ranks.row, grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
-        tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr))
+        tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
+        flags=_flags(kr), row_blocks=_row_blocks(kr))
+
+
+def _flags(kr: KernelRenderer) -> list:
+    return [(flag, factor) for factor, flag in kr.sign_flags.items()]
+
+
+def _row_blocks(kr: KernelRenderer) -> list | None:
+    """The non-row ranks of each block over the row rank (several: a 3-D block, like the
+    split-K combine's [P, W, F]); None when the kernel has a tl.dot."""
+    if kr.has_dot or kr.ranks.row is None:
+        return None
+    return sorted({tuple(r for r in lay if r != kr.ranks.row) for lay in kr.blocks
+                   if kr.ranks.row in lay and len(lay) > 2})
 
 
 def _renderer(k: Kernel) -> KernelRenderer:
@@ -883,7 +1122,7 @@ def _stream_part(k: Kernel, slot: str) -> KernelPart:
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params], row=kr.ranks.row,
         grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
         tile_size=k.tiles.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
-        persistent=True, fills={t: constant_code(v) for t, v in k.fills})
+        persistent=True, fills={t: constant_code(v) for t, v in k.fills}, flags=_flags(kr))
 
 
 def _kernel_part(k: Kernel, slot: str | None) -> KernelPart:
@@ -944,8 +1183,10 @@ def render_module(module: KernelModule, source_name: str) -> str:
     stem = Path(source_name).stem
     env = _environment()
     names = [pyname(p.name) for p in module.programs]
+    tiles = [k.tile_size for s in specs for v in s.variants for k in v.kernels if k.tile_size]
     text = env.get_template("module.py.jinja").render(
         version=__version__, source=source_name, specs=specs, names=names,
+        tile=max(tiles, default=64),
         namespace=_op_namespace(module, stem), max_batch=MAX_BATCH_DIMS)
     return text + env.get_template("chain.py.jinja").render(chains=chains)
 

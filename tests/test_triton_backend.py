@@ -377,8 +377,8 @@ attention gqa_per_head(Q[H,P,E], K[HK,M,E], V[HK,M,F], SLOPE[H], scale = 1/sqrt(
 
 
 @pytest.mark.parametrize("rel, packed", [
-    ("gqa_decode.attn", "idx_pk = pid % HK"), ("sqa.attn", "idx_pk = pid % HKV"),
-    ("mqa_decode.attn", "idx_pk = pid % 1"), ("mha.attn", None), ("alibi.attn", None),
+    ("gqa_decode.attn", "idx_pk = (pid % HK)"), ("sqa.attn", "idx_pk = (pid % HKV)"),
+    ("mqa_decode.attn", "idx_pk = (pid % 1)"), ("mha.attn", None), ("alibi.attn", None),
 ])
 def test_query_heads_sharing_keys_are_packed_into_rows(rel, packed):
     """GQA/SQA read K/V at h // G, MQA not at all: those heads share a program (one K/V
@@ -399,7 +399,7 @@ def test_packed_heads_match_interpreter(P, variant, tmp_path, monkeypatch):
     arithmetic and in a where, and the split variants, all against the interpreter."""
     module = parse(GQA_PER_HEAD, "gqa_per_head.attn")
     gen = compile_module(module, "gqa_per_head.attn", tmp_path)
-    assert "idx_pk = pid % HK" in Path(gen.__file__).read_text()
+    assert "idx_pk = (pid % HK)" in Path(gen.__file__).read_text()
     defn = module.definitions[0]
     rng = np.random.default_rng(P)
     sizes = {"H": 6, "HK": 2, "P": P, "M": 50, "E": 8, "F": 5}

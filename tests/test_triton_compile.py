@@ -61,6 +61,7 @@ def _signature(part, variant, dtypes, arg_names):
     pointers.update({pyname: "*fp32" if work else "*bf16" for pyname, _, _, work in part.outputs})
     blocks = {f"BLOCK_{r}": 16 if r == variant.split else 64 if r in (part.row, part.tile) else 128
               for r in part.vector}
+    blocks.update({flag: True for flag, _ in part.flags})  # a positive scale
     return kernel_signature(part, arg_names, pointers, blocks)
 
 
@@ -74,10 +75,11 @@ path, jobs = sys.argv[1], json.loads(sys.argv[2])
 spec = importlib.util.spec_from_file_location("generated", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-for kernel, signature, constexprs in jobs:
+for kernel, signature, constexprs, attrs in jobs:
     constexprs = {(int(i),): v for i, v in constexprs.items()}
+    attrs = {(int(i),): v for i, v in attrs.items()}
     compiled = triton.compile(ASTSource(fn=getattr(module, kernel), signature=signature,
-                                        constexprs=constexprs),
+                                        constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "num_stages": 2})
     assert compiled.asm["cubin"], kernel
@@ -86,7 +88,7 @@ for kernel, signature, constexprs in jobs:
 
 
 def _jobs(rel: str, tmp: Path):
-    """The generated module's path and, per kernel, (name, signature, constexprs)."""
+    """The generated module's path and, per kernel, (name, signature, constexprs, attrs)."""
     import inspect
 
     from attnc.backends import write_atomic
@@ -100,8 +102,9 @@ def _jobs(rel: str, tmp: Path):
     for part, variant, dtypes in parts:
         fn = namespace[part.kernel]
         names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-        signature, constexprs = _signature(part, variant, dtypes, names)
-        jobs.append((part.kernel, signature, {str(k[0]): v for k, v in constexprs.items()}))
+        signature, constexprs, attrs = _signature(part, variant, dtypes, names)
+        jobs.append((part.kernel, signature, {str(k[0]): v for k, v in constexprs.items()},
+                     {str(k[0]): v for k, v in attrs.items()}))
     return path, jobs
 
 

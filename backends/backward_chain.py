@@ -6,7 +6,7 @@ definitions, and appends (``templates/common/backward.py.jinja``):
 
 * ``NAME_backward(tensors..., adjoints..., *, params)``: the stages in order; returns the
   gradients of ``NAME``'s floating-point tensor arguments and float scalar parameters (a
-  scalar's summed over the batch);
+  scalar's per batch element, as the backward cascade gives it);
 * on torch backends, ``NAME`` itself becomes differentiable (a ``torch.autograd.Function``
   whose backward is ``NAME_backward``; without ``requires_grad`` it is the plain launch).
 """

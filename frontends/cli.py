@@ -268,6 +268,9 @@ def _check_target(backend: str) -> tuple[str | None, float]:
 def cmd_check(args) -> int:
     from ..backends.check import check_definition
 
+    if getattr(args, "grad", False) and args.backward:
+        raise UsageError("--grad checks the backward program against the backward cascade: "
+                         "it does not take --backward")
     module = _load(args)
     failed = False
     device, tolerance = _check_target(args.backend)
@@ -275,6 +278,10 @@ def cmd_check(args) -> int:
         generated = _compile_to_temp(args.spec, module, args, tmp)
         for defn in module.definitions:
             fn = getattr(generated, defn.name)
+            if getattr(args, "grad", False):  # the oracle: the backward cascade, interpreted
+                from ..passes.backward import backward
+
+                defn, fn = backward(defn), getattr(generated, f"{defn.name}_backward")
             if device is not None:
                 from ..backends.check import torch_caller
 
@@ -434,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="compare the compiled code with the interpreter")
     common(k)
     k.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
+    k.add_argument("--grad", action="store_true",
+                   help="check NAME_backward (the backward program's kernels) against the "
+                        "interpreter running the derived backward cascade")
     k.set_defaults(fn=cmd_check)
 
     r = sub.add_parser("report", help="pass-count bounds, footprints and costs")

@@ -118,9 +118,9 @@ def _read_elsewhere(cascade: Definition, name: str) -> bool:
 
 
 def stage_definition(cascade: Definition, name: str, outputs: list[str],
-                     inputs: set[str]) -> Definition:
+                     inputs: set[str], dtype: str = "f32") -> Definition:
     """The slice of ``cascade`` computing ``outputs`` from its arguments and ``inputs``
-    (earlier stages' results, float32 arguments here).  Every argument of the cascade is
+    (earlier stages' results, ``dtype`` arguments here: float32, float64 on numpy).  Every argument of the cascade is
     kept: they bind the sizes."""
     by_name = {st.tensor: st for st in cascade.statements}
     needed: set[str] = set()
@@ -138,8 +138,8 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
                             todo.append(n.tensor)
     statements = tuple(st for st in cascade.statements if st.tensor in needed)
     grads = {o.name: o for o in cascade.outputs}
-    outs = tuple(grads.get(o) or Output(o, cascade.tensor_ranks(o), "f32") for o in outputs)
-    saved = tuple(TensorArg(t, cascade.tensor_ranks(t), "f32") for t in sorted(inputs)
+    outs = tuple(grads.get(o) or Output(o, cascade.tensor_ranks(o), dtype) for o in outputs)
+    saved = tuple(TensorArg(t, cascade.tensor_ranks(t), dtype) for t in sorted(inputs)
                   if any(isinstance(n, Access) and n.tensor == t
                          for st in statements for e in (st.expr, st.where)
                          for n in (walk(e) if e is not None else ())))
@@ -231,8 +231,9 @@ def backward_program(defn: Definition, backend: str = "triton",
     grads = [o.name for o in cascade.outputs if o.name not in zeros]
     groups = _grouped(cascade, backend, cuts + grads, f"{name}_s", options)
     stages, made = [], set()
+    dtype = saved_dtype(backend)
     for i, group in enumerate(groups):
-        stage = stage_definition(cascade, f"{name}_{i}", group, made)
+        stage = stage_definition(cascade, f"{name}_{i}", group, made, dtype)
         why = lowers(stage, backend, options)
         if why is not None:
             raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) has no kernel "
@@ -240,10 +241,17 @@ def backward_program(defn: Definition, backend: str = "triton",
         stages.append(stage)
         made |= set(group)
     return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
-        defn, stages, backend, options), rows=rows)
+        defn, stages, backend, options, dtype), rows=rows)
 
 
-def _with_stats(defn: Definition, stages, backend: str, options) -> Definition | None:
+def saved_dtype(backend: str) -> str:
+    """What stages pass on (row statistics, per-row parts): float32 for the kernels, float64
+    on numpy (whose inputs usually are)."""
+    return "f64" if backend == "numpy" else "f32"
+
+
+def _with_stats(defn: Definition, stages, backend: str, options,
+                dtype: str = "f32") -> Definition | None:
     """``defn`` returning, besides its outputs, what the leading stages make from forward
     tensors alone (``GM``, ``SD``), when that still lowers: the forward saves its row
     statistics instead of the backward recomputing them (FlashAttention-2's LSE)."""
@@ -257,7 +265,7 @@ def _with_stats(defn: Definition, stages, backend: str, options) -> Definition |
     if not saved:
         return None
     ranks = {st.tensor: st.lhs for st in canonicalize(defn).statements}
-    extra = tuple(Output(n, ranks[n], "f32") for n in saved
+    extra = tuple(Output(n, ranks[n], dtype) for n in saved
                   if n not in {o.name for o in defn.outputs})
     out = dataclasses.replace(defn, name=f"{defn.name}_with_stats", outputs=defn.outputs + extra)
     return out if lowers(out, backend, options) is None else None

@@ -233,3 +233,14 @@ def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_pat
                         "--grad", "-o", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "def causal_softmax_backward(" in (tmp_path / "causal.py").read_text()
+
+
+def test_check_grad_compares_the_backward_program_with_the_interpreter():
+    """`attnc check --grad`: NAME_backward (stages, per batch element, parameters' gradients
+    too) against the interpreted backward cascade, on the check's ragged batched shapes."""
+    r = subprocess.run([sys.executable, "-m", "attnc", "check", str(EXAMPLES / "alibi.attn"),
+                        "--grad"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("alibi_backward")]
+    assert {x.split()[1] for x in lines} == {"dQ", "dK", "dV", "dSLOPE", "dscale"}
+    assert all(x.endswith("ok") for x in lines)

@@ -214,6 +214,9 @@ class _Builder:
         self.pending: list[Statement] = []     # adjoint statements, in the order made
         self.lets: list[SizeLet] = []
         self.origin: dict[str, tuple] = {}     # contribution -> (statement, access) it came from
+        # adjoint or contribution -> the ranks whose size 0 makes all of it absent
+        self.vanish: dict[str, frozenset] = {}
+        self.assumed: set[str] = set()  # ranks a presence proof assumed non-empty
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
 
@@ -292,8 +295,18 @@ class _Builder:
                    lhs, expr, where)
         self.contributions.setdefault(name, []).append(c)
         self.pending.append(c)
+        self.vanish[c.tensor] = self.vanishing(st, space, lhs)
         if isinstance(node, Access) and not conds:
             self.origin[c.tensor] = (st, node)
+
+    def vanishing(self, st: Einsum, space, kept) -> frozenset:
+        """Ranks whose size 0 makes a contribution of ``st`` absent everywhere: its seed's,
+        and the ranks it sums that the gradient does not keep."""
+        seed = self.adjoint.get(st.tensor)
+        every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
+        # a rank the gradient keeps, or every output has, empties it (or everything) anyway
+        return (self.vanish.get(seed, frozenset()) | frozenset(space)) - frozenset(kept) \
+            - every_output
 
     def group_read(self, node: Access) -> int | None:
         """The position of the one grouped subscript ``h // G`` (``G = H / HK``, into a rank
@@ -339,6 +352,7 @@ class _Builder:
                    Reduce("sum", (g,), Access(heads.tensor, at)))
         self.contributions.setdefault(node.tensor, []).append(c)
         self.pending += [heads, c]
+        self.vanish[c.tensor] = self.vanishing(st, space, per_head)
 
     def broadcast_heads(self, node: Access, space) -> tuple[str, ...]:
         """Head ranks (the leading rank of a 3+-rank argument) the statement iterates but
@@ -371,6 +385,7 @@ class _Builder:
                    Reduce("sum", heads, Access(part.tensor, tuple(Index(r) for r in per_head))))
         self.contributions.setdefault(node.tensor, []).append(c)
         self.pending += [part, c]
+        self.vanish[c.tensor] = self.vanishing(st, space, per_head)
 
     def alias(self, rank: str) -> str:
         """A rank of the same size under another name (``let P_1 = P``)."""
@@ -397,11 +412,23 @@ class _Builder:
         if len(found) == 1 and found[0].lhs == self.ranks(name):
             return found[0].tensor, []
         lhs = self.ranks(name)
-        if all(c.lhs == lhs and self.covers(c.tensor) for c in found):
+        # a plain '+' when each is present wherever the tensor is, as long as no rank is
+        # empty; a rank whose size 0 empties one empties all (the same vanishing ranks), so
+        # then the sum is absent everywhere, which a later fill or the output reads as 0
+        every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
+        proved = []
+        for c in found:
+            self.assumed = set()
+            proved.append(c.lhs == lhs and self.covers(c.tensor))
+            self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
+                frozenset(self.assumed) - frozenset(lhs) - every_output)
+        vanish = {self.vanish.get(c.tensor, frozenset()) for c in found}
+        if len(vanish) == 1 and all(proved):
             total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
             for c in found[1:]:
                 total = Binary("+", total, Access(c.tensor, tuple(Index(r) for r in lhs)))
             out = self.fresh(adjoint_name(name))
+            self.vanish[out] = vanish.pop()
             return out, [Einsum(out, lhs, total)]
         z = fresh_rank("Z", self.taken)
         self.taken |= {z, z.lower()}
@@ -439,10 +466,7 @@ class _Builder:
                 or any(isinstance(n, Reduce) for n in walk(body))):
             return False
         # a rank the statement adds (the f of AV[p,f] = sum[m](SN[p,m] * V[m,f]) reading
-        # SN) has a point unless its size is 0; when every output has it, a size of 0
-        # empties every output and every adjoint, and all gradients are 0 either way
-        if any(r not in o.ranks for r in extra for o in self.defn.outputs):
-            return False
+        # SN) has a point unless its size is 0: a vanishing rank (see _sum)
         return all(self.present_with(acc, node, 0) for acc in walk(body)
                    if isinstance(acc, Access))
 
@@ -475,13 +499,15 @@ class _Builder:
             return st.where is None or _at_expr(st.where, at) in implied
 
         whole_fiber = st.where is None or not (free_ranks(st.where) & set(reduced))
-        if reduced and whole_fiber and all(("nonempty", r) in implied for r in reduced) and all(
+        if reduced and whole_fiber and all(
                 self.present_with(_at(n, point), x, depth + 1) if not (
                     set().union(*(free_ranks(u) for u in n.subscripts)) & set(reduced))
-                else n.tensor in self.args and n.subscripts == tuple(
-                    Index(r) for r in self.args[n.tensor].ranks)
+                else self.always_present(n, 0)
                 for n in walk(body) if isinstance(n, Access)):
-            return True  # a fiber of inputs over ranks that x's presence shows non-empty
+            # a fiber of values present everywhere: present unless a rank of it is empty
+            # (x's presence may show it is not; else the sum's proof assumes it: see _sum)
+            self.assumed |= {r for r in reduced if ("nonempty", r) not in implied}
+            return True
         if not reduced:  # a map: present where everything it reads is
             return all(self.present_with(_at(n, point), x, depth + 1)
                        for n in walk(body) if isinstance(n, Access))
@@ -519,6 +545,19 @@ class _Builder:
             group = lets.get(sub.right.rank, size_symbol(sub.right.rank))
             return sympy.simplify(size_symbol(sub.left.rank) / group - size_symbol(rank)) == 0
         return False
+
+    def always_present(self, acc: Access, depth: int) -> bool:
+        """Present at every point: an input read at its own ranks, or a map without
+        ``where`` of such values (``FK[m,e] = elu(K[m,e]) + 1``)."""
+        if acc.tensor in self.args:
+            return acc.subscripts == tuple(Index(r) for r in self.args[acc.tensor].ranks)
+        st = self.statement.get(acc.tensor)
+        if (depth > 8 or not isinstance(st, Einsum) or st.where is not None
+                or any(isinstance(n, Reduce) for n in walk(st.expr))
+                or acc.subscripts != tuple(Index(r) for r in st.lhs)):
+            return False
+        return all(self.always_present(n, depth + 1) for n in walk(st.expr)
+                   if isinstance(n, Access))
 
     def implied(self, x: Access, depth: int) -> set:
         """The ``where`` conditions (at ``x``'s point) that ``x`` being present implies: its

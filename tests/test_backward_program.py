@@ -244,3 +244,28 @@ def test_check_grad_compares_the_backward_program_with_the_interpreter():
     lines = [x for x in r.stdout.splitlines() if x.startswith("alibi_backward")]
     assert {x.split()[1] for x in lines} == {"dQ", "dK", "dV", "dSLOPE", "dscale"}
     assert all(x.endswith("ok") for x in lines)
+
+
+@pytest.mark.parametrize("name", ["linear.attn", "causal.attn", "lse.attn", "differential.attn",
+                                  "alibi.attn"])
+@pytest.mark.parametrize("empty", ["P", "M", "E", "F"])
+def test_presence_proofs_stay_exact_when_a_rank_is_empty(name, empty):
+    """A plain '+' of contributions assumes the ranks they sum non-empty only where an empty
+    one empties them all alike: the backward matches central differences with a size 0."""
+    d = _example(name)
+    rng = np.random.default_rng(5)
+    sizes = {"P": 3, "M": 4, "E": 2, "F": 3, "H": 2}
+    sizes[empty] = 0
+    args = [rng.standard_normal(tuple(sizes[r] for r in a.ranks)) for a in d.tensor_args]
+    params = {p.name: 0.7 for p in d.scalar_params if p.default is None}
+    outs = _tuple(interpret(d, *args, **params))
+    douts = [rng.standard_normal(o.shape) for o in outs]
+    grads = _tuple(interpret(backward(d), *args, *douts, **params))
+    eps = 1e-6
+    for i, a in enumerate(args):
+        v = rng.standard_normal(a.shape)
+        plus, minus = list(args), list(args)
+        plus[i], minus[i] = a + eps * v, a - eps * v
+        fd = sum(float(np.sum((p - m) * dy)) for p, m, dy in zip(
+            _tuple(interpret(d, *plus, **params)), _tuple(interpret(d, *minus, **params)), douts))
+        assert float(np.sum(grads[i] * v)) == pytest.approx(fd / (2 * eps), rel=1e-4, abs=1e-6)

@@ -162,6 +162,7 @@ class DotShape:
     rb: str                     # B's other rank: the product's columns
     filt: Term | None           # the statement's where, when it lies in scope
     scalars: tuple[Expr, ...]   # the factors over no vector rank
+    outer: tuple[Expr, ...] = ()  # factors over vector ranks but not r (OUTER_FACTORS)
 
 
 class TileRendererBase:
@@ -186,6 +187,9 @@ class TileRendererBase:
 
     Unsupported: type[Exception] = Exception
     Value: type[KernelValue] = KernelValue
+    # match_dot takes factors that do not vary along the summed rank out of the product
+    # (``sum[e](Q*K*f[p,m]) = f[p,m] * sum[e](Q*K)``): a target that multiplies them in
+    OUTER_FACTORS = False
     FUNCTIONS: dict[str, str] = {}     # one-argument functions: code templates over ``{x}``
     MINMAX = ""                        # two-argument max / min: over ``{fn}``, ``{a}``, ``{b}``
     UNAVAILABLE = "here"               # where a value read too early is missing (error text)
@@ -388,9 +392,13 @@ class TileRendererBase:
         """``e = sum[r](A * B * c)`` with A and B 2-D, each over r and one other rank, and
         a ``where`` over r folded into the operand it fits; None when not that shape."""
         r = e.ranks[0]
-        tensors, scalars = [], []
+        tensors, scalars, outer = [], [], []
         for f in _factors(e.body):
-            (tensors if free_ranks(f) & set(self.ranks.vector) else scalars).append(f)
+            ranks = free_ranks(f) & set(self.ranks.vector)
+            if self.OUTER_FACTORS and ranks and r not in free_ranks(f):
+                outer.append(f)
+            else:
+                (tensors if ranks else scalars).append(f)
         if len(tensors) != 2:
             return None
         a, b = (self.value(t, st) for t in tensors)
@@ -409,7 +417,7 @@ class TileRendererBase:
                 b = self.masked_operand(b, filt)
             else:
                 return None
-        return DotShape(a, b, r, ra, rb, filt, tuple(scalars))
+        return DotShape(a, b, r, ra, rb, filt, tuple(scalars), tuple(outer))
 
     def dot_input_terms(self, m: DotShape) -> tuple[tuple[Term, ...], tuple[Term, ...]]:
         """The operands' presence terms for the product's presence: A's also carry a

@@ -101,6 +101,7 @@ class KernelRenderer(TileRendererBase):
 
     Unsupported = TritonUnsupported
     Value = TVal
+    OUTER_FACTORS = True
     FUNCTIONS = {
         "exp": "tl.exp({x})", "exp2": "tl.exp2({x})", "log": "tl.log({x})",
         "log2": "tl.log2({x})", "sqrt": "tl.sqrt({x})", "rsqrt": "tl.rsqrt({x})",
@@ -505,6 +506,9 @@ class KernelRenderer(TileRendererBase):
         m = self.match_dot(e, st)
         if m is None:
             return None
+        outer = [self.value(f, st) for f in m.outer]
+        if not all(set(o.layout) <= {m.ra, m.rb} and not o.is_bool for o in outer):
+            return None
         self.has_dot = True
         r, ra, rb = m.r, m.ra, m.rb
         ac = self.operand(m.a, (ra, r), r)
@@ -522,11 +526,16 @@ class KernelRenderer(TileRendererBase):
             factor = sv.code if factor is None else f"({factor} * {sv.code})"
         scaled = (base, factor, all(map(_launcher_scalar, m.scalars))) \
             if factor and all(map(_argument_scalar, m.scalars)) else None
+        for o in outer:  # a factor constant along r multiplies the product
+            code = f"({code} * {self.float_code(o, layout)})"
+            scaled = None
         a_terms, b_terms = self.dot_input_terms(m)
         presence = self.dot_presence(a_terms, b_terms, r, ra, rb, layout)
         inputs = set(a_terms) | set(b_terms)  # the operands are zero where the rest fail
-        return TVal(code, layout, presence, scaled=scaled, identity="0.0",
-                    vanishes=tuple(t for t in presence if t not in inputs))
+        # (an outer factor may be inf where the product is 0: no claim then)
+        vanishes = () if outer else tuple(t for t in presence if t not in inputs)
+        presence = _merge_terms(presence, *(o.terms for o in outer))
+        return TVal(code, layout, presence, scaled=scaled, identity="0.0", vanishes=vanishes)
 
     def masked_operand(self, x: TVal, filt: Term) -> TVal:
         """``x`` under a ``where`` term (a load keeps its own dtype for ``tl.dot``)."""

@@ -178,3 +178,12 @@ def test_causal_meets_the_static_targets_on_sm90():
     assert loop.instructions <= 420, loop
     assert loop.mma == 12 and loop.wgmma_waits == 1 and loop.mufu == 34
     assert loop.global_loads > 0 and loop.local_memory == 0
+
+
+def test_a_factor_constant_along_the_sum_leaves_the_product():
+    """Retention's decay ``gamma ** (p - m)`` sits inside the e-sum (``sum[e](Q*K*decay)``):
+    it does not vary along e, so the score is still one tl.dot times the decay, not a
+    rows x tile x E block (whose four kernels took sm_90's compiler over 25 minutes)."""
+    kernel = _kernel(_module_text("retention"), "_retention_kernel")
+    full = _full_tile_loop(kernel)
+    assert full.count("tl.dot(") == 2 and "[:, None, :]" not in full

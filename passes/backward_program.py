@@ -91,7 +91,7 @@ def cut_points(cascade: Definition) -> list[str]:
         if not isinstance(st, Einsum) or st.tensor in outputs:
             continue
         reduced = _reduced_long(st, long)
-        if reduced and any(reduced & _iterated(r) for r in readers.get(st.tensor, [])):
+        if reduced and _reread_along(st.tensor, reduced, readers):
             cuts.append(st.tensor)
         elif _read_elsewhere(cascade, st.tensor) or (reduced and _totalled(cascade, st.tensor)):
             cuts.append(st.tensor)
@@ -104,6 +104,23 @@ def _totalled(cascade: Definition, name: str) -> bool:
     return any(isinstance(st, Einsum) and isinstance(st.expr, Reduce)
                and isinstance(st.expr.body, Access) and st.expr.body.tensor == name
                for st in cascade.statements)
+
+
+def _reread_along(name: str, reduced: set[str], readers: dict) -> bool:
+    """Whether a statement iterating ``reduced`` reads ``name``, directly or through maps
+    that do not (``SD[p] = SD_sum[p] + exp(-GM[p])`` read by ``A[p,m]``)."""
+    todo, seen = [name], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for r in readers.get(t, []):
+            if reduced & _iterated(r):
+                return True
+            if not any(isinstance(n, Reduce) for n in walk(r.expr)):
+                todo.append(r.tensor)
+    return False
 
 
 def _read_elsewhere(cascade: Definition, name: str) -> bool:

@@ -309,13 +309,69 @@ def cmd_report(args) -> int:
     stages = _pipeline(module, args)
     _check_sizes([module] + [m for _, m in stages], sizes)
     report = build_report(module, sizes, stages)
+    if args.backward:
+        report["backward_programs"] = _backward_programs(args.spec)
     if args.dot:
         _write(Path(args.dot), report_dot(stages[-1][1]))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(render_report(report), end="")
+        for prog in report.get("backward_programs", ()):
+            print(_render_backward_program(prog), end="")
     return 0
+
+
+def _backward_programs(spec: str) -> list[dict]:
+    """Each definition's backward program for the kernel targets (``attnc compile --grad``):
+    its stages, what each returns and reads from earlier ones, and its kernels' row and
+    streamed ranks — or why there is none."""
+    from ..passes.backward_program import backward_program
+
+    out = []
+    for d in parse_file(spec).definitions:
+        entry = {"definition": d.name, "target": "triton"}
+        try:
+            prog = backward_program(d, "triton")
+        except (NotTileable, NotDifferentiable) as why:
+            entry["refused"] = str(why)
+            out.append(entry)
+            continue
+        grads = {o.name for o in prog.cascade.outputs}
+        rows = []
+        for st in prog.stages:
+            one = Module((st,))
+            _, kernels = choose_form(one, run_pipeline(one, None, None, None, {"tile": 64}),
+                                     "triton", {"tile": 64})
+            program = kernels.programs[0]
+            kernels = [f"{k.roles.row or '-'} x {k.tiles.stream_rank or '-'}"
+                       for q in (program.parts or (program,)) for k in q.kernels[:1]]
+            rows.append({"stage": st.name, "returns": [o.name for o in st.outputs],
+                         "reads": [a.name for a in st.tensor_args
+                                   if a.name in set(prog.saved) | {x for _, ps in prog.rows
+                                                                   for x, _ in ps}],
+                         "kernels": kernels,
+                         "gradients": [o.name for o in st.outputs if o.name in grads]})
+        entry["stages"] = rows
+        entry["saved_by_forward"] = ([o.name for o in prog.with_stats.outputs][
+            len(d.outputs):] if prog.with_stats is not None else [])
+        out.append(entry)
+    return out
+
+
+def _render_backward_program(prog: dict) -> str:
+    lines = [f"\n== {prog['definition']}: backward program ({prog['target']} kernels, "
+             f"`attnc compile --grad`)"]
+    if "refused" in prog:
+        return "\n".join(lines + [f"  none: {prog['refused']}", ""]) + "\n"
+    if prog["saved_by_forward"]:
+        lines.append(f"  the forward saves {', '.join(prog['saved_by_forward'])} "
+                     f"({prog['definition']}_with_stats): their stage is skipped under autograd")
+    lines.append(f"  {'stage':32s} {'returns':28s} {'reads saved':20s} kernels (rows x streamed)")
+    for r in prog["stages"]:
+        lines.append(f"  {r['stage']:32s} {', '.join(r['returns']):28s} "
+                     f"{', '.join(r['reads']) or '-':20s} {'; '.join(r['kernels'])}")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_kernels(args) -> int:

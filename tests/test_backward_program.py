@@ -269,3 +269,15 @@ def test_presence_proofs_stay_exact_when_a_rank_is_empty(name, empty):
         fd = sum(float(np.sum((p - m) * dy)) for p, m, dy in zip(
             _tuple(interpret(d, *plus, **params)), _tuple(interpret(d, *minus, **params)), douts))
         assert float(np.sum(grads[i] * v)) == pytest.approx(fd / (2 * eps), rel=1e-4, abs=1e-6)
+
+
+def test_report_backward_lists_the_program_stages():
+    r = subprocess.run([sys.executable, "-m", "attnc", "report", str(EXAMPLES / "causal.attn"),
+                        "--backward", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    (prog,) = json.loads(r.stdout)["backward_programs"]
+    kinds = {tuple(s["returns"]): s["kernels"] for s in prog["stages"]}
+    assert kinds[("dK", "dV")] == ["M x P"] and kinds[("dSD_1", "dQ")] == ["P x M"]
+    assert prog["saved_by_forward"] == ["GM", "SD"]

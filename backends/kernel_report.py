@@ -240,11 +240,8 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
     picks at ``sizes`` and count its SASS.  Sizes of names that are no rank of a definition
     (``B=4,H=16`` for ``Q[P,E]``) are its leading batch dims, in order; tensors are
     contiguous."""
-    import triton
-
     from ..frontends import parse_file
     from . import compile_module, lower_stages
-    from . import triton_backend
 
     if dtype not in FLOAT_POINTER:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(FLOAT_POINTER)}")
@@ -253,7 +250,18 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
     stages, files = compile_module(module, "triton", stem)
     text = files[f"{stem}.py"]
     programs = lower_stages(stages, "triton", {"tile": 64}).programs
-    tmp = Path(tempfile.mkdtemp(prefix="attnc_kernels_"))
+    with tempfile.TemporaryDirectory(prefix="attnc_kernels_") as tmp:
+        return _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
+                                  Path(tmp))
+
+
+def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
+                       tmp: Path) -> list[KernelReport]:
+    """:func:`kernel_report`'s work, in the scratch folder ``tmp`` (module, cubins)."""
+    import triton
+
+    from . import triton_backend
+
     path = tmp / f"{stem}_aot.py"
     path.write_text(text)
     namespace: dict = {}

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from attnc.backends import compile_module, load_generated, write_atomic
 from attnc.backends.check import bounded_sizes, random_call
@@ -23,6 +24,7 @@ from attnc.passes.shift_invariance import is_shift, shifts
 from attnc.passes.tile import NotTileable
 
 from conftest import EXAMPLES
+from strategies import attention_cascades
 
 
 def _tuple(x):
@@ -281,3 +283,24 @@ def test_report_backward_lists_the_program_stages():
     kinds = {tuple(s["returns"]): s["kernels"] for s in prog["stages"]}
     assert kinds[("dK", "dV")] == ["M x P"] and kinds[("dSD_1", "dQ")] == ["P x M"]
     assert prog["saved_by_forward"] == ["GM", "SD"]
+
+
+@settings(max_examples=8, deadline=None)
+@given(attention_cascades())
+def test_random_attention_variants_run_their_backward_program(defn):
+    """Random cascades: the staged program (numpy, each stage a fused kernel program where
+    one exists) equals the interpreted backward cascade on ragged batched shapes."""
+    import tempfile
+    from pathlib import Path
+
+    from attnc.einsum_ir.ir import Module
+    from attnc.passes.backward import NotDifferentiable
+
+    try:
+        _, files = compile_module(Module((defn,)), "numpy", "mod", backward=True)
+    except NotDifferentiable:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, text in files.items():
+            write_atomic(Path(tmp) / fname, text)
+        _check_module(load_generated(Path(tmp) / "mod.py"), defn, "numpy", seeds=(0,), high=12)

@@ -19,13 +19,18 @@ the points that attain it share the adjoint evenly).  Before → after (one stat
 **Absent elements.**  A contribution is absent where its statement computed nothing, and
 the contract's ``+`` of an absent and a present element is absent; so a tensor with several
 contributions adds them after filling each one's absent points with 0 — an iterative rank
-of size 1 (``F[0,x] = 0; F[z+1,x] = C[x]``: an update that is not computed carries the 0).
+of size 1 (``F[0,x] = 0; F[z+1,x] = C[x]``: an update that is not computed carries the 0)
+— unless each is proven present wherever the tensor is and an empty rank would empty
+them all alike (:meth:`_Builder.covers`, :meth:`_Builder.vanishing`): then a plain ``+``,
+which kernels can run.  A stabilising shift (softmax's row max,
+:mod:`attnc.passes.shift_invariance`) is a constant.  GQA/MQA reads of K and V contribute
+per query head, then sum each group.
 A tensor no statement reads back has no adjoint; an output's adjoint is an input ``dAV``.
 Masked rows therefore get zero gradients, never NaN (the division ``a / b`` is
 differentiated only where it was computed).  Integer and bool tensors, and ``where``
 conditions, are constants.  Iterative (hand-written online) cascades are refused: their
-source form is the one to differentiate.  A subscript that is not a rank's own index
-(``K[m1*M0 + m0, e]``) is refused for a tensor that needs a gradient.
+source form is the one to differentiate.  Other subscripts that are not a rank's own
+index scatter by a filter (``... where sub == r``).
 """
 from __future__ import annotations
 
@@ -450,9 +455,10 @@ class _Builder:
     def covers(self, contribution: str) -> bool:
         """Whether a contribution is present wherever its tensor is (so contributions add
         without filling absent points with 0).  Its statement must compute the point that
-        reads the tensor's element whenever that element is present: one point per element
-        (the statement iterates exactly the tensor's ranks), no ``where``, and every other
-        read present there too (:meth:`present_with`)."""
+        reads the tensor's element whenever that element is present: the statement iterates
+        the tensor's ranks (ranks it adds have a point unless empty: the contribution's
+        vanishing ranks, see :meth:`_sum`), no ``where``, and every other read present there
+        too (:meth:`present_with`, whose assumptions of non-empty ranks join them)."""
         if contribution not in self.origin:
             return False
         st, node = self.origin[contribution]
@@ -460,7 +466,6 @@ class _Builder:
         body, reduced = st.expr, ()
         if isinstance(body, Reduce):
             body, reduced = body.body, body.ranks
-        extra = (set(st.lhs) | set(reduced)) - set(ranks)
         if (st.where is not None or node.subscripts != tuple(Index(r) for r in ranks)
                 or len(set(ranks)) != len(ranks) or not set(ranks) <= set(st.lhs) | set(reduced)
                 or any(isinstance(n, Reduce) for n in walk(body))):

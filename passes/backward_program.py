@@ -316,7 +316,8 @@ def _scalars_by_rows(cascade: Definition, backend: str, options
         for src in srcs:
             if src.lhs != out.ranks:
                 break
-            trial = _with_output(work, src.tensor, src.tensor, out.ranks, None)
+            trial = _with_output(work, src.tensor, src.tensor, out.ranks, None,
+                                 saved_dtype(backend))
             if lowers(stage_definition(trial, f"{cascade.name}_r", [src.tensor], cuts),
                       backend, options) is None:
                 work, part = trial, (src.tensor, 0)
@@ -355,10 +356,11 @@ def _contributions(cascade: Definition, name: str) -> list[Einsum]:
     return srcs
 
 
-def _with_output(cascade: Definition, old: str, name: str, ranks, stmt) -> Definition:
+def _with_output(cascade: Definition, old: str, name: str, ranks, stmt,
+                 dtype: str = "f32") -> Definition:
     statements = cascade.statements if stmt is None else \
         tuple(st for st in cascade.statements if st.tensor != name) + (stmt,)
-    outputs = tuple(o for o in cascade.outputs if o.name != name) + (Output(name, ranks, "f32"),)
+    outputs = tuple(o for o in cascade.outputs if o.name != name) + (Output(name, ranks, dtype),)
     return dataclasses.replace(cascade, statements=statements, outputs=outputs)
 
 
@@ -375,7 +377,8 @@ def _by_rows(cascade, src, long, cuts, backend, options):
         rest = tuple(r for r in reduced if r not in keep)
         name = f"{src.tensor}_rows"
         part = Einsum(name, src.lhs + keep, Reduce("sum", rest, src.expr.body), src.where)
-        trial = _with_output(cascade, src.tensor, name, src.lhs + keep, part)
+        trial = _with_output(cascade, src.tensor, name, src.lhs + keep, part,
+                             saved_dtype(backend))
         if lowers(stage_definition(trial, f"{cascade.name}_r", [name], cuts),
                   backend, options) is None:
             return trial, (name, len(keep))

@@ -48,6 +48,7 @@ from .canonicalize import canonicalize
 from .defer_normalization import conjoin, taken_names
 from .names import fresh_rank
 from .shift_invariance import shifts
+from .tile_loads import substitute
 
 
 class NotDifferentiable(Exception):
@@ -342,21 +343,27 @@ class _Builder:
         j = self.group_read(node)
         ranks = self.defn.tensor_ranks(node.tensor)
         sub = node.subscripts[j]
-        head, grouped = sub.left.rank, ranks[j]
-        per_head = tuple(head if k == j else r for k, r in enumerate(ranks))
+        per_head = tuple(sub.left.rank if k == j else r for k, r in enumerate(ranks))
+        g = self.alias(sub.right.rank)
+        at = tuple(Binary("+", Binary("*", Index(ranks[j]), Size(sub.right.rank)), Index(g))
+                   if k == j else Index(r) for k, r in enumerate(ranks))
+        self.partial_then_sum(st, node, value, space, per_head, (g,), at)
+
+    def partial_then_sum(self, st: Einsum, node: Access, value: Expr, space, per_head,
+                         heads, at) -> None:
+        """The contribution over ``per_head`` ranks (``dX_n_heads``), then its sum over
+        ``heads`` read at ``at`` (``dX_n``): what a GQA group or all MQA heads share."""
+        ranks = self.defn.tensor_ranks(node.tensor)
         summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
                        if r not in per_head)
         expr = Reduce("sum", summed, value) if summed else value
         n = len(self.contributions.get(node.tensor, [])) + 1
-        heads = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}_heads"), per_head, expr,
-                       st.where)
-        g = self.alias(sub.right.rank)
-        at = tuple(Binary("+", Binary("*", Index(grouped), Size(sub.right.rank)), Index(g))
-                   if k == j else Index(r) for k, r in enumerate(ranks))
+        part = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}_heads"), per_head, expr,
+                      st.where)
         c = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}"), ranks,
-                   Reduce("sum", (g,), Access(heads.tensor, at)))
+                   Reduce("sum", heads, Access(part.tensor, at)))
         self.contributions.setdefault(node.tensor, []).append(c)
-        self.pending += [heads, c]
+        self.pending += [part, c]
         self.vanish[c.tensor] = self.vanishing(st, space, per_head)
 
     def broadcast_heads(self, node: Access, space) -> tuple[str, ...]:
@@ -378,19 +385,9 @@ class _Builder:
             dK_1_heads[h,m,e] = sum[p](...)
             dK_1[m,e] = sum[h](dK_1_heads[h,m,e])"""
         heads = self.broadcast_heads(node, space)
-        ranks = self.defn.tensor_ranks(node.tensor)
-        per_head = heads + ranks
-        summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
-                       if r not in per_head)
-        expr = Reduce("sum", summed, value) if summed else value
-        n = len(self.contributions.get(node.tensor, [])) + 1
-        part = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}_heads"), per_head, expr,
-                      st.where)
-        c = Einsum(self.fresh(f"{adjoint_name(node.tensor)}_{n}"), ranks,
-                   Reduce("sum", heads, Access(part.tensor, tuple(Index(r) for r in per_head))))
-        self.contributions.setdefault(node.tensor, []).append(c)
-        self.pending += [part, c]
-        self.vanish[c.tensor] = self.vanishing(st, space, per_head)
+        per_head = heads + self.defn.tensor_ranks(node.tensor)
+        self.partial_then_sum(st, node, value, space, per_head, heads,
+                              tuple(Index(r) for r in per_head))
 
     def alias(self, rank: str) -> str:
         """A rank of the same size under another name (``let P_1 = P``)."""
@@ -497,11 +494,11 @@ class _Builder:
         point = dict(zip(st.lhs, acc.subscripts))
         implied = self.implied(x, 0)
         if st.where is not None and not (free_ranks(st.where) & set(reduced)) \
-                and _at_expr(st.where, point) not in implied:
+                and substitute(st.where, point) not in implied:
             return False  # a where that x's own presence implies is fine
 
         def where_holds(at: dict) -> bool:
-            return st.where is None or _at_expr(st.where, at) in implied
+            return st.where is None or substitute(st.where, at) in implied
 
         whole_fiber = st.where is None or not (free_ranks(st.where) & set(reduced))
         if reduced and whole_fiber and all(
@@ -572,7 +569,7 @@ class _Builder:
                 not all(isinstance(s, Index) for s in x.subscripts):
             return set()
         point = dict(zip(st.lhs, x.subscripts))
-        out = {_at_expr(st.where, point)} if st.where is not None else set()
+        out = {substitute(st.where, point)} if st.where is not None else set()
         if isinstance(st.expr, Reduce):  # present: some point of the fiber was computed
             out |= {("nonempty", r) for r in st.expr.ranks}
 
@@ -626,20 +623,7 @@ class _Builder:
 
 def _at(acc: Access, point: dict) -> Access:
     """``acc`` with its rank subscripts replaced by the expressions of ``point``."""
-    def sub(e: Expr) -> Expr:
-        if isinstance(e, Index) and e.rank in point:
-            return point[e.rank]
-        kids = children(e)
-        return with_children(e, tuple(sub(k) for k in kids)) if kids else e
-    return Access(acc.tensor, tuple(sub(s) for s in acc.subscripts))
-
-
-def _at_expr(e: Expr, point: dict) -> Expr:
-    """``e`` with its rank indices replaced by the expressions of ``point``."""
-    if isinstance(e, Index) and e.rank in point:
-        return point[e.rank]
-    kids = children(e)
-    return with_children(e, tuple(_at_expr(k, point) for k in kids)) if kids else e
+    return Access(acc.tensor, tuple(substitute(s, point) for s in acc.subscripts))
 
 
 def _without_mod(e: Expr) -> Expr:

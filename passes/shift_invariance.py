@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import sympy
 
 from ..einsum_ir.exprs import children, free_ranks, walk
-from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, Reduce, Unary)
+from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Reduce, Unary)
+from .tile_loads import substitute
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class _Propagation:
             return UNCHANGED
         lhs = self.defn.tensor_ranks(acc.tensor)
         mapping = dict(zip(lhs, acc.subscripts))
-        idx = tuple(_substitute(s, mapping) for s in eff.idx)
+        idx = tuple(substitute(s, mapping) for s in eff.idx)
         return Effect(eff.kind, eff.amount, idx)
 
     def expr(self, e) -> Effect:
@@ -222,17 +223,6 @@ def _is_number(e) -> bool:
     from ..einsum_ir.ir import Num
 
     return isinstance(e, Num)
-
-
-def _substitute(e, mapping: dict):
-    if isinstance(e, Index) and e.rank in mapping:
-        return mapping[e.rank]
-    kids = children(e)
-    if not kids:
-        return e
-    from ..einsum_ir.exprs import with_children
-
-    return with_children(e, tuple(_substitute(k, mapping) for k in kids))
 
 
 def is_shift(defn: Definition, name: str) -> bool:

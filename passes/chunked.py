@@ -84,6 +84,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Expr, Inde
 from ..einsum_ir.printer import print_expr
 from .canonicalize import canonicalize
 from .costs import form_cost
+from .defer_normalization import multiply
 from .names import fresh_rank
 from .reassociate import (CausalMask, Factor, Term, _affine, _extent, _fits, _in_bounds,
                           _Namer, _plain_einsum, _reads_total, _size_ir, as_term,
@@ -198,12 +199,7 @@ class _Sym:
             num.insert(0, self.back(sympy.Integer(coeff.p)))
             if coeff.q != 1:
                 den.append(Num(int(coeff.q)))
-        out = num[0] if num else Num(1)
-        for f in num[1:]:
-            out = Binary("*", out, f)
-        for d in den:
-            out = Binary("/", out, d)
-        return out
+        return multiply(num, den)
 
 
 def _mentions(x: sympy.Expr, sym: sympy.Symbol) -> bool:

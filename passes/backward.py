@@ -45,7 +45,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.types import FLOAT, type_env
 from ..einsum_ir.ir import size_symbol
 from .canonicalize import canonicalize
-from .defer_normalization import conjoin, taken_names
+from .defer_normalization import conjoin, conjuncts, taken_names
 from .names import fresh_rank
 from .shift_invariance import shifts
 from .tile_loads import substitute
@@ -223,6 +223,11 @@ class _Builder:
         # adjoint or contribution -> the ranks whose size 0 makes all of it absent
         self.vanish: dict[str, frozenset] = {}
         self.assumed: set[str] = set()  # ranks a presence proof assumed non-empty
+        # contribution -> (statement, lhs, summed ranks, where): two with the same one are
+        # present at the same points (every contribution reads all its statement's reads)
+        self.signature: dict[str, tuple] = {}
+        self.extra_implied: set = set()  # conditions a presence proof may assume hold
+        self.let_values = {let.name: let.value for let in defn.lets}
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
 
@@ -288,6 +293,10 @@ class _Builder:
                 if sub == Index(r) and r not in lhs:
                     lhs.append(r)
                     continue
+                if isinstance(sub, Index) and sub.rank not in lhs and \
+                        self.same_size(sub.rank, r):  # K[m,e] with K over [P,E], M = P
+                    lhs.append(sub.rank)
+                    continue
                 if r in space or r in lhs:  # the statement iterates r itself: an alias
                     r = self.alias(r)
                 lhs.append(r)
@@ -302,8 +311,25 @@ class _Builder:
         self.contributions.setdefault(name, []).append(c)
         self.pending.append(c)
         self.vanish[c.tensor] = self.vanishing(st, space, lhs)
+        if not conds:
+            self.signature[c.tensor] = (st.tensor, lhs, summed, st.where)
         if isinstance(node, Access) and not conds:
             self.origin[c.tensor] = (st, node)
+
+    def size(self, rank: str) -> sympy.Expr:
+        """A rank's size in argument sizes (through the ``let``s that alias it)."""
+        value = self.let_values.get(rank)
+        if value is None:
+            return size_symbol(rank)
+        return value.subs({sym: self.size(sym.name) for sym in value.free_symbols
+                           if sym.name in self.let_values})
+
+    def same_size(self, a: str, b: str) -> bool:
+        return a == b or sympy.simplify(self.size(a) - self.size(b)) == 0
+
+    def same_ranks(self, a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+        """Positionally the same ranks (by size: ``[M,E]`` is ``[P,E]`` when M = P)."""
+        return len(a) == len(b) and all(self.same_size(x, y) for x, y in zip(a, b))
 
     def vanishing(self, st: Einsum, space, kept) -> frozenset:
         """Ranks whose size 0 makes a contribution of ``st`` absent everywhere: its seed's,
@@ -411,26 +437,15 @@ class _Builder:
     def _sum(self, name: str, found: list[Einsum]) -> tuple[str, list[Statement]]:
         """One adjoint from the contributions (read by position: a contribution may name an
         alias of a rank)."""
-        if len(found) == 1 and found[0].lhs == self.ranks(name):
-            return found[0].tensor, []
         lhs = self.ranks(name)
-        # a plain '+' when each is present wherever the tensor is, as long as no rank is
-        # empty; a rank whose size 0 empties one empties all (the same vanishing ranks), so
-        # then the sum is absent everywhere, which a later fill or the output reads as 0
-        every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
-        proved = []
-        for c in found:
-            self.assumed = set()
-            proved.append(c.lhs == lhs and self.covers(c.tensor))
-            self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
-                frozenset(self.assumed) - frozenset(lhs) - every_output)
-        vanish = {self.vanish.get(c.tensor, frozenset()) for c in found}
-        if len(vanish) == 1 and all(proved):
+        if len(found) == 1 and self.same_ranks(found[0].lhs, lhs):
+            return found[0].tensor, []
+        if self.same_presence(name, found):
             total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
             for c in found[1:]:
                 total = Binary("+", total, Access(c.tensor, tuple(Index(r) for r in lhs)))
             out = self.fresh(adjoint_name(name))
-            self.vanish[out] = vanish.pop()
+            self.vanish[out] = self.vanish.get(found[0].tensor, frozenset())
             return out, [Einsum(out, lhs, total)]
         z = fresh_rank("Z", self.taken)
         self.taken |= {z, z.lower()}
@@ -449,38 +464,74 @@ class _Builder:
         stmts.append(Einsum(out, lhs, total))
         return out, stmts
 
-    def covers(self, contribution: str) -> bool:
-        """Whether a contribution is present wherever its tensor is (so contributions add
-        without filling absent points with 0).  Its statement must compute the point that
-        reads the tensor's element whenever that element is present: the statement iterates
-        the tensor's ranks (ranks it adds have a point unless empty: the contribution's
-        vanishing ranks, see :meth:`_sum`), no ``where``, and every other read present there
-        too (:meth:`present_with`, whose assumptions of non-empty ranks join them)."""
-        if contribution not in self.origin:
+    def same_presence(self, name: str, found: list[Einsum]) -> bool:
+        """Whether the contributions to ``name``'s adjoint are present at the same points,
+        so a plain ``+`` is their filled sum: the same statement, ranks and ``where`` (each
+        reads all its statement's reads), or each present wherever the tensor is and one
+        shared ``where`` holds (:meth:`covers`), as long as no rank is empty; a rank whose
+        size 0 empties one must empty all (the same vanishing ranks), so then the sum is
+        absent everywhere, which a later fill or the output reads as 0."""
+        lhs = self.ranks(name)
+        if not all(self.same_ranks(c.lhs, lhs) for c in found):
             return False
+        if len({self.signature.get(c.tensor, c.tensor) for c in found}) == 1:
+            return True
+        every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
+        wheres = []
+        for c in found:
+            self.assumed = set()
+            wheres.append(self.covers(c.tensor))
+            self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
+                frozenset(self.assumed) - frozenset(lhs) - every_output)
+        vanish = {self.vanish.get(c.tensor, frozenset()) for c in found}
+        return len(vanish) == 1 and None not in wheres and len(set(wheres)) == 1
+
+    def covers(self, contribution: str) -> frozenset | None:
+        """The ``where`` (its conjuncts) under which a contribution is present wherever its
+        tensor is, or None when not proven.  Its statement must compute the point that reads
+        the tensor's element whenever that element is present and the ``where`` holds: the
+        statement iterates the tensor's ranks (ranks it adds have a point unless empty: the
+        contribution's vanishing ranks, see :meth:`same_presence`), a ``where`` over those
+        ranks only (the conjuncts the element's presence implies drop out), and every other
+        read present there too (:meth:`present_with`, whose assumptions of non-empty ranks
+        join them)."""
+        if contribution not in self.origin:
+            return None
         st, node = self.origin[contribution]
         ranks = self.defn.tensor_ranks(node.tensor)
         body, reduced = st.expr, ()
         if isinstance(body, Reduce):
             body, reduced = body.body, body.ranks
-        if (st.where is not None or node.subscripts != tuple(Index(r) for r in ranks)
+        if (node.subscripts != tuple(Index(r) for r in ranks)
                 or len(set(ranks)) != len(ranks) or not set(ranks) <= set(st.lhs) | set(reduced)
-                or any(isinstance(n, Reduce) for n in walk(body))):
-            return False
-        # a rank the statement adds (the f of AV[p,f] = sum[m](SN[p,m] * V[m,f]) reading
-        # SN) has a point unless its size is 0: a vanishing rank (see _sum)
-        return all(self.present_with(acc, node, 0) for acc in walk(body)
-                   if isinstance(acc, Access))
+                or any(isinstance(n, Reduce) for n in walk(body))
+                or (st.where is not None and not free_ranks(st.where) <= set(ranks))):
+            return None
+        implied = self.implied(node, 0)
+        residual = frozenset(c for c in conjuncts(st.where) if c not in implied)
+        self.extra_implied = set(residual) | ({conjoin(*sorted(residual, key=repr))}
+                                              if residual else set())
+        try:
+            # a rank the statement adds (the f of AV[p,f] = sum[m](SN[p,m] * V[m,f]) reading
+            # SN) has a point unless its size is 0: a vanishing rank (see same_presence)
+            ok = all(self.present_with(acc, node, 0) for acc in walk(body)
+                     if isinstance(acc, Access))
+        finally:
+            self.extra_implied = set()
+        return residual if ok else None
 
     def present_with(self, acc: Access, x: Access, depth: int) -> bool:
         """``acc`` is present wherever ``x`` is (both read at one point of a statement)."""
         if acc == x:
             return True
-        if depth > 8 or any(isinstance(n, Access) for s in acc.subscripts for n in walk(s)):
+        if depth > 8:
             return False
-        if acc.tensor in self.args:  # an input read at its own ranks is in bounds
-            return all(self.in_bounds(sub, r)
+        if acc.tensor in self.args:  # an input read at its own ranks is in bounds, or at
+            known = self.bounded_by(x, 0)  # subscripts x's presence shows are in bounds
+            return all(self.in_bounds(sub, r) or (sub, r) in known
                        for sub, r in zip(acc.subscripts, self.args[acc.tensor].ranks))
+        if any(isinstance(n, Access) for s in acc.subscripts for n in walk(s)):
+            return False
         if self.read_by(acc, x, depth):
             return True
         st = self.statement.get(acc.tensor)
@@ -492,7 +543,7 @@ class _Builder:
         if any(isinstance(n, Reduce) for n in walk(body)):
             return False
         point = dict(zip(st.lhs, acc.subscripts))
-        implied = self.implied(x, 0)
+        implied = self.implied(x, 0) | self.extra_implied
         if st.where is not None and not (free_ranks(st.where) & set(reduced)) \
                 and substitute(st.where, point) not in implied:
             return False  # a where that x's own presence implies is fine
@@ -547,6 +598,38 @@ class _Builder:
             group = lets.get(sub.right.rank, size_symbol(sub.right.rank))
             return sympy.simplify(size_symbol(sub.left.rank) / group - size_symbol(rank)) == 0
         return False
+
+    def bounded_by(self, x: Access, depth: int) -> set:
+        """``(subscript, rank)`` pairs that ``x`` being present shows are in bounds: its
+        statement reads an input at them (inside a reduction too, for subscripts free of
+        the reduced ranks: some point of the fiber was computed).  Paged attention's
+        ``S[b,h,m]`` reads ``KC[PT[b, m // PG], m % PG, h // G, e]``, so ``VC``'s read at
+        the same page, slot and head is present wherever ``S`` is."""
+        st = self.statement.get(x.tensor)
+        if not isinstance(st, Einsum) or depth > 8 or \
+                not all(isinstance(s, Index) for s in x.subscripts):
+            return set()
+        point = dict(zip(st.lhs, x.subscripts))
+        out = set()
+
+        def visit(e: Expr, reduced: frozenset) -> None:
+            if isinstance(e, Reduce):
+                reduced = reduced | frozenset(e.ranks)
+            if isinstance(e, Access):
+                if e.tensor in self.args:
+                    for sub, r in zip(e.subscripts, self.args[e.tensor].ranks):
+                        if not free_ranks(sub) & reduced:
+                            out.add((substitute(sub, point), r))
+                elif not reduced:
+                    out.update(self.bounded_by(_at(e, point), depth + 1))
+                for sub in e.subscripts:  # an index tensor's read: PT[b, m // PG]
+                    visit(sub, reduced)
+                return
+            for k in children(e):
+                visit(k, reduced)
+
+        visit(st.expr, frozenset())
+        return out
 
     def always_present(self, acc: Access, depth: int) -> bool:
         """Present at every point: an input read at its own ranks, or a map without
@@ -616,6 +699,10 @@ class _Builder:
         if adj is None:
             stmts.append(Einsum(out_name, ranks, Num(0)))
         elif adj != out_name:
+            made = next((c.lhs for cs in self.contributions.values() for c in cs
+                         if c.tensor == adj), ranks)
+            if made != ranks and self.same_ranks(made, ranks):
+                ranks = made  # dK[m,e] for K[P,E] read as K[m,e] (M = P): one kernel's ranks
             stmts.append(Einsum(out_name, ranks, Access(adj, tuple(Index(r) for r in ranks))))
         dtype = next((a.dtype for a in self.defn.tensor_args if a.name == name), None)
         return Output(out_name, ranks, dtype), stmts

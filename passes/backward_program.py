@@ -31,6 +31,7 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Definition, Einsum, Index, Module, Output, Reduce, Statement,
                             TensorArg)
 from ..einsum_ir.kernel import KernelIRError
+from ..einsum_ir.printer import print_expr
 from .backward import backward
 from .canonicalize import canonicalize
 from .map_ranks import long_ranks
@@ -76,10 +77,24 @@ def _iterated(st) -> set[str]:
     return out
 
 
+def long_with_lets(cascade: Definition) -> frozenset[str]:
+    """:func:`long_ranks`, with the ``let`` sizes that are one long rank or a product of
+    ranks with a long one (``let M = P`` of self-attention, ``let M = NB * PG`` of a paged
+    cache): a reduction over them streams as one over the long rank would."""
+    long = set(long_ranks(cascade))
+    for let in cascade.lets:
+        value = let.value
+        factors = value.as_powers_dict() if value.is_Mul else {value: 1}
+        if all(getattr(f, "is_Symbol", False) and k == 1 for f, k in factors.items()) and \
+                any(f.name in long for f in factors):
+            long.add(let.name)
+    return frozenset(long)
+
+
 def cut_points(cascade: Definition) -> list[str]:
     """Reductions over a long rank that a statement reads while iterating that rank again,
     in statement order."""
-    long = long_ranks(cascade)
+    long = long_with_lets(cascade)
     outputs = {o.name for o in cascade.outputs}
     readers: dict[str, list] = {}
     for st in cascade.statements:
@@ -178,6 +193,9 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
         return (f"{defn.name}: gradient contributions added after filling their absent "
                 f"points with 0 ({', '.join(fills)}): the compiler could not prove each "
                 f"present wherever its tensor is, and kernels have no form for the fill")
+    scatter = _indirect_scatter(defn) if backend != "numpy" else None
+    if scatter is not None:
+        return scatter
     try:
         if backend == "numpy":
             lower_stages(run_pipeline(module, None, None, None, options), backend, options)
@@ -187,6 +205,24 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
         return str(err)
     except KernelIRError as err:  # a compiler bug in this grouping: another one is tried
         return f"the kernel program fails its verifier ({err})"
+    return None
+
+
+def _indirect_scatter(defn: Definition) -> str | None:
+    """Why a stage has no kernel program when a gradient lands through an index tensor
+    (``dKC_1[np,pg,hk,e] = sum[b,h,m](...) where PT[b, m // PG] == np``): several points
+    of the sum may write one element, which needs atomics."""
+    from ..einsum_ir.ir import Binary
+
+    for st in defn.statements:
+        for n in (walk(st.where) if st.where is not None else ()):
+            if isinstance(n, Binary) and n.op == "==" and any(
+                    isinstance(side, Index) and side.rank in st.lhs
+                    and any(isinstance(k, Access) for k in walk(other))
+                    for side, other in ((n.left, n.right), (n.right, n.left))):
+                return (f"{defn.name}: {st.tensor} scatters through an index tensor (where "
+                        f"{print_expr(n)}): several points of its sum land on one element, "
+                        f"which needs atomics, and the kernel IR has none")
     return None
 
 

@@ -180,7 +180,8 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
-                                  "differential.attn"])
+                                  "differential.attn", "linear_causal.attn", "softpick.attn",
+                                  "rwkv.attn", "prefix_lm.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -304,3 +305,10 @@ def test_random_attention_variants_run_their_backward_program(defn):
         for fname, text in files.items():
             write_atomic(Path(tmp) / fname, text)
         _check_module(load_generated(Path(tmp) / "mod.py"), defn, "numpy", seeds=(0,), high=12)
+
+
+def test_a_gradient_scattered_through_a_page_table_is_refused_with_that_reason():
+    """dKC lands through PT[b, m // PG]: two sequences' keys may share a cache row."""
+    with pytest.raises(NotTileable, match=r"dKC_1 scatters through an index tensor \(where "
+                                          r"PT\[b, m // PG\] == np\).*atomics"):
+        backward_program(_example("paged_decode.attn"), "triton")

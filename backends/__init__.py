@@ -55,11 +55,14 @@ BACKENDS: dict[str, Backend] = {
 
 def compile_module(module: Module, backend: str, stem: str, names=None, options=None,
                    stop_after=None, after_each=None, fused: bool = True, after_lowering=None,
-                   backward: bool = False):
+                   backward: bool = False, choose_form_for: frozenset = frozenset()):
     """Run the cascade pipeline, lower to the kernel IR (kernel backends) and render;
     returns (stages, files).  ``after_lowering(stage, program)`` sees every lowering stage.
     ``backward``: each definition's backward program too (``NAME_backward``; torch
-    backends make ``NAME`` differentiable), see :mod:`attnc.backends.backward_chain`."""
+    backends make ``NAME`` differentiable), see :mod:`attnc.backends.backward_chain`.
+    ``choose_form_for``: definitions (numpy) that take the form without ``reassociate``
+    when only that one has a kernel program (the backward stages, as :func:`choose_form`
+    does for every definition on kernel targets)."""
     if backward:
         return _compile_with_backward(module, backend, stem, names, options, stop_after,
                                       after_each, fused, after_lowering)
@@ -71,10 +74,52 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
         options["tile"] = chosen.tile
     stages = run_pipeline(module, names, stop_after, after_each, options)
     if chosen.runtime == "numpy":  # lowered per definition; the per-Einsum form takes the rest
-        return stages, chosen.render(stages[-1][1], stem, fused=fused, options=options,
-                                     sources=_before_online(stages), after_lowering=after_lowering)
+        final, sources = stages[-1][1], _before_online(stages)
+        if choose_form_for and fused and names is None and stop_after is None:
+            final, sources = _numpy_forms(module, final, sources, choose_form_for, options)
+        return stages, chosen.render(final, stem, fused=fused, options=options,
+                                     sources=sources, after_lowering=after_lowering)
     stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
     return stages, chosen.render(kernels, stem, fused=fused)
+
+
+def _numpy_forms(module: Module, final: Module, sources: Module | None, which: frozenset,
+                 options: dict):
+    """``final`` and ``sources`` with each definition in ``which`` that has no numpy kernel
+    program in its reassociated form replaced by its form without ``reassociate``, when
+    that one has (a backward stage's per-row parts: ``sum[m,e](dQK * Q * K)`` reassociated
+    to ``dQK_1K[p,e]`` then a row sum does not stream; the plain form does)."""
+    import dataclasses
+
+    from ..einsum_ir.ir import Module
+    from ..passes.lowering import TARGETS, lower
+    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from ..passes.tile import NotTileable
+
+    def lowers(d, src) -> bool:
+        try:
+            lower(d, TARGETS["numpy"], dict(options), src)
+            return True
+        except NotTileable:
+            return False
+
+    fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
+    defs, srcs = list(final.definitions), list(sources.definitions) if sources else None
+    for i, d in enumerate(defs):
+        if d.name not in which or lowers(d, sources[d.name] if sources else None):
+            continue
+        alt = run_pipeline(Module((module[d.name],)), fallback, None, None, options)
+        alt_final, alt_source = alt[-1][1].definitions[0], _before_online(alt)
+        alt_source = alt_source.definitions[0] if alt_source is not None else None
+        if lowers(alt_final, alt_source):
+            defs[i] = alt_final
+            if srcs is not None:
+                srcs = [alt_source if s.name == d.name and alt_source is not None else s
+                        for s in srcs]
+    final = dataclasses.replace(final, definitions=tuple(defs))
+    if srcs is not None:
+        sources = dataclasses.replace(sources, definitions=tuple(srcs))
+    return final, sources
 
 
 def _compile_with_backward(module, backend, stem, names, options, stop_after, after_each,
@@ -88,8 +133,10 @@ def _compile_with_backward(module, backend, stem, names, options, stop_after, af
     if stage_options.get("tile") is None:
         stage_options["tile"] = chosen.tile
     programs = programs_for(module, backend, stage_options)
+    stage_names = frozenset(s.name for p in programs for s in p.stages)
     stages, files = compile_module(with_stages(module, programs), backend, stem, names,
-                                   options, stop_after, after_each, fused, after_lowering)
+                                   options, stop_after, after_each, fused, after_lowering,
+                                   choose_form_for=stage_names)
     files = dict(files)
     files[f"{stem}.py"] += render_chains(module, programs, chosen.runtime)
     return stages, files

@@ -390,11 +390,13 @@ class StatementRenderer:
         for r, a in zip(e.ranks, axes):
             inner[r] = Bound(r, a, "")
         extents = tup(pyname(r) for r in e.ranks)
-        if e.op == "sum" and self.filter_outside(e):
-            # the where does not involve the summed ranks: filter the sum's result instead
-            fast = self.contraction(e, inner, axes, extents)
+        if e.op == "sum":
+            # a where not over the summed ranks filters the sum's result; one over them
+            # masks the operand whose ranks it spans
+            outside = self.filter_outside(e)
+            fast = self.contraction(e, inner, axes, extents, fold_where=not outside)
             if fast is not None:
-                filt = self.filter_at(inner)
+                filt = self.filter_at(inner) if outside else None
                 return fast[0], fast[1] + ([filt] if filt else [])
         filt = self.filter_at(inner)
         body, masks = self.value(e.body, inner)
@@ -406,10 +408,22 @@ class StatementRenderer:
     def filter_outside(self, e: Reduce) -> bool:
         return self.st.where is None or not (free_ranks(self.st.where) & set(e.ranks))
 
-    def contraction(self, e: Reduce, env, axes, extents) -> tuple[str, list[str]] | None:
-        """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape."""
-        tensors, scalars = [], []
-        for f in product_factors(e.body):
+    def contraction(self, e: Reduce, env, axes, extents,
+                    fold_where: bool = False) -> tuple[str, list[str]] | None:
+        """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape.
+        Factors free of the summed ranks multiply the result (``select(K[m,e] == K[m,e],
+        1, 1)``, ``1 / SD[p]``: presence and scale the backward adds); other factors that
+        are not plain reads (``exp(QK[p,m] - GM[p])``) become operands over their grid
+        axes; ``fold_where``: the statement's where (over the summed ranks) masks the
+        operand whose axes it spans (causal ``m <= p`` on ``dQK[p,m]`` of ``dK``)."""
+        summed = set(e.ranks)
+        grid = set(env)
+        tensors, scalars, outer = [], [], []
+        divisors = []
+        for f in _factors_over(e.body, summed):
+            if isinstance(f, _Divisor):
+                divisors.append(f.expr)
+                continue
             view = self.view_operand(f, env) if isinstance(f, Access) else None
             if view is None and isinstance(f, Access) and is_indirect(f):
                 view = self.gathered_operand(f, env)
@@ -417,11 +431,25 @@ class StatementRenderer:
                 tensors.append(view)
             elif not free_ranks(f) and not any(isinstance(n, (Access, Reduce)) for n in walk(f)):
                 scalars.append(self.value(f, env)[0])
+            elif not any(isinstance(n, Reduce) for n in walk(f)) and (
+                    free_ranks(f) < grid or not (free_ranks(f) & summed)):
+                outer.append(f)
             else:
                 return None
         used = {a for _, _, ax in tensors for a in ax}
-        if not tensors or not set(axes) <= used:
+        if not tensors:
             return None
+        # the other factors are operands too: np.einsum over non-finite values goes
+        # point by point (_contract_on_grid), so NaN and Inf stay the interpreter's
+        tensors += [self.expression_operand(f, env) for f in outer]
+        tensors += [self.expression_operand(d, env, reciprocal=True) for d in divisors]
+        used = {a for _, _, ax in tensors for a in ax}
+        if not set(axes) <= used:
+            return None
+        if fold_where:
+            tensors = self.where_folded(tensors, env)
+            if tensors is None:
+                return None
         letters = lambda ax: "".join(chr(ord("a") + a) for a in ax)  # noqa: E731
         out_axes = tuple(sorted(used - set(axes)))
         spec = ",".join("..." + letters(ax) for _, _, ax in tensors) + "->..." + letters(out_axes)
@@ -432,6 +460,39 @@ class StatementRenderer:
                           f"{extents})")
         value = " * ".join([v] + scalars)
         return (f"({value})" if scalars else v), [k]
+
+    def expression_operand(self, f: Expr, env, reciprocal: bool = False
+                           ) -> tuple[str, str | None, tuple[int, ...]]:
+        """A factor computed on the grid, cut to the grid axes of its ranks (an operand);
+        ``reciprocal``: ``1 / f`` (a divisor: numpy's division, inf at 0)."""
+        axes = tuple(sorted({env[r].axis for r in free_ranks(f) if env[r].axis is not None}))
+        value, masks = self.value(f, env)
+        if reciprocal:
+            value = f"np.divide(1.0, {value})"
+        t = self.temps.new("t")
+        self.lines.append(f"{t} = _axes({value}, {axes}, {self.nd})")
+        mask = None
+        if masks:
+            mask = self.temps.new("k")
+            self.lines.append(f"{mask} = _axes_as({_and(masks)}, {axes}, {self.nd}, "
+                              f"np.shape({t}))")
+        return t, mask, axes
+
+    def where_folded(self, tensors, env):
+        """The operands with the statement's where folded into the presence of the first
+        one whose axes it spans, or None when none does."""
+        ranks = free_ranks(self.st.where)
+        if not ranks <= set(env):
+            return None
+        want = {env[r].axis for r in ranks if env[r].axis is not None}
+        for i, (array, mask, ax) in enumerate(tensors):
+            if want <= set(ax):
+                v, masks = self.value(self.st.where, env)
+                w = self.temps.new("w")
+                self.lines.append(f"{w} = _axes_as(_holds({v}, {_and(masks)}), {ax}, "
+                                  f"{self.nd}, np.shape({array}))")
+                return tensors[:i] + [(array, _and([mask, w]), ax)] + tensors[i + 1:]
+        return None
 
     # --- the statement ----------------------------------------------------------
     def render(self) -> tuple[list[str], str, str | None, int]:
@@ -446,6 +507,23 @@ class StatementRenderer:
         filt = self.filter_at(env)
         mask = _and(masks + ([filt] if filt else []))
         return self.lines, value, mask, nl
+
+
+def _factors_over(e: Expr, summed: set[str]) -> list[Expr]:
+    """``e``'s factors, a divisor free of the summed ranks marked as one:
+    ``dA[p,m] * V[m,f] / SD[p]`` -> ``dA[p,m]``, ``V[m,f]``, divisor ``SD[p]``."""
+    if isinstance(e, Binary) and e.op == "*":
+        return _factors_over(e.left, summed) + _factors_over(e.right, summed)
+    if isinstance(e, Binary) and e.op == "/" and not (free_ranks(e.right) & summed):
+        return _factors_over(e.left, summed) + [_Divisor(e.right)]
+    return [e]
+
+
+@dataclass(frozen=True)
+class _Divisor:
+    """A divisor split off a contraction's body: the result is divided by it."""
+
+    expr: Expr
 
 
 def is_indirect(e: Access) -> bool:

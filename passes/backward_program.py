@@ -182,7 +182,7 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
 def lowers(defn: Definition, backend: str, options: dict | None = None) -> str | None:
     """None when ``defn`` compiles to a kernel program that ``backend`` renders, else why
     not (numpy: a fused kernel program, not the Einsum-by-Einsum fallback)."""
-    from ..backends import compile_module, lower_stages
+    from ..backends import choose_form, compile_module
     from ..passes.pipeline import run_pipeline
 
     options = dict(options or {})
@@ -198,7 +198,8 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
         return scatter
     try:
         if backend == "numpy":
-            lower_stages(run_pipeline(module, None, None, None, options), backend, options)
+            choose_form(module, run_pipeline(module, None, None, None, options), backend,
+                        options)
         else:
             compile_module(module, backend, "stage", options=options)
     except NotTileable as err:

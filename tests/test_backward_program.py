@@ -173,9 +173,10 @@ def _compiled(tmp_path, name, backend, **options):
 
 @pytest.mark.parametrize("name", ["causal.attn", "mha.attn", "document_mask.attn",
                                   "softcap.attn", "sliding_window.attn", "sigmoid.attn",
-                                  "lse.attn", "gqa_decode.attn", "differential.attn"])
+                                  "lse.attn", "gqa_decode.attn", "differential.attn",
+                                  "rwkv.attn", "softpick.attn", "prefix_lm.attn"])
 def test_numpy_backward_matches_the_cascade(tmp_path, name):
-    d, mod = _compiled(tmp_path, name, "numpy")
+    d, mod = _compiled(tmp_path, name, "numpy", tile=8)  # several tiles per row
     _check_module(mod, d, "numpy")
 
 
@@ -312,3 +313,21 @@ def test_a_gradient_scattered_through_a_page_table_is_refused_with_that_reason()
     with pytest.raises(NotTileable, match=r"dKC_1 scatters through an index tensor \(where "
                                           r"PT\[b, m // PG\] == np\).*atomics"):
         backward_program(_example("paged_decode.attn"), "triton")
+
+
+def test_numpy_backward_memory_grows_with_the_rows_not_with_rows_times_keys(tmp_path):
+    """The backward stages stream the keys: no P x M tensor (bench/cpu.py --backward runs
+    the P = M = 16384 check, docs/performance.md has its figures)."""
+    import tracemalloc
+
+    d, mod = _compiled(tmp_path, "causal.attn", "numpy", tile=64)
+    peaks = {}
+    for n in (512, 1024):
+        rng = np.random.default_rng(n)
+        q, k, v, do = (rng.standard_normal((n, 16)) for _ in range(4))
+        tracemalloc.start()
+        mod.causal_softmax_backward(q, k, v, do)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[1024] < 1024 * 1024 * 8, peaks      # less than one float64 P x M tensor
+    assert peaks[1024] / peaks[512] < 2.6, peaks     # linear in P (quadratic would be 4)

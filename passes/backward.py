@@ -227,6 +227,10 @@ class _Builder:
         # present at the same points (every contribution reads all its statement's reads)
         self.signature: dict[str, tuple] = {}
         self.extra_implied: set = set()  # conditions a presence proof may assume hold
+        # tensor -> the where (conjuncts over its ranks) under which its adjoint is present
+        # wherever it is; None when not proven (a contribution it seeds is then unproven)
+        self.adjoint_where: dict[str, frozenset | None] = {}
+        self.seeds: set[str] = set()  # the callers' adjoints dAV_0: present everywhere
         self.let_values = {let.name: let.value for let in defn.lets}
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
@@ -246,6 +250,7 @@ class _Builder:
                    Access(adjoint_name(out.name), ids))
         self.contributions.setdefault(out.name, []).append(c)
         self.pending.append(c)
+        self.seeds.add(c.tensor)
 
     def ranks(self, name: str) -> tuple[str, ...]:
         if name in self.params:
@@ -439,6 +444,8 @@ class _Builder:
         alias of a rank)."""
         lhs = self.ranks(name)
         if len(found) == 1 and self.same_ranks(found[0].lhs, lhs):
+            self.adjoint_where[name] = self.covers(found[0].tensor) if \
+                found[0].lhs == lhs else None
             return found[0].tensor, []
         if self.same_presence(name, found):
             total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
@@ -447,6 +454,7 @@ class _Builder:
             out = self.fresh(adjoint_name(name))
             self.vanish[out] = self.vanish.get(found[0].tensor, frozenset())
             return out, [Einsum(out, lhs, total)]
+        self.adjoint_where[name] = frozenset()  # filled: present everywhere
         z = fresh_rank("Z", self.taken)
         self.taken |= {z, z.lower()}
         self.lets.append(SizeLet(z, sympy.Integer(1)))
@@ -475,6 +483,7 @@ class _Builder:
         if not all(self.same_ranks(c.lhs, lhs) for c in found):
             return False
         if len({self.signature.get(c.tensor, c.tensor) for c in found}) == 1:
+            self.adjoint_where[name] = self.covers(found[0].tensor)
             return True
         every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
         wheres = []
@@ -484,7 +493,10 @@ class _Builder:
             self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
                 frozenset(self.assumed) - frozenset(lhs) - every_output)
         vanish = {self.vanish.get(c.tensor, frozenset()) for c in found}
-        return len(vanish) == 1 and None not in wheres and len(set(wheres)) == 1
+        same = len(vanish) == 1 and None not in wheres and len(set(wheres)) == 1
+        if same:
+            self.adjoint_where[name] = wheres[0]
+        return same
 
     def covers(self, contribution: str) -> frozenset | None:
         """The ``where`` (its conjuncts) under which a contribution is present wherever its
@@ -495,30 +507,91 @@ class _Builder:
         ranks only (the conjuncts the element's presence implies drop out), and every other
         read present there too (:meth:`present_with`, whose assumptions of non-empty ranks
         join them)."""
+        if contribution in self.seeds:
+            return frozenset()
         if contribution not in self.origin:
             return None
         st, node = self.origin[contribution]
+        seed_where = self.adjoint_where.get(st.tensor)
+        if seed_where is None:  # where the statement's adjoint is present is not known
+            return None
         ranks = self.defn.tensor_ranks(node.tensor)
         body, reduced = st.expr, ()
         if isinstance(body, Reduce):
             body, reduced = body.body, body.ranks
         if (node.subscripts != tuple(Index(r) for r in ranks)
                 or len(set(ranks)) != len(ranks) or not set(ranks) <= set(st.lhs) | set(reduced)
-                or any(isinstance(n, Reduce) for n in walk(body))
-                or (st.where is not None and not free_ranks(st.where) <= set(ranks))):
+                or any(isinstance(n, Reduce) for n in walk(body))):
+            return None
+        if not all(free_ranks(c) <= set(ranks) for c in seed_where):
             return None
         implied = self.implied(node, 0)
-        residual = frozenset(c for c in conjuncts(st.where) if c not in implied)
+        adds = (set(st.lhs) | set(reduced)) - set(ranks)
+        # conjuncts over the ranks the contribution sums hold at a fiber point of the
+        # tensor's own reduction (the same mask: AV_sum[p] = sum[m](S[p,m]) where m <= p)
+        over_adds = [c for c in conjuncts(st.where) if free_ranks(c) & adds]
+        mapping: dict = {}
+        if over_adds and not self.where_at_fiber(over_adds, node, adds, mapping):
+            return None
+        residual = frozenset(c for c in conjuncts(st.where) + sorted(seed_where, key=repr)
+                             if c not in implied and c not in over_adds)
         self.extra_implied = set(residual) | ({conjoin(*sorted(residual, key=repr))}
                                               if residual else set())
         try:
             # a rank the statement adds (the f of AV[p,f] = sum[m](SN[p,m] * V[m,f]) reading
             # SN) has a point unless its size is 0: a vanishing rank (see same_presence)
-            ok = all(self.present_with(acc, node, 0) for acc in walk(body)
-                     if isinstance(acc, Access))
+            reads = [acc for acc in walk(body) if isinstance(acc, Access)]
+            rest = [acc for acc in reads if not self.present_with(acc, node, 0)]
+            witnesses = [acc for acc in rest if self.fiber_witness(acc, node, adds, mapping)]
+            # the others present where a witness is (SN2[p,m] under the mask of SN1[p,m])
+            ok = all(acc in witnesses or any(self.present_with(acc, w, 0) for w in witnesses)
+                     for acc in rest)
         finally:
             self.extra_implied = set()
         return residual if ok else None
+
+    def fiber_witness(self, acc: Access, x: Access, adds: set, mapping: dict) -> bool:
+        """``acc`` (over ranks the contribution sums, ``adds``) is a read of ``x``'s own
+        reduction body at one fiber point, the same point for every such read
+        (``mapping``: x's reduced ranks -> the contribution's): ``x`` present means some
+        fiber point was computed, where all of them are present.  ``A[p,m] = SN[p,m] /
+        SD[p]`` gives ``dSD_1[p] = sum[m](dA_1[p,m] * ...)``, present wherever ``SD[p] =
+        sum[m](SN[p,m])`` is."""
+        st = self.statement.get(x.tensor)
+        if not isinstance(st, Einsum) or \
+                not all(isinstance(s, Index) for s in x.subscripts + acc.subscripts):
+            return False
+        point = dict(zip(st.lhs, x.subscripts))
+        if isinstance(st.expr, Reduce) and not (free_ranks(acc) & set(st.expr.ranks)) and any(
+                self.read_by(acc, _at(y, point), 0) for y in walk(st.expr.body)
+                if isinstance(y, Access) and all(isinstance(s, Index) for s in y.subscripts)):
+            return True  # read by the fiber's values (GM[p] by SN[p,m] of SD[p] = sum[m])
+        if not (free_ranks(acc) & adds):
+            return False
+        if not isinstance(st.expr, Reduce):  # a map: present where what it reads is
+            return st.where is None and any(
+                self.fiber_witness(acc, _at(y, point), adds, mapping)
+                for y in walk(st.expr) if isinstance(y, Access)
+                and all(isinstance(s, Index) for s in y.subscripts))
+        for read in walk(st.expr.body):
+            if not isinstance(read, Access) or read.tensor != acc.tensor:
+                continue
+            trial = dict(mapping)
+            for sub, mine in zip(read.subscripts, acc.subscripts):
+                if not isinstance(sub, Index):
+                    break
+                if sub.rank in point:
+                    if point[sub.rank] != mine:
+                        break
+                elif sub.rank in st.expr.ranks and mine.rank in adds and \
+                        trial.setdefault(sub.rank, mine.rank) == mine.rank:
+                    continue
+                else:
+                    break
+            else:
+                mapping.update(trial)
+                return True
+        return False
 
     def present_with(self, acc: Access, x: Access, depth: int) -> bool:
         """``acc`` is present wherever ``x`` is (both read at one point of a statement)."""
@@ -631,6 +704,27 @@ class _Builder:
         visit(st.expr, frozenset())
         return out
 
+    def where_at_fiber(self, conds: list, x: Access, adds: set, mapping: dict) -> bool:
+        """Every condition in ``conds`` (over the ranks the contribution sums) is one of
+        the ``where`` conjuncts of ``x``'s own reduction at a fiber point (its reduced
+        ranks renamed by ``mapping``, extended here by size), so it holds at the fiber
+        point ``x``'s presence shows was computed."""
+        st = self.statement.get(x.tensor)
+        if not isinstance(st, Einsum) or not isinstance(st.expr, Reduce) or st.where is None \
+                or not all(isinstance(s, Index) for s in x.subscripts):
+            return False
+        point = dict(zip(st.lhs, x.subscripts))
+        free = [r for r in st.expr.ranks if r not in mapping]
+        for choice in _assignments(free, sorted(adds - set(mapping.values())),
+                                   self.same_size):
+            trial = {**mapping, **choice}
+            at = {**point, **{r: Index(s) for r, s in trial.items()}}
+            mine = set(conjuncts(substitute(st.where, at)))
+            if all(c in mine for c in conds):
+                mapping.update(trial)
+                return True
+        return False
+
     def always_present(self, acc: Access, depth: int) -> bool:
         """Present at every point: an input read at its own ranks, or a map without
         ``where`` of such values (``FK[m,e] = elu(K[m,e]) + 1``)."""
@@ -706,6 +800,18 @@ class _Builder:
             stmts.append(Einsum(out_name, ranks, Access(adj, tuple(Index(r) for r in ranks))))
         dtype = next((a.dtype for a in self.defn.tensor_args if a.name == name), None)
         return Output(out_name, ranks, dtype), stmts
+
+
+def _assignments(ranks: list, targets: list, same_size) -> list[dict]:
+    """Every injective assignment of ``ranks`` to same-size ``targets``."""
+    if not ranks:
+        return [{}]
+    out = []
+    for t in targets:
+        if same_size(ranks[0], t):
+            rest = [u for u in targets if u != t]
+            out += [{ranks[0]: t, **more} for more in _assignments(ranks[1:], rest, same_size)]
+    return out
 
 
 def _at(acc: Access, point: dict) -> Access:

@@ -10,7 +10,10 @@
 2. Prefill, B=4, H=16, D=128, bf16, N=4096 and 16384: full, causal, sliding window
    1024, ALiBi, softcap, softmax_1, sigmoid, differential — TFLOP/s of attnc's
    kernel, SDPA and torch.compile(flex_attention) wherever they express it, and
-   the ratio to the best peer.
+   the ratio to the best peer.  Then training: forward + backward through torch
+   autograd (the derived backward program) for causal, ALiBi, softcap and sliding
+   window against SDPA's and Flex's backward, with the gradients' bf16 and f32
+   error against the float64 interpreter running the backward cascade.
 3. Decode, GQA 32/8, D=128, B=1, context 8k/32k/128k — TB/s of K/V read for the
    launcher's choice and for each variant forced (streamed, split-K, stream-K),
    against SDPA, and against the measured copy bandwidth.
@@ -329,6 +332,139 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
 
 
 # ----------------------------------------------------------------------------
+# 2b. training: forward + backward
+# ----------------------------------------------------------------------------
+
+
+def compile_grad(spec: Path, tile: int, tmp: Path):
+    """The Triton module with its backward program (NAME differentiable)."""
+    module = parse_file(spec)
+    _, files = compile_module(module, "triton", spec.stem, None, {"tile": tile}, backward=True)
+    path = tmp / f"{spec.stem}_grad_t{tile}.py"
+    write_atomic(path, files[f"{spec.stem}.py"])
+    return module, load_generated(path)
+
+
+def grad_errors(module, gen, device: str, dtype) -> float:
+    """NAME_backward on ``dtype`` inputs against the float64 interpreter running the
+    derived backward cascade, at small ragged sizes with a batch dim: the worst gradient's
+    relative error."""
+    from attnc.passes.backward import backward
+
+    defn = module.definitions[0]
+    rng = np.random.default_rng(7)
+    sizes = random_sizes(defn, rng, 17, 90)
+    args, params = random_call(defn, rng, sizes, (2,), (2,))
+    outs = interpret(defn, *args, **params)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    douts = [rng.standard_normal(o.shape) for o in outs]
+    bw = backward(defn)
+    want = interpret(bw, *args, *douts, **params)
+    want = want if isinstance(want, tuple) else (want,)
+    xs = [torch.from_numpy(a).to(device=device, dtype=dtype) if a.dtype == np.float64
+          else torch.from_numpy(a).to(device) for a in list(args) + douts]
+    got = getattr(gen, f"{defn.name}_backward")(*xs, **params)
+    got = got if isinstance(got, tuple) else (got,)
+    return max(relative_error(g.float().cpu().numpy(), w) for g, w, o in zip(got, want, bw.outputs)
+               if o.ranks and g is not None)
+
+
+def train(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
+    """Forward + backward (torch autograd through the derived backward) against SDPA's and
+    Flex's, and the gradients' error in bf16 (f16 on the CPU interpreter) and f32."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+    except Exception:  # noqa: BLE001 - flex is optional
+        flex = None
+    B, H, D = (1, 2, 64) if smoke else (4, 16, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    half = torch.bfloat16 if device == "cuda" else torch.float16
+    window = 1024 if not smoke else 32
+    say("\n## Training: forward + backward, TFLOP/s (B=%d, H=%d, D=%d, %s; 3.5x the forward's "
+        "FLOPs, FA2's count)" % (B, H, D, str(dt).split(".")[-1]))
+    say("| variant | N | attnc | SDPA | Flex | attnc / best peer | grads rel. error %s / f32 |"
+        % str(half).split(".")[-1])
+    say("|---|---|---|---|---|---|---|")
+    variants = [("causal", "causal.attn", "causal", {}), ("ALiBi", "alibi.attn", "causal", {}),
+                ("softcap", "softcap.attn", "causal", {"cap": 50.0}),
+                ("sliding window", "sliding_window.attn", "window", {"window": float(window)})]
+    errors = {}
+    for n in sizes:
+        n = 96 if smoke else n
+        g = torch.Generator(device="cpu").manual_seed(n)
+
+        def rand(*shape, grad=True):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dt).requires_grad_(grad)
+
+        q, k, v = rand(B, H, n, D), rand(B, H, n, D), rand(B, H, n, D)
+        do = rand(B, H, n, D, grad=False)
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device=device)
+        for label, spec, kind, params in variants:
+            if time.time() - START > 240:
+                say(f"| {label} | {n} | skipped: time budget | | | | |")
+                continue
+            flops = 3.5 * 4 * B * H * D * visible_pairs(n, kind, window)
+            row, note = {}, ""
+            try:
+                module, gen = compile_grad(EXAMPLES / spec, 64 if not smoke else 16, tmp)
+                fn = getattr(gen, module.definitions[0].name)
+                if label not in errors:
+                    errors[label] = (grad_errors(module, gen, device, half),
+                                     grad_errors(module, gen, device, torch.float32))
+                extra = (slopes,) if label == "ALiBi" else ()
+                row["attnc"] = bench_ms(lambda: torch.autograd.grad(
+                    fn(q, k, v, *extra, **params), (q, k, v), do))
+            except Exception as err:  # noqa: BLE001
+                note = f"{type(err).__name__}: {str(err)[:60]}"
+            try:
+                if label == "causal":
+                    row["SDPA"] = bench_ms(lambda: torch.autograd.grad(
+                        sdpa(q, k, v, is_causal=True), (q, k, v), do))
+                elif label == "sliding window" and n <= 16384:
+                    i = torch.arange(n, device=device)
+                    mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+                    row["SDPA"] = bench_ms(lambda: torch.autograd.grad(
+                        sdpa(q, k, v, attn_mask=mask), (q, k, v), do))
+            except Exception as err:  # noqa: BLE001
+                note += f" (SDPA: {str(err)[:40]})"
+            try:
+                if flex is not None:
+                    def causal_mask(b, h, qi, ki):
+                        return ki <= qi
+
+                    def window_mask(b, h, qi, ki):
+                        return (ki <= qi) & (qi - ki < window)
+
+                    def alibi(s, b, h, qi, ki):
+                        return s - slopes[h] * (qi - ki)
+
+                    def softcap(s, b, h, qi, ki):
+                        return 50.0 * torch.tanh(s / 50.0)
+
+                    bm = create_block_mask(window_mask if kind == "window" else causal_mask,
+                                           None, None, n, n, device=device)
+                    score = {"ALiBi": alibi, "softcap": softcap}.get(label)
+                    row["Flex"] = bench_ms(lambda: torch.autograd.grad(
+                        flex(q, k, v, score_mod=score, block_mask=bm), (q, k, v), do))
+            except Exception as err:  # noqa: BLE001
+                note += f" (Flex: {str(err)[:40]})"
+
+            def tf(ms):
+                return "-" if ms is None else f"{flops / ms / 1e9:.0f}"
+
+            peers = [row[x] for x in ("SDPA", "Flex") if row.get(x) is not None]
+            ratio = "-" if row.get("attnc") is None or not peers else \
+                f"{min(peers) / row['attnc']:.2f}"
+            e = errors.get(label)
+            err_text = "-" if e is None else f"{e[0]:.1e} / {e[1]:.1e}"
+            say(f"| {label} | {n} | {tf(row.get('attnc'))}{note} | {tf(row.get('SDPA'))} | "
+                f"{tf(row.get('Flex'))} | {ratio} | {err_text} |")
+
+
+# ----------------------------------------------------------------------------
 # 3. decode
 # ----------------------------------------------------------------------------
 
@@ -454,14 +590,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: numerics,prefill,decode,cuda")
-    ap.add_argument("--section", choices=("numerics", "prefill", "decode", "cuda"))
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: numerics,prefill,train,decode,cuda")
+    ap.add_argument("--section", choices=("numerics", "prefill", "train", "decode", "cuda"))
     ap.add_argument("--shard", default="0/1", help="k/n: this process runs every n-th example from the k-th")
     ap.add_argument("--shards", type=int, default=6,
                     help="processes per numerics section (Triton and nvcc compiles are CPU-bound)")
     ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")],
-                    default=[100, 150, 45], help="seconds for the numerics sections (run together), "
-                    "prefill, decode; about 5 minutes in all")
+                    default=[100, 150, 90, 45], help="seconds for the numerics sections (run "
+                    "together), prefill, train, decode; about 6.5 minutes in all")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
@@ -482,7 +619,8 @@ def main() -> None:
             if section in checks:
                 merge_parts(section, header, args.shards, out)
         # 2. timings, alone on the GPU
-        for section, limit in (("prefill", args.limits[1]), ("decode", args.limits[2])):
+        for section, limit in (("prefill", args.limits[1]), ("train", args.limits[2]),
+                               ("decode", args.limits[3])):
             if section not in skip:
                 run_section(section, limit, args, out)
         print((out / "gpu_results.md").read_text())
@@ -491,6 +629,8 @@ def main() -> None:
     sections = {"numerics": lambda: numerics(Path(tmp), device, args.smoke, (k, n)),
                 "prefill": lambda: prefill(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
                                            args.smoke),
+                "train": lambda: train(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
+                                       args.smoke),
                 "decode": lambda: decode(Path(tmp), device, args.smoke),
                 "cuda": lambda: numerics_cuda(Path(tmp), device, (k, n))}
     with tempfile.TemporaryDirectory() as tmp:

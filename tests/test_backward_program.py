@@ -331,3 +331,26 @@ def test_numpy_backward_memory_grows_with_the_rows_not_with_rows_times_keys(tmp_
         tracemalloc.stop()
     assert peaks[1024] < 1024 * 1024 * 8, peaks      # less than one float64 P x M tensor
     assert peaks[1024] / peaks[512] < 2.6, peaks     # linear in P (quadratic would be 4)
+
+
+def test_16_bit_inputs_train_with_float32_statistics(tmp_path):
+    """float16 inputs (the CPU interpreter's tl.dot is wrong for bf16, triton 3.9; the GPU
+    bench checks bf16): the forward saves float32 row statistics and the gradients come
+    back in float16 within half precision of the float64 reference."""
+    torch = pytest.importorskip("torch")
+    d, mod = _compiled(tmp_path, "alibi.attn", "triton", tile=16)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 29, 16, generator=gen) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.25])
+    half = [x.half().requires_grad_() for x in (q, k, v)]
+    out, *stats = mod.alibi_with_stats(*half, slopes)
+    assert out.dtype == torch.float16 and all(s.dtype == torch.float32 for s in stats)
+    mod.alibi(*half, slopes).float().square().sum().backward()
+    ref = [x.half().double().requires_grad_() for x in (q, k, v)]
+    i = torch.arange(29)
+    S = ref[0] @ ref[1].transpose(-1, -2) / 4.0 - slopes.double()[:, None, None] * (i[:, None] - i[None, :])
+    S = S.masked_fill(i[None, :] > i[:, None], float("-inf"))
+    (torch.softmax(S, -1) @ ref[2]).square().sum().backward()
+    for x, r in zip(half, ref):
+        assert x.grad.dtype == torch.float16
+        assert (x.grad.double() - r.grad).abs().max() < 5e-3 * r.grad.abs().max()

@@ -50,6 +50,8 @@ class ChainOfStages:
     zeros: tuple[tuple[str, str], ...]   # (gradient, the argument it has the shape of)
     # tensor arguments and their core rank counts: a scalar's gradient has their batch shape
     batch_of: tuple[tuple[str, int], ...]
+    # (rank, argument, axis from the end) the kernels assume non-empty (checked per call)
+    nonempty: tuple[tuple[str, str, int], ...]
     rows: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]  # (gradient, (part, ranks to sum))
     with_stats: str | None            # NAME_with_stats, when the forward saves statistics
     outputs: tuple[str, ...]          # NAME's outputs
@@ -103,6 +105,7 @@ def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfSta
         scalar_grads=tuple(g for g in grads if g[1:] in params),
         zeros=tuple((g, g[1:]) for g in program.zeros), rows=program.rows,
         batch_of=tuple((a.name, len(a.ranks)) for a in forward.tensor_args),
+        nonempty=program.nonempty,
         with_stats=program.with_stats.name if program.with_stats is not None else None,
         outputs=tuple(o.name for o in forward.outputs),
         stats=tuple(o.name for o in program.with_stats.outputs[len(forward.outputs):])

@@ -167,11 +167,13 @@ def _call_derivative(e: Call, leaf) -> Expr:
 # --- the backward cascade ---------------------------------------------------------------------
 
 
-def backward(defn: Definition, wrt: tuple[str, ...] | None = None) -> Definition:
+def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
+             nonempty: frozenset = frozenset()) -> Definition:
     """The VJP cascade of ``defn`` (see the module docstring).  Its arguments are
     ``defn``'s and one adjoint ``d<OUT>`` per output; its outputs the gradients
     ``d<X>`` of ``wrt`` (default: every floating-point tensor argument and every float
-    scalar parameter), in that order."""
+    scalar parameter), in that order.  ``nonempty``: ranks assumed of size > 0 (their
+    emptiness then does not tell contributions apart: a caller checks the sizes)."""
     defn = canonicalize(defn)
     if any(isinstance(st, IterativeEinsum) for st in defn.statements):
         raise NotDifferentiable(
@@ -195,6 +197,7 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None) -> Definition
     # a stabilising shift (softmax's row max) has a zero adjoint: a constant here, so its
     # contributions, its ties and their extra passes are never made
     b = _Builder(defn, floats - shifts(defn), params, taken)
+    b.nonempty = frozenset(nonempty)
     for out in defn.outputs:
         b.seed(out)
     for st in reversed(defn.statements):
@@ -231,6 +234,7 @@ class _Builder:
         # wherever it is; None when not proven (a contribution it seeds is then unproven)
         self.adjoint_where: dict[str, frozenset | None] = {}
         self.seeds: set[str] = set()  # the callers' adjoints dAV_0: present everywhere
+        self.nonempty: frozenset = frozenset()  # ranks assumed of size > 0 (see backward)
         self.let_values = {let.name: let.value for let in defn.lets}
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
@@ -492,11 +496,29 @@ class _Builder:
             wheres.append(self.covers(c.tensor))
             self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
                 frozenset(self.assumed) - frozenset(lhs) - every_output)
-        vanish = {self.vanish.get(c.tensor, frozenset()) for c in found}
+        gone = self.nonempty | self.empties(name, 0)
+        vanish = {self.vanish.get(c.tensor, frozenset()) - gone for c in found}
         same = len(vanish) == 1 and None not in wheres and len(set(wheres)) == 1
         if same:
             self.adjoint_where[name] = wheres[0]
         return same
+
+    def empties(self, name: str, depth: int) -> frozenset:
+        """Ranks whose size 0 makes ``name`` itself absent everywhere (so its adjoint's
+        contributions need not agree there): those its reduction sums, and those of what
+        it reads outside reductions (``SD[p] = sum[m](SN[p,m])``: M)."""
+        st = self.statement.get(name)
+        if not isinstance(st, Einsum) or depth > 8:
+            return frozenset()
+        out = set(st.expr.ranks) if isinstance(st.expr, Reduce) else set()
+        body = st.expr.body if isinstance(st.expr, Reduce) else st.expr
+        for n in walk(body):
+            if isinstance(n, Reduce):
+                continue
+            if isinstance(n, Access) and n.tensor in self.statement and not isinstance(
+                    st.expr, Reduce):
+                out |= self.empties(n.tensor, depth + 1)
+        return frozenset(out)
 
     def covers(self, contribution: str) -> frozenset | None:
         """The ``where`` (its conjuncts) under which a contribution is present wherever its

@@ -53,6 +53,10 @@ class BackwardProgram:
     with_stats: Definition | None = None
     # (gradient over no long rank, its parts the host adds: (part, trailing ranks to sum))
     rows: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    # ranks the stages assume of size > 0 (an output over them empty changes which
+    # contributions exist): (rank, an argument over it, the rank's axis from the end);
+    # NAME_backward refuses a call where one is 0
+    nonempty: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def saved(self) -> tuple[str, ...]:
@@ -278,6 +282,16 @@ def backward_program(defn: Definition, backend: str = "triton",
     """The backward of ``defn`` as stages that each lower for ``backend`` (raises
     :class:`NotTileable` naming the stage that does not, and why)."""
     source = backward(defn, wrt)
+    nonempty: tuple = ()
+    if backend != "numpy" and _has_fills(source):
+        # the fills an output's empty rank forces (lse: AV is empty when F = 0, LSE is
+        # not): kernels assume the rank non-empty and the call checks it
+        some = {r for o in defn.outputs for r in o.ranks}
+        every = set.intersection(*(set(o.ranks) for o in defn.outputs))
+        trial = backward(defn, wrt, frozenset(some - every))
+        if not _has_fills(trial):
+            source = trial
+            nonempty = tuple(_locate(defn, r) for r in sorted(some - every))
     name = source.name
     cascade, rows = _scalars_by_rows(source, backend, options)
     cuts = cut_points(cascade)
@@ -295,7 +309,19 @@ def backward_program(defn: Definition, backend: str = "triton",
         stages.append(stage)
         made |= set(group)
     return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
-        defn, stages, backend, options, dtype), rows=rows)
+        defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty)
+
+
+def _has_fills(cascade: Definition) -> bool:
+    return any(not isinstance(st, Einsum) for st in cascade.statements)
+
+
+def _locate(defn: Definition, rank: str) -> tuple[str, str, int]:
+    """(rank, the first tensor argument over it, its axis counted from the end)."""
+    for a in defn.tensor_args:
+        if rank in a.ranks:
+            return rank, a.name, len(a.ranks) - a.ranks.index(rank)
+    raise ValueError(f"no argument of {defn.name} is over {rank}")
 
 
 def saved_dtype(backend: str) -> str:

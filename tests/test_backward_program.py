@@ -227,8 +227,8 @@ def test_cuda_backward_under_emulation(tmp_path, monkeypatch):
 def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_path):
     with pytest.raises(NotTileable, match=r"stage \d+ \(.*\) has no kernel program: .*"
                                           r"filling their absent points with 0"):
-        backward_program(_example("lse.attn"), "triton")
-    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "lse.attn"),
+        backward_program(_example("linear.attn"), "triton")
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "linear.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2
@@ -354,3 +354,24 @@ def test_16_bit_inputs_train_with_float32_statistics(tmp_path):
     for x, r in zip(half, ref):
         assert x.grad.dtype == torch.float16
         assert (x.grad.double() - r.grad).abs().max() < 5e-3 * r.grad.abs().max()
+
+
+def test_lse_used_in_the_loss_trains_and_an_empty_value_dim_is_refused_per_call(tmp_path):
+    """The log-sum-exp output in the loss (a z-loss) through torch autograd on Triton: the
+    kernels assume F > 0 (AV empty would drop its gradient terms) and the call says so."""
+    torch = pytest.importorskip("torch")
+    d, mod = _compiled(tmp_path, "lse.attn", "triton", tile=16)
+    assert backward_program(d, "triton").nonempty == (("F", "V", 1),)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(n, 16, generator=gen, requires_grad=True) for n in (23, 31, 31))
+    out, lse = mod.attention_lse(q, k, v)
+    (out.square().sum() + 0.1 * lse.square().sum()).backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    S = (ref[0] @ ref[1].T / 4.0).masked_fill(
+        torch.arange(31)[None, :] > torch.arange(23)[:, None] + 31 - 23, float("-inf"))
+    (torch.softmax(S, -1) @ ref[2]).square().sum().add(
+        0.1 * torch.logsumexp(S, -1).square().sum()).backward()
+    for x, r in zip((q, k, v), ref):
+        assert (x.grad.double() - r.grad).abs().max() < 1e-5 * r.grad.abs().max()
+    with pytest.raises(ValueError, match="V has F = 0"):
+        mod.attention_lse_backward(q, k, v[:, :0], torch.zeros(23, 0), torch.ones(23))

@@ -266,7 +266,7 @@ def _check_target(backend: str) -> tuple[str | None, float]:
 
 
 def cmd_check(args) -> int:
-    from ..backends.check import check_definition
+    from ..backends.check import INTERPRETED_GRID_POINTS, MAX_GRID_POINTS, check_definition
 
     if getattr(args, "grad", False) and args.backward:
         raise UsageError("--grad checks the backward program against the backward cascade: "
@@ -286,7 +286,8 @@ def cmd_check(args) -> int:
                 from ..backends.check import torch_caller
 
                 fn = torch_caller(fn, device)
-            rows = check_definition(defn, fn, args.seed, tolerance)
+            rows = check_definition(defn, fn, args.seed, tolerance, INTERPRETED_GRID_POINTS
+                                    if device == "cpu" else MAX_GRID_POINTS)
             worst: dict[str, float] = {}
             for row in rows:
                 worst[row.output] = max(worst.get(row.output, 0.0), row.rel_error)

@@ -203,16 +203,22 @@ def visible_pairs(n: int, kind: str, window: int = 1024) -> int:
     return n * (n + 1) // 2
 
 
-def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
+def prefill_setup(smoke: bool):
+    """SDPA, torch.compile(flex_attention) and create_block_mask (None, None when Flex is
+    missing), the shape (B, H, D) and the dtype of the prefill and training sections."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention)
     except Exception:  # noqa: BLE001 - flex is optional
-        flex = None
-    B, H, D = (1, 2, 64) if smoke else (4, 16, 128)
-    dt = torch.float32 if smoke else torch.bfloat16
+        flex, create_block_mask = None, None
+    shape = (1, 2, 64) if smoke else (4, 16, 128)
+    return sdpa, flex, create_block_mask, shape, torch.float32 if smoke else torch.bfloat16
+
+
+def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
+    sdpa, flex, create_block_mask, (B, H, D), dt = prefill_setup(smoke)
     say("\n## Prefill: TFLOP/s (B=%d, H=%d, D=%d, %s)" % (B, H, D, str(dt).split(".")[-1]))
     say("| variant | N | attnc | SDPA | Flex | attnc / best peer |")
     say("|---|---|---|---|---|---|")
@@ -372,15 +378,7 @@ def grad_errors(module, gen, device: str, dtype) -> float:
 def train(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
     """Forward + backward (torch autograd through the derived backward) against SDPA's and
     Flex's, and the gradients' error in bf16 (f16 on the CPU interpreter) and f32."""
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention)
-    except Exception:  # noqa: BLE001 - flex is optional
-        flex = None
-    B, H, D = (1, 2, 64) if smoke else (4, 16, 128)
-    dt = torch.float32 if smoke else torch.bfloat16
+    sdpa, flex, create_block_mask, (B, H, D), dt = prefill_setup(smoke)
     half = torch.bfloat16 if device == "cuda" else torch.float16
     window = 1024 if not smoke else 32
     say("\n## Training: forward + backward, TFLOP/s (B=%d, H=%d, D=%d, %s; 3.5x the forward's "

@@ -311,18 +311,27 @@ class _Builder:
                 lhs.append(r)
                 conds.append(Binary("==", _without_mod(sub), Index(r)))
         lhs = tuple(lhs)
+        conds, solved = _solved(conds, space, lhs)
+        where = st.where
+        if solved:  # V[M - 1 - m, f]: m = M - 1 - mx, no sum over m filtered by an equality
+            value = substitute(value, solved)
+            where = substitute(where, solved) if where is not None else None
+            space = tuple(r for r in space if r not in solved)
+            for r, sol in solved.items():  # the solution must be a point of r
+                conds.append(Binary("<=", Num(0), sol))
+                conds.append(Binary("<", sol, Size(r)))
         summed = tuple(r for r in dict.fromkeys(space + tuple(sorted(free_ranks(value))))
                        if r not in lhs)
         expr = Reduce("sum", summed, value) if summed else value
-        where = conjoin(st.where, *conds)
+        where = conjoin(where, *conds)
         c = Einsum(self.fresh(f"{adjoint_name(name)}_{len(self.contributions.get(name, [])) + 1}"),
                    lhs, expr, where)
         self.contributions.setdefault(name, []).append(c)
         self.pending.append(c)
         self.vanish[c.tensor] = self.vanishing(st, space, lhs)
-        if not conds:
+        if not conds and not solved:
             self.signature[c.tensor] = (st.tensor, lhs, summed, st.where)
-        if isinstance(node, Access) and not conds:
+        if isinstance(node, Access) and not conds and not solved:
             self.origin[c.tensor] = (st, node)
 
     def size(self, rank: str) -> sympy.Expr:
@@ -834,6 +843,54 @@ def _assignments(ranks: list, targets: list, same_size) -> list[dict]:
             rest = [u for u in targets if u != t]
             out += [{ranks[0]: t, **more} for more in _assignments(ranks[1:], rest, same_size)]
     return out
+
+
+def _solved(conds: list, space, lhs) -> tuple[list, dict]:
+    """The filters ``sub == r`` whose ``sub`` is ``±s + ...`` in a rank ``s`` the statement
+    sums (no rank the gradient keeps, no tensor read), solved for ``s``; returns
+    the other filters (with the solutions substituted) and ``{s: solution}``.  Before →
+    after (a reversed read ``V[M - 1 - m, f]``)::
+
+        dV_1[mx,f] = sum[p, m](...m...)   where M - 1 - m == mx
+        dV_1[mx,f] = sum[p](...M - 1 - mx...)   where 0 <= M - 1 - mx and M - 1 - mx < M
+    """
+    solved: dict = {}
+    rest = []
+    for c in conds:
+        sub, target = c.left, c.right
+        ranks = free_ranks(sub) & (set(space) - set(lhs) - set(solved))
+        if ranks and not any(isinstance(n, Access) for n in walk(sub)) \
+                and not (free_ranks(sub) - ranks) & set(lhs):
+            # the innermost summed rank first (m of T[p - m + M - 1]: the sum keeps p)
+            for rank in [r for r in reversed(space) if r in ranks]:
+                sol = _isolate(sub, rank, target)
+                if sol is not None:
+                    solved[rank] = sol
+                    break
+            else:
+                rest.append(c)
+            continue
+        rest.append(c)
+    rest = [substitute(c, solved) for c in rest] if solved else rest
+    return rest, solved
+
+
+def _isolate(e: Expr, rank: str, target: Expr) -> Expr | None:
+    """``x`` with ``e[rank := x] == target``, when ``e`` is ``±rank`` plus or minus terms
+    free of ``rank``; None otherwise."""
+    if e == Index(rank):
+        return target
+    if isinstance(e, Unary) and e.op == "-":
+        return _isolate(e.operand, rank, Unary("-", target))
+    if isinstance(e, Binary) and e.op in ("+", "-"):
+        in_left, in_right = rank in free_ranks(e.left), rank in free_ranks(e.right)
+        if in_left and not in_right:
+            inverse = "-" if e.op == "+" else "+"
+            return _isolate(e.left, rank, Binary(inverse, target, e.right))
+        if in_right and not in_left:
+            return _isolate(e.right, rank, Binary("-", target, e.left) if e.op == "+"
+                            else Binary("-", e.left, target))
+    return None
 
 
 def _at(acc: Access, point: dict) -> Access:

@@ -93,7 +93,7 @@ def _numpy_forms(module: Module, final: Module, sources: Module | None, which: f
 
     from ..einsum_ir.ir import Module
     from ..passes.lowering import TARGETS, lower
-    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from ..passes.pipeline import run_pipeline
     from ..passes.tile import NotTileable
 
     def lowers(d, src) -> bool:
@@ -103,7 +103,7 @@ def _numpy_forms(module: Module, final: Module, sources: Module | None, which: f
         except NotTileable:
             return False
 
-    fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
+    fallback = _without_reassociate()
     defs, srcs = list(final.definitions), list(sources.definitions) if sources else None
     for i, d in enumerate(defs):
         if d.name not in which or lowers(d, sources[d.name] if sources else None):
@@ -149,7 +149,7 @@ def choose_form(module: Module, stages, backend: str, options: dict, names=None,
     (a contraction order no kernel program of its holds), the form without it is
     lowered instead — a visible choice: the programs' notes and ``--print-after-all``
     say why, and the stages returned are the ones compiled."""
-    from ..passes.pipeline import DEFAULT_PIPELINE, run_pipeline
+    from ..passes.pipeline import run_pipeline
     from ..passes.tile import NotTileable
 
     try:
@@ -163,10 +163,17 @@ def choose_form(module: Module, stages, backend: str, options: dict, names=None,
             f"compiling the cascade without 'reassociate'")
     if after_lowering is not None:
         after_lowering("choose-form", note)
-    fallback = [n for n in DEFAULT_PIPELINE if n != "reassociate"]
+    fallback = _without_reassociate()
     stages = run_pipeline(module, fallback, None, after_each, options)
     kernels = lower_stages(stages, backend, options, after_lowering)
     return stages, _with_note(kernels, note)
+
+
+def _without_reassociate() -> list[str]:
+    """The default pipeline without ``reassociate``: the form a target falls back to."""
+    from ..passes.pipeline import DEFAULT_PIPELINE
+
+    return [n for n in DEFAULT_PIPELINE if n != "reassociate"]
 
 
 def _with_note(kernels, note: str):

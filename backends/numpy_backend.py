@@ -26,7 +26,7 @@ import jinja2
 import sympy
 
 from .. import __version__
-from ..einsum_ir.exprs import free_ranks, product_factors, walk
+from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (COMPARE_OPS, Access, Binary, Call, Const, Definition, Einsum, Expr,
                             Index,
                             IterativeEinsum, Module, Num, Param, Reduce, Size, Unary)
@@ -411,11 +411,11 @@ class StatementRenderer:
     def contraction(self, e: Reduce, env, axes, extents,
                     fold_where: bool = False) -> tuple[str, list[str]] | None:
         """``sum[r](T1[..] * T2[..] * c)`` as one np.einsum, or None if not that shape.
-        Factors free of the summed ranks multiply the result (``select(K[m,e] == K[m,e],
-        1, 1)``, ``1 / SD[p]``: presence and scale the backward adds); other factors that
-        are not plain reads (``exp(QK[p,m] - GM[p])``) become operands over their grid
-        axes; ``fold_where``: the statement's where (over the summed ranks) masks the
-        operand whose axes it spans (causal ``m <= p`` on ``dQK[p,m]`` of ``dK``)."""
+        Factors that are not plain reads become operands over their grid axes: presence
+        and scale the backward adds (``select(K[m,e] == K[m,e], 1, 1)``), a divisor free
+        of the summed ranks as its reciprocal (``1 / SD[p]``), ``exp(QK[p,m] - GM[p])``;
+        ``fold_where``: the statement's where (over the summed ranks) masks the operand
+        whose axes it spans (causal ``m <= p`` on ``dQK[p,m]`` of ``dK``)."""
         summed = set(e.ranks)
         grid = set(env)
         tensors, scalars, outer = [], [], []
@@ -436,7 +436,6 @@ class StatementRenderer:
                 outer.append(f)
             else:
                 return None
-        used = {a for _, _, ax in tensors for a in ax}
         if not tensors:
             return None
         # the other factors are operands too: np.einsum over non-finite values goes
@@ -521,7 +520,7 @@ def _factors_over(e: Expr, summed: set[str]) -> list[Expr]:
 
 @dataclass(frozen=True)
 class _Divisor:
-    """A divisor split off a contraction's body: the result is divided by it."""
+    """A divisor split off a contraction's body: its reciprocal is an operand."""
 
     expr: Expr
 

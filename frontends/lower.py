@@ -8,6 +8,7 @@ knows explicit reductions.
 """
 from __future__ import annotations
 
+import difflib
 import keyword
 import math
 from dataclasses import dataclass, field
@@ -32,27 +33,47 @@ SIZE_FUNCS = {
 }
 
 
-def edit_distance(a: str, b: str) -> float:
-    """Optimal-string-alignment distance; a case-only difference costs half an edit."""
-    prev2: list[float] = []
-    prev = [float(j) for j in range(len(b) + 1)]
-    for i in range(1, len(a) + 1):
-        row = [float(i)] + [0.0] * len(b)
-        for j in range(1, len(b) + 1):
-            sub = 0.0 if a[i - 1] == b[j - 1] else 0.5 if a[i - 1].lower() == b[j - 1].lower() else 1.0
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + sub)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                row[j] = min(row[j], prev2[j - 2] + 1)
-        prev2, prev = prev, row
-    return prev[len(b)]
+def _slips(name: str, candidate: str, fold: bool) -> float:
+    """Typing slips between two names along ``difflib``'s alignment (its opcodes): each
+    inserted, deleted or replaced letter is one; with ``fold``, letters are aligned
+    ignoring case and an aligned pair that differs in case only is half of one; two
+    neighbours swapped (``bf61`` for ``bf16``: delete, keep one, insert the same letter)
+    are one."""
+    a, b = (name.lower(), candidate.lower()) if fold else (name, candidate)
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    slips = 0.0
+    for tag, i1, i2, j1, j2 in ops:
+        if tag == "equal":
+            slips += 0.5 * sum(x != y for x, y in zip(name[i1:i2], candidate[j1:j2]))
+        else:
+            slips += max(i2 - i1, j2 - j1)
+    for first, kept, last in zip(ops, ops[1:], ops[2:]):
+        if kept[0] == "equal" and kept[2] - kept[1] == 1 \
+                and {first[0], last[0]} == {"delete", "insert"} \
+                and _moved_letter(a, b, first) == _moved_letter(a, b, last) is not None:
+            slips -= 1
+    return slips
+
+
+def _moved_letter(a: str, b: str, op: tuple) -> str | None:
+    tag, i1, i2, j1, j2 = op
+    text = a[i1:i2] if tag == "delete" else b[j1:j2]
+    return text if len(text) == 1 else None
+
+
+def name_distance(name: str, candidate: str) -> float:
+    """How many slips turn ``name`` into ``candidate`` (a case-only difference is half of
+    one): the better of ``difflib``'s case-folded and exact alignments (``mMin`` is ``min``
+    with one extra letter, not a case slip and an extra letter)."""
+    return min(_slips(name, candidate, True), _slips(name, candidate, False))
 
 
 def _name_distance(name: str, candidate: str, limit: float) -> float:
-    """Edit distance, except that a long enough prefix (``ceil`` of ``ceiling``) counts as near."""
+    """Slips, except that a long enough prefix (``ceil`` of ``ceiling``) counts as near."""
     shorter = min(name, candidate, key=len)
     if len(shorter) >= 3 and (name.startswith(candidate) or candidate.startswith(name)):
-        return min(limit, edit_distance(name, candidate))
-    return edit_distance(name, candidate)
+        return min(limit, name_distance(name, candidate))
+    return name_distance(name, candidate)
 
 
 def suggest(name: str, candidates) -> str | None:

@@ -313,7 +313,7 @@ def cmd_report(args) -> int:
     if args.backward:
         report["backward_programs"] = _backward_programs(args.spec)
     if args.dot:
-        _write(Path(args.dot), report_dot(stages[-1][1]))
+        _write(Path(args.dot), report_dot(module, stages))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -507,7 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(r, backend=False)
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--size", help="evaluate costs at sizes, e.g. M=8192,P=8192,E=128,F=128")
-    r.add_argument("--dot", help="write the cascade as a Graphviz file")
+    r.add_argument("--dot", metavar="FILE",
+                   help="write every stage's cascade as a Graphviz file: one cluster per "
+                        "stage, Einsums coloured by pass, the reads that force an extra pass "
+                        "red and labelled, iterative updates looped over their rank")
     r.set_defaults(fn=cmd_report)
 
     u = sub.add_parser("run", help="compile, then run the generated module on random inputs")

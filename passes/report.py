@@ -1,18 +1,22 @@
 """The cascade report: passes, dependencies, costs and fusion groups of every definition.
 
 ``build_report`` gathers everything as a JSON-able dict with a stable key order (the
-schema is in ``docs/report.md``); ``render_report`` lays it out as aligned text;
-``report_dot`` draws the cascade as a Graphviz graph, Einsums coloured by pass.  Each
+schema is in ``docs/report.md``); ``render_report`` lays it out as aligned text (a cost
+whose sizes are not all given is symbolic); ``report_dot`` draws every stage's cascade as a
+Graphviz graph: Einsums coloured by pass, the reads that force an extra pass marked, the
+recurrences of iterative ranks drawn as loops.  Each
 stage of a report is one version of the module ("input", then one per transformation
 pass); a definition's list of stages shows how the passes change.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import sympy
 
-from ..einsum_ir.ir import Access, Definition, IterativeEinsum, Module, Num, Statement
+from ..einsum_ir.ir import (Access, Definition, IterativeEinsum, Module, Num, Statement,
+                            size_symbol)
 from ..einsum_ir.printer import print_definition, print_size, print_statement
 from ..einsum_ir.schedule import statement_reads
 from .canonicalize import canonicalize
@@ -253,12 +257,77 @@ def render_report(report: dict) -> str:
 
 
 def _render_summary(name: str, stages: list[dict]) -> str:
+    """One row per stage: pass bound, passes per rank, flops and footprint.  A cost whose
+    value is unknown (no ``--size``, or ranks left out) is symbolic: in full when short,
+    else its leading terms; the full flops of every stage then follow the table."""
     ranks = list(dict.fromkeys(r for s in stages for r in s["passes"]))
+    flops = [_cost_cell(s["flops"]) for s in stages]
     rows = [[s["after"], str(s["pass_bound"])] + [str(s["passes"].get(r, "-")) for r in ranks]
-            + [_fmt(s["flops"]["value"]), _fmt(s["footprint"]["elements"]["value"])]
-            for s in stages]
+            + [cell, _cost_cell(s["footprint"]["elements"])]
+            for s, cell in zip(stages, flops)]
     header = ["after", "pass bound"] + [f"passes({r})" for r in ranks] + ["flops", "footprint"]
-    return "\n".join([f"== {name}: stages", ""] + _indent(_table(header, rows))) + "\n"
+    lines = [f"== {name}: stages", ""] + _indent(_table(header, rows))
+    symbolic = [s for s in stages if s["flops"]["value"] is None]
+    if symbolic:
+        shortened = any(cell != s["flops"]["expr"] for s, cell in zip(stages, flops)
+                        if s["flops"]["value"] is None)
+        lines += ["", "  flops per stage" + (" (the table shows the leading terms; ... stands "
+                                             "for lower-order ones):" if shortened else ":")]
+        width = max(len(s["after"]) for s in symbolic)
+        for before, s in zip([None] + stages, stages):
+            if s["flops"]["value"] is None:
+                same = before is not None and before["flops"]["expr"] == s["flops"]["expr"]
+                lines.append(f"    {s['after']:<{width}}  "
+                             + (f"= {before['after']}" if same else s["flops"]["expr"]))
+    return "\n".join(lines) + "\n"
+
+
+SHORT_COST = 24  # a symbolic cost up to this long is shown whole in the stages table
+
+
+def _cost_cell(quantity: dict) -> str:
+    """A QUANTITY for a table cell: its value, else its expression, or when that is longer
+    than ``SHORT_COST`` its leading terms (``M*P*(3*E + 2*F) + ...``)."""
+    if quantity["value"] is not None:
+        return _fmt(quantity["value"])
+    text = quantity["expr"]
+    if len(text) <= SHORT_COST:
+        return text
+    lead = leading_terms(parse_cost(text))
+    return text if lead is None else lead
+
+
+def parse_cost(text: str) -> sympy.Expr:
+    """A report's expression text back as sympy.  Every name not called as a function is a
+    rank's size (``E``, ``S``, ``Q`` are ranks here, not sympy's constants), as
+    :func:`~..einsum_ir.ir.size_symbol` makes them."""
+    from sympy.parsing.sympy_parser import parse_expr
+
+    names = {m.group(1) for m in _NAME.finditer(text)} - {"oo", "zoo", "nan"}
+    return parse_expr(text, local_dict={n: size_symbol(n) for n in sorted(names)})
+
+
+_NAME = re.compile(r"\b([A-Za-z_]\w*)\b(?!\s*\()")
+
+
+def leading_terms(expr: sympy.Expr) -> str | None:
+    """The terms of ``expr`` of the highest total degree in its symbols, factored, with
+    ``+ ...`` when lower-order terms are left out; None when that is no shorter (a single
+    term, or not a sum)."""
+    terms = sympy.Add.make_args(sympy.expand(expr))
+    if len(terms) < 2:
+        return None
+
+    def degree(term: sympy.Expr) -> int:
+        try:
+            return sympy.Poly(term).total_degree() if term.free_symbols else 0
+        except sympy.PolynomialError:
+            return 0
+
+    degrees = [degree(t) for t in terms]
+    top = [t for t, d in zip(terms, degrees) if d == max(degrees)]
+    lead = str(sympy.factor(sympy.Add(*top)))
+    return lead if len(top) == len(terms) else lead + " + ..."
 
 
 def _render_forms(name: str, forms: list[dict]) -> str:
@@ -266,8 +335,8 @@ def _render_forms(name: str, forms: list[dict]) -> str:
     header = ["form", "chunk", "pass bound", "flops", "steps", "cost", "stored", "footprint"]
     rows = [[f["form"] + (" (chosen)" if f["chosen"] else ""),
              ",".join(map(str, f["chunks"])) or "-", str(f["pass_bound"]),
-             _fmt(f["flops"]["value"]), _fmt(f["steps"]["value"]), f"{f['cost']:.3g}",
-             _fmt(f["stored_elements"]["value"]), _fmt(f["footprint"]["elements"]["value"])]
+             _cost_cell(f["flops"]), _cost_cell(f["steps"]), f"{f['cost']:.3g}",
+             _cost_cell(f["stored_elements"]), _cost_cell(f["footprint"]["elements"])]
             for f in forms]
     lines = [f"== {name}: forms of its causal sums (passes/chunked.py)", ""]
     lines += _indent(_table(header, rows))
@@ -385,12 +454,44 @@ def _group_lines(stage: dict) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
-def report_dot(module: Module) -> str:
-    """The module's canonical cascades as one Graphviz digraph, Einsums coloured by pass."""
+def report_dot(module: Module, stages: Sequence[tuple[str, Module]] | None = None) -> str:
+    """The cascades as one Graphviz digraph, Einsums coloured by pass.
+
+    Without ``stages``, one cluster per definition of ``module`` (node ids
+    ``"DEFN/LABEL"``).  With ``stages`` (``build_report``'s: ``input``, then one per pass),
+    one cluster per definition holding one cluster per stage (node ids
+    ``"DEFN/STAGE/LABEL"``); a stage whose canonical cascade equals the previous one's is a
+    one-node cluster that says so.  In every cascade, the reads that force an extra pass
+    (each rank's dependencies, ``PassAnalysis``) are red edges labelled ``pass N over R``
+    (orange over a constant rank: a tile re-read), and each iterative update that reads its
+    own state has a loop labelled with its rank (``RM[m1+1]`` from ``RM[m1]``).
+    """
     lines = ["digraph attnc {", "  rankdir=TB;",
-             '  node [fontname="Helvetica", style=filled];', "  compound=true;"]
+             '  node [fontname="Helvetica", style=filled];',
+             '  edge [fontname="Helvetica", fontsize=10];', "  compound=true;"]
     for defn in module.definitions:
-        lines += _indent(_dot_cluster(defn))
+        if stages is None:
+            lines += _indent(_dot_cluster(count_passes(defn), defn.name, defn.name, ""))
+            continue
+        body: list[str] = []
+        before: tuple[str, str] | None = None  # (stage, canonical cascade) drawn last
+        for after, version in ((a, _find(m, defn.name)) for a, m in stages):
+            if version is None:
+                continue
+            analysis = count_passes(version)
+            cascade = print_definition(analysis.definition)
+            prefix = f"{defn.name}/{after}"
+            if before is not None and before[1] == cascade:
+                body += [f"subgraph {_quote('cluster_' + prefix)} {{",
+                         f"  label={_quote('after ' + after)};",
+                         f"  {_quote(prefix)} [shape=note, fillcolor=white, "
+                         f"label={_quote('the cascade after ' + before[0] + ', unchanged')}];",
+                         "}"]
+            else:
+                body += _dot_cluster(analysis, defn.name, prefix, f"after {after}: ")
+            before = (after, cascade)
+        lines += _indent([f"subgraph {_quote('cluster_' + defn.name)} {{",
+                          f"  label={_quote(defn.name)};"] + _indent(body) + ["}"])
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -400,30 +501,81 @@ def _quote(text: str) -> str:
     return '"' + escaped + '"'
 
 
-def _dot_cluster(defn: Definition) -> list[str]:
-    analysis = count_passes(defn)
+PASS_EDGE = "red"        # a read that starts a new pass over a symbolic rank
+TILE_PASS_EDGE = "orange"  # the same over a constant rank (a tile read again)
+RECURRENCE_EDGE = "blue"  # an iterative update reading its own previous state
+
+
+def _dot_cluster(analysis: PassAnalysis, name: str, prefix: str, title: str) -> list[str]:
     canonical = analysis.definition
     groups = {m.einsum: g.number for g in fusion_groups(analysis) for m in g.members}
     bound = analysis.bound_rank
-    title = f"{defn.name}: {analysis.pass_bound}-pass" + (f" over {bound}" if bound else "")
-    lines = [f"subgraph {_quote('cluster_' + defn.name)} {{", f"  label={_quote(title)};"]
+    title += f"{name}: " if not title else ""
+    title += f"{analysis.pass_bound}-pass" + (f" over {bound}" if bound else "")
+    lines = [f"subgraph {_quote('cluster_' + prefix)} {{", f"  label={_quote(title)};"]
     outputs = {o.name for o in canonical.outputs}
     for arg in canonical.tensor_args:
-        lines.append(f"  {_node_id(defn, arg.name)} [shape=box, fillcolor={_quote(INPUT_COLOUR)}, "
+        lines.append(f"  {_node_id(prefix, arg.name)} [shape=box, "
+                     f"fillcolor={_quote(INPUT_COLOUR)}, "
                      f"label={_quote(arg.name + '[' + ','.join(arg.ranks) + ']')}];")
     for st in canonical.statements:
-        lines.append("  " + _dot_statement(defn, st, groups, bound, st.tensor in outputs))
-    for src, dst in _dot_edges(canonical):
-        lines.append(f"  {_node_id(defn, src)} -> {_node_id(defn, dst)};")
+        lines.append("  " + _dot_statement(prefix, st, groups, bound, st.tensor in outputs))
+    data = _dot_edges(canonical)
+    marks = _pass_edges(analysis)
+    for src, dst in data + [e for e in marks if e not in set(data)]:
+        lines.append(f"  {_node_id(prefix, src)} -> {_node_id(prefix, dst)}"
+                     + _pass_edge_style(marks.get((src, dst)), (src, dst) in data) + ";")
+    for label, rank in _recurrences(canonical):
+        node = _node_id(prefix, label)
+        lines.append(f"  {node} -> {node} [color={_quote(RECURRENCE_EDGE)}, "
+                     f"fontcolor={_quote(RECURRENCE_EDGE)}, "
+                     f"label={_quote(f'{rank.lower()} -> {rank.lower()}+1 (over {rank})')}];")
     lines.append("}")
     return lines
 
 
-def _node_id(defn: Definition, label: str) -> str:
-    return _quote(f"{defn.name}/{label}")
+def _pass_edges(analysis: PassAnalysis) -> dict[tuple[str, str], list[tuple[str, bool]]]:
+    """(producer, consumer) -> [(label, constant rank)] for every read on a dependency's
+    path (``earlier`` through ``through`` to ``later``): the dependencies of each rank's
+    chain and those nearest each held-back Einsum (``RankPasses.causes``, so a second
+    chain beside the longest one is marked too) whose ``later`` traverses the rank (one
+    that does not merely runs after a traversal: no extra pass).  Only the first read of a
+    path, the one that waits for ``earlier`` to complete, is labelled."""
+    marks: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for rp in analysis.ranks:
+        deps = dict.fromkeys(list(rp.chain) + list(rp.causes.values()))
+        for dep in (d for d in deps if d.later in rp.einsum_pass):  # a pass, not a wait
+            path = [dep.earlier, *dep.through, dep.later]
+            for k, edge in enumerate(zip(path, path[1:])):
+                label = f"pass {dep.pass_number} over {rp.rank}" if k == 0 else ""
+                entry = marks.setdefault(edge, [])
+                if (label, rp.constant) not in entry:
+                    entry.append((label, rp.constant))
+    return marks
 
 
-def _dot_statement(defn: Definition, st: Statement, groups: dict[str, int],
+def _pass_edge_style(marks: list[tuple[str, bool]] | None, drawn: bool) -> str:
+    if not marks:
+        return ""
+    colour = TILE_PASS_EDGE if all(constant for _, constant in marks) else PASS_EDGE
+    label = "\n".join(dict.fromkeys(text for text, _ in marks if text))
+    return (f" [color={_quote(colour)}, fontcolor={_quote(colour)}, penwidth=2"
+            + ("" if drawn else ", style=dashed")  # drawn from the init, say: the step read
+            + (f", label={_quote(label)}" if label else "") + "]")
+
+
+def _recurrences(defn: Definition) -> list[tuple[str, str]]:
+    """(update label, iterative rank) of each update that reads its own state."""
+    return [(statement_label(st), st.iter_rank) for st in defn.statements
+            if isinstance(st, IterativeEinsum) and not st.init
+            and any(acc.tensor == st.tensor for acc in statement_reads(st))]
+
+
+def _node_id(prefix: str, label: str) -> str:
+    return _quote(f"{prefix}/{label}")
+
+
+def _dot_statement(prefix: str, st: Statement, groups: dict[str, int],
                    bound: str | None, is_output: bool) -> str:
     label = statement_label(st)
     number = groups[label]
@@ -431,7 +583,7 @@ def _dot_statement(defn: Definition, st: Statement, groups: dict[str, int],
     where = f"pass {number}" if bound is None or bound in iteration_space(st) else \
         f"between passes (group {number})"
     extra = ", peripheries=2" if is_output else ""
-    return (f"{_node_id(defn, label)} [shape=ellipse, fillcolor={_quote(colour)}{extra}, "
+    return (f"{_node_id(prefix, label)} [shape=ellipse, fillcolor={_quote(colour)}{extra}, "
             f"label={_quote(label + chr(10) + where)}];")
 
 

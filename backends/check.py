@@ -167,8 +167,10 @@ def relative_error(got, want) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
-def torch_caller(fn, device: str):
-    """Call a torch-based generated function (Triton, CUDA) on numpy arrays, in float32."""
+def torch_caller(fn, device: str, planned: bool = False):
+    """Call a torch-based generated function (Triton, CUDA) on numpy arrays, in float32;
+    ``planned``: through a plan made from the same arguments (``fn.plan``), where the
+    function has one (a multi-kernel chain has none)."""
     import torch
 
     def call(*args, **params):
@@ -178,7 +180,10 @@ def torch_caller(fn, device: str):
                                else np.asarray(a)).to(device) for a in args]
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # Triton's CPU interpreter computes masked lanes too
-            out = fn(*xs, **params)
+            if planned and hasattr(fn, "plan"):
+                out = fn(*xs, **params, plan=fn.plan(*xs, **params))
+            else:
+                out = fn(*xs, **params)
         if isinstance(out, tuple):
             return tuple(o.float().cpu().numpy() for o in out)
         return out.float().cpu().numpy()

@@ -105,7 +105,8 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _indirect, _integer_affine,
-                            _merge_terms, _nonneg, chain_spec, constant_code, default_code, py_literal, rendered_kernels)
+                            _merge_terms, _nonneg, chain_spec, constant_code, default_code, plan_reads,
+                            py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -775,6 +776,9 @@ class KernelRenderer(TileRendererBase):
         lo, hi = self.tile_bounds()
         if self.slot is not None:  # a stream-K worker runs its segment of the unit's tiles
             lo, hi = f"attnc_imax({lo}, seg_first_)", f"attnc_imin({hi}, seg_stop_)"
+        if self.planned:  # a plan's span of live tiles narrows the range
+            lo = f"(use_plan_ ? attnc_imax({lo}, a.plan_span[2 * plan_at_]) : {lo})"
+            hi = f"(use_plan_ ? attnc_imin({hi}, a.plan_span[2 * plan_at_ + 1]) : {hi})"
         self.emit(f"const int tile_lo_ = {lo};")
         self.emit(f"const int tile_hi_ = {hi};")
         self.sync_if_dirty()
@@ -797,8 +801,14 @@ class KernelRenderer(TileRendererBase):
             self.statement(st)
         if live is not None:  # a tile no row of the block can use runs nothing
             pad = "  " * self.indent
-            self.lines[start:] = ([f"{pad}if ({live}) {{"] + ["  " + ln for ln in self.lines[start:]]
-                                  + [f"{pad}}}"])
+            make = []
+            if self.planned:  # the planner records the tile's class, and runs no body
+                make = [f"{pad}if (make_plan_) {{",
+                        f"{pad}  if (tid_ == 0) a.plan_cls[plan_at_ * a.plan_tiles + "
+                        f"{r.loop.lower()}] = ({live}) ? 1 : 0;",
+                        f"{pad}}} else"]
+            self.lines[start:] = (make + [f"{pad}if ({live}) {{"]
+                                  + ["  " + ln for ln in self.lines[start:]] + [f"{pad}}}"])
         self.emit("__syncthreads();  // the next tile overwrites this tile's buffers")
         body, self.lines = self.lines, outer
         self.memo, self.in_loop, self.indent = saved_memo, False, 1
@@ -833,10 +843,26 @@ class KernelRenderer(TileRendererBase):
                 lay = self.canon(set(c.layout) | {r.row, r.tile})
                 terms = [Term(self.truth(c), c.layout), *c.terms]
                 terms += [t for t in (self.range_term(r.row),) if t]
+                start = len(self.lines)
                 parts.append(self.any_term(terms, set(lay)).code)
+                if self.planned:  # a plan's reader skips the reduction (block-uniform)
+                    self.lines[start:] = (["if (!use_plan_) {"] + ["  " + ln for ln in self.lines[start:]]
+                                          + ["}"])
             flags.append(" && ".join(parts))
         self.sync_if_dirty()
-        return " || ".join(f"({f})" for f in flags)
+        live = " || ".join(f"({f})" for f in flags)
+        if self.planned:
+            live = (f"(use_plan_ ? ((a.plan_cls[plan_at_ * a.plan_tiles + {r.loop.lower()}] & 1) != 0)"
+                    f" : ({live}))")
+        return live
+
+    @property
+    def planned(self) -> bool:
+        """Whether the kernel probes a block mask per tile, which a plan can hold instead
+        (``a.plan_mode``: 0 probe, 1 read the plan, 2 make it)."""
+        b = self.bounds
+        return (b is not None and bool(b.live_probes) and self.ranks.loop is not None
+                and self.ranks.row is not None)
 
     def store_outputs(self) -> None:
         for o in self.outputs:
@@ -932,6 +958,8 @@ class KernelSpec:
     input_ranks: list
     persistent: bool = False  # a stream-K worker: SK_WORKERS blocks, one row of the grid
     define: bool = True       # False: another variant's kernel (the shared split-K combine)
+    plan: bool = False        # it probes a block mask per tile: it takes a plan's arguments
+    loop: str | None = None   # the rank it loops over (a plan's tile count)
 
 
 def _kernel_body(kr: KernelRenderer) -> list[str]:
@@ -953,6 +981,11 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
         pre.append(f"const float {cname(p.name)} = a.param_{p.name}; (void){cname(p.name)};")
     stream = kr.slot is not None
     prog = ["int pid_ = (int)(unit_ / n_row_);" if stream else "int pid_ = blockIdx.x;"]
+    if kr.planned:  # this program's row block in a plan: [units, row blocks, tiles]
+        block = "(unit_ % n_row_)" if stream else "blockIdx.y"
+        pre += ["const bool use_plan_ = a.plan_mode == 1;", "const bool make_plan_ = a.plan_mode == 2;",
+                "(void)make_plan_;"]
+        prog.append(f"const long long plan_at_ = (long long)pid_ * a.plan_rows + (long long){block};")
     for g in reversed(r.grid):
         prog += [f"const int idx_{g.lower()} = pid_ % {cname(g)};", f"pid_ /= {cname(g)};"]
     for k in range(MAX_BATCH_DIMS - 1, 0, -1):
@@ -1048,7 +1081,8 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
         tile=kr.ranks.tile, tile_size=tp.tile_size, body=body, smem_c=smem_c, smem_py=smem_py,
         state_py=state_py, instances=instances,
         out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in kr.outputs],
-        doc=print_definition(defn).rstrip(), input_ranks=input_ranks, persistent=slot is not None)
+        doc=print_definition(defn).rstrip(), input_ranks=input_ranks, persistent=slot is not None,
+        plan=kr.planned, loop=kr.ranks.loop)
 
 
 def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
@@ -1099,6 +1133,11 @@ class DefSpec:
     doc: str
     input_ranks: list
     variants: list
+    # what a plan (NAME_plan) depends on: (pyname, name) of the tensors and parameters its
+    # block-mask probes read; ``planned``: some kernel probes a mask per tile
+    plan_tensors: list = field(default_factory=list)
+    plan_params: list = field(default_factory=list)
+    planned: bool = False
 
 
 def _outputs_of(k: Kernel) -> list:
@@ -1151,7 +1190,10 @@ def def_spec(p: Program) -> DefSpec:
     return DefSpec(name=cname(pyname(d.name)), pyname=pyname(d.name), args=k0.args,
                    outputs=[(cname(o.name), o.name, list(o.ranks), o.dtype) for o in d.outputs],
                    params=k0.params, signature=k0.signature, doc=print_definition(d).rstrip(),
-                   input_ranks=k0.input_ranks, variants=variants)
+                   input_ranks=k0.input_ranks, variants=variants,
+                   plan_tensors=[(pyname(t), t) for t in plan_reads(p)[0]],
+                   plan_params=[(pyname(n), n) for n in plan_reads(p)[1]],
+                   planned=any(k.plan for v in variants for k in v.kernels))
 
 
 def kernel_specs(module: KernelModule) -> list[DefSpec]:

@@ -576,3 +576,28 @@ def chain_spec(p, pyname, size_code, doc: str) -> ChainSpec:
         lets=[(pyname(x.name), size_code(x.value, True, "math"), str(x.value)) for x in defn.lets
               if {s.name for s in x.value.free_symbols} <= set(ranks) | {y.name for y in defn.lets}],
         params=params, calls=tuple(calls), returns=tuple(pyname(o.name) for o in defn.outputs))
+
+
+def plan_reads(p) -> tuple[list[str], list[str]]:
+    """The tensor arguments and scalar parameters the block-mask probes of program ``p``
+    read (bound-tiles' ``live_probes`` and ``full_probes``): what a plan made once
+    depends on, beyond the sizes.  ``DOC[p] == DOC[m]`` -> (["DOC"], [])."""
+    from ..passes.tile_loads import expand_loads, expanded_body
+
+    tensors, params = {}, {}
+    for k in p.kernels:
+        b = k.bounds
+        if b is None:
+            continue
+        conds = [c for conds in b.live_probes for c in conds]
+        conds += list(b.full_probes) if b.full is not None else []
+        loads = expanded_body(k.tiles)[0] if conds else {}
+        for c in conds:
+            for n in walk(expand_loads(c, loads)):
+                if isinstance(n, Access):
+                    tensors[n.tensor] = None
+                elif isinstance(n, Param):
+                    params[n.name] = None
+    args = [a.name for a in p.cascade.tensor_args]
+    return [t for t in args if t in tensors], [s.name for s in p.cascade.scalar_params
+                                               if s.name in params]

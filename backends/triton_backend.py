@@ -45,8 +45,8 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            _nonneg, chain_spec, constant_code, launcher_signature, py_literal,
-                            rendered_kernels)
+                            _nonneg, chain_spec, constant_code, launcher_signature, plan_reads,
+                            py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -120,6 +120,9 @@ class KernelRenderer(TileRendererBase):
 
     ranks: Ranks | None = None          # the kernel's rank roles (map-ranks)
     bounds: TileBounds | None = None    # its tile ranges (bound-tiles)
+    # "": the kernel probes its block mask per tile; "use": it reads a plan's tile classes
+    # instead (the planned twin); "make": it is the planner that writes them
+    plan: str = ""
 
     def __post_init__(self):
         self.full_tiles = False          # rendering the loop over tiles that need no mask
@@ -725,6 +728,8 @@ class KernelRenderer(TileRendererBase):
         probes = self.bounds.live_probes if self.bounds is not None else ()
         if not probes:
             return None
+        if self.plan == "use":
+            return self.plan_bit(1)
         terms = []
         for conds in probes:
             parts = []
@@ -757,6 +762,8 @@ class KernelRenderer(TileRendererBase):
 
     def all_probe(self, atoms) -> str:
         """A scalar 'every atom holds at every point of the block (valid rows)'."""
+        if self.plan == "use":
+            return self.plan_bit(2)
         r = self.ranks
         layout = self.canon({r.row, r.tile})
         parts = []
@@ -791,6 +798,10 @@ class KernelRenderer(TileRendererBase):
             lo, hi = f"tl.maximum({lo}, seg_first)", f"tl.minimum({hi}, seg_stop)"
         self.emit(f"tile_lo = {lo}")
         self.emit(f"tile_hi = {hi}")
+        if self.plan == "use":  # the plan's first and last live tile of this row block
+            self.emit("plan_at = pid_flat.to(tl.int64) * PLAN_ROWS + pid_row")
+            self.emit("tile_lo = tl.maximum(tile_lo, tl.load(plan_span_ptr + 2 * plan_at))")
+            self.emit("tile_hi = tl.minimum(tile_hi, tl.load(plan_span_ptr + 2 * plan_at + 1))")
         outer, saved_memo = self.lines, self.memo
         before = (dict(self.values), dict(self.state_prev))
         body, full, full_body = self.loop_bodies(hoist_guards=True)
@@ -820,6 +831,49 @@ class KernelRenderer(TileRendererBase):
                 self.lines += ["    " + ln for ln in lines]
         for st in self.tp.epilogue:
             self.statement(st)
+        return self.lines
+
+    # --- plans: the block mask made once (NAME_plan), read by the planned twin ----------
+    @property
+    def probes(self) -> bool:
+        """Whether the kernel probes data per tile (a block mask a plan can hold)."""
+        b = self.bounds
+        return b is not None and bool(b.live_probes or (b.full is not None and b.full_probes))
+
+    def plan_bit(self, bit: int) -> str:
+        """The planned twin's probe: bit ``bit`` of this tile's class in the plan (1: some
+        live probe holds, 2: every full-tile data atom holds)."""
+        key = ("plan", self.ranks.loop)
+        if key not in self.memo:
+            name = self.new("plan_cls")
+            self.emit(f"{name} = tl.load(plan_ptr + plan_at * PLAN_TILES + {self.ranks.loop.lower()})")
+            self.memo[key] = name
+        return f"(({self.memo[key]} & {bit}) != 0)"
+
+    def render_plan(self) -> list[str]:
+        """The planner: per tile of this program's row block, its class (bit 1: some live
+        probe holds, bit 2: every data atom of the full-tile ``where`` holds; the probes of
+        :meth:`block_probe` and :meth:`all_probe`).  The launcher derives each row block's
+        span of live tiles from the classes (``_plan_spans``).
+
+        Before → after (a document mask's probe)::
+
+            for m1 in range(tile_lo, tile_hi):  live = any(DOC[p] == DOC[m]);  if live: <body>
+            ->  planner:  for m1 in range(PLAN_TILES): plan[at, m1] = live + 2 * every
+                planned:  tile_lo, tile_hi narrowed to plan_span[at];  live = plan[at, m1] & 1
+        """
+        m1 = self.ranks.loop.lower()
+        self.emit("plan_at = pid_flat.to(tl.int64) * PLAN_ROWS + pid_row")
+        outer = self.lines
+        self.lines, self.memo, self.in_loop = [], {}, True
+        live = self.block_probe()
+        full = self.full_range()
+        every = self.all_probe(full[2]) if full is not None and full[2] else None
+        bits = [f"tl.where({live}, 1, 0)" if live else "1", f"tl.where({every}, 2, 0)" if every else "0"]
+        self.emit(f"tl.store(plan_ptr + plan_at * PLAN_TILES + {m1}, ({' + '.join(bits)}).to(tl.int8))")
+        body, self.lines, self.in_loop = self.lines, outer + self.hoisted, False
+        self.emit(f"for {m1} in range(0, PLAN_TILES):")
+        self.lines += ["    " + ln for ln in body]
         return self.lines
 
     def loop_bodies(self, hoist_guards: bool):
@@ -892,6 +946,12 @@ class KernelPart:
     # the other ranks of each block a row carries (the launcher sizes the row block so
     # that the widest fits in registers); None when a tl.dot needs rows of 16 at least
     row_blocks: list | None = None
+    # a kernel that probes a block mask per tile: its twin reading a plan instead, and
+    # the planner writing that plan (same arguments, no outputs); None otherwise
+    planned: "KernelPart | None" = None
+    planner: "KernelPart | None" = None
+    plan: bool = False          # this kernel takes the plan's arguments
+    loop: str | None = None     # code: the tile count of the kernel's loop
 
 
 @dataclass
@@ -917,12 +977,17 @@ class KernelSpec:
     doc: str
     input_ranks: list
     variants: list
+    # what a plan (NAME_plan) depends on: the (pyname, name) of the tensors and parameters
+    # its block-mask probes read; ``planned``: some kernel probes a block mask
+    plan_tensors: list = field(default_factory=list)
+    plan_params: list = field(default_factory=list)
+    planned: bool = False
 
 
 def _program_lines(kr: KernelRenderer) -> list[str]:
     """From ``pid_row`` and ``pid`` (set before): grid indices, batch offsets, rank offsets."""
     r = kr.ranks
-    pre = []
+    pre = ["pid_flat = pid"] if kr.plan else []  # the program's unit, as a plan indexes it
     for g in reversed(r.grid):
         if kr.pack and g == kr.pack.rank:
             pre += [f"idx_pk = (pid % {_units(kr.pack)}).to(tl.int64)",
@@ -1087,7 +1152,36 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params],
         row=kr.ranks.row, grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
         tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
-        flags=_flags(kr), row_blocks=_row_blocks(kr))
+        flags=_flags(kr), row_blocks=_row_blocks(kr), plan=bool(kr.plan), loop=_loop_count(kr))
+
+
+def _loop_count(kr: KernelRenderer) -> str | None:
+    return pyname(kr.tp.loop_rank) if kr.tp.loop_rank else None
+
+
+def _planner_part(k: Kernel, twin: KernelPart) -> KernelPart:
+    """The planner of kernel ``k`` (see :meth:`KernelRenderer.render_plan`): the kernel's
+    arguments, no outputs, one program per row block and unit as the streamed kernel."""
+    kr = KernelRenderer(k.tiles, ranks=k.roles, bounds=k.bounds, plan="make")
+    kr.outputs = []
+    lines = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"] + _program_lines(kr)
+    lines += kr.render_plan()
+    return dataclasses.replace(
+        twin, kernel=twin.kernel.replace("_kernel", "_planner"), outputs=[], body=lines,
+        persistent=False, fills={}, flags=_flags(kr), planned=None, planner=None, plan=True,
+        define=True)
+
+
+def _with_plan(k: Kernel, part: KernelPart, render) -> KernelPart:
+    """``part`` with its planned twin (``render(plan_renderer)`` gives its body) and its
+    planner, when kernel ``k`` probes a block mask per tile."""
+    probe = KernelRenderer(k.tiles, ranks=k.roles, bounds=k.bounds)
+    if k.tiles.loop_rank is None or k.roles is None or not probe.probes:
+        return part
+    kr = KernelRenderer(k.tiles, ranks=k.roles, bounds=k.bounds, plan="use")
+    planned = dataclasses.replace(part, kernel=part.kernel.replace("_kernel", "_planned"),
+                                  body=render(kr), plan=True, flags=_flags(kr))
+    return dataclasses.replace(part, planned=planned, planner=_planner_part(k, part))
 
 
 def _flags(kr: KernelRenderer) -> list:
@@ -1131,14 +1225,17 @@ def _stream_part(k: Kernel, slot: str) -> KernelPart:
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params], row=kr.ranks.row,
         grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
         tile_size=k.tiles.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
-        persistent=True, fills={t: constant_code(v) for t, v in k.fills}, flags=_flags(kr))
+        persistent=True, fills={t: constant_code(v) for t, v in k.fills}, flags=_flags(kr),
+        loop=_loop_count(kr))
 
 
 def _kernel_part(k: Kernel, slot: str | None) -> KernelPart:
     if k.role == "stream-k":
-        return _stream_part(k, slot)
+        return _with_plan(k, _stream_part(k, slot),
+                          lambda kr: _stream_k_lines(kr, _written(k), slot))
     workspace = {b.name for b in k.writes if b.kind == "workspace"}
-    return _part(_renderer(k), _kernel_name(k), _written(k), workspace)
+    return _with_plan(k, _part(_renderer(k), _kernel_name(k), _written(k), workspace),
+                      lambda kr: _kernel_lines(kr, _written(k)))
 
 
 _KINDS = {"split-k": "split", "stream-k": "stream"}
@@ -1166,7 +1263,9 @@ def kernel_spec(p: Program) -> KernelSpec:
         outputs=[(pyname(o.name), o.name, list(o.ranks), o.dtype) for o in defn.outputs],
         params=params, signature=signature, doc=print_definition(defn).rstrip(),
         input_ranks=list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks)),
-        variants=variants)
+        variants=variants, planned=any(k.planned for v in variants for k in v.kernels),
+        plan_tensors=[(pyname(t), t) for t in plan_reads(p)[0]],
+        plan_params=[(pyname(n), n) for n in plan_reads(p)[1]])
 
 
 def _environment() -> jinja2.Environment:

@@ -271,6 +271,10 @@ def cmd_check(args) -> int:
     if getattr(args, "grad", False) and args.backward:
         raise UsageError("--grad checks the backward program against the backward cascade: "
                          "it does not take --backward")
+    if getattr(args, "plan", False) and (args.backend == "numpy" or args.grad or args.backward):
+        raise UsageError("--plan checks calls through a plan (NAME.plan), which the triton and "
+                         "cuda backends' forward functions have; numpy and backward functions "
+                         "have none")
     module = _load(args)
     failed = False
     device, tolerance = _check_target(args.backend)
@@ -285,7 +289,7 @@ def cmd_check(args) -> int:
             if device is not None:
                 from ..backends.check import torch_caller
 
-                fn = torch_caller(fn, device)
+                fn = torch_caller(fn, device, planned=getattr(args, "plan", False))
             rows = check_definition(defn, fn, args.seed, tolerance, INTERPRETED_GRID_POINTS
                                     if device == "cpu" else MAX_GRID_POINTS)
             worst: dict[str, float] = {}
@@ -501,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--grad", action="store_true",
                    help="check NAME_backward (the backward program's kernels) against the "
                         "interpreter running the derived backward cascade")
+    k.add_argument("--plan", action="store_true",
+                   help="call each function through a plan made from its arguments "
+                        "(NAME.plan: the block mask made once; triton and cuda)")
     k.set_defaults(fn=cmd_check)
 
     r = sub.add_parser("report", help="pass-count bounds, footprints and costs")

@@ -52,6 +52,10 @@ def _kernels(rel: str):
             for part in variant.kernels:
                 if part.define:
                     parts.append((part, variant, dtypes))
+                if part.define and part.planned and variant.kind == "fused":
+                    # a plan's reader and its planner (the streamed kernel's; the
+                    # stream-K worker's reader is the same code in its segment loop)
+                    parts += [(part.planned, variant, dtypes), (part.planner, variant, dtypes)]
     return parts, files[f"{Path(rel).stem}.py"]
 
 
@@ -59,6 +63,7 @@ def _signature(part, variant, dtypes, arg_names):
     """Argument types as the launcher passes them on a GPU (bf16 inputs, f32 workspace)."""
     pointers = {pyname: POINTER[dtypes.get(name)] for pyname, name, _ in part.args}
     pointers.update({pyname: "*fp32" if work else "*bf16" for pyname, _, _, work in part.outputs})
+    pointers.update(plan="*i8", plan_span="*i32")  # a plan's tile classes and live spans
     blocks = {f"BLOCK_{r}": 16 if r == variant.split else 64 if r in (part.row, part.tile) else 128
               for r in part.vector}
     blocks.update({flag: True for flag, _ in part.flags})  # a positive scale

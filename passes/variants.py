@@ -167,8 +167,27 @@ def stream_k_kernel(defn: Definition, name: str, split: tuple[Kernel, ...],
     worker = split[0]
     if {b.name for b in worker.writes} != {t for t, _ in fills}:
         return None
-    k = Kernel(name, "stream-k", dataclasses.replace(tp, epilogue=()), worker.writes, fills=fills)
-    return _lowered(k, packs_heads)
+    k = _lowered(Kernel(name, "stream-k", dataclasses.replace(tp, epilogue=()), worker.writes,
+                        fills=fills), packs_heads)
+    shared = _shared_across_row_blocks(k)
+    if shared:
+        raise NotTileable(f"the state {shared} has no row rank ({k.roles.row}), so every row "
+                          f"block of a unit would store it into one slot, and stream-K's "
+                          f"segments differ between row blocks")
+    return k
+
+
+def _shared_across_row_blocks(k: Kernel) -> str | None:
+    """A workspace state of stream-K worker ``k`` without its row rank (a decode whose row
+    is a head dim: the max over keys is one per query, stored once per unit): split-K's
+    workers agree on their slots in every row block, stream-K's segments do not."""
+    r = k.roles
+    if r is None or r.row is None:
+        return None
+    for b in k.writes:
+        if r.row not in b.ranks:
+            return b.name
+    return None
 
 
 def build_variants(defn: Definition, packs_heads: bool = True, split_workers: int = 2,

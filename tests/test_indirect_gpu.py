@@ -142,6 +142,27 @@ def test_paged_decode_on_every_launch(backend, PG, NB, kernels, emulate):
     assert np.all(call(fn, args)[2] == 0.0)  # the empty sequence
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_with_several_row_blocks_per_head_on_every_launch(backend, kernels, emulate):
+    """A decode's row is its value dim F (packed with the heads of a group): at F = 22 a
+    head's rows span two row blocks, which share its row max and sum.  Stream-K would give
+    the two blocks different segments, and slots, for one stored state (a 1e-2 error
+    before); the variants stage offers no stream-K there, and forcing it falls back."""
+    from attnc.backends import lower_stages
+
+    rng = np.random.default_rng(22)
+    B, H, HK, E, F, NP, PG, NB = 3, 4, 2, 4, 22, 6, 8, 5
+    L = np.array([NB * PG, 17, 0], np.int32)
+    args = [rng.standard_normal((B, H, E)), rng.standard_normal((NP, PG, HK, E)),
+            rng.standard_normal((NP, PG, HK, F)), adversarial_table(rng, B, NB, NP), L]
+    each_variant(emulate, kernels(backend, "paged_decode.attn"), args, ref_paged_decode(*args))
+    stages, _ = compile_module(parse_file(EXAMPLES / "paged_decode.attn"), backend, "rows",
+                               options={"tile": TILE})
+    program = lower_stages(stages, backend, {"tile": TILE}).programs[0]
+    assert "stream-k" not in {v.kind for v in program.variants}
+    assert any("no stream-K variant: the state" in n for n in program.notes)
+
+
 @pytest.mark.parametrize("PG,NB", PAGES, ids=[f"PG{pg}" for pg, _ in PAGES])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paged_prefill_on_every_launch(backend, PG, NB, kernels, emulate):

@@ -133,7 +133,7 @@ class KernelRenderer(TileRendererBase):
         self.in_loop = False
         self.hoist_guards = False        # updates leave out invariant terms (loop_bodies)
         self.update_guards: list = []    # the invariant terms each update left out
-        self.sign_flags: dict[str, str] = {}  # launcher code of a factor -> its sign flag
+        self.sign_flags: dict[str, str] = {}  # launcher code -> its flag (a sign, a page alignment)
         self.blocks: set = set()         # layouts of the blocks loaded and reduced
         self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
@@ -217,8 +217,36 @@ class KernelRenderer(TileRendererBase):
             a, b = self.expand(a, la, lay), self.expand(b, lb, lay)
             if e.op in ("//", "%") and not _nonneg(e.left):  # Triton's truncate toward zero
                 return (self.floor_div(a, b) if e.op == "//" else self.floor_mod(a, b)), lay
-            return f"({a} {e.op} {b})", lay
+            general = f"({a} {e.op} {b})"
+            aligned = self.page_aligned(e)
+            if aligned is not None:
+                return f"({aligned[1]} if {aligned[0]} else {general})", lay
+            return general, lay
         raise TritonUnsupported(f"subscript {e}")
+
+    def page_aligned(self, e: Binary) -> tuple[str, str] | None:
+        """``(m1 * M0 + m0) // PG`` and ``... % PG`` over a tile of keys when the tile divides
+        the size ``PG`` (a page): ``(flag, code)``, the flag a ``tl.constexpr`` the launcher
+        sets to ``PG % M0 == 0``.  Then the whole tile lies in one page, so its page-table
+        entry is one value (a broadcast scalar: one address per tile) and its rows are
+        contiguous in the page, which Triton's axis analysis sees (vector loads)::
+
+            PT[b, (m1 * M0 + m0) // PG]  ->  PT[b, (m1 * M0) // PG + 0 * m0]
+            KC[.., (m1 * M0 + m0) % PG]  ->  KC[.., (m1 * M0) % PG + m0]
+        """
+        r = self.ranks
+        if r.tile is None or self.tp.tile_size is None or not isinstance(e.right, Size):
+            return None
+        tiled = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
+        if e.op not in ("//", "%") or e.left != tiled:
+            return None
+        flag = self.sign_flags.setdefault(f"int({pyname(e.right.rank)} % {self.tp.tile_size} == 0)",
+                                          f"ALIGNED_{pyname(e.right.rank)}")
+        start, size = f"{r.loop.lower()} * BLOCK_{r.tile}", pyname(e.right.rank)
+        m0 = self.offs(r.tile)
+        if e.op == "//":
+            return flag, f"(({start}) // {size} + 0 * {m0})"
+        return flag, f"(({start}) % {size} + {m0})"
 
     def emit_load(self, e: Access, index: bool = False) -> TVal:
         """``tl.load`` of an input block, masked by its ranges and bounds (see

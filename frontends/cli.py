@@ -275,6 +275,9 @@ def cmd_check(args) -> int:
         raise UsageError("--plan checks calls through a plan (NAME.plan), which the triton and "
                          "cuda backends' forward functions have; numpy and backward functions "
                          "have none")
+    if getattr(args, "stop_after", None) in LOWERING_STAGES:
+        raise UsageError(f"--stop-after {args.stop_after} ends in a kernel program, which check "
+                         f"cannot run: `attnc compile --stop-after {args.stop_after}` prints it")
     module = _load(args)
     failed = False
     device, tolerance = _check_target(args.backend)

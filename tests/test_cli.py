@@ -126,6 +126,12 @@ def test_print_after_all_and_stop_after(capsys):
     assert "# ---- after canonicalize ----" in out
 
 
+def test_check_refuses_a_lowering_stop_as_a_usage_error(capsys):
+    assert main(["check", str(CAUSAL), "--backend", "triton", "--stop-after", "variants"]) == 2
+    err = capsys.readouterr().err
+    assert "attnc compile --stop-after variants" in err and "internal" not in err
+
+
 def test_check_with_the_triton_backend(capsys):
     pytest.importorskip("triton")
     assert main(["check", str(EXAMPLES / "gqa_decode.attn"), "--backend", "triton"]) == 0

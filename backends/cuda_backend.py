@@ -186,6 +186,7 @@ class KernelRenderer(TileRendererBase):
                  "tanh": "tanhf({x})", "sigmoid": "(1.0f / (1.0f + expf(-{x})))",
                  "abs": "fabsf({x})", "relu": "fmaxf({x}, 0.0f)"}
     MINMAX = "f{fn}f({a}, {b})"
+    OUTER_FACTORS = True  # sum[e](Q K) * exp(CG[p] - CG[m]): the MMA, then the factor
     IMAX, IMIN = "attnc_imax", "attnc_imin"
     ROW_NAMES = {ROW_FIRST: "row0_", ROW_LAST: "p_last_"}
 
@@ -610,6 +611,9 @@ class KernelRenderer(TileRendererBase):
         if m is None:
             return None
         r, ra, rb = m.r, m.ra, m.rb
+        outer = [self.value(f, st) for f in m.outer]
+        if not all(set(o.layout) <= {ra, rb} and not o.is_bool for o in outer):
+            return None
         abuf, bbuf = self.operand(m.a), self.operand(m.b)
         c_lay = self.canon({ra, rb})
         cbuf = self.buffer("dot", c_lay, "float")
@@ -630,6 +634,9 @@ class KernelRenderer(TileRendererBase):
             sv = self.value(s, st)
             code = f"({code} * {self.num(sv)})"
             terms = _merge_terms(terms, sv.terms)
+        for o in outer:  # a factor constant along r multiplies the product (GLA's decay)
+            code = f"({code} * {self.float_code(o, c_lay)})"
+            terms = _merge_terms(terms, o.terms)
         a_terms, b_terms = self.dot_input_terms(m)
         pres = self.dot_presence(a_terms, b_terms, r, ra, rb, c_lay)
         return CVal(code, c_lay, _merge_terms(terms, pres))

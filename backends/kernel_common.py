@@ -345,12 +345,15 @@ class TileRendererBase:
             if fast is not None:
                 return fast
         body = self.value(e.body, st)
-        lay = self.canon(set(body.layout) | set(e.ranks))
         terms = list(body.terms)
         filt = self.filter_term(st, set(st.lhs) | set(e.ranks))
         if filt:
             terms.append(filt)
         terms += [t for t in (self.range_term(r) for r in e.ranks) if t]
+        # a term along the reduced ranks widens the block: sum[m0](LG[m]) where m <= t
+        # reduces a (t, m0) block, although its body is over m0 alone
+        along = [set(t.layout) for t in terms if set(t.layout) & set(e.ranks)]
+        lay = self.canon(set(body.layout) | set(e.ranks) | set().union(*along))
         return self.reduction(e, body, lay, terms)
 
     def reduce_presence(self, terms, ranks: set[str]) -> tuple[Term, ...]:

@@ -79,7 +79,10 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
         for acc in walk(st.expr):
             if isinstance(acc, Access) and acc.tensor in inputs:
                 used = set().union(*(free_ranks(s) for s in acc.subscripts)) if acc.subscripts else set()
-                (in_streamed if acc.tensor in streamed else in_other).update(used)
+                # a streamed input read off the loop (GLA's CG[p + M - P] beside CG[m]) is
+                # an ordinary read: its ranks do not select keys
+                along = acc.tensor in streamed and tp.loop_rank in used
+                (in_streamed if along else in_other).update(used)
     selectors = _selectors(tp, statements, streamed)
     contracted = _contracted(statements)
     # a rank read by both streamed and other inputs selects which keys a program streams

@@ -205,25 +205,66 @@ def _presence_of(st, name: str) -> Einsum:
 
 
 def _restore_absence(stmts: list, flags: dict[str, str], taken: set[str], ranks_of) -> list:
-    """Reads of earlier parts' buffers go through a copy that is absent where the
-    buffer's presence flag is 0."""
+    """Reads of earlier parts' buffers are absent where the buffer's presence flag is 0.
+
+    Reads at the buffer's own ranks go through a copy, ``KV_read[e,f] = KV[e,f] where
+    KV_present[e,f] > 0``.  A statement that reads a buffer at other subscripts (a copy
+    would be read shifted, which a kernel cannot do with a value it holds) gets the flags
+    as ``where`` atoms at the same subscripts instead, when its reads all lie on one level
+    (outside reductions, or in its one top-level reduction); before → after (GLA's
+    cumulative gate)::
+
+        S[p,m] = Q[p,e] * K[m,e] * exp(CG[p + M - P] - CG[m])   where m <= p + M - P
+    ->  S[p,m] = Q[p,e] * K[m,e] * exp(CG[p + M - P] - CG[m])
+                 where m <= p + M - P and CG_present[p + M - P] > 0 and CG_present[m] > 0
+    """
     own = {st.tensor for st in stmts}
-    used = [t for t in sorted(_reads(stmts)) if t in flags and t not in own]
-    if not used:
+    flagged = {t for t in _reads(stmts) if t in flags and t not in own}
+    if not flagged:
         return stmts
-    copies, renamed = [], {}
-    for t in used:
-        ranks = ranks_of[t]
-        renamed[t] = fresh_name(f"{t}_read", taken)
-        idx = tuple(Index(r) for r in ranks)
-        copies.append(Einsum(renamed[t], ranks, Access(t, idx),
+    out, copied = [], {}
+    for st in stmts:
+        shifted = any(a.subscripts != tuple(Index(r) for r in ranks_of[a.tensor])
+                      for a in _flagged_reads(st, flagged))
+        guarded = _guarded_where(st, flagged, flags) if shifted else None
+        if guarded is not None:
+            out.append(guarded)
+            continue
+        for t in sorted(_reads([st]) & flagged):
+            copied.setdefault(t, fresh_name(f"{t}_read", taken))
+        out.append(st)
+    copies = []
+    for t, name in copied.items():
+        idx = tuple(Index(r) for r in ranks_of[t])
+        copies.append(Einsum(name, ranks_of[t], Access(t, idx),
                              where=Binary(">", Access(flags[t], idx), Num(0))))
 
     def fix(n):
-        if isinstance(n, Access) and n.tensor in renamed:
-            return Access(renamed[n.tensor], n.subscripts, loc=n.loc)
+        if isinstance(n, Access) and n.tensor in copied:
+            return Access(copied[n.tensor], n.subscripts, loc=n.loc)
         return None
-    return copies + [_transformed(st, fix) for st in stmts]
+    return copies + [_transformed(st, fix) if _reads([st]) & set(copied) else st for st in out]
+
+
+def _guarded_where(st, flagged: set[str], flags: dict[str, str]):
+    """``st`` with ``flag[subs] > 0`` added to its ``where`` for each read of a flagged
+    buffer, or None when a read sits inside a nested reduction (its own level)."""
+    top = st.expr.body if isinstance(st.expr, Reduce) else st.expr
+    nested = [n for n in walk(top) if isinstance(n, Reduce)]
+    inner = {id(a) for r in nested for a in walk(r) if isinstance(a, Access)}
+    reads = _flagged_reads(st, flagged)
+    if not reads or any(id(a) in inner for a in reads):
+        return None
+    where = st.where
+    for a in dict.fromkeys(Access(a.tensor, a.subscripts) for a in reads):
+        atom = Binary(">", Access(flags[a.tensor], a.subscripts), Num(0))
+        where = atom if where is None else Binary("and", where, atom)
+    return dataclasses.replace(st, where=where)
+
+
+def _flagged_reads(st, flagged: set[str]) -> list[Access]:
+    return [n for e in (st.expr, st.where) if e is not None for n in walk(e)
+            if isinstance(n, Access) and n.tensor in flagged]
 
 
 def _part_program(part: Definition, options: dict) -> Program:

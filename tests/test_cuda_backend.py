@@ -43,9 +43,7 @@ CXX = shutil.which("g++") or shutil.which("c++")
 ARCHS = ("sm_80", "sm_90")
 # every example compiles (cosine and causal linear attention through the one-pass form: see
 # compile_module; online_normalizer_2pass through the stream-final pass)
-UNSUPPORTED: dict[str, str] = {  # examples the backend declines, and why
-    "gla.attn": "vector ranks",
-}
+UNSUPPORTED: dict[str, str] = {}  # examples the backend declines, and why
 NO_CONTRACTION = ("paged_decode.attn",)
 GOLDEN_EXAMPLES = ("causal.attn", "gqa_decode.attn", "document_mask.attn")
 EXAMPLE_IDS = [p.relative_to(EXAMPLES_DIR).as_posix() for p in all_examples()]

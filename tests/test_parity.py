@@ -172,6 +172,16 @@ EDGE_SPECS = {
     "row_where_around_sum": "attention a(Z[E], X[P]) -> T[P] {\n  T[p] = abs(Z[e]) where p >= 1\n}\n",
     # a scalar output of two reductions (Triton: KeyError 'T_sum')
     "scalar_of_two_sums": "attention b(Y[P], X[M]) -> T {\n  T = Y[p] + X[m]\n}\n",
+    # a sum whose body is over the summed rank only, under a where over another rank
+    # (the kernels reduced an (m0) block masked by a (t, m0) where: a broadcast error)
+    "cumulative_sum": "attention c(LG[M], X[P]) -> C[P] {\n"
+                      "  C[p] = X[p] * sum[m](LG[m])   where m <= p\n}\n",
+    # a buffer of an earlier kernel read at shifted positions (GLA's cumulative gate; the
+    # kernels declined 'read with a shifted subscript'), absent where its fiber was empty
+    "shifted_buffer_reads": "attention d(Q[P,E], K[M,E], V[M,F], LG[M]) -> O[P,F] {\n  let T = M\n"
+                            "  CG[t] = sum[m](LG[m])   where m <= t - 2\n"
+                            "  S[p,m] = Q[p,e] * K[m,e] * exp(CG[p + 1] - CG[m])   where m <= p\n"
+                            "  O[p,f] = S[p,m] * V[m,f]\n}\n",
 }
 
 

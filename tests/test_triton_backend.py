@@ -25,11 +25,7 @@ from conftest import EXAMPLES, TWO_PASS, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
 # Examples the Triton backend declines, and why (a regression shows up as a change here).
-EXPECTED_UNSUPPORTED: dict[str, str] = {
-    # the cumulative log-gate is read at the query's and the key's positions: no one loop
-    # holds it (the chunked scan of issue 13 is what would)
-    "gla.attn": "read with a shifted subscript",
-}
+EXPECTED_UNSUPPORTED: dict[str, str] = {}
 # Examples whose grids (a program per sequence and head) are too many programs for the
 # interpreter at these sizes; checked at small sizes elsewhere.
 SMALL_SIZES_ONLY = {rel: "tests/test_indirect_gpu.py runs it at small sizes" for rel in (

@@ -30,8 +30,8 @@ from conftest import EXAMPLES, all_examples  # noqa: E402
 
 EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()
                if not any(unsupported_subscript(d) for d in parse_file(p).definitions)
-               and p.name not in ("gla.attn", "rwkv.attn")]
-# gla: declined by the backend (test_triton_backend); rwkv: its per-channel decay sits inside
+               and p.name != "rwkv.attn"]
+# rwkv: its per-channel decay sits inside
 # the e-sum, so the kernel multiplies a rows x tile x E block (no dot): it runs (interpreter,
 # tests/test_triton_backend.py) but its sm_90 compile takes minutes: the chunked form of
 # issue 13 is the kernel to compile

@@ -79,8 +79,10 @@ def compile_module(module: Module, backend: str, stem: str, names=None, options=
             final, sources = _numpy_forms(module, final, sources, choose_form_for, options)
         return stages, chosen.render(final, stem, fused=fused, options=options,
                                      sources=sources, after_lowering=after_lowering)
-    stages, kernels = choose_form(module, stages, backend, options, names, after_each, after_lowering)
-    return stages, chosen.render(kernels, stem, fused=fused)
+    render = lambda kernels: chosen.render(kernels, stem, fused=fused)  # noqa: E731
+    stages, (_, files) = choose_form(module, stages, backend, options, names, after_each,
+                                     after_lowering, render)
+    return stages, files
 
 
 def _numpy_forms(module: Module, final: Module, sources: Module | None, which: frozenset,
@@ -143,17 +145,22 @@ def _compile_with_backward(module, backend, stem, names, options, stop_after, af
 
 
 def choose_form(module: Module, stages, backend: str, options: dict, names=None,
-                after_each=None, after_lowering=None):
+                after_each=None, after_lowering=None, render=None):
     """(stages, kernel module): the pipeline's result lowered for ``backend``.  When the
     target cannot take the form the default pipeline's cost-based ``reassociate`` chose
-    (a contraction order no kernel program of its holds), the form without it is
-    lowered instead — a visible choice: the programs' notes and ``--print-after-all``
-    say why, and the stages returned are the ones compiled."""
+    (a contraction order no kernel program of its holds, or one its renderer declines:
+    the chunked form's per-row gathers on CUDA), the form without it is lowered instead
+    — a visible choice: the programs' notes and ``--print-after-all`` say why, and the
+    stages returned are the ones compiled.  With ``render``, the result is
+    ``(kernels, render(kernels))``."""
     from ..passes.pipeline import run_pipeline
     from ..passes.tile import NotTileable
 
+    def done(kernels):
+        return kernels if render is None else (kernels, render(kernels))
+
     try:
-        return stages, lower_stages(stages, backend, options, after_lowering)
+        return stages, done(lower_stages(stages, backend, options, after_lowering))
     except NotTileable as err:
         ran = [n for n, _ in stages]
         if names is not None or "reassociate" not in ran:
@@ -166,7 +173,7 @@ def choose_form(module: Module, stages, backend: str, options: dict, names=None,
     fallback = _without_reassociate()
     stages = run_pipeline(module, fallback, None, after_each, options)
     kernels = lower_stages(stages, backend, options, after_lowering)
-    return stages, _with_note(kernels, note)
+    return stages, done(_with_note(kernels, note))
 
 
 def _without_reassociate() -> list[str]:

@@ -735,8 +735,16 @@ class KernelRenderer(TileRendererBase):
             self.elementwise(layout, [f"{self.at(buf)} = {code};"])
             self.dirty = True
             self.values[st.tensor] = CVal(self.at(buf), layout, terms)
-            return
-        self.values[st.tensor] = CVal(code, layout, terms, is_bool=False)
+        else:
+            self.values[st.tensor] = CVal(code, layout, terms, is_bool=False)
+        for o in self.stepped_outputs():
+            if self.in_loop and o.name == st.tensor:  # a value per step (the chunked scan)
+                self.store_output(o)
+
+    def stepped_outputs(self) -> list:
+        """Outputs over the loop rank, stored at every step (``PKV[m1,e,f] = SKV[m1,e,f]``)."""
+        loop = self.ranks.loop
+        return [o for o in self.outputs if loop is not None and loop in o.ranks]
 
     def declare_state(self, name: str, layout) -> None:
         self.state_layout[name] = layout
@@ -873,22 +881,27 @@ class KernelRenderer(TileRendererBase):
 
     def store_outputs(self) -> None:
         for o in self.outputs:
-            val = self.values[o.name]
-            layout = self.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
-            present = _conj(t.code for t in val.terms)
-            v = self.num(val)
-            code = f"{present} ? {v} : 0.0f" if present else v
-            offset = [f"(long long){self.index_code(rank)[0]} * a.s_{o.name}[{MAX_BATCH_DIMS + k}]"
-                      for k, rank in enumerate(o.ranks)]
-            ranges = _conj([t.code for t in (self.range_term(x) for x in layout) if t]
-                           # an output without the row rank (a decode's state, when map-ranks
-                           # made a head dim the row) is the same in every row block
-                           + (["(row0_ == 0)"] if self.ranks.row not in (None, *o.ranks) else []))
-            ctype = f"out_{o.name}_t"
-            store = (f"{cname(o.name)}[boff_{o.name} + {' + '.join(offset) or '0'}] = "
-                     f"attnc_from_float<{ctype}>({code});")
-            self.emit(f"// store {o.name}")
-            self.elementwise(layout, [f"if ({ranges}) {store}" if ranges else store])
+            if o not in self.stepped_outputs():  # those are stored in the loop
+                self.store_output(o)
+
+    def store_output(self, o) -> None:
+        """Store output ``o`` (absent elements as 0); the loop rank indexes by the step."""
+        val = self.values[o.name]
+        layout = self.lhs_layout(Einsum(o.name, o.ranks, Num(0)))
+        present = _conj(t.code for t in val.terms)
+        v = self.num(val)
+        code = f"{present} ? {v} : 0.0f" if present else v
+        offset = [f"(long long){self.index_code(rank)[0]} * a.s_{o.name}[{MAX_BATCH_DIMS + k}]"
+                  for k, rank in enumerate(o.ranks)]
+        ranges = _conj([t.code for t in (self.range_term(x) for x in layout) if t]
+                       # an output without the row rank (a decode's state, when map-ranks
+                       # made a head dim the row) is the same in every row block
+                       + (["(row0_ == 0)"] if self.ranks.row not in (None, *o.ranks) else []))
+        ctype = f"out_{o.name}_t"
+        store = (f"{cname(o.name)}[boff_{o.name} + {' + '.join(offset) or '0'}] = "
+                 f"attnc_from_float<{ctype}>({code});")
+        self.emit(f"// store {o.name}")
+        self.elementwise(layout, [f"if ({ranges}) {store}" if ranges else store])
 
 
 # ----------------------------------------------------------------------------
@@ -1048,9 +1061,15 @@ def _stream_k_lines(kr: KernelRenderer, prog: list[str], body: list[str]) -> lis
 
 def _check_outputs(kr: KernelRenderer) -> None:
     r = kr.ranks
+    b = kr.bounds
     for o in kr.outputs:
         for rank in o.ranks:
-            if rank not in r.vector and rank not in r.grid and rank != kr.slot:
+            if rank == r.loop and (r.tile is not None or kr.planned
+                                   or (b is not None and (b.live is not None or b.live_probes))):
+                raise CudaUnsupported(f"output {o.name} is stored at every step of a loop "
+                                      f"that tiles or skips its steps")
+            if rank not in r.vector and rank not in r.grid and rank != kr.slot \
+                    and rank != r.loop:
                 raise CudaUnsupported(f"output {o.name} has rank {rank}, not in the grid")
         if o.name not in kr.values:
             raise CudaUnsupported(f"output {o.name} is not computed in the kernel")

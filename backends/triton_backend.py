@@ -351,6 +351,9 @@ class KernelRenderer(TileRendererBase):
             op = "&" if e.op == "and" else "|"
             ac = ac if a.is_bool else f"({ac} != 0)"
             bc = bc if b.is_bool else f"({bc} != 0)"
+            # the interpreter's 0-d int1 of a float compare joins nothing: a plain int1
+            ac = f"(tl.where({ac}, 1, 0) != 0)" if not a.layout and not a.exact else ac
+            bc = f"(tl.where({bc}, 1, 0) != 0)" if not b.layout and not b.exact else bc
             return TVal(f"({ac} {op} {bc})", lay, terms, is_bool=True, exact=a.exact and b.exact)
         if e.op in ("<", "<=", ">", ">=", "==", "!="):
             exact = _integer_affine(e.left) and _integer_affine(e.right)
@@ -649,6 +652,9 @@ class KernelRenderer(TileRendererBase):
                                       scaled=val.scaled if same else None,
                                       vanishes=val.vanishes if same else (),
                                       identity=val.identity if same else None)
+        stepped = [o for o in self.outputs if o.name == st.tensor and self.ranks.loop in o.ranks]
+        if self.in_loop and stepped:  # a value per step (the chunked scan's PKV[m1,e,f])
+            self.lines += _store_lines(self, stepped)
 
     def unguarded_update(self, st, guards, layout) -> str | None:
         """An update whose guards all fail exactly where the value it adds (or takes the
@@ -1094,6 +1100,9 @@ def _store_lines(kr: KernelRenderer, outputs, slot: str | None = None) -> list[s
             if rank == slot:
                 offset.append(f"slot * stride_{o.name}_{k}")
                 continue
+            if rank == r.loop and r.tile is None:  # stored in the loop, at each step
+                offset.append(f"{pyname(rank).lower()} * stride_{o.name}_{k}")
+                continue
             if rank not in r.vector and rank not in r.grid:
                 raise TritonUnsupported(f"output {o.name} has rank {rank}, not in the grid")
             idx, lay = kr.index_code(rank, ())
@@ -1111,8 +1120,13 @@ def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
     """The kernel's Python body: program ids, offsets, the statements, the stores."""
     kr.outputs = list(outputs)
     pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"] + _program_lines(kr)
+    stepped = [o for o in outputs if kr.ranks.loop is not None and kr.ranks.loop in o.ranks]
+    if stepped and (kr.ranks.tile is not None or kr.probes
+                    or (kr.bounds is not None and kr.bounds.live is not None)):
+        raise TritonUnsupported(f"output {stepped[0].name} is stored at every step of a loop "
+                                f"that tiles or skips its steps")
     body = kr.render()
-    post = _store_lines(kr, outputs)  # may add mask definitions to body
+    post = _store_lines(kr, [o for o in outputs if o not in stepped])  # may add mask definitions
     return pre + body + post
 
 

@@ -21,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from ..einsum_ir.ir import Definition, Module
+from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.ir import Access, Definition, Index, Module
 from ..einsum_ir.kernel import KernelModule, Program, Variant, verify
 from .tile import NotTileable
 from .bound_tiles import bound_tiles
@@ -41,6 +42,26 @@ class Target:
     multi_kernel: bool = True
     variants: tuple[str, ...] = ("streamed", "split-k", "stream-k")
     pow2_tiles: bool = False      # a streamed tile's size must be a power of two
+    wide_gathers: bool = True     # an input read over three of a program's block ranks
+
+    def roles_blocker(self, k) -> str | None:
+        """Why this target cannot hold kernel ``k``'s blocks (after map-ranks), or None:
+        CUDA stages operands in shared memory, so an input gathered over three block ranks
+        (the chunked form's ``K[(p + D) // M0 * M0 + m0, e]``: rows × chunk × head dim)
+        does not fit at useful head dims."""
+        if self.wide_gathers or k.roles is None:
+            return None
+        blocks = set(k.roles.vector) - ({k.roles.tile} if k.roles.tile else set())
+        inputs = {a.name for a in k.cascade.tensor_args}
+        for st in (*k.tiles.prologue, *k.tiles.inits, *k.tiles.body, *k.tiles.epilogue):
+            for n in walk(st.expr):
+                if isinstance(n, Access) and n.tensor in inputs:
+                    held = set().union(*(free_ranks(x) for x in n.subscripts)) & blocks
+                    if len(held) >= 3 and not all(isinstance(x, Index) for x in n.subscripts):
+                        return (f"{k.name} gathers {n.tensor} over {len(held)} block ranks "
+                                f"({', '.join(sorted(held))}), more than {self.name}'s shared "
+                                f"tiles hold")
+        return None
 
     def tile_blocker(self, k) -> str | None:
         """Why this target cannot run kernel ``k``'s tiles, or None."""
@@ -55,7 +76,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     "numpy": Target("numpy", packs_heads=False, variants=("streamed",)),
     "triton": Target("triton", pow2_tiles=True),
-    "cuda": Target("cuda", packs_heads=False),
+    "cuda": Target("cuda", packs_heads=False, wide_gathers=False),
 }
 
 LOWERING_STAGES: tuple[str, ...] = ("tile", "map-ranks", "bound-tiles", "variants")
@@ -108,6 +129,11 @@ def lower(defn: Definition, target: Target, options: dict | None = None,
         return program
     for name, run in steps:
         program = verify(run(program), name)
+        if name == "map-ranks":
+            for k in program.kernels:
+                why = target.roles_blocker(k)
+                if why:
+                    raise NotTileable(f"{defn.name}: {why}")
         if after_each:
             after_each(name, program)
         if stop_after == name:

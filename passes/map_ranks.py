@@ -46,15 +46,28 @@ def long_ranks(defn) -> frozenset[str]:
     return frozenset(every - short)
 
 
+def chunk_ranks(defn) -> frozenset[str]:
+    """Ranks counting chunks of an argument's rank, ``let M1 = ceil(M/M0)`` (the chunked
+    form's per-chunk states ``LKV[m1,e,f]``, GLA's chunk-local gate sums ``CG_local[m1,m0]``):
+    a loopless kernel runs one program per chunk."""
+    import sympy
+
+    sizes = {r for a in defn.tensor_args for r in a.ranks}
+    return frozenset(let.name for let in defn.lets
+                     if {s.name for s in let.value.free_symbols} & sizes
+                     and let.value.has(sympy.ceiling))
+
+
 def loopless_roles(tp: TileProgram) -> RankRoles:
     """Roles in a kernel without a streamed loop: the first long rank of what it stores
     is the row, its other long ranks are grid ranks, the rest are held whole."""
     defn = tp.cascade
     long = long_ranks(defn)
     outs = [r for o in defn.outputs for r in o.ranks]
-    lhs_long = list(dict.fromkeys(r for r in outs if r in long))
+    chunks = chunk_ranks(defn)
+    lhs_long = list(dict.fromkeys(r for r in outs if r in long and r not in chunks))
     row = lhs_long[0] if lhs_long else None
-    grid = tuple(lhs_long[1:])
+    grid = tuple(lhs_long[1:]) + tuple(r for r in dict.fromkeys(outs) if r in chunks)
     used = set()
     for st in tp.prologue + tp.epilogue:
         used |= set(st.lhs) | free_ranks(st.expr)

@@ -26,7 +26,7 @@ import dataclasses
 
 import networkx as nx
 
-from ..einsum_ir.exprs import walk
+from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
@@ -75,7 +75,8 @@ def _partition(defn: Definition) -> list[list]:
                 if isinstance(n, Access) and n.tensor in owner and owner[n.tensor] != i:
                     j = owner[n.tensor]
                     dag.add_edge(j, i)
-                    if set(defn.tensor_ranks(n.tensor)) & long or isinstance(stmts[j], IterativeEinsum):
+                    if set(defn.tensor_ranks(n.tensor)) & long or isinstance(stmts[j], IterativeEinsum) \
+                            or _spans_long(stmts[j], defn, long):
                         g.add_edge(i, j)
         if isinstance(st, IterativeEinsum):
             for j, other in enumerate(stmts):
@@ -86,6 +87,50 @@ def _partition(defn: Definition) -> list[list]:
         raise NotTileable(f"{defn.name}: its kernels would depend on each other in a cycle")
     order = nx.lexicographical_topological_sort(parts, key=min)
     return [[stmts[i] for i in sorted(node)] for node in order]
+
+
+def _inline_argument_maps(defn: Definition) -> Definition:
+    """``defn`` with each map of the arguments alone (no ``where``, no reduction, not an
+    output) inlined where it is read, at the read's subscripts.  Before → after (causal
+    linear attention's chunked form, whose per-chunk states and output kernel both read the
+    feature map, with the scan over chunks between them)::
+
+        FK[m,e] = select(K[m,e] > 0, K[m,e] + 1, exp(K[m,e]))
+        FQFK[p,m0] = sum[e](FQ[p,e] * FK[(p + D) // M0 * M0 + m0, e])
+    ->  FQFK[p,m0] = sum[e](FQ[p,e] * select(K[(p + D) // M0 * M0 + m0, e] > 0, ...))
+    """
+    from .defer_normalization import substitute
+
+    args = {a.name for a in defn.tensor_args}
+    outs = {o.name for o in defn.outputs}
+    maps = {st.tensor: st for st in defn.statements
+            if type(st) is Einsum and st.where is None and st.tensor not in outs
+            and not any(isinstance(n, Reduce) for n in walk(st.expr))
+            and all(n.tensor in args for n in walk(st.expr) if isinstance(n, Access))}
+    if not maps:
+        return defn
+
+    def fix(n):
+        if isinstance(n, Access) and n.tensor in maps:
+            st = maps[n.tensor]
+            return substitute(st.expr, dict(zip(st.lhs, n.subscripts)))
+        return None
+    kept = tuple(_transformed(st, fix) for st in defn.statements if st.tensor not in maps)
+    return dataclasses.replace(defn, statements=kept)
+
+
+def _spans_long(st, defn: Definition, long: frozenset[str]) -> bool:
+    """``st``'s tensor holds a long rank through its tiles: it reads an argument along a
+    long rank at a subscript of several of its own ranks (the chunked form's
+    ``K1[m1,m0,e] = K[m1 * M0 + m0, e] * ...``), so it is as long as the rank."""
+    args = {a.name: a for a in defn.tensor_args}
+    for n in walk(st.expr):
+        if isinstance(n, Access) and n.tensor in args:
+            for sub, r in zip(n.subscripts, args[n.tensor].ranks):
+                ranks = free_ranks(sub)
+                if r in long and len(ranks) > 1 and ranks <= set(st.lhs):
+                    return True
+    return False
 
 
 def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str],
@@ -175,7 +220,11 @@ def split_definition(source: Definition) -> list[Definition]:
         ... KV[e,f] ...                         KV_read[e,f] = KV[e,f]   where KV_present[e,f] > 0
                                                 ... KV_read[e,f] ...
     """
-    groups = [list(g) for g in _partition(source)]
+    try:
+        groups = [list(g) for g in _partition(source)]
+    except NotTileable:  # parts that depend on each other through a map of the arguments
+        source = _inline_argument_maps(source)
+        groups = [list(g) for g in _partition(source)]
     taken = {st.tensor for st in source.statements} | {a.name for a in source.params}
     flags: dict[str, str] = {}
     ranks_of = {st.tensor: st.lhs for st in source.statements}

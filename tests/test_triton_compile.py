@@ -13,6 +13,8 @@ interpreted functions, so the interpreter tests' process cannot compile.
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,10 @@ def _signature(part, variant, dtypes, arg_names):
     pointers.update(plan="*i8", plan_span="*i32")  # a plan's tile classes and live spans
     blocks = {f"BLOCK_{r}": 16 if r == variant.split else 64 if r in (part.row, part.tile) else 128
               for r in part.vector}
+    if part.row_blocks and part.row is not None:  # a kernel without tl.dot: the launcher's
+        volume = max(math.prod(part.tile_size if r == part.tile else blocks[f"BLOCK_{r}"]  # rule
+                               for r in lay if r != part.row) for lay in part.row_blocks)
+        blocks[f"BLOCK_{part.row}"] = min(64, 1 << max(0, (4 * 32 * 64 // volume).bit_length() - 1))
     blocks.update({flag: True for flag, _ in part.flags})  # a positive scale
     return kernel_signature(part, arg_names, pointers, blocks)
 

@@ -1,0 +1,80 @@
+"""The chunked form as kernels: per-chunk states, a scan over chunks, the output kernel.
+
+``chunked`` (tests/test_chunked.py) writes causal, softmax-free sums as chunk-local states
+``LKV[m1,e,f]``, a scan ``SKV[m1+1] = decay * SKV[m1] + LKV[m1]`` whose every step is stored
+(``PKV[m1,e,f]``), and an output kernel that reads a query's chunk.  On Triton these run as a
+program of kernels (one program per chunk, a sequential scan storing each step, rows of
+queries); CUDA declines the output kernel's rows × chunk × head-dim gathers and compiles the
+quadratic form instead, saying so.  Each is checked against the interpreter on ragged
+lengths over several chunks, with a KV-cache offset (P < M) and batch dims.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+import torch  # noqa: E402
+
+from attnc.backends import compile_module, load_generated, lower_stages, write_atomic  # noqa: E402
+from attnc.einsum_ir.interpreter import interpret  # noqa: E402
+from attnc.einsum_ir.ir import Module  # noqa: E402
+from attnc.frontends import parse_file  # noqa: E402
+from attnc.passes.pipeline import run_pipeline  # noqa: E402
+
+from conftest import EXAMPLES as EXAMPLES_DIR  # noqa: E402
+from test_chunked import forced, inputs  # noqa: E402
+
+LONG = {"P": 4096, "M": 4096, "E": 64, "F": 64}  # sizes at which the cost model chunks
+
+
+def _module(name: str, chunk: int, backend: str, tmp_path):
+    """The example compiled from its chunked form (chunks of ``chunk`` keys)."""
+    defn = forced(name, chunk)
+    _, files = compile_module(Module((defn,)), backend, name, names=["online", "stream-final"],
+                              options={"tile": 16})
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    return getattr(load_generated(tmp_path / f"{name}.py"), defn.name), defn
+
+
+@pytest.mark.parametrize("name", ["retention", "gla", "linear_causal", "rwkv"])
+def test_chunked_kernels_match_the_interpreter_on_triton(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fn, defn = _module(name, 16, "triton", tmp_path)
+    for P, M, batch, seed in [(37, 37, (), 0), (21, 53, (2,), 1), (16, 16, (), 2), (5, 70, (), 3)]:
+        args = inputs(name, P, M, E=5, F=3, batch=batch, seed=seed)
+        want = interpret(defn, *args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fn(*[torch.from_numpy(a).float() for a in args]).double().numpy()
+        np.testing.assert_array_equal(got == 0, want == 0, err_msg=f"{name} P={P} M={M}")
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * np.abs(want).max(),
+                                   err_msg=f"{name} P={P} M={M}")
+
+
+@pytest.mark.parametrize("name", ["retention", "gla"])
+def test_the_default_pipeline_runs_the_chunked_program_on_triton(name):
+    module = parse_file(EXAMPLES_DIR / f"{name}.attn")
+    options = {"tile": 64, "sizes": LONG}
+    program = lower_stages(run_pipeline(module, None, None, None, options), "triton",
+                           options).programs[0]
+    scans = [k for k in program.kernels if k.roles.loop == "M1"]
+    assert len(program.parts) >= 3 and len(scans) == 1
+    assert "PKV" in {b.name for b in scans[0].writes}, "the scan stores the state of every chunk"
+    per_chunk = [k for k in program.kernels if "LKV" in {b.name for b in k.writes}]
+    assert per_chunk and per_chunk[0].roles.grid == ("M1",), "one program per chunk"
+
+
+def test_cuda_declines_the_chunk_gathers_and_compiles_the_quadratic_form(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    module = parse_file(EXAMPLES_DIR / "retention.attn")
+    options = {"tile": 64, "sizes": LONG}
+    stages, files = compile_module(module, "cuda", "retention", options=options)
+    assert "SKV" not in dict(stages)["online"].definitions[0].iterative_tensors
+    assert "retention.cu" in files
+    with pytest.raises(Exception, match="gathers K over 3 block ranks"):
+        lower_stages(run_pipeline(module, None, None, None, options), "cuda", options)

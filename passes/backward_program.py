@@ -252,11 +252,13 @@ def cut_dependencies(cascade: Definition, name: str, cuts: set[str]) -> set[str]
 
 
 def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
-             options) -> list[list[str]]:
+             options, forward: frozenset[str] = frozenset()) -> list[list[str]]:
     """Stages from ``items`` (cut tensors and gradients, in dependency order): each item
     joins the earliest stage that has what it needs — its cut dependencies in earlier
     stages or in the same one (the ``online`` pass fuses a row max and its sum) — and
-    still lowers; else it opens a new stage."""
+    still lowers; else it opens a new stage.  A stage of ``forward`` tensors alone (the
+    row statistics ``GM``, ``SD``) takes no other, so the forward can save them
+    (``NAME_with_stats``) and the backward skip that stage."""
     cuts = set(items)
     groups: list[list[str]] = []
     for item in items:
@@ -265,6 +267,8 @@ def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
         for i, group in enumerate(groups):
             if any(d in cuts and all(d not in g for g in groups[:i + 1]) for d in deps):
                 continue  # a dependency is made later than this stage
+            if item not in forward and all(t in forward for t in group):
+                continue
             made = {t for g in groups[:i] for t in g}
             trial = stage_definition(cascade, prefix, group + [item], made)
             if lowers(trial, backend, options) is None:
@@ -297,7 +301,8 @@ def backward_program(defn: Definition, backend: str = "triton",
     cuts = cut_points(cascade)
     zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
     grads = [o.name for o in cascade.outputs if o.name not in zeros]
-    groups = _grouped(cascade, backend, cuts + grads, f"{name}_s", options)
+    forward = frozenset(st.tensor for st in canonicalize(defn).statements)
+    groups = _grouped(cascade, backend, cuts + grads, f"{name}_s", options, forward)
     stages, made = [], set()
     dtype = saved_dtype(backend)
     for i, group in enumerate(groups):

@@ -329,6 +329,12 @@ def _part_program(part: Definition, options: dict) -> Program:
         return _map_kernel(part)
 
 
+def _reduces_long(defn: Definition) -> bool:
+    long = long_ranks(defn)
+    return any(set(red.ranks) & long for st in defn.statements for red in walk(st.expr)
+               if isinstance(red, Reduce))
+
+
 def _map_kernel(part: Definition) -> Program:
     """A part without a streamed loop: every statement once per row block."""
     stmts = tuple(part.statements)
@@ -352,6 +358,12 @@ def tile_stage(defn: Definition, source: Definition | None, target, options: dic
     try:
         return _one_kernel(defn)
     except NotTileable as err:
+        if not defn.iterative_ranks and not _reduces_long(defn):
+            # nothing to stream: one loop-less kernel (a decode step against a state, a
+            # backward stage's per-row gradient dG[p,f] = dO[p,f] * AV[p,f] * ...)
+            program = _map_kernel(defn)
+            return dataclasses.replace(program, kernels=tuple(
+                dataclasses.replace(k, role="streamed") for k in program.kernels))
         if source is None or not target.multi_kernel:
             raise
         why = str(err)

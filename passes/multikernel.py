@@ -359,8 +359,8 @@ def tile_stage(defn: Definition, source: Definition | None, target, options: dic
         return _one_kernel(defn)
     except NotTileable as err:
         if not defn.iterative_ranks and not _reduces_long(defn):
-            # nothing to stream: one loop-less kernel (a decode step against a state, a
-            # backward stage's per-row gradient dG[p,f] = dO[p,f] * AV[p,f] * ...)
+            # nothing to stream: one loop-less kernel (a backward stage's per-row
+            # gradient, gated_output's dG[p,f] = dO[p,f] * AV[p,f] * ...)
             program = _map_kernel(defn)
             return dataclasses.replace(program, kernels=tuple(
                 dataclasses.replace(k, role="streamed") for k in program.kernels))

@@ -741,11 +741,6 @@ class KernelRenderer(TileRendererBase):
             if self.in_loop and o.name == st.tensor:  # a value per step (the chunked scan)
                 self.store_output(o)
 
-    def stepped_outputs(self) -> list:
-        """Outputs over the loop rank, stored at every step (``PKV[m1,e,f] = SKV[m1,e,f]``)."""
-        loop = self.ranks.loop
-        return [o for o in self.outputs if loop is not None and loop in o.ranks]
-
     def declare_state(self, name: str, layout) -> None:
         self.state_layout[name] = layout
         self.state_layout[f"{name}_prev"] = layout
@@ -1061,13 +1056,11 @@ def _stream_k_lines(kr: KernelRenderer, prog: list[str], body: list[str]) -> lis
 
 def _check_outputs(kr: KernelRenderer) -> None:
     r = kr.ranks
-    b = kr.bounds
+    why = kr.stepped_blocker()
+    if why:
+        raise CudaUnsupported(why)
     for o in kr.outputs:
         for rank in o.ranks:
-            if rank == r.loop and (r.tile is not None or kr.planned
-                                   or (b is not None and (b.live is not None or b.live_probes))):
-                raise CudaUnsupported(f"output {o.name} is stored at every step of a loop "
-                                      f"that tiles or skips its steps")
             if rank not in r.vector and rank not in r.grid and rank != kr.slot \
                     and rank != r.loop:
                 raise CudaUnsupported(f"output {o.name} has rank {rank}, not in the grid")

@@ -356,6 +356,23 @@ class TileRendererBase:
         lay = self.canon(set(body.layout) | set(e.ranks) | set().union(*along))
         return self.reduction(e, body, lay, terms)
 
+    # --- outputs stored at every step of the loop ------------------------------------
+    def stepped_outputs(self) -> list:
+        """Outputs over the loop rank, stored inside the loop at every step (the chunked
+        scan's ``PKV[m1,e,f] = SKV[m1,e,f]``, the state at each chunk's start)."""
+        loop = self.ranks.loop
+        return [o for o in self.outputs if loop is not None and loop in o.ranks]
+
+    def stepped_blocker(self) -> str | None:
+        """Why the stepped outputs cannot be stored (a loop that tiles or skips its steps
+        would leave some unwritten), or None."""
+        stepped, b = self.stepped_outputs(), self.bounds
+        if stepped and (self.ranks.tile is not None or (b is not None and (
+                b.live is not None or b.live_probes or (b.full is not None and b.full_probes)))):
+            return (f"output {stepped[0].name} is stored at every step of a loop that tiles "
+                    f"or skips its steps")
+        return None
+
     def reduce_presence(self, terms, ranks: set[str]) -> tuple[Term, ...]:
         """Presence after reducing ``ranks``: some point of the fiber present.  Terms not
         along the ranks stay; the ranks' ranges alone say "the rank is not empty"; other

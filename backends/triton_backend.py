@@ -652,7 +652,7 @@ class KernelRenderer(TileRendererBase):
                                       scaled=val.scaled if same else None,
                                       vanishes=val.vanishes if same else (),
                                       identity=val.identity if same else None)
-        stepped = [o for o in self.outputs if o.name == st.tensor and self.ranks.loop in o.ranks]
+        stepped = [o for o in self.stepped_outputs() if o.name == st.tensor]
         if self.in_loop and stepped:  # a value per step (the chunked scan's PKV[m1,e,f])
             self.lines += _store_lines(self, stepped)
 
@@ -1120,11 +1120,10 @@ def _kernel_lines(kr: KernelRenderer, outputs) -> list[str]:
     """The kernel's Python body: program ids, offsets, the statements, the stores."""
     kr.outputs = list(outputs)
     pre = ["pid_row = tl.program_id(0)", "pid = tl.program_id(1)"] + _program_lines(kr)
-    stepped = [o for o in outputs if kr.ranks.loop is not None and kr.ranks.loop in o.ranks]
-    if stepped and (kr.ranks.tile is not None or kr.probes
-                    or (kr.bounds is not None and kr.bounds.live is not None)):
-        raise TritonUnsupported(f"output {stepped[0].name} is stored at every step of a loop "
-                                f"that tiles or skips its steps")
+    stepped = kr.stepped_outputs()
+    why = kr.stepped_blocker()
+    if why:
+        raise TritonUnsupported(why)
     body = kr.render()
     post = _store_lines(kr, [o for o in outputs if o not in stepped])  # may add mask definitions
     return pre + body + post

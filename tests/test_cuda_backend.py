@@ -36,7 +36,7 @@ from attnc.passes.tile import NotTileable
 
 from conftest import EXAMPLES as EXAMPLES_DIR
 from conftest import TWO_PASS, all_examples
-from example_refs import EXAMPLES
+from example_refs import EXAMPLES, ref_gqa_decode
 
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -440,6 +440,40 @@ def test_emulated_split_k_matches_reference(path, workers, emulated, monkeypatch
     else:
         assert [n.endswith(("_split", "_split_combine")) for n in names] == [True, True], calls
         assert names[1] == names[0] + "_combine" and {c[1] for c in calls} == {workers}, calls
+
+
+def test_split_and_stream_k_take_fewer_workers_or_the_streamed_kernel_when_a_combine_does_not_fit(
+        emulated, monkeypatch):
+    """The combine holds every worker's slot of a row block in shared memory ([P, W, F]):
+    33 forced workers at F = 128 need 424 KB, one worker at F = 256 still 287 KB.  The
+    launcher halves the workers until every kernel's blocks fit the device (227 KB under
+    emulation, as on an H100), then falls back to the streamed kernel; the result is the
+    same."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    monkeypatch.delenv("ATTNC_STREAM_K", raising=False)
+    mod = get("gqa_decode.attn")
+    calls = []
+    for name in ("_gqa_decode_run", "_gqa_decode_split_run", "_gqa_decode_stream_run"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: (
+            calls.append((_name, a[1].get("W"))), _real(*a, **k))[1])
+    rng = np.random.default_rng(8)
+    for split, F, want in (("33", 128, ("_gqa_decode_split_run", 16)),
+                           (None, 256, ("_gqa_decode_run", None))):
+        if split:
+            monkeypatch.setenv("ATTNC_SPLIT", split)
+        else:
+            monkeypatch.delenv("ATTNC_SPLIT", raising=False)
+        Q, K, V = (rng.standard_normal((2, 1, 16)), rng.standard_normal((1, 700, 16)),
+                   rng.standard_normal((1, 700, F)))
+        calls.clear()
+        got = mod.gqa_decode(*[torch.from_numpy(x).float() for x in (Q, K, V)])
+        assert calls == [want]
+        check(got, ref_gqa_decode(Q, K, V))
 
 
 def test_launcher_picks_the_decode_variant_by_grid_and_sm_count(emulated, monkeypatch):

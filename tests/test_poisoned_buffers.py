@@ -99,3 +99,28 @@ def test_unwritten_buffers_are_never_read(backend_env, rel, tmp_path):
                 g = g.double().numpy()
                 assert np.array_equal(np.isnan(g), np.isnan(w)), f"{defn.name}: NaN where none is"
                 assert relative_error(g, w) < 1e-5, defn.name
+
+
+EMPTY = [("attention s(X[H,F]) -> O[F] {\n  O[f] = sum[h](X[h,f])\n}", [(0, 5)]),
+         ("attention s(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {\n  S[p,m] = Q[p,e] * K[m,e]\n"
+          "  O[p,f] = exp(S[p,m] - max[m](S[p,m])) * V[m,f] / sum[m](exp(S[p,m] - max[m](S[p,m])))\n}",
+          [(3, 4), (0, 4), (0, 5)])]
+
+
+@pytest.mark.parametrize("spec,shapes", EMPTY, ids=["empty-grid", "no-keys"])
+@pytest.mark.parametrize("backend_env", ["triton", "cuda"], indirect=True)
+def test_outputs_of_empty_loops_and_grids_are_zeros(backend_env, spec, shapes, tmp_path):
+    """A sum over no heads and attention over no keys: the kernels loop over no tile and
+    store every output element as 0, nothing is left to the allocator."""
+    from attnc.frontends import parse
+
+    module = parse(spec, "empty.attn")
+    _, files = compile_module(module, backend_env, f"empty_{backend_env}_{len(shapes)}",
+                              options={"tile": 16})
+    for name, text in files.items():
+        write_atomic(tmp_path / name, text)
+    gen = load_generated(tmp_path / f"empty_{backend_env}_{len(shapes)}.py")
+    gen.torch = PoisonedTorch(torch)
+    for _ in range(2):
+        got = gen.s(*[torch.randn(s) for s in shapes])
+        assert torch.equal(got, torch.zeros_like(got)), got

@@ -12,9 +12,14 @@ partial.  After the last step it finishes its queries' outputs::
     cp = attnc.backends.context_parallel.compile_context_parallel(spec, "causal_softmax")
     AV_local = cp(Q_local, K_local, V_local)          # in every process of the group
 
+With ``layout="zigzag"`` each process holds two opposite chunks of the sequence (chunks
+``r`` and ``2W - 1 - r`` of ``2W``, as zig-zag ring attention does), so a causal mask gives
+every process the same work; each (query chunk, key chunk) pair is one partial at its
+global positions, and a pair that is fully masked costs only its tile-range check.
+
 The partial (the loop over a key shard) comes from any backend; the merge and the finish
 (loop-less, O(rows) per step) run on the host with numpy — a device merge kernel is future
-work, as is the zig-zag load balancing of causal shards.
+work.
 Backward over the ring waits for the derived backward (issue 12): ``requires_grad`` inputs
 are refused.
 """
@@ -39,7 +44,17 @@ class ContextParallel:
     finish: Any
     runtime: str              # "numpy" or "torch": what the partial function takes
 
-    def __call__(self, *args, group=None, **params):
+    def __call__(self, *args, group=None, layout: str = "contiguous", **params):
+        """The definition's outputs for this process's queries (its shard of them, in the
+        order it holds them), from the key shards of every process of ``group``.
+
+        ``layout``: how the sequence is split over the processes.  ``"contiguous"``: rank
+        ``r`` holds one run of positions, after rank ``r - 1``'s (any lengths).
+        ``"zigzag"``: the sequence is cut into ``2 * world`` chunks (``torch.tensor_split``'s
+        lengths) and rank ``r`` holds chunks ``r`` and ``2 * world - 1 - r``, concatenated
+        (:func:`zigzag_shard` makes them): under a causal mask every rank then has the same
+        work, where contiguous shards leave the last rank with ``2 * world - 1`` times the
+        first's."""
         import torch
         import torch.distributed as dist
 
@@ -48,6 +63,8 @@ class ContextParallel:
         if len(args) != len(names):
             raise TypeError(f"{form.source.name}: expected {len(names)} tensors "
                             f"({', '.join(names)}), got {len(args)}")
+        if layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout={layout!r}: use 'contiguous' or 'zigzag'")
         named = dict(zip(names, args))
         for n, x in named.items():
             if not isinstance(x, torch.Tensor):
@@ -58,30 +75,66 @@ class ContextParallel:
                     f"derived backward (issue 12), not there yet")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         keys = self._lengths(named, form.key_inputs, form.keys, group, world)
-        queries = (self._lengths(named, form.query_inputs, form.queries, group, world)
-                   if form.queries else None)
-        if queries is not None:
-            params[offset_param(form.queries)] = float(sum(queries[:rank]))
+        key_pieces = _pieces(keys, layout, form.key_inputs[0], form.keys)
+        if form.queries:
+            queries = self._lengths(named, form.query_inputs, form.queries, group, world)
+            query_pieces = _pieces(queries, layout, form.query_inputs[0], form.queries)[rank]
             params[total_param(form.queries)] = float(sum(queries))
+        else:
+            query_pieces = [(0, None)]  # every process holds every query
         params[total_param(form.keys)] = float(sum(keys))
         self._global_defaults(named, params)
+        rows = [self._piece(named, form.query_inputs, form.queries, at, n)
+                for at, n in _local_spans(query_pieces)]
         block = {n: named[n] for n in form.key_inputs}
-        states = None
+        states = [None] * len(rows)
         for step in range(world):
             source = (rank - step) % world
             pending = self._pass_on(block, keys[(source - 1) % world], rank, world, group) \
                 if step < world - 1 else None
-            call = dict(named, **block)
-            part = self._call(self.partial, form.partial, call,
-                              dict(params, **{offset_param(form.keys): float(sum(keys[:source]))}))
-            states = part if states is None else self._merge(states, part, named, params)
+            for (k_at, k_n), (k_offset, _) in zip(_local_spans(key_pieces[source]),
+                                                  key_pieces[source]):
+                shard = self._piece(block, form.key_inputs, form.keys, k_at, k_n)
+                for i, ((q_offset, _), piece) in enumerate(zip(query_pieces, rows)):
+                    local = dict(params, **{offset_param(form.keys): float(k_offset)})
+                    if form.queries:
+                        local[offset_param(form.queries)] = float(q_offset)
+                    part = self._call(self.partial, form.partial, dict(piece, **shard), local)
+                    states[i] = part if states[i] is None else self._merge(states[i], part,
+                                                                           piece, params)
             if pending is not None:
                 for work in pending[0]:
                     work.wait()
                 block = pending[1]
-        call = dict(named, **dict(zip(form.states, states)))
-        out = self._call(self.finish, form.finish, call, params)
+        outs = [self._call(self.finish, form.finish,
+                           dict(piece, **dict(zip(form.states, state))), params)
+                for piece, state in zip(rows, states)]
+        out = tuple(self._joined([o[k] for o in outs], o_def)
+                    for k, o_def in enumerate(form.source.outputs))
         return out[0] if len(out) == 1 else out
+
+    def _piece(self, named: dict, inputs, rank_name, start: int, length) -> dict:
+        """``named`` with ``inputs`` narrowed to ``start .. start + length`` along
+        ``rank_name`` (``length`` None: as they are)."""
+        if length is None:
+            return dict(named)
+        out = dict(named)
+        for a in self.form.source.tensor_args:
+            if a.name in inputs and a.name in named:
+                x = named[a.name]
+                out[a.name] = x.narrow(x.dim() - len(a.ranks) + a.ranks.index(rank_name),
+                                       start, length)
+        return out
+
+    def _joined(self, pieces: list, out) -> Any:
+        """An output's pieces (one per query piece) in the order the process holds them."""
+        import torch
+
+        if len(pieces) == 1:
+            return pieces[0]
+        ranks = out.ranks
+        dim = pieces[0].dim() - len(ranks) + ranks.index(self.form.queries)
+        return torch.cat(pieces, dim=dim)
 
     # --- the merge API (FlashInfer's merge_state, derived) ---------------------------------
     def states(self, *args, key_offset: int = 0, key_total: int | None = None,
@@ -163,8 +216,9 @@ class ContextParallel:
             if y.shape[y.dim() - len(b.ranks) + b.ranks.index(rank_name)] != local:
                 raise ValueError(f"argument '{n}': its shard along {rank_name} has another "
                                  f"length than '{a.name}''s ({local})")
-        out = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(out, torch.tensor([local], dtype=torch.int64), group=group)
+        out = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+        dist.all_gather(out, torch.tensor([local], dtype=torch.int64, device=x.device),
+                        group=group)  # (on the inputs' device: NCCL takes no CPU tensor)
         return [int(t.item()) for t in out]
 
     def _pass_on(self, block, incoming: int, rank: int, world: int, group):
@@ -179,7 +233,7 @@ class ContextParallel:
             x = block[a.name].contiguous()
             shape = list(x.shape)
             shape[x.dim() - len(a.ranks) + a.ranks.index(self.form.keys)] = incoming
-            buf = torch.empty(shape, dtype=x.dtype)
+            buf = torch.empty(shape, dtype=x.dtype, device=x.device)
             peer_next = dist.get_global_rank(group, (rank + 1) % world) if group else (rank + 1) % world
             peer_prev = dist.get_global_rank(group, (rank - 1) % world) if group else (rank - 1) % world
             works.append(dist.isend(x, peer_next, group=group))
@@ -193,9 +247,10 @@ class ContextParallel:
         args = [named[a.name] for a in defn.tensor_args]
         kwargs = {p.name: params[p.name] for p in defn.scalar_params if p.name in params}
         if self.runtime == "numpy" or defn is not self.form.partial:
-            out = fn(*[a.detach().numpy() for a in args], **kwargs)
+            device = args[0].device if args else torch.device("cpu")
+            out = fn(*[a.detach().cpu().numpy() for a in args], **kwargs)  # on the host
             out = out if isinstance(out, tuple) else (out,)
-            return tuple(torch.from_numpy(o) for o in out)
+            return tuple(torch.from_numpy(o).to(device) for o in out)
         out = fn(*args, **kwargs)
         return out if isinstance(out, tuple) else (out,)
 
@@ -208,6 +263,67 @@ class ContextParallel:
             a, b = torch.broadcast_tensors(a, b)
             stacked[name] = torch.stack([a, b], dim=a.dim() - ncore)
         return self._call(self.merge, self.form.merge, stacked, params)
+
+
+def _zigzag_chunks(total: int, world: int) -> list[tuple[int, int]]:
+    """(offset, length) of the ``2 * world`` chunks of ``total`` positions, with
+    ``torch.tensor_split``'s lengths (the first ``total % (2 * world)`` one longer)."""
+    n = 2 * world
+    lengths = [total // n + (1 if i < total % n else 0) for i in range(n)]
+    offsets = [sum(lengths[:i]) for i in range(n)]
+    return list(zip(offsets, lengths))
+
+
+def _pieces(lengths: list[int], layout: str, arg: str, rank_name: str) -> list[list[tuple]]:
+    """Per process, the (global offset, length) of each run of positions it holds, in the
+    order it holds them."""
+    world = len(lengths)
+    if layout == "contiguous":
+        return [[(sum(lengths[:r]), lengths[r])] for r in range(world)]
+    chunks = _zigzag_chunks(sum(lengths), world)
+    out = []
+    for r in range(world):
+        mine = [chunks[r], chunks[2 * world - 1 - r]]
+        if lengths[r] != mine[0][1] + mine[1][1]:
+            raise ValueError(
+                f"argument '{arg}': rank {r} holds {lengths[r]} positions along {rank_name}, "
+                f"but a zig-zag shard of {sum(lengths)} over {world} processes has "
+                f"{mine[0][1] + mine[1][1]} (chunks {r} and {2 * world - 1 - r}: make it with "
+                f"zigzag_shard)")
+        out.append(mine)
+    return out
+
+
+def _local_spans(pieces: list[tuple]) -> list[tuple[int, int]]:
+    """(start, length) of each piece within the tensor that holds them end to end."""
+    spans, at = [], 0
+    for _, n in pieces:
+        spans.append((at, n))
+        at += n or 0
+    return spans
+
+
+def zigzag_shard(x, dim: int, rank: int, world: int):
+    """Rank ``rank``'s zig-zag shard of ``x`` along ``dim``: chunks ``rank`` and
+    ``2 * world - 1 - rank`` of ``torch.tensor_split(x, 2 * world, dim)``, concatenated."""
+    import torch
+
+    chunks = torch.tensor_split(x, 2 * world, dim=dim)
+    return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], dim=dim)
+
+
+def zigzag_unshard(shards: list, dim: int):
+    """The whole tensor from every rank's zig-zag shard (rank order), along ``dim``."""
+    import torch
+
+    world = len(shards)
+    total = sum(s.shape[dim] for s in shards)
+    chunks = [None] * (2 * world)
+    for r, s in enumerate(shards):
+        first = _zigzag_chunks(total, world)[r][1]
+        chunks[r], chunks[2 * world - 1 - r] = s.narrow(dim, 0, first), s.narrow(
+            dim, first, s.shape[dim] - first)
+    return torch.cat(chunks, dim=dim)
 
 
 def compile_context_parallel(spec: str | Path | Module, name: str | None = None,

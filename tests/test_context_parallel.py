@@ -201,3 +201,123 @@ def test_shared_prefix_merged_with_each_suffix(tmp_path):
         again = cp.merge_states(cp.merge_states(*halves), b)
         np.testing.assert_allclose(cp.finish_states(again, t(Q), key_total=total).numpy(), want,
                                    rtol=1e-12, atol=1e-13)
+
+
+# --- zig-zag (load-balanced causal) sharding ---------------------------------------------------
+
+ZIGZAG = [("causal.attn", 0), ("sliding_window.attn", 0), ("document_mask.attn", 1),
+          ("alibi.attn", 0), ("softmax1.attn", 1)]
+
+
+def _zigzag_worker(rank: int, world: int, port: int, root: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from attnc.backends.context_parallel import compile_context_parallel, zigzag_shard
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for i, (path, _) in enumerate(ZIGZAG):
+            ref = REFS[path]
+            module = parse_file(EXAMPLES / path)
+            defn = module[ref.definition]
+            data = np.load(Path(root) / f"in{i}.npz")
+            params = {k[2:]: float(data[k]) for k in data.files if k.startswith("p_")}
+            cp = compile_context_parallel(module, ref.definition, "numpy", tile=4,
+                                          directory=Path(root) / f"gen{rank}_{i}")
+            form, local = cp.form, []
+            for a in defn.tensor_args:
+                x = torch.from_numpy(data[a.name])
+                along = form.keys if a.name in form.key_inputs else (
+                    form.queries if a.name in form.query_inputs else None)
+                if along is not None:
+                    x = zigzag_shard(x, x.dim() - len(a.ranks) + a.ranks.index(along), rank, world)
+                local.append(x)
+            out = cp(*local, layout="zigzag", **params)
+            out = out if isinstance(out, tuple) else (out,)
+            np.savez(Path(root) / f"out{i}_{rank}.npz", *[o.numpy() for o in out])
+            if i == 0 and rank == 0:  # no positions where zig-zag gives this rank some
+                bad = [x[:0] if a.name in form.key_inputs + form.query_inputs else x
+                       for a, x in zip(defn.tensor_args, local)]
+                try:
+                    cp(*bad, layout="zigzag", **params)
+                except ValueError as err:
+                    (Path(root) / "refused.txt").write_text(str(err))
+            elif i == 0:
+                try:  # the peer's all-gather of lengths still happens once
+                    cp(*local, layout="zigzag", **params)
+                except ValueError:
+                    pass
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_zigzag_ring_matches_one_process(world, tmp_path):
+    """Each process holds chunks r and 2W-1-r of the sequence (uneven chunk lengths: the
+    sizes are not multiples of 2W); the outputs, un-zig-zagged, equal the interpreter's on
+    the whole inputs, across causal, window, document-mask, ALiBi and softmax_1 cascades."""
+    from attnc.backends.context_parallel import zigzag_unshard
+    from attnc.einsum_ir.interpreter import interpret
+
+    mp = pytest.importorskip("torch.multiprocessing")
+    wants = []
+    for i, (path, case) in enumerate(ZIGZAG):
+        ref = REFS[path]
+        defn = parse_file(EXAMPLES / path)[ref.definition]
+        arrays, params = ref.make_inputs(np.random.default_rng(case + world), ref.sizes[case])
+        np.savez(tmp_path / f"in{i}.npz", **{a.name: x for a, x in zip(defn.tensor_args, arrays)},
+                 **{f"p_{k}": v for k, v in params.items()})
+        want = interpret(defn, *arrays, **params)
+        wants.append(want if isinstance(want, tuple) else (want,))
+    mp.spawn(_zigzag_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    for i, (path, _) in enumerate(ZIGZAG):
+        defn = parse_file(EXAMPLES / path)[REFS[path].definition]
+        form = sharded_form(defn, {"tile": 4}, None)
+        parts = [np.load(tmp_path / f"out{i}_{r}.npz") for r in range(world)]
+        for k, (want, out) in enumerate(zip(wants[i], defn.outputs)):
+            pieces = [torch.from_numpy(p[f"arr_{k}"]) for p in parts]
+            if form.queries and form.queries in out.ranks:
+                axis = want.ndim - len(out.ranks) + out.ranks.index(form.queries)
+                got = zigzag_unshard(pieces, axis).numpy()
+            else:
+                got = pieces[0].numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"{path} {out.name}")
+    refused = (tmp_path / "refused.txt").read_text()
+    assert "zig-zag shard" in refused and "argument '" in refused
+
+
+@pytest.mark.parametrize("total,world", [(13, 2), (5, 3), (24, 4), (0, 2)])
+def test_zigzag_shards_round_trip(total, world):
+    from attnc.backends.context_parallel import _pieces, zigzag_shard, zigzag_unshard
+
+    x = torch.arange(total * 2).reshape(total, 2)
+    shards = [zigzag_shard(x, 0, r, world) for r in range(world)]
+    assert torch.equal(zigzag_unshard(shards, 0), x)
+    pieces = _pieces([s.shape[0] for s in shards], "zigzag", "K", "M")
+    for r, s in enumerate(shards):  # each piece's global offset addresses its rows
+        rows = torch.cat([x[o:o + n] for o, n in pieces[r]])
+        assert torch.equal(rows, s)
+
+
+@pytest.mark.parametrize("total,world", [(13, 2), (24, 4), (8192, 2), (100, 4), (1001, 3)])
+def test_zigzag_balances_causal_work(total, world):
+    """The causal work of a rank (visible (query, key) pairs: q + 1 for the query at q) is
+    the same on every rank when 2W divides the sequence, and within a quarter of the
+    contiguous layout's spread otherwise."""
+    from attnc.backends.context_parallel import _pieces, _zigzag_chunks
+
+    def loads(layout, lengths):
+        return [sum(o + i + 1 for o, n in pieces for i in range(n))
+                for pieces in _pieces(lengths, layout, "Q", "P")]
+
+    contiguous = [len(a) for a in np.array_split(np.arange(total), world)]
+    chunks = _zigzag_chunks(total, world)
+    lengths = [chunks[r][1] + chunks[2 * world - 1 - r][1] for r in range(world)]
+    zz, cont = loads("zigzag", lengths), loads("contiguous", contiguous)
+    spread = max(zz) - min(zz)
+    if total % (2 * world) == 0:
+        assert spread == 0
+    assert spread * 4 <= max(cont) - min(cont)

@@ -7,7 +7,8 @@ loop body, per kernel:
 * **live** tiles ``[lo, hi)``: a tile outside it changes no update for any row of the
   block, so it is skipped.  Exact for affine guards (strict integer comparisons tighten:
   ``x > 0`` is ``x >= 1``); a bound over a float parameter (a window ``W``) is widened by
-  a tile on its side, which is conservative and correct; a guard that is not affine
+  a tile on its side, which is conservative and correct (a full range over one is
+  narrowed by two: a window's tiles inside it run unmasked); a guard that is not affine
   bounds nothing (the tile stays live) and, when it only reads inputs, becomes a
   per-tile **probe** (a block mask computed where it is used);
 * **full** tiles ``[lo, hi)``: every ``where`` over the tile holds at every point of it
@@ -86,8 +87,6 @@ class TileBounder:
         if any(s.name.startswith("_") for s in const.free_symbols):
             return None  # another index variable: not a bound of this block
         floating = not _integral(const) or any(s.name.startswith("param_") for s in const.free_symbols)
-        if floating and worst:
-            return None
         if not (c0.is_number and cp.is_number and c0.is_Integer and cp.is_Integer):
             return None
         if atom.op in ("<", ">") and not floating:
@@ -110,6 +109,10 @@ class TileBounder:
         if sign is None or not _integral(c1):
             return None
         c = c1 if sign > 0 else -c1
+        if floating and worst:  # trunc toward zero, a tile narrower on each side (and one
+            if sign > 0:        # more: a strict atom, float rounding at the boundary)
+                return "lo", FloatFloor(sympy.expand(-k), c, 2)
+            return "hi", FloatFloor(k, c, -1)
         if floating:  # trunc toward zero, a tile wider on each side
             if sign > 0:
                 return "lo", FloatFloor(sympy.expand(-k), c, -1)

@@ -98,11 +98,14 @@ BOUNDED = ["causal.attn", "sliding_window.attn", "sinks_window.attn", "prefix_lm
            "alibi.attn", "mqa_decode.attn"]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(which=st.sampled_from(BOUNDED), P=st.integers(1, 40), M=st.integers(1, 70),
-       block=st.sampled_from([4, 16]), first=st.integers(0, 39), tile=st.sampled_from([4, 16]))
-def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, tile):
-    """Live tiles contain every tile some update may change; full tiles need no mask."""
+       block=st.sampled_from([4, 16]), first=st.integers(0, 39), tile=st.sampled_from([4, 16]),
+       number=st.one_of(st.integers(0, 80).map(float), st.floats(0.0, 80.0)))
+def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, tile, number):
+    """Live tiles contain every tile some update may change; full tiles need no mask.
+    A parameter (a window, a sink count) is ``number``: whole and fractional, so that a
+    float bound falls on tile edges and inside tiles."""
     program = _lowered(EXAMPLES / which, "triton", tile=tile, stop_after="bound-tiles")
     k = program.kernels[0]
     r, tp = k.roles, k.tiles
@@ -110,8 +113,9 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     last = min(first + block, P) - 1
     env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-M // tile),
            ROW_FIRST: first, ROW_LAST: last, f"BLOCK_{r.tile}": tile}
-    for q in tp.cascade.scalar_params:  # defaults over sizes (a window of 1/sqrt(E)...), else 3.5
-        value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if q.default is not None else 3.5
+    for q in tp.cascade.scalar_params:  # defaults over sizes (1/sqrt(E)), else ``number``
+        sized = q.default is not None and q.default.free_symbols
+        value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if sized else number
         env[f"param_{q.name}"] = float(value)
     tiles = env[r.loop]
     affine = [[g for g in gs if g.exists <= {r.tile}] for _, gs in tp.guards]

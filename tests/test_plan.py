@@ -31,13 +31,14 @@ from attnc.frontends import parse, parse_file  # noqa: E402
 from conftest import EXAMPLES  # noqa: E402
 from test_parity import attention_specs  # noqa: E402
 
-# every example whose Triton kernels probe a data-dependent mask per tile
+# every example whose Triton kernels probe a data-dependent mask per tile, and one whose
+# float window bounds its full tiles from their corners (nothing left to probe)
 PROBED = ("bigbird", "document_mask", "key_padding", "sliding_window", "paged_decode",
           "paged_prefill", "varlen_prefill")
 # attnc check's shapes, smaller: each grid point is a Python loop in the interpreter
 GRID_POINTS = INTERPRETED_GRID_POINTS // 5
-# its only probe decides whether a tile runs unmasked (a window over a parameter)
-FULL_TILE_PROBES_ONLY = ("sliding_window",)
+# its where is affine (a window over a float parameter): the plan holds no block mask
+AFFINE = ("sliding_window",)
 LAUNCHES = {"streamed": {}, "split-K": {"ATTNC_SPLIT": "3"}, "stream-K": {"ATTNC_STREAM_K": "5"}}
 
 
@@ -78,8 +79,8 @@ def test_every_probed_example_matches_the_interpreter_through_a_plan(spec, backe
     for defn in parse_file(EXAMPLES / f"{spec}.attn").definitions:
         fn = getattr(mod, defn.name)
         q = _quiet(fn.plan, *_example_inputs(defn))
-        if backend == "cuda" and spec in FULL_TILE_PROBES_ONLY:
-            assert q.live_fraction is None  # CUDA has no unmasked full-tile path to probe for
+        if spec in AFFINE:
+            assert q.live_fraction is None  # tile ranges from the window: nothing to probe
         else:
             assert q.live_fraction is not None, f"{spec}: a plan holds no mask, though its kernels probe one"
         _check_planned(defn, fn)
@@ -186,16 +187,27 @@ def test_a_stale_plan_raises_and_a_new_one_is_exact(backend):
     assert torch.equal(_quiet(f, q, k, v, dq, other, plan=fresh), _quiet(f, q, k, v, dq, other))
 
 
-def test_a_plan_over_a_parameter_is_tied_to_its_value():
-    """The sliding window's full-tile test reads ``window``: a plan made for one window
-    refuses another."""
-    mod = _module("sliding_window")
-    f = mod.sliding_window
+LEVELLED = """
+attention levelled(Q[P,E], K[M,E], V[M,F], KL[M]: i32, level = 2.0) -> AV[P,F] {
+  S[p,m]  = Q[p,e] * K[m,e]   where KL[m] < level
+  AV[p,f] = exp(S[p,m] - max[m](S[p,m])) * V[m,f] / sum[m](exp(S[p,m] - max[m](S[p,m])))
+}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plan_over_a_parameter_is_tied_to_its_value(backend):
+    """A probe that reads a parameter (keys whose level is under ``level``): a plan made
+    for one level refuses another."""
+    f = _module(LEVELLED, backend).levelled
     q, k, v = _qkv(40, 40)
-    plan = _quiet(f.plan, q, k, v, window=9)
-    assert torch.equal(_quiet(f, q, k, v, window=9, plan=plan), _quiet(f, q, k, v, window=9))
-    with pytest.raises(ValueError, match="made with window = 9"):
-        f(q, k, v, window=12, plan=plan)
+    kl = torch.from_numpy(np.random.default_rng(2).integers(0, 5, 40).astype(np.int32))
+    plan = _quiet(f.plan, q, k, v, kl, level=2.5)
+    assert plan.live_fraction is not None
+    assert torch.equal(_quiet(f, q, k, v, kl, level=2.5, plan=plan),
+                       _quiet(f, q, k, v, kl, level=2.5))
+    with pytest.raises(ValueError, match="made with level = 2.5"):
+        f(q, k, v, kl, level=1.5, plan=plan)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -139,6 +139,43 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
                 assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])
+def test_windows_wider_than_a_tile_run_their_full_tiles_unmasked_and_right(backend, monkeypatch):
+    """Windows of 33 to 47.25 keys over tiles of 16: every row block has tiles wholly
+    inside its window (the unmasked loop) between masked ones at both ends; fractional and
+    whole windows, ragged P and M, against the interpreter."""
+    import shutil
+    import warnings
+
+    import numpy as np
+
+    torch = pytest.importorskip("torch")
+    import attnc
+    from attnc.backends.check import relative_error
+    from attnc.einsum_ir.interpreter import interpret
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if backend == "cuda":
+        if not (shutil.which("g++") or shutil.which("c++")):
+            pytest.skip("no C++ compiler for the CUDA host emulation")
+        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    path = EXAMPLES / "sliding_window.attn"
+    defn = parse_file(path).definitions[0]
+    fn = attnc.compile(str(path), backend=backend, tile=16).sliding_window
+    rng = np.random.default_rng(9)
+    for P, M, window in ((90, 101, 33.0), (77, 77, 40.5), (64, 130, 47.25), (100, 100, 32.0)):
+        Q, K, V = (rng.standard_normal((n, 8)) for n in (P, M, M))
+        want = interpret(defn, Q, K, V, window=window)
+        args = [torch.from_numpy(x).float() for x in (Q, K, V)] if backend != "numpy" else (Q, K, V)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fn(*args, window=window)
+        got = got.double().numpy() if backend != "numpy" else got
+        assert relative_error(got, want) < 1e-5, (P, M, window)
+
+
 # --- multi-kernel programs ------------------------------------------------------------------
 
 def test_linear_attention_is_two_kernels_joined_by_small_buffers():

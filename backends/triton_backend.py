@@ -742,7 +742,7 @@ class KernelRenderer(TileRendererBase):
         """A bound's symbol: an index variable (``_m1``), a parameter, a row or block
         name, or a size (a kernel argument)."""
         if n.startswith("_"):
-            return n[1:].lower()
+            return f"idx_{n[1:].lower()}" if n[1:] in self.ranks.grid else n[1:].lower()
         if n.startswith("param_"):
             return pyname(n[len("param_"):])
         if n in self.ROW_NAMES:

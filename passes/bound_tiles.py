@@ -66,6 +66,23 @@ class TileBounder:
         self.r = k.roles
         self.inputs = {a.name for a in self.tp.cascade.tensor_args}
         self.loads, self.body = expanded_body(self.tp)
+        self.selectors = self._selectors()
+
+    def _selectors(self) -> frozenset[str]:
+        """Grid ranks that choose which tiles a split-K worker streams (``w`` in
+        ``K[(w*MT + mt)*M0 + m0]``): one value per program, so its bounds may read them
+        (the kernel targets that run workers have them as scalars)."""
+        from .tile import blocked_subscript
+
+        r = self.r
+        if r is None or r.loop is None or self.kernel.role != "worker":
+            return frozenset()  # (a numpy kernel vectorises its grid: no scalar to read)
+        found = blocked_subscript(self.tp.cascade, r.loop)
+        if found is None:
+            return frozenset()
+        inside = {x for n in walk(found[0]) if isinstance(n, Access) for x in free_ranks(n)}
+        packed = r.packing.rank if r.packing is not None else None
+        return frozenset((free_ranks(found[0]) - inside) & set(r.grid) - {packed})
 
     # --- one affine atom -------------------------------------------------------------
     def tile_inequality(self, atom, worst: bool):
@@ -84,7 +101,8 @@ class TileBounder:
         rest = sympy.expand(diff - c0 * x0 - cp * xp)
         c1 = rest.coeff(x1)
         const = sympy.expand(rest - c1 * x1)
-        if any(s.name.startswith("_") for s in const.free_symbols):
+        fixed = {f"_{g}" for g in self.selectors}  # a program's selector index: a symbol
+        if any(s.name.startswith("_") and s.name not in fixed for s in const.free_symbols):
             return None  # another index variable: not a bound of this block
         floating = not _integral(const) or any(s.name.startswith("param_") for s in const.free_symbols)
         if not (c0.is_number and cp.is_number and c0.is_Integer and cp.is_Integer):
@@ -127,7 +145,7 @@ class TileBounder:
         (an atom that is not one, ``DQ[p] == DK[m]``, is dropped: a weaker condition is
         still necessary); None when some disjunct has no affine atom."""
         r = self.r
-        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row}:
+        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row} | self.selectors:
             return None
         dnf = conjunctions(g.cond)
         if dnf is None:
@@ -191,17 +209,34 @@ class TileBounder:
         return free_ranks(cond) <= {r.loop, r.tile, r.row} and not any(
             isinstance(n, Access) and n.tensor not in self.inputs for n in walk(cond))
 
+    def inside_stream(self):
+        """The end of the tiles that lie wholly inside the streamed rank: ``M // M0``, or
+        for a split worker, whose tile ``mt`` is tile ``w*MT + mt`` of the keys, the bound
+        of ``(w*MT + mt)*M0 + m0 < M`` at the tile's last point."""
+        from ..einsum_ir.ir import Size
+        from .tile import blocked_subscript
+
+        r = self.r
+        found = blocked_subscript(self.tp.cascade, r.loop)
+        if found is None or free_ranks(found[0]) <= {r.loop, r.tile}:
+            return FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)
+        bound = self.atom_tiles(Binary("<", found[0], Size(self.tp.stream_rank)), worst=True)
+        return bound[1] if bound is not None and bound[0] == "hi" else None
+
     def full(self):
         """(range, data atoms, conditions that hold) of the tiles needing no mask, or None."""
         r = self.r
         if r.tile is None or r.row is None or self.tp.stream_rank is None:
             return None
-        lo, hi = [sympy.Integer(0)], [FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)]
+        inside = self.inside_stream()
+        if inside is None:
+            return None
+        lo, hi = [sympy.Integer(0)], [inside]
         data, holds = [], set()
         for st in self.body:
             if st.where is None or r.tile not in free_ranks(st.where):
                 continue
-            if not free_ranks(st.where) <= {r.loop, r.tile, r.row}:
+            if not free_ranks(st.where) <= {r.loop, r.tile, r.row} | self.selectors:
                 return None
             dnf = conjunctions(st.where)
             if dnf is None or len(dnf) != 1:

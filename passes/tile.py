@@ -84,6 +84,13 @@ class TileProgram:
 
 def _blocked_source(defn: Definition, loop_rank: str):
     """(tile rank, stream rank) from a blocked access ``X[m1*M0 + m0, ...]``, if any."""
+    found = blocked_subscript(defn, loop_rank)
+    return (None, None) if found is None else found[1:]
+
+
+def blocked_subscript(defn: Definition, loop_rank: str):
+    """(subscript, tile rank, stream rank) of a blocked access ``X[m1*M0 + m0, ...]`` (or a
+    split worker's ``X[(w*MT + mt)*M0 + m0, ...]``), or None."""
     for st in defn.statements:
         for node in walk(st.expr):
             if not isinstance(node, Access) or node.tensor not in {a.name for a in defn.tensor_args}:
@@ -94,8 +101,27 @@ def _blocked_source(defn: Definition, loop_rank: str):
                 used = free_ranks(sub) - {r for n in walk(sub) if isinstance(n, Access) for r in free_ranks(n)}
                 if loop_rank in used and len(used) == 2:
                     (tile,) = used - {loop_rank}
-                    return tile, rank
-    return None, None
+                    return sub, tile, rank
+                if loop_rank in used and len(used) > 2:  # a split worker's (w*MT + mt)*M0 + m0
+                    tile = _unit_rank(sub, loop_rank, used)
+                    if tile is not None:
+                        return sub, tile, rank
+    return None
+
+
+def _unit_rank(sub, loop_rank: str, used: set[str]) -> str | None:
+    """In an affine subscript that also reads a selector (a split worker's ``w``), the rank
+    with coefficient 1 whose size is the loop rank's coefficient: ``m0`` in
+    ``(w*MT + mt)*M0 + m0``."""
+    expr = to_sympy(sub)
+    if expr is None:
+        return None
+    step = sympy.expand(expr).coeff(sympy.Symbol(f"_{loop_rank}", integer=True))
+    for r in sorted(used - {loop_rank}):
+        if (sympy.expand(expr).coeff(sympy.Symbol(f"_{r}", integer=True)) == 1
+                and step == sympy.Symbol(r, integer=True, positive=True)):
+            return r
+    return None
 
 
 def _let_value(defn: Definition, rank: str | None) -> int | None:

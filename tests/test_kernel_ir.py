@@ -139,6 +139,59 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
                 assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
 
 
+_FULLY_LOWERED: dict = {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from(BOUNDED + ["mha.attn"]), P=st.integers(1, 40),
+       M=st.integers(1, 90), block=st.sampled_from([4, 16]), first=st.integers(0, 39),
+       tile=st.sampled_from([4, 16]), workers=st.integers(1, 5), worker=st.integers(0, 4),
+       number=st.one_of(st.integers(0, 80).map(float), st.floats(0.0, 80.0)))
+def test_split_worker_tiles_agree_with_brute_force(which, P, M, block, first, tile, workers,
+                                                    worker, number):
+    """A split-K worker's tile ``mt`` is tile ``w*MT + mt`` of the keys: its live range
+    holds every tile an update of its rows may change, its full range only tiles inside
+    the keys where every ``where`` holds, at the worker's own offset."""
+    key = (which, tile)
+    if key not in _FULLY_LOWERED:
+        _FULLY_LOWERED[key] = _lowered(EXAMPLES / which, "triton", tile=tile)
+    program = _FULLY_LOWERED[key]
+    split = next(v for v in program.variants if v.kind == "split-k")
+    k = next(x for x in program.kernels if x.name == split.kernels[0])
+    r, tp = k.roles, k.tiles
+    assert r.tile is not None, "the worker streams tiles of keys"
+    first, worker = min(first, P - 1), min(worker, workers - 1)
+    last = min(first + block, P) - 1
+    m1 = -(-M // tile)
+    env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, "M1": m1, "W": workers,
+           r.loop: -(-m1 // workers), "_" + r.grid[0]: worker, ROW_FIRST: first,
+           ROW_LAST: last, f"BLOCK_{r.tile}": tile}
+    for q in tp.cascade.scalar_params:
+        sized = q.default is not None and q.default.free_symbols
+        value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if sized else number
+        env[f"param_{q.name}"] = float(value)
+    tiles = env[r.loop]
+    live = set()
+    for t in range(tiles):
+        for m0, p in itertools.product(range(tile), range(first, last + 1)):
+            point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
+            if any(all(_holds(g.cond, point) for g in gs if g.exists <= {r.tile})
+                   for _, gs in tp.guards):
+                live.add(t)
+                break
+    b = k.bounds
+    if b.live is not None:
+        lo, hi = eval_int(b.live.lo, env), eval_int(b.live.hi, env)
+        assert live <= set(range(lo, hi)), (which, lo, hi, sorted(live))
+    if b.full is not None and not b.full_probes:
+        lo, hi = eval_int(b.full.lo, env), eval_int(b.full.hi, env)
+        for t in range(max(lo, 0), min(hi, tiles)):
+            for m0, p in itertools.product(range(tile), range(first, last + 1)):
+                point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
+                assert (worker * tiles + t) * tile + m0 < M, "a full tile lies inside the keys"
+                assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])
 def test_windows_wider_than_a_tile_run_their_full_tiles_unmasked_and_right(backend, monkeypatch):
     """Windows of 33 to 47.25 keys over tiles of 16: every row block has tiles wholly

@@ -19,10 +19,8 @@ import datetime
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -33,6 +31,9 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cpu import timed  # noqa: E402  (median of repeated calls after a warm-up)
 
 
 def _inputs(defn, n: int, e: int, seed: int = 0):
@@ -45,16 +46,6 @@ def _inputs(defn, n: int, e: int, seed: int = 0):
     sizes.update({r: n for r in long})
     return [rng.standard_normal(tuple(sizes[r] for r in a.ranks)).astype(np.float32)
             for a in defn.tensor_args]
-
-
-def _timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _worker(rank: int, world: int, port: int, opts, root: str) -> None:
@@ -89,7 +80,7 @@ def _worker(rank: int, world: int, port: int, opts, root: str) -> None:
             def call():
                 dist.barrier()
                 return cp(*local, layout=layout)
-            seconds = _timed(call, opts.repeat)
+            seconds = timed(call, opts.repeat)
             slowest = torch.tensor([seconds])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             out = call()  # 2-D outputs, queries first (the examples this bench runs)
@@ -144,7 +135,7 @@ def main() -> None:
         for name, text in files.items():
             write_atomic(Path(tmp) / name, text)
         fn = getattr(load_generated(Path(tmp) / "one.py"), defn.name)
-        one = _timed(lambda: fn(*arrays), opts.repeat)
+        one = timed(lambda: fn(*arrays), opts.repeat)
         want = fn(*arrays)
         torch.multiprocessing.spawn(_worker, args=(opts.world, _free_port(), opts, tmp),
                                     nprocs=opts.world, join=True)

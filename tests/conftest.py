@@ -86,3 +86,22 @@ def pytest_collection_modifyitems(config, items):
                         if defs and defs[-1].scope == "module")
         if shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
+
+
+@pytest.fixture
+def backend_env(request, monkeypatch, tmp_path_factory):
+    """A kernel backend on the CPU (parametrize indirectly with "triton" or "cuda"): Triton
+    under its interpreter, CUDA as host C++ with its own library cache; no variant forced."""
+    import shutil
+
+    backend = request.param
+    if backend == "triton":
+        pytest.importorskip("triton")  # (TRITON_INTERPRET=1 is set above for every test)
+    else:
+        if not (shutil.which("g++") or shutil.which("c++")):
+            pytest.skip("no C++ compiler for the CUDA host emulation")
+        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+        monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path_factory.mktemp("cuda_cache")))
+    for var in ("ATTNC_SPLIT", "ATTNC_STREAM_K"):
+        monkeypatch.delenv(var, raising=False)
+    return backend

@@ -108,11 +108,21 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     float bound falls on tile edges and inside tiles."""
     program = _lowered(EXAMPLES / which, "triton", tile=tile, stop_after="bound-tiles")
     k = program.kernels[0]
-    r, tp = k.roles, k.tiles
+    r = k.roles
     first = min(first, P - 1)
     last = min(first + block, P) - 1
     env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-M // tile),
            ROW_FIRST: first, ROW_LAST: last, f"BLOCK_{r.tile}": tile}
+    _check_tile_ranges(which, k, env, number, range(first, last + 1), first_tile=0)
+
+
+def _check_tile_ranges(which, k, env, number, rows, first_tile: int) -> None:
+    """Brute force over every tile, key and row of one row block: the live range holds
+    every tile an update may change, the full range only tiles inside the keys (tile
+    ``first_tile + t`` of them) where every ``where`` holds.  A parameter without a
+    default over sizes takes ``number``."""
+    r, tp = k.roles, k.tiles
+    tile = env[r.tile]
     for q in tp.cascade.scalar_params:  # defaults over sizes (1/sqrt(E)), else ``number``
         sized = q.default is not None and q.default.free_symbols
         value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if sized else number
@@ -121,7 +131,7 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     affine = [[g for g in gs if g.exists <= {r.tile}] for _, gs in tp.guards]
     live = set()
     for t in range(tiles):
-        for m0, p in itertools.product(range(tile), range(first, last + 1)):
+        for m0, p in itertools.product(range(tile), rows):
             point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
             if any(all(_holds(g.cond, point) for g in gs) for gs in affine):
                 live.add(t)
@@ -133,9 +143,9 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     if b.full is not None and not b.full_probes:
         lo, hi = eval_int(b.full.lo, env), eval_int(b.full.hi, env)
         for t in range(max(lo, 0), min(hi, tiles)):
-            for m0, p in itertools.product(range(tile), range(first, last + 1)):
+            for m0, p in itertools.product(range(tile), rows):
                 point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
-                assert t * tile + m0 < M, "a full tile lies inside the keys"
+                assert (first_tile + t) * tile + m0 < env["M"], "a full tile lies inside the keys"
                 assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
 
 
@@ -158,7 +168,7 @@ def test_split_worker_tiles_agree_with_brute_force(which, P, M, block, first, ti
     program = _FULLY_LOWERED[key]
     split = next(v for v in program.variants if v.kind == "split-k")
     k = next(x for x in program.kernels if x.name == split.kernels[0])
-    r, tp = k.roles, k.tiles
+    r = k.roles
     assert r.tile is not None, "the worker streams tiles of keys"
     first, worker = min(first, P - 1), min(worker, workers - 1)
     last = min(first + block, P) - 1
@@ -166,30 +176,8 @@ def test_split_worker_tiles_agree_with_brute_force(which, P, M, block, first, ti
     env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, "M1": m1, "W": workers,
            r.loop: -(-m1 // workers), "_" + r.grid[0]: worker, ROW_FIRST: first,
            ROW_LAST: last, f"BLOCK_{r.tile}": tile}
-    for q in tp.cascade.scalar_params:
-        sized = q.default is not None and q.default.free_symbols
-        value = q.default.subs({s: env[s.name] for s in q.default.free_symbols}) if sized else number
-        env[f"param_{q.name}"] = float(value)
-    tiles = env[r.loop]
-    live = set()
-    for t in range(tiles):
-        for m0, p in itertools.product(range(tile), range(first, last + 1)):
-            point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
-            if any(all(_holds(g.cond, point) for g in gs if g.exists <= {r.tile})
-                   for _, gs in tp.guards):
-                live.add(t)
-                break
-    b = k.bounds
-    if b.live is not None:
-        lo, hi = eval_int(b.live.lo, env), eval_int(b.live.hi, env)
-        assert live <= set(range(lo, hi)), (which, lo, hi, sorted(live))
-    if b.full is not None and not b.full_probes:
-        lo, hi = eval_int(b.full.lo, env), eval_int(b.full.hi, env)
-        for t in range(max(lo, 0), min(hi, tiles)):
-            for m0, p in itertools.product(range(tile), range(first, last + 1)):
-                point = dict(env, **{"_" + r.loop: t, "_" + r.tile: m0, "_" + r.row: p})
-                assert (worker * tiles + t) * tile + m0 < M, "a full tile lies inside the keys"
-                assert all(_holds(w, point) for w in b.full_holds), (which, t, m0, p)
+    _check_tile_ranges(which, k, env, number, range(first, last + 1),
+                       first_tile=worker * env[r.loop])
 
 
 @pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])

@@ -11,7 +11,6 @@ small ragged sizes with a batch rank and tiles of 16 (several tiles per row).
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -46,21 +45,6 @@ class PoisonedTorch:
         if x.dtype != self._real.bool:
             return x.fill_(self._real.iinfo(x.dtype).min)
         return x.fill_(True)
-
-
-@pytest.fixture
-def backend_env(request, monkeypatch, tmp_path_factory):
-    backend = request.param
-    if backend == "triton":
-        pytest.importorskip("triton")
-    else:
-        if not (shutil.which("g++") or shutil.which("c++")):
-            pytest.skip("no C++ compiler for the CUDA host emulation")
-        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
-        monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path_factory.mktemp("cuda_cache")))
-    for var in ("ATTNC_SPLIT", "ATTNC_STREAM_K"):
-        monkeypatch.delenv(var, raising=False)
-    return backend
 
 
 def poisoned_module(backend, rel, tmp_path):

@@ -8,7 +8,6 @@ interpreter, CUDA as host C++ (``ATTNC_CUDA_EMULATE=1``).
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import numpy as np
@@ -31,21 +30,6 @@ attention causal_softmax(Q[P,E], K[M,E], V[M,F], scale = 1/sqrt(E)) -> O[P,F] {
 }
 """
 BACKENDS = ("triton", "cuda")
-
-
-@pytest.fixture
-def backend_env(request, monkeypatch, tmp_path_factory):
-    backend = request.param
-    if backend == "triton":
-        pytest.importorskip("triton")
-    else:
-        if not (shutil.which("g++") or shutil.which("c++")):
-            pytest.skip("no C++ compiler for the CUDA host emulation")
-        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
-        monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path_factory.mktemp("cuda_cache")))
-    for var in ("ATTNC_SPLIT", "ATTNC_STREAM_K"):
-        monkeypatch.delenv(var, raising=False)
-    return backend
 
 
 def generated(backend, spec, tmp_path):

@@ -51,6 +51,16 @@ def _sign(e) -> int | None:
     return None
 
 
+def _symbols(bound) -> set:
+    """The sympy symbols of a kernel-IR bound (its nested integer expressions)."""
+    if isinstance(bound, sympy.Basic):
+        return set(bound.free_symbols)
+    out = set()
+    for x in (bound.args if hasattr(bound, "args") else (bound.num, bound.den)):
+        out |= _symbols(x)
+    return out
+
+
 def _integral(e: sympy.Expr) -> bool:
     """A polynomial with integer coefficients in integer symbols (exact integer code)."""
     return all(c.is_Integer for c in sympy.Poly(e, *sorted(e.free_symbols, key=str)).coeffs()) \
@@ -223,6 +233,28 @@ class TileBounder:
         bound = self.atom_tiles(Binary("<", found[0], Size(self.tp.stream_rank)), worst=True)
         return bound[1] if bound is not None and bound[0] == "hi" else None
 
+    def banded_disjunct(self, dnf) -> tuple | None:
+        """Of a ``where`` that is a disjunction, the one disjunct whose tiles run unmasked:
+        a tile where it holds at every point satisfies the whole condition.  The disjunct
+        must be affine; the one with the most bounds that move with the rows is taken (the
+        band the loop spends its tiles in: a window beside a few sink keys), the first of
+        equals; None if no disjunct is affine with such a bound.
+        Before → after (sinks_window)::
+
+            m < sinks or (m <= p + M - P and p + M - P - m < window)
+            -> full tiles: those inside the window (the sink tiles stay masked)
+        """
+        rows = {ROW_FIRST, ROW_LAST}
+        best, moving = None, 0
+        for conj in dnf:
+            bounds = [self.atom_tiles(atom, worst=True) for atom in conj]
+            if any(b is None for b in bounds):
+                continue
+            n = sum(bool(rows & {str(x) for x in _symbols(b[1])}) for b in bounds)
+            if n > moving:
+                best, moving = conj, n
+        return best
+
     def full(self):
         """(range, data atoms, conditions that hold) of the tiles needing no mask, or None."""
         r = self.r
@@ -239,9 +271,12 @@ class TileBounder:
             if not free_ranks(st.where) <= {r.loop, r.tile, r.row} | self.selectors:
                 return None
             dnf = conjunctions(st.where)
-            if dnf is None or len(dnf) != 1:
+            if dnf is None:
                 return None
-            for atom in dnf[0]:
+            conj = dnf[0] if len(dnf) == 1 else self.banded_disjunct(dnf)
+            if conj is None:
+                return None
+            for atom in conj:
                 bound = self.atom_tiles(atom, worst=True)
                 if bound is not None:
                     (lo if bound[0] == "lo" else hi).append(bound[1])

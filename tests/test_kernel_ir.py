@@ -180,11 +180,16 @@ def test_split_worker_tiles_agree_with_brute_force(which, P, M, block, first, ti
                        first_tile=worker * env[r.loop])
 
 
+@pytest.mark.parametrize("spec,extra", [("sliding_window", {}), ("sinks_window", {"sinks": 5.0}),
+                                        ("sinks_window", {"sinks": 20.5})],
+                         ids=["window", "sinks5", "sinks20.5"])
 @pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])
-def test_windows_wider_than_a_tile_run_their_full_tiles_unmasked_and_right(backend, monkeypatch):
+def test_windows_wider_than_a_tile_run_their_full_tiles_unmasked_and_right(backend, spec, extra,
+                                                                           monkeypatch):
     """Windows of 33 to 47.25 keys over tiles of 16: every row block has tiles wholly
     inside its window (the unmasked loop) between masked ones at both ends; fractional and
-    whole windows, ragged P and M, against the interpreter."""
+    whole windows, ragged P and M, against the interpreter.  With sink keys (`m < sinks
+    or` the window) the window's tiles run unmasked and the sink tiles masked."""
     import shutil
     import warnings
 
@@ -202,17 +207,17 @@ def test_windows_wider_than_a_tile_run_their_full_tiles_unmasked_and_right(backe
         if not (shutil.which("g++") or shutil.which("c++")):
             pytest.skip("no C++ compiler for the CUDA host emulation")
         monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
-    path = EXAMPLES / "sliding_window.attn"
+    path = EXAMPLES / f"{spec}.attn"
     defn = parse_file(path).definitions[0]
-    fn = attnc.compile(str(path), backend=backend, tile=16).sliding_window
+    fn = getattr(attnc.compile(str(path), backend=backend, tile=16), spec)
     rng = np.random.default_rng(9)
     for P, M, window in ((90, 101, 33.0), (77, 77, 40.5), (64, 130, 47.25), (100, 100, 32.0)):
         Q, K, V = (rng.standard_normal((n, 8)) for n in (P, M, M))
-        want = interpret(defn, Q, K, V, window=window)
+        want = interpret(defn, Q, K, V, window=window, **extra)
         args = [torch.from_numpy(x).float() for x in (Q, K, V)] if backend != "numpy" else (Q, K, V)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = fn(*args, window=window)
+            got = fn(*args, window=window, **extra)
         got = got.double().numpy() if backend != "numpy" else got
         assert relative_error(got, want) < 1e-5, (P, M, window)
 

@@ -82,7 +82,7 @@ class TileBounder:
         """Grid ranks that choose which tiles a split-K worker streams (``w`` in
         ``K[(w*MT + mt)*M0 + m0]``): one value per program, so its bounds may read them
         (the kernel targets that run workers have them as scalars)."""
-        from .tile import blocked_subscript
+        from .tile import blocked_subscript, direct_ranks
 
         r = self.r
         if r is None or r.loop is None or self.kernel.role != "worker":
@@ -90,9 +90,8 @@ class TileBounder:
         found = blocked_subscript(self.tp.cascade, r.loop)
         if found is None:
             return frozenset()
-        inside = {x for n in walk(found[0]) if isinstance(n, Access) for x in free_ranks(n)}
         packed = r.packing.rank if r.packing is not None else None
-        return frozenset((free_ranks(found[0]) - inside) & set(r.grid) - {packed})
+        return frozenset(direct_ranks(found[0]) & set(r.grid) - {packed})
 
     # --- one affine atom -------------------------------------------------------------
     def tile_inequality(self, atom, worst: bool):
@@ -224,11 +223,11 @@ class TileBounder:
         for a split worker, whose tile ``mt`` is tile ``w*MT + mt`` of the keys, the bound
         of ``(w*MT + mt)*M0 + m0 < M`` at the tile's last point."""
         from ..einsum_ir.ir import Size
-        from .tile import blocked_subscript
+        from .tile import blocked_subscript, direct_ranks
 
         r = self.r
         found = blocked_subscript(self.tp.cascade, r.loop)
-        if found is None or free_ranks(found[0]) <= {r.loop, r.tile}:
+        if found is None or direct_ranks(found[0]) <= {r.loop, r.tile}:
             return FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)
         bound = self.atom_tiles(Binary("<", found[0], Size(self.tp.stream_rank)), worst=True)
         return bound[1] if bound is not None and bound[0] == "hi" else None

@@ -97,8 +97,7 @@ def blocked_subscript(defn: Definition, loop_rank: str):
                 continue
             ranks = defn.tensor_ranks(node.tensor)
             for sub, rank in zip(node.subscripts, ranks):
-                # an index tensor's read (CU[b] + m1*M0 + m0) only offsets the blocked term
-                used = free_ranks(sub) - {r for n in walk(sub) if isinstance(n, Access) for r in free_ranks(n)}
+                used = direct_ranks(sub)
                 if loop_rank in used and len(used) == 2:
                     (tile,) = used - {loop_rank}
                     return sub, tile, rank
@@ -107,6 +106,12 @@ def blocked_subscript(defn: Definition, loop_rank: str):
                     if tile is not None:
                         return sub, tile, rank
     return None
+
+
+def direct_ranks(sub) -> set[str]:
+    """The ranks of a subscript outside the index tensors it reads: an index tensor's read
+    (``CU[b] + m1*M0 + m0``) only offsets the blocked term."""
+    return free_ranks(sub) - {r for n in walk(sub) if isinstance(n, Access) for r in free_ranks(n)}
 
 
 def _unit_rank(sub, loop_rank: str, used: set[str]) -> str | None:

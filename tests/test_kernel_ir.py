@@ -111,7 +111,8 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     r = k.roles
     first = min(first, P - 1)
     last = min(first + block, P) - 1
-    env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-M // tile),
+    keys = {"M": M, "P": P}[k.tiles.stream_rank]  # prefix_lm's keys are its queries (let M = P)
+    env = {"M": keys, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-keys // tile),
            ROW_FIRST: first, ROW_LAST: last, f"BLOCK_{r.tile}": tile}
     _check_tile_ranges(which, k, env, number, range(first, last + 1), first_tile=0)
 
@@ -172,6 +173,7 @@ def test_split_worker_tiles_agree_with_brute_force(which, P, M, block, first, ti
     assert r.tile is not None, "the worker streams tiles of keys"
     first, worker = min(first, P - 1), min(worker, workers - 1)
     last = min(first + block, P) - 1
+    M = {"M": M, "P": P}[k.tiles.stream_rank]  # prefix_lm's keys are its queries
     m1 = -(-M // tile)
     env = {"M": M, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, "M1": m1, "W": workers,
            r.loop: -(-m1 // workers), "_" + r.grid[0]: worker, ROW_FIRST: first,

@@ -105,8 +105,8 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _indirect, _integer_affine,
-                            _merge_terms, _nonneg, chain_spec, constant_code, default_code, plan_reads,
-                            py_literal, rendered_kernels)
+                            _merge_terms, _nonneg, chain_spec, constant_code, default_code,
+                            in_own_range, plan_reads, py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
@@ -430,8 +430,9 @@ class KernelRenderer(TileRendererBase):
                 t = self.range_term(rank) if rank in self.ranks.vector else None
                 if t:
                     terms.append(t)
-            else:
-                terms.append(Term(f"({code} >= 0 && {code} < {self.size(rank)})", lay))
+            elif not in_own_range(sub, rank):  # m % PG over PG: in range
+                low = "" if _nonneg(sub) else f"{code} >= 0 && "  # m // PG: never negative
+                terms.append(Term(f"({low}{code} < {self.size(rank)})", lay))
         layout = self.canon(set().union(set(), *(free_ranks(s) & set(self.ranks.vector)
                                                  for s in e.subscripts)))
         ctype = self.ctype(name)

@@ -44,6 +44,14 @@ class Term:
     invariant: bool = False
 
 
+def in_own_range(sub: Expr, rank: str) -> bool:
+    """Whether subscript ``sub`` lies inside ``rank`` on every point: a floor modulo by the
+    rank's own size (``KC[.., m % PG, ..]`` over ``PG``) is in ``[0, PG)``, so its load
+    needs no bounds term (a size is never negative; where it is 0 the tensor is empty and
+    no tile reads it)."""
+    return isinstance(sub, Binary) and sub.op == "%" and sub.right == Size(rank)
+
+
 def _merge_terms(*groups: tuple[Term, ...]) -> tuple[Term, ...]:
     out: dict[Term, None] = {}
     for g in groups:

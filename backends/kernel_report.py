@@ -205,12 +205,12 @@ def _row_volume(part, variant, sizes: dict) -> int:
                for lay in part.row_blocks)
 
 
-def _flag_value(factor: str, sizes: dict) -> bool:
-    """A kernel flag as the launcher sets it (``factor > 0``) where the sizes decide it (a
-    page alignment, ``int(PG % 64 == 0)``); True where a parameter does (a positive scale,
-    as the defaults)."""
+def _flag_value(launch: str, sizes: dict) -> bool | int:
+    """A kernel flag as the launcher sets it (``launch``: ``bool(factor > 0)``, or a page
+    size's ``int(...)``) where the sizes decide it (a page alignment, ``int(PG % 64 == 0)``);
+    True where a parameter does (a positive scale, as the defaults)."""
     try:
-        return bool(eval(factor, {"__builtins__": {"int": int}}, dict(sizes)) > 0)  # noqa: S307 - our code
+        return eval(launch, {"__builtins__": {"int": int, "bool": bool}}, dict(sizes))  # noqa: S307 - our code
     except (NameError, TypeError, ZeroDivisionError):
         return True
 
@@ -232,7 +232,7 @@ def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names,
             blocks[f"BLOCK_{r}"] = 16
         else:
             blocks[f"BLOCK_{r}"] = _pow2(sizes.get(r, 64))
-    flags = {flag: _flag_value(factor, sizes) for flag, factor in part.flags}
+    flags = {flag: _flag_value(launch, sizes) for flag, _, launch in part.flags}
     signature, constexprs, attrs = kernel_signature(
         part, arg_names, pointers, dict(blocks, **flags), launch_values(part, variant, sizes, batch))
     return dict(kernel=part.kernel, signature=signature,

@@ -45,8 +45,8 @@ from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            _nonneg, chain_spec, constant_code, launcher_signature, plan_reads,
-                            py_literal, rendered_kernels)
+                            _nonneg, chain_spec, constant_code, in_own_range, launcher_signature,
+                            plan_reads, py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -134,6 +134,7 @@ class KernelRenderer(TileRendererBase):
         self.hoist_guards = False        # updates leave out invariant terms (loop_bodies)
         self.update_guards: list = []    # the invariant terms each update left out
         self.sign_flags: dict[str, str] = {}  # launcher code -> its flag (a sign, a page alignment)
+        self.uniform_pages = False  # subscript(): an aligned tile's page number as a scalar
         self.blocks: set = set()         # layouts of the blocks loaded and reduced
         self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
@@ -218,35 +219,68 @@ class KernelRenderer(TileRendererBase):
             if e.op in ("//", "%") and not _nonneg(e.left):  # Triton's truncate toward zero
                 return (self.floor_div(a, b) if e.op == "//" else self.floor_mod(a, b)), lay
             general = f"({a} {e.op} {b})"
-            aligned = self.page_aligned(e)
-            if aligned is not None:
-                return f"({aligned[1]} if {aligned[0]} else {general})", lay
-            return general, lay
+            if self.uniform_pages:
+                page = self.page_index(e)
+                if page is not None:
+                    return page, ()
+            return (self.page_aligned(e, general) or general), lay
         raise TritonUnsupported(f"subscript {e}")
 
-    def page_aligned(self, e: Binary) -> tuple[str, str] | None:
-        """``(m1 * M0 + m0) // PG`` and ``... % PG`` over a tile of keys when the tile divides
-        the size ``PG`` (a page): ``(flag, code)``, the flag a ``tl.constexpr`` the launcher
-        sets to ``PG % M0 == 0``.  Then the whole tile lies in one page, so its page-table
-        entry is one value (a broadcast scalar: one address per tile) and its rows are
-        contiguous in the page, which Triton's axis analysis sees (vector loads)::
-
-            PT[b, (m1 * M0 + m0) // PG]  ->  PT[b, (m1 * M0) // PG + 0 * m0]
-            KC[.., (m1 * M0 + m0) % PG]  ->  KC[.., (m1 * M0) % PG + m0]
-        """
+    def page_flags(self, e: Binary) -> tuple[str, str] | None:
+        """``(ALIGNED_PG, PAGE_PG)``, the launcher's flags for ``(m1 * M0 + m0) // PG`` or
+        ``... % PG`` over a tile of keys (:meth:`page_aligned`); None for other subscripts."""
         r = self.ranks
         if r.tile is None or self.tp.tile_size is None or not isinstance(e.right, Size):
             return None
         tiled = Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile))
         if e.op not in ("//", "%") or e.left != tiled:
             return None
-        flag = self.sign_flags.setdefault(f"int({pyname(e.right.rank)} % {self.tp.tile_size} == 0)",
-                                          f"ALIGNED_{pyname(e.right.rank)}")
-        start, size = f"{r.loop.lower()} * BLOCK_{r.tile}", pyname(e.right.rank)
+        size, tile = pyname(e.right.rank), self.tp.tile_size
+        aligned = self.sign_flags.setdefault(f"int({size} > 0 and {size} % {tile} == 0)",
+                                             f"ALIGNED_{size}")
+        page = self.sign_flags.setdefault(
+            f"({size} if {size} > 0 and ({size} % {tile} == 0 or {tile} % {size} == 0) else 0)",
+            f"PAGE_{size}")
+        return aligned, page
+
+    def page_index(self, e: Binary) -> str | None:
+        """Under ``ALIGNED_PG``, the tile's one page number ``(m1 * M0) // PAGE_PG`` (a
+        scalar: :meth:`emit_load` reads the page table once per tile with it)."""
+        flags = self.page_flags(e)
+        if flags is None or e.op != "//":
+            return None
+        return f"(({self.ranks.loop.lower()} * BLOCK_{self.ranks.tile}) // {flags[1]})"
+
+    def page_aligned(self, e: Binary, general: str) -> str | None:
+        """``(m1 * M0 + m0) // PG`` and ``... % PG`` over a tile of keys, specialised by two
+        ``tl.constexpr`` flags the launcher sets from the sizes (``general`` where neither
+        holds: a division per row).
+
+        ``ALIGNED_PG`` (``PG % M0 == 0``: the tile divides the page): the whole tile lies in
+        one page, so its page-table entry is one value (a broadcast scalar: one address per
+        tile) and its rows are contiguous in the page, which Triton's axis analysis sees::
+
+            PT[b, (m1 * M0 + m0) // PG]  ->  PT[b, (m1 * M0) // PAGE_PG]   (one value per tile)
+            KC[.., (m1 * M0 + m0) % PG]  ->  KC[.., (m1 * M0) % PAGE_PG + m0]
+
+        ``PAGE_PG`` (the page size itself where either divides the other, else 0) makes the
+        divisions by it shifts or multiplications, not runtime divisions; where the page
+        divides the tile, the tile starts a page and spans ``M0 / PG`` whole pages::
+
+            PT[b, (m1 * M0 + m0) // PG]  ->  PT[b, (m1 * M0) // PG + m0 // PAGE_PG]
+            KC[.., (m1 * M0 + m0) % PG]  ->  KC[.., m0 % PAGE_PG]
+        """
+        flags = self.page_flags(e)
+        if flags is None:
+            return None
+        (aligned, page), r = flags, self.ranks
+        start = f"{r.loop.lower()} * BLOCK_{r.tile}"
         m0 = self.offs(r.tile)
         if e.op == "//":
-            return flag, f"(({start}) // {size} + 0 * {m0})"
-        return flag, f"(({start}) % {size} + {m0})"
+            return (f"(tl.full([BLOCK_{r.tile}], ({start}) // {page}, tl.int32) if {aligned} else "
+                    f"((({start}) // {page} + {m0} // {page}) if {page} else {general}))")
+        return (f"((({start}) % {page} + {m0}) if {aligned} else "
+                f"(({m0} % {page}) if {page} else {general}))")
 
     def emit_load(self, e: Access, index: bool = False) -> TVal:
         """``tl.load`` of an input block, masked by its ranges and bounds (see
@@ -267,8 +301,11 @@ class KernelRenderer(TileRendererBase):
                 pass  # grid/loop rank of its own size: in bounds
             elif self.full_tiles and sub == self.blocked_index and rank == self.tp.stream_rank:
                 pass  # a full tile lies inside the stream rank
+            elif in_own_range(sub, rank):
+                pass  # m % PG over PG
             else:
-                bounds = f"({code} >= 0) & ({code} < {pyname(rank)})"
+                bounds = (f"({code} < {pyname(rank)})" if _nonneg(sub)  # m // PG: never negative
+                          else f"({code} >= 0) & ({code} < {pyname(rank)})")
                 if ("inb", bounds) not in self.memo:
                     inb = self.new("inb")
                     self.emit(f"{inb} = {bounds}")
@@ -282,15 +319,48 @@ class KernelRenderer(TileRendererBase):
         v = self.new(name.lower())
         if index:
             mask = f", mask={mask_code}, other=0" if mask_code else ""
-            self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})"
-                      f".to(tl.int64)")
+            load = f"tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask}).to(tl.int64)"
+            uniform = self.uniform_index_load(e, layout)
+            self.emit(f"{v} = {uniform} else {load}" if uniform else f"{v} = {load}")
             return TVal(v, layout, _merge_terms(terms), loaded=True, is_int=True)
         mask = f", mask={mask_code}, other=0.0" if mask_code else ""
         self.emit(f"{v} = tl.load({pyname(name)}_ptr + boff_{name} + {offset}{mask})")
         return TVal(f"{v}.to(tl.float32)", layout, _merge_terms(terms), loaded=True, raw=v)
 
+    def uniform_index_load(self, e: Access, layout) -> str | None:
+        """An index tensor read at a tile's page number, ``PT[b, (m1 * M0 + m0) // PG]``, as
+        ``(BROADCAST if ALIGNED_PG`` (the launcher's flag: the tile lies in one page), a
+        scalar load of the one entry broadcast over the block: every value and mask made
+        from it is one scalar, whatever layout reads it.  None for other reads."""
+        if not layout or not any(isinstance(n, Binary) and self.page_index(n) is not None
+                                 for sub in e.subscripts for n in walk(sub)):
+            return None
+        flag = next(self.page_flags(n)[0] for sub in e.subscripts for n in walk(sub)
+                    if isinstance(n, Binary) and self.page_index(n) is not None)
+        self.uniform_pages = True
+        try:
+            arg, offsets, bounds = self.inputs[e.tensor], [], []
+            for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
+                code, lay = self.subscript(sub)
+                if lay:
+                    return None
+                offsets.append(f"{code} * stride_{e.tensor}_{k}")
+                if not (isinstance(sub, Index) and sub.rank == rank):
+                    bounds.append(f"({code} < {pyname(rank)})" if _nonneg(sub)
+                                  else f"({code} >= 0) & ({code} < {pyname(rank)})")
+        finally:
+            self.uniform_pages = False
+        mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
+        return (f"(tl.zeros({self.shape(layout)}, tl.int64) + tl.load({pyname(e.tensor)}_ptr + "
+                f"boff_{e.tensor} + {' + '.join(offsets)}{mask}).to(tl.int64)) if {flag}")
+
     def mask_code(self, terms, layout) -> str | None:
-        """The conjunction of presence terms over ``layout`` (named once per tile)."""
+        """The conjunction of presence terms over ``layout`` (named once per tile).  Terms
+        of one layout are joined at that layout before one broadcast (Triton does not
+        reassociate ``&``), scalars into the narrowest block::
+
+            w[None, :] & inb_7[None, :] & inb_9[None, :]  ->  ((w & inb_7 & inb_9))[None, :]
+        """
         terms = tuple(t for t in terms if t is not None)
         if not terms:
             return None
@@ -299,12 +369,18 @@ class KernelRenderer(TileRendererBase):
         key = ("mask", terms, layout)
         if key not in self.memo:
             name = self.new("mask")
-            blocks = [self.expand(t.code, t.layout, layout) for t in terms if t.layout]
-            scalars = [t.code for t in terms if not t.layout]
-            if scalars and layout:  # a scalar condition joins a block as a block of int1
-                blocks.insert(0, f"(tl.full({self.shape(layout)}, 1, tl.int1) & "
-                                 f"{' & '.join(scalars)})")
+            groups: dict[tuple, list[str]] = {}
+            for t in terms:
+                groups.setdefault(t.layout, []).append(t.code)
+            scalars = groups.pop((), [])
+            parts = sorted(groups.items(), key=lambda g: len(g[0]))
+            if scalars and layout:  # a scalar condition (perhaps a Python bool) joins a
+                lay = parts[0][0] if parts else layout  # block of int1, the narrowest one
+                full = f"(tl.full({self.shape(lay)}, 1, tl.int1) & {' & '.join(scalars)})"
+                parts = [(lay, [full] + (parts[0][1] if parts else []))] + parts[1:]
                 scalars = []
+            blocks = [self.expand(codes[0] if len(codes) == 1 else f"({' & '.join(codes)})", lay,
+                                  layout) for lay, codes in parts]
             code = " & ".join(blocks + scalars)
             self.emit(f"{name} = {code}")
             self.memo[key] = name
@@ -1226,7 +1302,10 @@ def _with_plan(k: Kernel, part: KernelPart, render) -> KernelPart:
 
 
 def _flags(kr: KernelRenderer) -> list:
-    return [(flag, factor) for factor, flag in kr.sign_flags.items()]
+    """``(flag, factor, launcher code)`` of each ``tl.constexpr`` flag: a sign or an
+    alignment is ``bool(factor > 0)``, a page size (``PAGE_``) its value."""
+    return [(flag, factor, f"int({factor})" if flag.startswith("PAGE_") else f"bool({factor} > 0)")
+            for factor, flag in kr.sign_flags.items()]
 
 
 def _row_blocks(kr: KernelRenderer) -> list | None:

@@ -302,16 +302,23 @@ def test_half_precision_gathers_on_triton(kernels):
 
 @pytest.mark.parametrize("PG", [32, 24, 8])
 def test_a_tile_inside_one_page_reads_one_table_entry_and_contiguous_rows(PG, kernels, emulate):
-    """Page-aligned fast path (Triton): where the key tile divides the page size, the
-    launcher sets ``ALIGNED_PG`` and the kernel reads the tile's page-table entry as one
-    broadcast value and its rows as a run from the page's offset (two tiles per page at
-    PG = 32); elsewhere (a tile across two pages at 24, two pages in a tile at 8) it
-    gathers row by row.  Both against the reference on every launch."""
+    """Page-aligned fast paths (Triton).  Where the key tile divides the page size, the
+    launcher sets ``ALIGNED_PG`` and the kernel reads the tile's page-table entry once, as a
+    scalar broadcast over the tile, and its rows as a run from the page's offset (two tiles
+    per page at PG = 32).  Where the page divides the tile (two pages in a tile at 8),
+    ``PAGE_PG`` is the page size as a constant, so a row's page and slot are shifts, not
+    divisions.  Elsewhere (a tile across two pages at 24) it gathers row by row.  Each
+    against the reference on every launch."""
     _, files = compile_module(parse_file(EXAMPLES / "paged_decode.attn"), "triton", "aligned",
                               options={"tile": TILE})
     text = files["aligned.py"]
-    assert f"ALIGNED_PG=bool(int(PG % {TILE} == 0) > 0)" in text
-    assert "((m1 * BLOCK_M0) // PG + 0 * offs_m0) if ALIGNED_PG else" in text
-    assert "((m1 * BLOCK_M0) % PG + offs_m0) if ALIGNED_PG else" in text
+    assert f"ALIGNED_PG=bool(int(PG > 0 and PG % {TILE} == 0) > 0)" in text
+    assert (f"PAGE_PG=int((PG if PG > 0 and (PG % {TILE} == 0 or {TILE} % PG == 0) else 0))"
+            in text)
+    assert ("(tl.zeros([BLOCK_M0], tl.int64) + tl.load(PT_ptr + boff_PT + idx_b * stride_PT_0 + "
+            "((m1 * BLOCK_M0) // PAGE_PG) * stride_PT_1") in text
+    assert "((m1 * BLOCK_M0) % PAGE_PG + offs_m0) if ALIGNED_PG else" in text
+    assert "((m1 * BLOCK_M0) // PAGE_PG + offs_m0 // PAGE_PG) if PAGE_PG else" in text
+    assert "(offs_m0 % PAGE_PG) if PAGE_PG else" in text
     args = paged_case(np.random.default_rng(PG), PG, 96 // PG, None)
     each_variant(emulate, kernels("triton", "paged_decode.attn"), args, ref_paged_decode(*args))

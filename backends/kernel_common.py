@@ -498,6 +498,9 @@ class TileRendererBase:
     def int_code(self, e: sympy.Expr) -> str:
         """Integer code for a sympy bound (sums and products of symbols and integers)."""
         if e.is_Symbol:
+            elements = dict(self.bounds.elements) if getattr(self, "bounds", None) else {}
+            if e.name[1:] in elements:  # a per-program element, L[b]: its integer value
+                return self.index_element(elements[e.name[1:]]).code
             return self.bound_symbol(e.name)
         if e.is_Integer:
             return str(int(e))

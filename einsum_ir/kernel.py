@@ -192,7 +192,9 @@ class TileBounds:
       probe); empty when the affine range is all there is;
     * ``full``: tiles that need no mask (every ``where`` over the tile holds on the whole
       tile), checked per tile against ``full_probes`` (data-dependent atoms); None when the
-      loop cannot be split; ``full_holds``: the ``where`` conditions that hold there.
+      loop cannot be split; ``full_holds``: the ``where`` conditions that hold there;
+    * ``elements``: integer input elements that are one value per program (``L[b]``), read
+      by the bounds as the symbols ``_L[b]``.
     Tiles in ``live`` but not in ``full`` are *partial* (masked)."""
 
     live: TileRange | None
@@ -200,6 +202,7 @@ class TileBounds:
     full: TileRange | None = None
     full_probes: tuple[Expr, ...] = ()
     full_holds: frozenset = frozenset()
+    elements: tuple[tuple[str, Expr], ...] = ()  # (index symbol, the per-program element it is)
 
     def loop_kinds(self) -> tuple[str, ...]:
         """The loops a renderer emits, in order."""

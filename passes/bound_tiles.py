@@ -29,8 +29,9 @@ import dataclasses
 
 import sympy
 
-from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import Access, Binary
+from ..einsum_ir.exprs import free_ranks, transform, walk
+from ..einsum_ir.ir import Access, Binary, Index
+from ..einsum_ir.types import INTEGER_DTYPES
 from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, CeilDiv, FloatFloor, FloorDiv, IntExpr,
                                 Kernel, Program, TileBounds, TileRange, imax, imin, map_kernels)
 from .tile import conjunctions, to_sympy
@@ -70,13 +71,46 @@ def _integral(e: sympy.Expr) -> bool:
 class TileBounder:
     """The bound derivation for one kernel (its roles must be mapped)."""
 
-    def __init__(self, k: Kernel):
+    def __init__(self, k: Kernel, scalar_grid: bool = False):
         self.kernel = k
         self.tp = k.tiles
         self.r = k.roles
         self.inputs = {a.name for a in self.tp.cascade.tensor_args}
         self.loads, self.body = expanded_body(self.tp)
         self.selectors = self._selectors()
+        self.elements = self._program_elements() if scalar_grid else {}
+        self.fixed = self.selectors | frozenset(self.elements.values())
+
+    def _program_elements(self) -> dict[Access, str]:
+        """Integer input elements that are one value per program, ``L[b]`` in ``m < L[b]``
+        (each subscript the grid rank it indexes, on a target whose programs hold their
+        grid indices as scalars): bounds may read them, named ``L[b]`` as index symbols.
+        Before → after (paged decode)::
+
+            where m1*M0 + m0 < L[b]    (a per-tile probe of every key tile)
+            ->  live tiles [0, min(M1, ceil(L[b] / M0))), full tiles [0, floor(L[b] / M0))
+        """
+        r = self.r
+        if r is None:
+            return {}
+        packed = r.packing.rank if r.packing is not None else None
+        program = set(r.grid) - {packed}
+        integer = {a.name: a for a in self.tp.cascade.tensor_args if a.dtype in INTEGER_DTYPES}
+        conds = [st.where for st in self.body if st.where is not None]
+        conds += [g.cond for _, guards in self.tp.guards for g in guards]
+        found: dict[Access, str] = {}
+        for n in (n for e in conds for n in walk(e)):
+            ranks = integer[n.tensor].ranks if isinstance(n, Access) and n.tensor in integer else ()
+            if ranks and all(sub == Index(rank) and rank in program
+                             for sub, rank in zip(n.subscripts, ranks)):
+                found.setdefault(n, f"{n.tensor}[{', '.join(x.lower() for x in ranks)}]")
+        return found
+
+    def scalarise(self, e):
+        """``e`` with its per-program elements as index symbols (:meth:`_program_elements`)."""
+        if not self.elements:
+            return e
+        return transform(e, lambda n: Index(self.elements[n]) if n in self.elements else None)
 
     def _selectors(self) -> frozenset[str]:
         """Grid ranks that choose which tiles a split-K worker streams (``w`` in
@@ -110,7 +144,7 @@ class TileBounder:
         rest = sympy.expand(diff - c0 * x0 - cp * xp)
         c1 = rest.coeff(x1)
         const = sympy.expand(rest - c1 * x1)
-        fixed = {f"_{g}" for g in self.selectors}  # a program's selector index: a symbol
+        fixed = {f"_{g}" for g in self.fixed}  # a program's selector index, its elements
         if any(s.name.startswith("_") and s.name not in fixed for s in const.free_symbols):
             return None  # another index variable: not a bound of this block
         floating = not _integral(const) or any(s.name.startswith("param_") for s in const.free_symbols)
@@ -128,7 +162,7 @@ class TileBounder:
     def atom_tiles(self, atom, worst: bool = False) -> tuple[str, IntExpr] | None:
         """An affine atom as a bound ``("lo" | "hi", bound)`` on the tile index m1: where it
         holds for *some* m0 and row of the block, or (``worst``) for *every* m0 and row."""
-        inequality = self.tile_inequality(atom, worst)
+        inequality = self.tile_inequality(self.scalarise(atom), worst)
         if inequality is None:
             return None
         c1, k, floating = inequality
@@ -154,7 +188,8 @@ class TileBounder:
         (an atom that is not one, ``DQ[p] == DK[m]``, is dropped: a weaker condition is
         still necessary); None when some disjunct has no affine atom."""
         r = self.r
-        if r.tile not in g.exists or not free_ranks(g.cond) <= {r.loop, r.tile, r.row} | self.selectors:
+        if r.tile not in g.exists or not free_ranks(self.scalarise(g.cond)) <= \
+                {r.loop, r.tile, r.row} | self.fixed:
             return None
         dnf = conjunctions(g.cond)
         if dnf is None:
@@ -221,12 +256,16 @@ class TileBounder:
     def inside_stream(self):
         """The end of the tiles that lie wholly inside the streamed rank: ``M // M0``, or
         for a split worker, whose tile ``mt`` is tile ``w*MT + mt`` of the keys, the bound
-        of ``(w*MT + mt)*M0 + m0 < M`` at the tile's last point."""
+        of ``(w*MT + mt)*M0 + m0 < M`` at the tile's last point; a paged read's ``m % PG``
+        lies inside ``PG`` on every tile (the keys' end ``m < M`` is then a ``where``)."""
         from ..einsum_ir.ir import Size
         from .tile import blocked_subscript, direct_ranks
 
         r = self.r
         found = blocked_subscript(self.tp.cascade, r.loop)
+        if found is not None and found[0] == Binary("%", found[0].left if isinstance(
+                found[0], Binary) else None, Size(self.tp.stream_rank)):
+            return _size(r.loop)  # KC[.., m % PG]: inside PG on every tile (M is a where's)
         if found is None or direct_ranks(found[0]) <= {r.loop, r.tile}:
             return FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)
         bound = self.atom_tiles(Binary("<", found[0], Size(self.tp.stream_rank)), worst=True)
@@ -267,7 +306,7 @@ class TileBounder:
         for st in self.body:
             if st.where is None or r.tile not in free_ranks(st.where):
                 continue
-            if not free_ranks(st.where) <= {r.loop, r.tile, r.row} | self.selectors:
+            if not free_ranks(self.scalarise(st.where)) <= {r.loop, r.tile, r.row} | self.fixed:
                 return None
             dnf = conjunctions(st.where)
             if dnf is None:
@@ -287,19 +326,25 @@ class TileBounder:
         return TileRange(imax(*lo), imin(*hi)), tuple(dict.fromkeys(data)), frozenset(holds)
 
     def bounds(self) -> TileBounds:
-        full = self.full()
+        live, full = self.live(), self.full()
+        used = set().union(*(_symbols(b) for rng in (live, full and full[0]) if rng is not None
+                             for b in (rng.lo, rng.hi)))
+        elements = tuple((name, acc) for acc, name in self.elements.items()
+                         if sympy.Symbol(f"_{name}", integer=True) in used)
         if full is None:
-            return TileBounds(self.live(), self.live_probes())
-        return TileBounds(self.live(), self.live_probes(), full[0], full[1], full[2])
+            return TileBounds(live, self.live_probes(), elements=elements)
+        return TileBounds(live, self.live_probes(), full[0], full[1], full[2], elements)
 
 
-def bound_kernel_tiles(k: Kernel) -> Kernel:
-    """Bounds for one kernel (a kernel without a loop gets none)."""
+def bound_kernel_tiles(k: Kernel, scalar_grid: bool = True) -> Kernel:
+    """Bounds for one kernel (a kernel without a loop gets none); ``scalar_grid``: the
+    target's programs hold their grid indices as scalars (Triton, CUDA; not numpy, which
+    vectorises them), so bounds may read per-program elements."""
     if k.tiles.loop_rank is None or k.roles is None:
         return k
-    return dataclasses.replace(k, bounds=TileBounder(k).bounds())
+    return dataclasses.replace(k, bounds=TileBounder(k, scalar_grid).bounds())
 
 
-def bound_tiles(p: Program) -> Program:
+def bound_tiles(p: Program, scalar_grid: bool = True) -> Program:
     """The ``bound-tiles`` stage."""
-    return map_kernels(p, bound_kernel_tiles)
+    return map_kernels(p, lambda k: bound_kernel_tiles(k, scalar_grid))

@@ -43,6 +43,7 @@ class Target:
     variants: tuple[str, ...] = ("streamed", "split-k", "stream-k")
     pow2_tiles: bool = False      # a streamed tile's size must be a power of two
     wide_gathers: bool = True     # an input read over three of a program's block ranks
+    scalar_grid: bool = True      # a program's grid indices are scalars (bounds may read L[b])
 
     def roles_blocker(self, k) -> str | None:
         """Why this target cannot hold kernel ``k``'s blocks (after map-ranks), or None:
@@ -74,7 +75,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "numpy": Target("numpy", packs_heads=False, variants=("streamed",)),
+    "numpy": Target("numpy", packs_heads=False, variants=("streamed",), scalar_grid=False),
     "triton": Target("triton", pow2_tiles=True),
     "cuda": Target("cuda", packs_heads=False, wide_gathers=False),
 }
@@ -111,7 +112,7 @@ def lower(defn: Definition, target: Target, options: dict | None = None,
     options = options or {}
     steps: list[tuple[str, Callable[[Program], Program]]] = [
         ("map-ranks", lambda p: map_ranks(p, target.packs_heads)),
-        ("bound-tiles", bound_tiles),
+        ("bound-tiles", lambda p: bound_tiles(p, target.scalar_grid)),
         ("variants", lambda p: _variants(p, target, options)),
     ]
     program = verify(tile_stage(defn, source, target, options), "tile")

@@ -124,10 +124,13 @@ PAGES = [(1, 37), (16, 3), (64, 2)]
 
 def paged_case(rng, PG: int, NB: int, P: int | None):
     """GQA (4 query heads on 2 KV heads); lengths: full, up to the last key of a page and
-    past a page table hole, empty, and mid-page."""
-    B, H, HK, E, F, NP = 4, 4, 2, 5, 3, 7
+    past a page table hole, empty, mid-page, past the last page (the table's end bounds
+    the keys), negative (no key: the kernels' tile ranges from L[b] are empty) and one key
+    into the second tile of 16."""
+    B, H, HK, E, F, NP = 7, 4, 2, 5, 3, 7
     M = NB * PG
-    L = np.array([M, max(M - PG // 2 - 1, 1), 0, min(M, PG + 3)], np.int32)
+    L = np.array([M, max(M - PG // 2 - 1, 1), 0, min(M, PG + 3), M + 7, -2, min(M, 17)],
+                 np.int32)
     q_shape = (B, H, E) if P is None else (B, P, H, E)
     return [rng.standard_normal(q_shape), rng.standard_normal((NP, PG, HK, E)),
             rng.standard_normal((NP, PG, HK, F)), adversarial_table(rng, B, NB, NP), L]

@@ -91,6 +91,8 @@ def _holds(cond, env):
         return env[cond.rank]
     if isinstance(cond, ir.Param):
         return env["param_" + cond.name]
+    if isinstance(cond, ir.Access):  # a per-program element (L[b]): its value by its read
+        return env[cond]
     raise TypeError(cond)
 
 
@@ -115,6 +117,31 @@ def test_live_and_full_tiles_agree_with_brute_force(which, P, M, block, first, t
     env = {"M": keys, "P": P, "H": 2, "E": 8, "F": 8, r.tile: tile, r.loop: -(-keys // tile),
            ROW_FIRST: first, ROW_LAST: last, f"BLOCK_{r.tile}": tile}
     _check_tile_ranges(which, k, env, number, range(first, last + 1), first_tile=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from(["paged_decode.attn", "paged_prefill.attn"]),
+       P=st.integers(1, 20), NB=st.integers(1, 6), PG=st.sampled_from([1, 3, 16]),
+       length=st.integers(-3, 110), block=st.sampled_from([4, 16]), first=st.integers(0, 19),
+       tile=st.sampled_from([4, 16]))
+def test_tile_ranges_from_a_sequence_length_agree_with_brute_force(which, P, NB, PG, length,
+                                                                    block, first, tile):
+    """A sequence's length ``L[b]`` (one value per program) bounds its tiles: live tiles
+    hold every key ``m < L[b]`` (decode) or ``m <= L[b] - P + p`` (prefill) of the block,
+    full ones only keys inside the cache's pages where the ``where`` holds, for lengths
+    past the pages, 0 and negative."""
+    program = _lowered(EXAMPLES / which, "triton", tile=tile, stop_after="bound-tiles")
+    k = program.kernels[0]
+    r = k.roles
+    elements = dict(k.bounds.elements)
+    assert list(elements) == ["L[b]"], "the length bounds the tiles (no per-tile probe)"
+    assert not k.bounds.live_probes and not k.bounds.full_probes
+    rows = range(min(first, P - 1), min(min(first, P - 1) + block, P)) if r.row == "P" else [0]
+    M = NB * PG
+    env = {"M": M, "NB": NB, "PG": PG, "P": P, "H": 2, "HK": 1, "G": 2, "E": 8, "F": 8,
+           r.tile: tile, r.loop: -(-M // tile), ROW_FIRST: rows[0], ROW_LAST: rows[-1],
+           f"BLOCK_{r.tile}": tile, "_L[b]": length, elements["L[b]"]: length}
+    _check_tile_ranges(which, k, env, 1.0, rows, first_tile=0)
 
 
 def _check_tile_ranges(which, k, env, number, rows, first_tile: int) -> None:

@@ -72,7 +72,8 @@ def _signature(part, variant, dtypes, arg_names):
         volume = max(math.prod(part.tile_size if r == part.tile else blocks[f"BLOCK_{r}"]  # rule
                                for r in lay if r != part.row) for lay in part.row_blocks)
         blocks[f"BLOCK_{part.row}"] = min(64, 1 << max(0, (4 * 32 * 64 // volume).bit_length() - 1))
-    blocks.update({flag: True for flag, _ in part.flags})  # a positive scale
+    # a positive scale, a page of 128 keys (two tiles: the aligned, one-entry-per-tile path)
+    blocks.update({flag: 128 if flag.startswith("PAGE_") else True for flag, *_ in part.flags})
     return kernel_signature(part, arg_names, pointers, blocks)
 
 

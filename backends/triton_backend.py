@@ -44,9 +44,9 @@ from ..einsum_ir.printer import format_number, print_definition, print_statement
 from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
-from .kernel_common import (KernelValue, Term, TileRendererBase, _integer_affine, _merge_terms,
-                            _nonneg, chain_spec, constant_code, in_own_range, launcher_signature,
-                            plan_reads, py_literal, rendered_kernels)
+from .kernel_common import (KernelValue, Term, TileRendererBase, _indirect, _integer_affine,
+                            _merge_terms, _nonneg, chain_spec, constant_code, in_own_range,
+                            launcher_signature, plan_reads, py_literal, rendered_kernels)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -135,6 +135,7 @@ class KernelRenderer(TileRendererBase):
         self.update_guards: list = []    # the invariant terms each update left out
         self.sign_flags: dict[str, str] = {}  # launcher code -> its flag (a sign, a page alignment)
         self.uniform_pages = False  # subscript(): an aligned tile's page number as a scalar
+        self.trust_index = False    # a full tile whose index probe held: no index presence
         self.blocks: set = set()         # layouts of the blocks loaded and reduced
         self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
@@ -292,8 +293,12 @@ class KernelRenderer(TileRendererBase):
         for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
             code, lay = self.subscript(sub)
             parts.append((code, lay, k))
-            terms += self.index_terms(sub)
-            if isinstance(sub, Index) and sub.rank == rank and sub.rank in self.ranks.vector:
+            trusted = self.trust_index and not index and _indirect(sub)
+            if not trusted:  # (a full tile's index probe checked the index presence)
+                terms += self.index_terms(sub)
+            if trusted:
+                pass
+            elif isinstance(sub, Index) and sub.rank == rank and sub.rank in self.ranks.vector:
                 t = self.range_term(rank)
                 if t:
                     terms.append(t)
@@ -892,6 +897,43 @@ class KernelRenderer(TileRendererBase):
                   f"axis=1), axis=0) > 0")
         return name
 
+    def index_probe(self) -> str | None:
+        """In a full tile, a scalar 'every index element the tile reads is present and
+        addresses a row' (the pages of a paged read are real), with the loads it needs
+        emitted (the tile's body reuses them); None where no input is read indirectly.
+        Where it holds, the tile's loads and scores carry no index presence
+        (:attr:`trust_index`), so a paged tile runs as unmasked as a contiguous one::
+
+            KC[PT[b, m // PG], m % PG, e]   (full tiles of m < L[b])
+            ->  pt = PT[b, ...]; if min(0 <= pt < NP): unmasked body  else: masked body
+        """
+        reads = {n: None for st in self.body
+                 for n in walk(st.expr if st.where is None else Binary("and", st.expr, st.where))
+                 if isinstance(n, Access) and n.tensor in self.inputs
+                 and any(_indirect(sub) for sub in n.subscripts)}
+        terms = []
+        for acc in reads:
+            for sub, rank in zip(acc.subscripts, self.inputs[acc.tensor].ranks):
+                if not _indirect(sub):
+                    continue
+                terms += self.index_terms(sub)
+                code, lay = self.subscript(sub)
+                if not in_own_range(sub, rank):
+                    terms.append(Term(f"(({code} >= 0) & ({code} < {pyname(rank)}))", lay))
+        terms = _merge_terms(terms)
+        if not terms:
+            return None
+        layout = self.canon(set().union(*(set(t.layout) for t in terms)))
+        every = self.mask_code(terms, layout)
+        if not layout:
+            return f"({every})"
+        name = self.new("pages")
+        reduced = f"({every}).to(tl.int32)"
+        for _ in layout:
+            reduced = f"tl.min({reduced}, axis=0)"
+        self.emit(f"{name} = {reduced} > 0")
+        return name
+
     # --- the whole kernel --------------------------------------------------------------
     def render(self) -> list[str]:
         r = self.ranks
@@ -1009,17 +1051,22 @@ class KernelRenderer(TileRendererBase):
         full_body = None
         if full is not None:
             self.lines, self.memo, self.full_tiles = [], {}, True
-            if not full[2]:
+            indexed = self.index_probe()
+            probe_lines, self.lines = self.lines, []
+            if not (full[2] or indexed):
                 for t in state:
                     self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
+            self.trust_index = indexed is not None
             for st in self.body:
                 self.statement(st)
-            full_body, self.full_tiles = self.lines, False
-            if full[2]:  # data-dependent atoms: the tile runs unmasked only where they all hold
-                self.lines, self.memo = [], {}
-                every = self.all_probe(full[2])
+            full_body, self.full_tiles, self.trust_index = self.lines, False, False
+            if full[2] or indexed:  # data-dependent atoms, index presence: the tile runs
+                self.lines = []     # unmasked only where they all hold
+                every = " & ".join(filter(None, [self.all_probe(full[2]) if full[2] else None,
+                                                 indexed]))
                 prev, masked = head[:len(state)], head[len(state):] + body[len(head):]
-                full_body = (prev + self.lines + [f"if {every}:"] + ["    " + ln for ln in full_body]
+                full_body = (prev + probe_lines + self.lines + [f"if {every}:"]
+                             + ["    " + ln for ln in full_body]
                              + ["else:"] + ["    " + ln for ln in masked])
         self.hoist_guards = False
         return body, full, full_body

@@ -4,7 +4,8 @@ without a GPU, with the launcher's own configuration, and counted from its SASS.
 Per kernel: grid, blocks, warps, stages, registers, stack bytes (spills and local arrays),
 shared memory; and for the
 main loop (the innermost backward branch holding the most MMA instructions) its SASS
-instruction count, MMA (``HGMMA``/``HMMA``) and MUFU counts, wgmma waits
+instruction count (all of it, and on its fall-through path: a probed full tile's unmasked
+branch), MMA (``HGMMA``/``HMMA``) and MUFU counts, wgmma waits
 (``WARPGROUP.DEPBAR``), other scoreboard waits (``DEPBAR``) and global loads.  This is the
 performance loop when no GPU is lent (``attnc kernels``, docs/performance.md).
 
@@ -63,6 +64,7 @@ class LoopCounts:
     """SASS of the main loop, per iteration (one streamed tile)."""
 
     instructions: int = 0
+    path: int = 0          # on the fall-through path (a probed tile's unmasked branch)
     mma: int = 0
     mufu: int = 0
     wgmma_waits: int = 0
@@ -111,6 +113,28 @@ def sass_loops(sass: str) -> list[tuple[int, int, list[tuple[int, str, str]]]]:
     return loops
 
 
+_PREDICATED_BRA = re.compile(r"/\*([0-9a-f]{4,})\*/\s+@!?U?P\w+\s+BRA")
+
+
+def fall_through_path(sass: str, body: list[tuple[int, str, str]]) -> int:
+    """Instructions of a loop body on its fall-through path: those an unconditional forward
+    branch inside the body jumps over are left out.  A full tile that probes its data
+    (``if every: unmasked body else: masked body``) runs its first branch whenever the
+    probe holds; the other is the rare case (a page-table hole)."""
+    predicated = {int(m.group(1), 16) for m in _PREDICATED_BRA.finditer(sass)}
+    start, end = body[0][0], body[-1][0]
+    skipped, reach = 0, start
+    for addr, op, rest in body:
+        if addr < reach or not op.startswith("BRA") or addr in predicated:
+            continue
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        target = int(target.group(1), 16) if target else None
+        if target is not None and addr < target <= end:
+            skipped += sum(1 for a, _, _ in body if addr < a < target)
+            reach = target
+    return len(body) - skipped
+
+
 def main_loop_counts(sass: str) -> LoopCounts:
     """Counts of the innermost loop with the most MMA instructions (the streamed tile)."""
     best = None
@@ -123,7 +147,7 @@ def main_loop_counts(sass: str) -> LoopCounts:
         return LoopCounts()
     body = best[1]
     return LoopCounts(
-        instructions=len(body),
+        instructions=len(body), path=fall_through_path(sass, body),
         mma=sum(op.startswith(("HGMMA", "HMMA")) for _, op, _ in body),
         mufu=sum(op.startswith("MUFU") for _, op, _ in body),
         wgmma_waits=sum(op.startswith("WARPGROUP.DEPBAR") for _, op, _ in body),
@@ -330,13 +354,14 @@ def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
 
 def render_kernel_report(reports: list[KernelReport]) -> str:
     head = ["kernel", "variant", "blocks", "warps", "stages", "regs", "stack", "smem",
-            "loop SASS", "MMA", "MUFU", "wgmma waits", "waits", "loads", "local"]
+            "loop SASS", "path", "MMA", "MUFU", "wgmma waits", "waits", "loads", "local"]
     rows = []
     for r in reports:
         loop = r.main_loop
         rows.append([r.kernel, r.variant, " ".join(f"{k[6:]}={v}" for k, v in r.blocks.items()),
                      str(r.num_warps), str(r.num_stages), str(r.registers), str(r.spill_bytes),
-                     str(r.shared_bytes), str(loop.instructions), str(loop.mma), str(loop.mufu),
+                     str(r.shared_bytes), str(loop.instructions), str(loop.path), str(loop.mma),
+                     str(loop.mufu),
                      str(loop.wgmma_waits), str(loop.waits), str(loop.global_loads),
                      str(loop.local_memory)])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]

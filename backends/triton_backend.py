@@ -136,6 +136,7 @@ class KernelRenderer(TileRendererBase):
         self.sign_flags: dict[str, str] = {}  # launcher code -> its flag (a sign, a page alignment)
         self.uniform_pages = False  # subscript(): an aligned tile's page number as a scalar
         self.trust_index = False    # a full tile whose index probe held: no index presence
+        self.trusted = None         # (probe body, probe, body) of full tiles trusting their pages
         self.blocks: set = set()         # layouts of the blocks loaded and reduced
         self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
@@ -897,15 +898,31 @@ class KernelRenderer(TileRendererBase):
                   f"axis=1), axis=0) > 0")
         return name
 
+    def trusted_loops(self, loop: str, full_body: list[str]) -> None:
+        """The full tiles' loop twice, the tiles split once per program between them
+        (:meth:`trusted_full_tiles`; no branch around or inside a loop, which would cost
+        the loops their uniform registers)::
+
+            pages_ok = (probe of every full tile)
+            trust_hi = pages_ok ? full_hi : full_lo
+            for m1 in range(full_lo, trust_hi):  <body without index presence>
+            for m1 in range(trust_hi, full_hi):  <body with it>
+        """
+        probe_body, probe, trusted = self.trusted
+        self.emit("pages_ok = full_lo >= 0")
+        self.emit(f"for {loop} in range(full_lo, full_hi):")
+        self.lines += ["    " + ln for ln in probe_body] + [f"    pages_ok = pages_ok & {probe}"]
+        self.emit("trust_hi = tl.where(pages_ok, full_hi, full_lo)")
+        for lo, hi, lines in (("full_lo", "trust_hi", trusted), ("trust_hi", "full_hi", full_body)):
+            self.emit(f"for {loop} in range({lo}, {hi}):")
+            self.lines += ["    " + ln for ln in lines]
+
     def index_probe(self) -> str | None:
         """In a full tile, a scalar 'every index element the tile reads is present and
         addresses a row' (the pages of a paged read are real), with the loads it needs
-        emitted (the tile's body reuses them); None where no input is read indirectly.
-        Where it holds, the tile's loads and scores carry no index presence
-        (:attr:`trust_index`), so a paged tile runs as unmasked as a contiguous one::
+        emitted; None where no input is read indirectly::
 
-            KC[PT[b, m // PG], m % PG, e]   (full tiles of m < L[b])
-            ->  pt = PT[b, ...]; if min(0 <= pt < NP): unmasked body  else: masked body
+            KC[PT[b, m // PG], m % PG, e]  ->  pt = PT[b, ...];  min(0 <= pt < NP)
         """
         reads = {n: None for st in self.body
                  for n in walk(st.expr if st.where is None else Binary("and", st.expr, st.where))
@@ -923,16 +940,66 @@ class KernelRenderer(TileRendererBase):
         terms = _merge_terms(terms)
         if not terms:
             return None
+        name = self.new("pages")
+        scalar = self.scalar_page_probe(reads)
+        if scalar is not None:  # page-aligned tiles: a scalar per page, no reduction (whose
+            flags, lines = scalar  # result would cost the loop its uniform registers)
+            self.lines += [f"if {flags[0]}:"] + ["    " + ln.format(name=name) for ln in lines[0]]
+            self.lines += [f"elif {flags[1]} * 8 >= BLOCK_{self.ranks.tile}:"]
+            self.lines += ["    " + ln.format(name=name) for ln in lines[1]] + ["else:"]
+            saved, self.lines = self.lines, []
         layout = self.canon(set().union(*(set(t.layout) for t in terms)))
         every = self.mask_code(terms, layout)
-        if not layout:
-            return f"({every})"
-        name = self.new("pages")
         reduced = f"({every}).to(tl.int32)"
         for _ in layout:
             reduced = f"tl.min({reduced}, axis=0)"
-        self.emit(f"{name} = {reduced} > 0")
+        self.emit(f"{name} = {reduced} > 0" if layout else f"{name} = ({every})")
+        if scalar is not None:
+            self.lines = saved + ["    " + ln for ln in self.lines]
         return name
+
+    def scalar_page_probe(self, reads) -> tuple | None:
+        """Where every indirect subscript of ``reads`` is a page-table entry at a tile's page
+        (``KC[PT[b, (m1*M0 + m0) // PG], ..]``, the other subscripts one value per program):
+        ``((ALIGNED_PG, PAGE_PG), (lines under ALIGNED_PG, lines where a tile spans at most 8
+        pages))``, each checking its entries one scalar load at a time into ``{name}``."""
+        entries = {}
+        for acc in reads:
+            for sub, rank in zip(acc.subscripts, self.inputs[acc.tensor].ranks):
+                if not _indirect(sub):
+                    continue
+                if not isinstance(sub, Access) or sub.tensor not in self.inputs:
+                    return None
+                pages = [x for x in sub.subscripts if isinstance(x, Binary) and
+                         self.page_index(x) is not None]
+                if len(pages) != 1 or any(self.subscript(x)[1] for x in sub.subscripts
+                                          if x is not pages[0]):
+                    return None
+                entries[(sub, rank)] = self.page_flags(pages[0])
+        flags = set(entries.values())
+        if len(flags) != 1:
+            return None
+        (aligned, page), = flags
+        start = f"({self.ranks.loop.lower()} * BLOCK_{self.ranks.tile}) // {page}"
+        lines = (["{name} = full_lo >= 0"],
+                 ["{name} = full_lo >= 0",
+                  f"for page_j in tl.static_range(BLOCK_{self.ranks.tile} // {page}):"])
+        for (sub, rank) in entries:
+            index_ranks = self.inputs[sub.tensor].ranks
+            for which, at, indent in ((0, start, ""), (1, f"{start} + page_j", "    ")):
+                offset, bound = [], ""
+                for k, x in enumerate(sub.subscripts):
+                    if isinstance(x, Binary) and self.page_index(x) is not None:
+                        code = f"({at})"
+                        bound = f", mask=({code} < {pyname(index_ranks[k])}), other=-1"
+                    else:
+                        code = self.subscript(x)[0]
+                    offset.append(f"{code} * stride_{sub.tensor}_{k}")
+                lines[which].append(f"{indent}page_e = tl.load({pyname(sub.tensor)}_ptr + "
+                                    f"boff_{sub.tensor} + {' + '.join(offset)}{bound})")
+                lines[which].append(f"{indent}{{name}} = {{name}} & (page_e >= 0) & "
+                                    f"(page_e < {pyname(rank)})")
+        return (aligned, page), lines
 
     # --- the whole kernel --------------------------------------------------------------
     def render(self) -> list[str]:
@@ -977,9 +1044,13 @@ class KernelRenderer(TileRendererBase):
             # masks only on the partial tiles: before, inside and after the full ones
             self.emit(f"full_lo = tl.minimum(tl.maximum({full[0]}, tile_lo), tile_hi)")
             self.emit(f"full_hi = tl.maximum(tl.minimum({full[1]}, tile_hi), full_lo)")
+            loop = r.loop.lower()
             for lo, hi, lines in (("tile_lo", "full_lo", body), ("full_lo", "full_hi", full_body),
                                   ("full_hi", "tile_hi", body)):
-                self.emit(f"for {r.loop.lower()} in range({lo}, {hi}):")
+                if lines is full_body and self.trusted is not None:
+                    self.trusted_loops(loop, full_body)
+                    continue
+                self.emit(f"for {loop} in range({lo}, {hi}):")
                 self.lines += ["    " + ln for ln in lines]
         for st in self.tp.epilogue:
             self.statement(st)
@@ -1048,28 +1119,47 @@ class KernelRenderer(TileRendererBase):
             self.statement(st)
         body = head + ([f"if {live}:"] + ["    " + ln for ln in self.lines] if live else self.lines)
         full = self.full_range()
-        full_body = None
+        full_body, self.trusted = None, None
         if full is not None:
             self.lines, self.memo, self.full_tiles = [], {}, True
-            indexed = self.index_probe()
-            probe_lines, self.lines = self.lines, []
-            if not (full[2] or indexed):
+            if not full[2]:
                 for t in state:
                     self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
-            self.trust_index = indexed is not None
             for st in self.body:
                 self.statement(st)
-            full_body, self.full_tiles, self.trust_index = self.lines, False, False
-            if full[2] or indexed:  # data-dependent atoms, index presence: the tile runs
-                self.lines = []     # unmasked only where they all hold
-                every = " & ".join(filter(None, [self.all_probe(full[2]) if full[2] else None,
-                                                 indexed]))
+            full_body, self.full_tiles = self.lines, False
+            if full[2]:  # data-dependent atoms: the tile runs unmasked only where they all hold
+                self.lines, self.memo = [], {}
+                every = self.all_probe(full[2])
                 prev, masked = head[:len(state)], head[len(state):] + body[len(head):]
-                full_body = (prev + probe_lines + self.lines + [f"if {every}:"]
-                             + ["    " + ln for ln in full_body]
+                full_body = (prev + self.lines + [f"if {every}:"] + ["    " + ln for ln in full_body]
                              + ["else:"] + ["    " + ln for ln in masked])
+            else:
+                self.trusted = self.trusted_full_tiles(state)
         self.hoist_guards = False
         return body, full, full_body
+
+    def trusted_full_tiles(self, state) -> tuple[list[str], str, list[str]] | None:
+        """Where full tiles read inputs indirectly (a paged cache): the program checks once,
+        over all its full tiles, that every index element they read is present and
+        addresses a row (:meth:`index_probe`), and then runs them without index presence
+        (:attr:`trust_index`), as unmasked as a contiguous cache, with no branch inside the
+        loop (its loads stay pipelined); a program whose pages have a hole runs its full
+        tiles with their index masks.  ``(probe body, its scalar, full-tile body)``, or
+        None where no input is read indirectly."""
+        self.lines, self.memo, self.full_tiles = [], {}, True
+        probe = self.index_probe()
+        probe_body = self.lines
+        if probe is None:
+            self.full_tiles = False
+            return None
+        self.lines, self.memo, self.trust_index = [], {}, True
+        for t in state:
+            self.emit(f"{pyname(t).lower()}_prev = {pyname(t).lower()}")
+        for st in self.body:
+            self.statement(st)
+        body, self.full_tiles, self.trust_index = self.lines, False, False
+        return probe_body, probe, body
 
 
 # ----------------------------------------------------------------------------

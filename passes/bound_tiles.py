@@ -185,11 +185,11 @@ class TileBounder:
     # --- live tiles ---------------------------------------------------------------------
     def guard_range(self, g) -> TileRange | None:
         """Tiles that may satisfy guard g for some row of the block, from its affine atoms
-        (an atom that is not one, ``DQ[p] == DK[m]``, is dropped: a weaker condition is
-        still necessary); None when some disjunct has no affine atom."""
+        over the loop, tile and row (an atom that is not one, ``DQ[p] == DK[m]`` or one
+        reading another program's rank, ``p < CU[b + 1] - CU[b]``, is dropped: a weaker
+        condition is still necessary); None when some disjunct has no such atom."""
         r = self.r
-        if r.tile not in g.exists or not free_ranks(self.scalarise(g.cond)) <= \
-                {r.loop, r.tile, r.row} | self.fixed:
+        if r.tile not in g.exists:
             return None
         dnf = conjunctions(g.cond)
         if dnf is None:

@@ -144,6 +144,34 @@ def test_tile_ranges_from_a_sequence_length_agree_with_brute_force(which, P, NB,
     _check_tile_ranges(which, k, env, 1.0, rows, first_tile=0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 90), start=st.integers(0, 40), length=st.integers(-3, 60),
+       block=st.sampled_from([4, 16]), first=st.integers(0, 89), tile=st.sampled_from([4, 16]))
+def test_packed_sequences_visit_only_their_causal_tiles(T, start, length, block, first, tile):
+    """Packed variable-length prefill: a guard reading another program rank through an index
+    tensor (``p < CU[b + 1] - CU[b]``) drops out of the live range, whose causal part
+    (``m <= p``) still bounds it: every tile an update may change is in it, whatever the
+    offsets."""
+    from attnc.einsum_ir.exprs import walk
+
+    program = _lowered(EXAMPLES / "varlen_prefill.attn", "triton", tile=tile,
+                       stop_after="bound-tiles")
+    k = program.kernels[0]
+    r = k.roles
+    assert k.bounds.live is not None, "the causal atom bounds the tiles"
+    first = min(first, T - 1)
+    rows = range(first, min(first + block, T))
+    env = {"M": T, "P": T, "T": T, "H": 2, "HK": 1, "G": 2, "E": 8, "F": 8, r.tile: tile,
+           r.loop: -(-T // tile), ROW_FIRST: rows[0], ROW_LAST: rows[-1],
+           f"BLOCK_{r.tile}": tile}
+    for _, guards in k.tiles.guards:
+        for g in guards:
+            for n in walk(g.cond):
+                if isinstance(n, ir.Access) and n.tensor == "CU":
+                    env[n] = start + (length if n.subscripts[0] != ir.Index("B") else 0)
+    _check_tile_ranges("varlen_prefill.attn", k, env, 1.0, rows, first_tile=0)
+
+
 def _check_tile_ranges(which, k, env, number, rows, first_tile: int) -> None:
     """Brute force over every tile, key and row of one row block: the live range holds
     every tile an update may change, the full range only tiles inside the keys (tile

@@ -74,6 +74,34 @@ def loop_bodies(defn: Definition) -> dict[str, list[Statement]]:
                         break
         bodies[rank] = [st for st in defn.statements if st.tensor in members
                         and not (isinstance(st, IterativeEinsum) and st.init)]
+    return _unnest(defn, bodies)
+
+
+def _unnest(defn: Definition, bodies: dict[str, list[Statement]]) -> dict[str, list[Statement]]:
+    """Statements in two loops' bodies (an online softmax over key tiles ``m1`` written
+    inside a recurrence over queries ``p``: its tiles' statements carry ``p`` and read the
+    recurrence's values at ``p``) go to the loop that runs second, over every step of the
+    first at once, when the first loop's own statements read nothing of the second's (its
+    values stay complete for every step): each statement then belongs to one loop.
+    Before → after::
+
+        loop p: FS, BL, LM, SLN, SLD, SLNV     loop m1: RM, SLN, SLD, SLNV, PRM, RD, RNV
+        ->  loop p: FS, BL, LM     loop m1: RM, SLN, SLD, SLNV, PRM, RD, RNV
+    """
+    ranks = list(bodies)
+    for a in ranks:
+        for b in ranks:
+            if a == b:
+                continue
+            shared = {st.tensor for st in bodies[a]} & {st.tensor for st in bodies[b]}
+            if not shared:
+                continue
+            b_only = {st.tensor for st in bodies[b]} - shared
+            a_reads = {acc.tensor for st in bodies[a] if st.tensor not in shared
+                       for acc in statement_reads(st)}
+            if a_reads & (b_only | shared):
+                continue  # a reads b's values: not a runs first (b, a may be; else a cycle)
+            bodies[a] = [st for st in bodies[a] if st.tensor not in shared]
     return bodies
 
 
@@ -109,6 +137,7 @@ def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, .
     """The definition's statements as a data-flow ordered list of statements and loops."""
     own = errors or Collector()
     bodies = loop_bodies(defn)
+    _check_nesting(defn, bodies, own)
     # graph nodes are keys (a statement's index, a loop's rank), not the statements:
     # hashing a statement hashes its whole expression, quadratic in a long one
     items: dict = {("loop", rank): Loop(rank, ()) for rank in bodies}
@@ -150,6 +179,22 @@ def schedule(defn: Definition, errors: Collector | None = None) -> tuple[Step, .
     if errors is None:
         own.raise_if_any()
     return tuple(out)
+
+
+def _check_nesting(defn: Definition, bodies: dict[str, list[Statement]], errors: Collector) -> None:
+    """A statement left in two loops' bodies (each loop reads the other's values at its
+    step): the loops would nest, which the language's schedule does not do."""
+    seen: dict[str, str] = {}
+    for rank, body in bodies.items():
+        for st in body:
+            if st.tensor in seen:
+                a, b = seen[st.tensor].lower(), rank.lower()
+                errors.error(f"'{st.tensor}' is in the loop over {a} and in the loop over {b}, "
+                             f"which read each other's values at their steps: nested iterative "
+                             f"loops are not supported", st.loc,
+                             f"run one loop over every step of the other (its values complete "
+                             f"for all of them), or write one recurrence")
+            seen.setdefault(st.tensor, rank)
 
 
 def _check_reads_outside_loops(defn: Definition, in_body: dict[str, str], errors: Collector) -> None:

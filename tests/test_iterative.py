@@ -361,3 +361,67 @@ def test_schedule_rejects_self_reads_as_cycles(tensor, expr, init):
     d = with_expr(defn(RUNNING_SUM), tensor, expr, init)
     with pytest.raises(SpecError, match="cycle"):
         schedule(d)
+
+
+SELECTIVE_2PASS = """
+attention selective(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
+  let M = P
+  S[p,m]     = Q[p,e] * K[m,e] / sqrt(E)
+  FS[0,m]    = 0
+  FS[p+1,m]  = FS[p,m] + relu(S[p,m])  where m < p
+  L[p,m]     = S[p,m] - FS[p,m]
+  O[p,f]     = exp(L[p,m] - max[m](L[p,m])) * V[m,f] / sum[m](exp(L[p,m] - max[m](L[p,m]))) where m <= p
+}
+"""
+
+# the same, with each query's softmax online over key tiles of 4 (a loop over m1 whose
+# tiles' statements carry p and read the recurrence over p at its step)
+SELECTIVE_ONLINE = """
+attention selective_online(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
+  let M = P
+  let M0 = 4
+  let M1 = ceil(M / M0)
+  S[p,m]        = Q[p,e] * K[m,e] / sqrt(E)
+  FS[0,m]       = 0
+  FS[p+1,m]     = FS[p,m] + relu(S[p,m])  where m < p
+  BL[p,m1,m0]   = S[p, m1*M0 + m0] - FS[p, m1*M0 + m0]  where m1*M0 + m0 <= p
+  BV[m1,m0,f]   = V[m1*M0 + m0, f]
+  RM[0,p]       = -inf
+  RD[0,p]       = 0
+  RNV[0,p,f]    = 0
+  LM[m1,p]      = max[m0](BL[p,m1,m0])
+  RM[m1+1,p]    = max(RM[m1,p], LM[m1,p])
+  SLN[m1,m0,p]  = exp(BL[p,m1,m0] - RM[m1+1,p])
+  SLD[m1,p]     = sum[m0](SLN[m1,m0,p])
+  SLNV[m1,p,f]  = SLN[m1,m0,p] * BV[m1,m0,f]
+  PRM[m1,p]     = exp(RM[m1,p] - RM[m1+1,p])
+  RD[m1+1,p]    = SLD[m1,p] + RD[m1,p] * PRM[m1,p]
+  RNV[m1+1,p,f] = SLNV[m1,p,f] + RNV[m1,p,f] * PRM[m1,p]
+  O[p,f]        = RNV[M1,p,f] / RD[M1,p]   where RD[M1,p] > 0
+}
+"""
+
+
+def test_an_online_softmax_inside_a_recurrence_runs_after_it_with_each_statement_in_one_loop(tmp_path):
+    """Selective attention's recurrent form with the softmax written online over key tiles:
+    the tiles' statements carry the query rank and read the recurrence at its step, so both
+    loops once claimed them (the numpy module then read RM before its loop ran: exit 70).
+    The key-tile loop now runs after the query loop, over every query at once; the result
+    equals the two-pass form's on the interpreter and on the numpy module."""
+    from attnc.backends import compile_module, load_generated, write_atomic
+
+    d = defn(SELECTIVE_ONLINE)
+    loops = [s for s in schedule(d) if isinstance(s, Loop)]
+    assert [(lp.rank, [st.tensor for st in lp.body]) for lp in loops] == [
+        ("P", ["FS", "BL", "LM"]),
+        ("M1", ["RM", "SLN", "SLD", "SLNV", "PRM", "RD", "RNV"])]
+    rng = np.random.default_rng(5)
+    for P in (1, 7, 13):
+        Q, K, V = rng.standard_normal((P, 3)), rng.standard_normal((P, 3)), rng.standard_normal((P, 2))
+        want = run(SELECTIVE_2PASS, Q, K, V)
+        np.testing.assert_allclose(run(SELECTIVE_ONLINE, Q, K, V), want, rtol=1e-12, atol=1e-12)
+        _, files = compile_module(parse(SELECTIVE_ONLINE, "sel.attn"), "numpy", "sel")
+        path = tmp_path / "sel.py"
+        write_atomic(path, files["sel.py"])
+        got = load_generated(path).selective_online(Q, K, V)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

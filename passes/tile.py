@@ -117,7 +117,9 @@ def direct_ranks(sub) -> set[str]:
 def _unit_rank(sub, loop_rank: str, used: set[str]) -> str | None:
     """In an affine subscript that also reads a selector (a split worker's ``w``), the rank
     with coefficient 1 whose size is the loop rank's coefficient: ``m0`` in
-    ``(w*MT + mt)*M0 + m0``."""
+    ``(w*MT + mt)*M0 + m0``, also under a paged read's ``// PG`` or ``% PG``."""
+    if isinstance(sub, Binary) and sub.op in ("//", "%") and isinstance(sub.right, Size):
+        sub = sub.left
     expr = to_sympy(sub)
     if expr is None:
         return None

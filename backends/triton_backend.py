@@ -334,10 +334,11 @@ class KernelRenderer(TileRendererBase):
         return TVal(f"{v}.to(tl.float32)", layout, _merge_terms(terms), loaded=True, raw=v)
 
     def uniform_index_load(self, e: Access, layout) -> str | None:
-        """An index tensor read at a tile's page number, ``PT[b, (m1 * M0 + m0) // PG]``, as
-        ``(BROADCAST if ALIGNED_PG`` (the launcher's flag: the tile lies in one page), a
-        scalar load of the one entry broadcast over the block: every value and mask made
-        from it is one scalar, whatever layout reads it.  None for other reads."""
+        """An index tensor read at a tile's page number, ``PT[b, (m1 * M0 + m0) // PG]``:
+        the code ``(BROADCAST) if ALIGNED_PG`` to put before the block load's ``else``, where
+        BROADCAST is one scalar load of the tile's entry broadcast over the block (the flag:
+        the tile lies in one page), so every value and mask made from it is one scalar,
+        whatever layout reads it.  None for other reads."""
         if not layout or not any(isinstance(n, Binary) and self.page_index(n) is not None
                                  for sub in e.subscripts for n in walk(sub)):
             return None

@@ -31,9 +31,9 @@ import sympy
 
 from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import Access, Binary, Index
-from ..einsum_ir.types import INTEGER_DTYPES
 from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, CeilDiv, FloatFloor, FloorDiv, IntExpr,
                                 Kernel, Program, TileBounds, TileRange, imax, imin, map_kernels)
+from ..einsum_ir.types import INTEGER_DTYPES
 from .tile import conjunctions, to_sympy
 from .tile_loads import expand_loads, expanded_body
 
@@ -263,8 +263,8 @@ class TileBounder:
 
         r = self.r
         found = blocked_subscript(self.tp.cascade, r.loop)
-        if found is not None and found[0] == Binary("%", found[0].left if isinstance(
-                found[0], Binary) else None, Size(self.tp.stream_rank)):
+        sub = found[0] if found is not None else None
+        if isinstance(sub, Binary) and sub.op == "%" and sub.right == Size(self.tp.stream_rank):
             return _size(r.loop)  # KC[.., m % PG]: inside PG on every tile (M is a where's)
         if found is None or direct_ranks(found[0]) <= {r.loop, r.tile}:
             return FloorDiv(_size(self.tp.stream_rank), _size(r.tile), nonneg=True)

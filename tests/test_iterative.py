@@ -374,32 +374,20 @@ attention selective(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
 }
 """
 
-# the same, with each query's softmax online over key tiles of 4 (a loop over m1 whose
-# tiles' statements carry p and read the recurrence over p at its step)
+# the same, with each query's softmax online over key tiles of 4 (Cascade 5's statements
+# over the penalised scores BL: a loop over m1 whose tiles' statements carry p and read the
+# recurrence over p at its step)
 SELECTIVE_ONLINE = """
 attention selective_online(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
   let M = P
-  let M0 = 4
-  let M1 = ceil(M / M0)
+""" + CASCADE5_LETS.replace("TILE", "4") + """
   S[p,m]        = Q[p,e] * K[m,e] / sqrt(E)
   FS[0,m]       = 0
   FS[p+1,m]     = FS[p,m] + relu(S[p,m])  where m < p
-  BL[p,m1,m0]   = S[p, m1*M0 + m0] - FS[p, m1*M0 + m0]  where m1*M0 + m0 <= p
-  BV[m1,m0,f]   = V[m1*M0 + m0, f]
-  RM[0,p]       = -inf
-  RD[0,p]       = 0
-  RNV[0,p,f]    = 0
-  LM[m1,p]      = max[m0](BL[p,m1,m0])
-  RM[m1+1,p]    = max(RM[m1,p], LM[m1,p])
-  SLN[m1,m0,p]  = exp(BL[p,m1,m0] - RM[m1+1,p])
-  SLD[m1,p]     = sum[m0](SLN[m1,m0,p])
-  SLNV[m1,p,f]  = SLN[m1,m0,p] * BV[m1,m0,f]
-  PRM[m1,p]     = exp(RM[m1,p] - RM[m1+1,p])
-  RD[m1+1,p]    = SLD[m1,p] + RD[m1,p] * PRM[m1,p]
-  RNV[m1+1,p,f] = SLNV[m1,p,f] + RNV[m1,p,f] * PRM[m1,p]
-  O[p,f]        = RNV[M1,p,f] / RD[M1,p]   where RD[M1,p] > 0
-}
-"""
+""" + (CASCADE5_STATEMENTS.replace("  BK[m1,m0,e]   = K[m1*M0 + m0, e]\n", "")
+       .replace("BQK[m1,m0,p]  = Q[p,e] * BK[m1,m0,e]     where MASK",
+                "BL[p,m1,m0]   = S[p, m1*M0 + m0] - FS[p, m1*M0 + m0]  where m1*M0 + m0 <= p")
+       .replace("BQK[m1,m0,p]", "BL[p,m1,m0]").replace("AV[p,f]", "O[p,f]")) + "\n}\n"
 
 
 def test_an_online_softmax_inside_a_recurrence_runs_after_it_with_each_statement_in_one_loop(tmp_path):

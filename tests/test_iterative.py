@@ -363,31 +363,31 @@ def test_schedule_rejects_self_reads_as_cycles(tensor, expr, init):
         schedule(d)
 
 
-SELECTIVE_2PASS = """
-attention selective(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
+# selective attention's recurrent form: each query's scores less the relu'd scores earlier
+# queries gave each key
+SELECTIVE_RECURRENCE = """
   let M = P
   S[p,m]     = Q[p,e] * K[m,e] / sqrt(E)
   FS[0,m]    = 0
   FS[p+1,m]  = FS[p,m] + relu(S[p,m])  where m < p
-  L[p,m]     = S[p,m] - FS[p,m]
+"""
+
+SELECTIVE_2PASS = ("attention selective(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {" + SELECTIVE_RECURRENCE
+                   + """  L[p,m]     = S[p,m] - FS[p,m]
   O[p,f]     = exp(L[p,m] - max[m](L[p,m])) * V[m,f] / sum[m](exp(L[p,m] - max[m](L[p,m]))) where m <= p
 }
-"""
+""")
 
 # the same, with each query's softmax online over key tiles of 4 (Cascade 5's statements
 # over the penalised scores BL: a loop over m1 whose tiles' statements carry p and read the
 # recurrence over p at its step)
-SELECTIVE_ONLINE = """
-attention selective_online(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
-  let M = P
-""" + CASCADE5_LETS.replace("TILE", "4") + """
-  S[p,m]        = Q[p,e] * K[m,e] / sqrt(E)
-  FS[0,m]       = 0
-  FS[p+1,m]     = FS[p,m] + relu(S[p,m])  where m < p
-""" + (CASCADE5_STATEMENTS.replace("  BK[m1,m0,e]   = K[m1*M0 + m0, e]\n", "")
-       .replace("BQK[m1,m0,p]  = Q[p,e] * BK[m1,m0,e]     where MASK",
-                "BL[p,m1,m0]   = S[p, m1*M0 + m0] - FS[p, m1*M0 + m0]  where m1*M0 + m0 <= p")
-       .replace("BQK[m1,m0,p]", "BL[p,m1,m0]").replace("AV[p,f]", "O[p,f]")) + "\n}\n"
+SELECTIVE_ONLINE = (
+    "attention selective_online(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {" + SELECTIVE_RECURRENCE
+    + CASCADE5_LETS.replace("TILE", "4") + "\n"
+    + CASCADE5_STATEMENTS.replace("  BK[m1,m0,e]   = K[m1*M0 + m0, e]\n", "")
+    .replace("BQK[m1,m0,p]  = Q[p,e] * BK[m1,m0,e]     where MASK",
+             "BL[p,m1,m0]   = S[p, m1*M0 + m0] - FS[p, m1*M0 + m0]  where m1*M0 + m0 <= p")
+    .replace("BQK[m1,m0,p]", "BL[p,m1,m0]").replace("AV[p,f]", "O[p,f]") + "\n}\n")
 
 
 def test_an_online_softmax_inside_a_recurrence_runs_after_it_with_each_statement_in_one_loop(tmp_path):

@@ -16,7 +16,9 @@
    error against the float64 interpreter running the backward cascade.
 3. Decode, GQA 32/8, D=128, B=1, context 8k/32k/128k — TB/s of K/V read for the
    launcher's choice and for each variant forced (streamed, split-K, stream-K),
-   against SDPA, and against the measured copy bandwidth.
+   against SDPA, and against the measured copy bandwidth.  Then batched decode against
+   a paged cache (B 8 and 32, pages of 16 and 64, ragged lengths) against SDPA on the
+   un-paged cache and the copy bandwidth.
 Each section survives the failure of another and stops at its limit (``--limits``,
 about 5 minutes in all); the timings run alone on the GPU, side by side in this one
 run (median of triton.testing.do_bench).
@@ -553,6 +555,81 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
             + f" | {tb(cuda_ms)} | {tb(ref)} | {ratio} | {frac} |")
 
 
+def paged(tmp: Path, device: str, smoke: bool) -> None:
+    """Batched decode against a paged KV cache (issue 14): B sequences of ragged lengths
+    (half the context to all of it), pages of PG keys scattered over a shuffled cache.
+    TB/s of K/V read (the keys each sequence attends to) by attnc's Triton and CUDA
+    kernels, against SDPA on the un-paged equivalent (the pages gathered into a padded
+    dense cache, lengths as a mask; the gather not timed) and the copy bandwidth, with
+    attnc's error against SDPA's output."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    H, HK, D = (4, 2, 16) if smoke else (32, 8, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    copy = copy_bandwidth(device) if not smoke else float("nan")
+    say(f"\n## Paged batch decode: GQA {H}/{HK}, D={D}, {dt}, ragged lengths — TB/s of K/V read "
+        f"(copy: {copy:.2f} TB/s)")
+    _, gen = compile_triton(EXAMPLES / "paged_decode.attn", 64, tmp)
+    cuda_fn = None
+    if device == "cuda":
+        try:
+            cuda_fn = compile_cuda(EXAMPLES / "paged_decode.attn", 64, tmp)[1].paged_decode
+        except Exception as err:  # noqa: BLE001
+            say(f"cuda backend: {type(err).__name__}: {str(err)[:200]}")
+    try:
+        import flashinfer  # noqa: F401
+        say("(flashinfer imports here; its batch decode is not wired into this table yet)")
+    except ImportError:
+        say("(flashinfer is not installed here: SDPA on the un-paged cache is the peer)")
+    say("| B | context | page | attnc triton | attnc cuda | SDPA (dense, masked) "
+        "| attnc / SDPA | attnc / copy | max error vs SDPA |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    cases = ((2, 300, 16),) if smoke else ((8, 32768, 16), (8, 32768, 64), (32, 8192, 16))
+    for B, ctx, PG in cases:
+        gen_rng = torch.Generator().manual_seed(B * ctx + PG)
+        lengths = torch.randint(ctx // 2, ctx + 1, (B,), generator=gen_rng)
+        lengths[0] = ctx
+        NB = -(-ctx // PG)
+        NP = B * NB
+        PT = torch.randperm(NP, generator=gen_rng).view(B, NB).to(torch.int32).to(device)
+        KC = torch.randn(NP, PG, HK, D, generator=gen_rng).to(device, dt)
+        VC = torch.randn(NP, PG, HK, D, generator=gen_rng).to(device, dt)
+        q = torch.randn(B, H, D, generator=gen_rng).to(device, dt)
+        L = lengths.to(torch.int32).to(device)
+        nbytes = 2 * HK * D * KC.element_size() * int(lengths.sum())
+        # the un-paged equivalent: [B, HK, NB * PG, D] and a mask of each sequence's keys
+        dense_k = KC[PT.long()].reshape(B, NB * PG, HK, D).transpose(1, 2).contiguous()
+        dense_v = VC[PT.long()].reshape(B, NB * PG, HK, D).transpose(1, 2).contiguous()
+        mask = (torch.arange(NB * PG, device=device)[None, :] < L[:, None])[:, None, None, :]
+        qs = q[:, :, None, :]
+        times, outs = {}, {}
+        for label, fn in (("triton", lambda: gen.paged_decode(q, KC, VC, PT, L)),
+                          ("cuda", (lambda: cuda_fn(q, KC, VC, PT, L)) if cuda_fn else None),
+                          ("sdpa", lambda: sdpa(qs, dense_k, dense_v, attn_mask=mask,
+                                                enable_gqa=True)[:, :, 0, :])):
+            if fn is None:
+                continue
+            try:
+                outs[label] = fn().float()
+                times[label] = bench_ms(fn)
+            except Exception as err:  # noqa: BLE001
+                say(f"paged decode ({label}) failed: {str(err)[:200]}")
+
+        def tb(label):
+            ms = times.get(label)
+            return "-" if ms is None else f"{nbytes / ms / 1e9:.2f}"
+
+        ours = [times[k] for k in ("triton", "cuda") if k in times]
+        best = min(ours) if ours else None
+        ratio = "-" if best is None or "sdpa" not in times else f"{times['sdpa'] / best:.2f}"
+        frac = "-" if best is None else f"{nbytes / best / 1e9 / copy:.2f}"
+        err = "-"
+        if "sdpa" in outs and ours:
+            err = f"{max(float((outs[k] - outs['sdpa']).abs().max()) for k in outs if k != 'sdpa'):.1e}"
+        say(f"| {B} | {ctx} | {PG} | {tb('triton')} | {tb('cuda')} | {tb('sdpa')} | {ratio} | "
+            f"{frac} | {err} |")
+
+
 def run_section(section: str, limit: int, args, out: Path, shards: int = 1) -> None:
     """Run a section in subprocesses (``shards`` at once, each a share of the examples),
     each stopped at ``limit`` seconds; merge the shards' rows into the results file."""
@@ -589,14 +666,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: numerics,prefill,train,decode,cuda")
-    ap.add_argument("--section", choices=("numerics", "prefill", "train", "decode", "cuda"))
+                    help="comma list of sections to skip: numerics,prefill,train,decode,paged,cuda")
+    ap.add_argument("--section", choices=("numerics", "prefill", "train", "decode", "paged", "cuda"))
     ap.add_argument("--shard", default="0/1", help="k/n: this process runs every n-th example from the k-th")
     ap.add_argument("--shards", type=int, default=6,
                     help="processes per numerics section (Triton and nvcc compiles are CPU-bound)")
     ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")],
-                    default=[100, 150, 90, 45], help="seconds for the numerics sections (run "
-                    "together), prefill, train, decode; about 6.5 minutes in all")
+                    default=[100, 150, 90, 45, 40], help="seconds for the numerics sections (run "
+                    "together), prefill, train, decode, paged decode; about 7 minutes in all")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
@@ -618,7 +695,7 @@ def main() -> None:
                 merge_parts(section, header, args.shards, out)
         # 2. timings, alone on the GPU
         for section, limit in (("prefill", args.limits[1]), ("train", args.limits[2]),
-                               ("decode", args.limits[3])):
+                               ("decode", args.limits[3]), ("paged", args.limits[4])):
             if section not in skip:
                 run_section(section, limit, args, out)
         print((out / "gpu_results.md").read_text())
@@ -630,6 +707,7 @@ def main() -> None:
                 "train": lambda: train(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
                                        args.smoke),
                 "decode": lambda: decode(Path(tmp), device, args.smoke),
+                "paged": lambda: paged(Path(tmp), device, args.smoke),
                 "cuda": lambda: numerics_cuda(Path(tmp), device, (k, n))}
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -504,6 +504,9 @@ class TileRendererBase:
             return self.bound_symbol(e.name)
         if e.is_Integer:
             return str(int(e))
+        if isinstance(e, (sympy.Min, sympy.Max)):  # a bound that holds on every tile or none
+            return _nest(self.IMIN if isinstance(e, sympy.Min) else self.IMAX,
+                         [self.int_code(x) for x in e.args])
         if e.is_Add:
             return "(" + " + ".join(self.int_code(x) for x in e.args) + ")"
         if e.is_Mul:

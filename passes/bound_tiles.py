@@ -33,6 +33,7 @@ from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import Access, Binary, Index
 from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, CeilDiv, FloatFloor, FloorDiv, IntExpr,
                                 Kernel, Program, TileBounds, TileRange, imax, imin, map_kernels)
+from ..einsum_ir.printer import print_expr
 from ..einsum_ir.types import INTEGER_DTYPES
 from .tile import conjunctions, to_sympy
 from .tile_loads import expand_loads, expanded_body
@@ -91,8 +92,8 @@ class TileBounder:
             ->  live tiles [0, min(M1, ceil(L[b] / M0))), full tiles [0, floor(L[b] / M0))
         """
         r = self.r
-        if r is None:
-            return {}
+        if r is None or self.kernel.role == "stream-k":  # (a persistent worker's segments
+            return {}                                    # cross programs: no one value)
         packed = r.packing.rank if r.packing is not None else None
         program = set(r.grid) - {packed}
         integer = {a.name: a for a in self.tp.cascade.tensor_args if a.dtype in INTEGER_DTYPES}
@@ -101,10 +102,30 @@ class TileBounder:
         found: dict[Access, str] = {}
         for n in (n for e in conds for n in walk(e)):
             ranks = integer[n.tensor].ranks if isinstance(n, Access) and n.tensor in integer else ()
-            if ranks and all(sub == Index(rank) and rank in program
+            if ranks and all(self._inside(sub, rank, program)
                              for sub, rank in zip(n.subscripts, ranks)):
-                found.setdefault(n, f"{n.tensor}[{', '.join(x.lower() for x in ranks)}]")
+                found.setdefault(n, f"{n.tensor}[{', '.join(print_expr(x) for x in n.subscripts)}]")
         return found
+
+    def _inside(self, sub, rank: str, program: set[str]) -> bool:
+        """Whether subscript ``sub`` (affine in the program's grid indices) lies inside
+        ``rank`` for every program: ``CU[b + 1]`` over ``CU[C]`` with ``let B = C - 1``."""
+        if free_ranks(sub) - program or any(isinstance(x, Access) for x in walk(sub)):
+            return False
+        e = to_sympy(sub)
+        if e is None:
+            return False
+        e = sympy.expand(e)
+        lo = hi = e.subs({sympy.Symbol(f"_{g}", integer=True): 0 for g in program})
+        for g in program:
+            c = e.coeff(sympy.Symbol(f"_{g}", integer=True))
+            if not c.is_Integer:
+                return False
+            lo, hi = lo + min(c, 0) * (_size(g) - 1), hi + max(c, 0) * (_size(g) - 1)
+        lets = {sympy.Symbol(x.name, integer=True, positive=True): x.value
+                for x in self.tp.cascade.lets}
+        below = sympy.expand((_size(rank) - 1 - hi).subs(lets).subs(lets))
+        return bool(sympy.expand(lo.subs(lets)).is_nonnegative) and bool(below.is_nonnegative)
 
     def scalarise(self, e):
         """``e`` with its per-program elements as index symbols (:meth:`_program_elements`)."""
@@ -167,8 +188,10 @@ class TileBounder:
             return None
         c1, k, floating = inequality
         sign = _sign(c1)
-        if sign is None or not _integral(c1):
+        if (sign is None and c1 != 0) or not _integral(c1):
             return None
+        if c1 == 0 and sign is None and not floating:  # the atom holds on every tile or none
+            return "hi", sympy.Max(sympy.Min(k + 1, 1), 0) * _size(self.r.loop)
         c = c1 if sign > 0 else -c1
         if floating and worst:  # trunc toward zero, a tile narrower on each side (and one
             if sign > 0:        # more: a strict atom, float rounding at the boundary)

@@ -148,10 +148,11 @@ def test_tile_ranges_from_a_sequence_length_agree_with_brute_force(which, P, NB,
 @given(T=st.integers(1, 90), start=st.integers(0, 40), length=st.integers(-3, 60),
        block=st.sampled_from([4, 16]), first=st.integers(0, 89), tile=st.sampled_from([4, 16]))
 def test_packed_sequences_visit_only_their_causal_tiles(T, start, length, block, first, tile):
-    """Packed variable-length prefill: a guard reading another program rank through an index
-    tensor (``p < CU[b + 1] - CU[b]``) drops out of the live range, whose causal part
-    (``m <= p``) still bounds it: every tile an update may change is in it, whatever the
-    offsets."""
+    """Packed variable-length prefill: the sequence's offsets ``CU[b]`` and ``CU[b + 1]``
+    are one value per program (inside ``CU[C]``, as ``let B = C - 1`` shows), so the causal
+    atom bounds the tiles and ``p < CU[b + 1] - CU[b]`` leaves a block of rows past its
+    sequence no tile: every tile an update may change is live, every full tile holds the
+    ``where``, whatever the offsets (lengths 0 and negative included)."""
     from attnc.einsum_ir.exprs import walk
 
     program = _lowered(EXAMPLES / "varlen_prefill.attn", "triton", tile=tile,
@@ -169,6 +170,9 @@ def test_packed_sequences_visit_only_their_causal_tiles(T, start, length, block,
             for n in walk(g.cond):
                 if isinstance(n, ir.Access) and n.tensor == "CU":
                     env[n] = start + (length if n.subscripts[0] != ir.Index("B") else 0)
+    for name, acc in k.bounds.elements:  # CU[b] and CU[b + 1]: one value per program
+        env["_" + name] = env[acc]
+    assert {name for name, _ in k.bounds.elements} == {"CU[b]", "CU[b + 1]"}
     _check_tile_ranges("varlen_prefill.attn", k, env, 1.0, rows, first_tile=0)
 
 

@@ -37,9 +37,9 @@ PROBED = ("bigbird", "document_mask", "key_padding", "sliding_window", "paged_de
           "paged_prefill", "varlen_prefill")
 # attnc check's shapes, smaller: each grid point is a Python loop in the interpreter
 GRID_POINTS = INTERPRETED_GRID_POINTS // 5
-# its where is affine (a window over a float parameter; a sequence's length L[b], one value
-# per program): the plan holds no block mask
-AFFINE = ("sliding_window", "paged_decode", "paged_prefill")
+# its where is affine (a window over a float parameter; a sequence's length L[b] or offsets
+# CU[b], CU[b + 1], one value per program): the plan holds no block mask
+AFFINE = ("sliding_window", "paged_decode", "paged_prefill", "varlen_prefill")
 LAUNCHES = {"streamed": {}, "split-K": {"ATTNC_SPLIT": "3"}, "stream-K": {"ATTNC_STREAM_K": "5"}}
 
 

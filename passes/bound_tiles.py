@@ -187,11 +187,12 @@ class TileBounder:
         if inequality is None:
             return None
         c1, k, floating = inequality
+        if c1 == 0:  # the atom holds on every tile or on none (exactly: integer code only)
+            all_or_none = sympy.Max(sympy.Min(k + 1, 1), 0) * _size(self.r.loop)
+            return None if floating else ("hi", all_or_none)
         sign = _sign(c1)
-        if (sign is None and c1 != 0) or not _integral(c1):
+        if sign is None or not _integral(c1):
             return None
-        if c1 == 0 and sign is None and not floating:  # the atom holds on every tile or none
-            return "hi", sympy.Max(sympy.Min(k + 1, 1), 0) * _size(self.r.loop)
         c = c1 if sign > 0 else -c1
         if floating and worst:  # trunc toward zero, a tile narrower on each side (and one
             if sign > 0:        # more: a strict atom, float rounding at the boundary)

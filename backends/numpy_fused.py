@@ -239,6 +239,9 @@ class BoundPrinter:
             return str(int(e))
         if e.is_Rational or e.is_Float:
             return repr(float(e))
+        if isinstance(e, (sympy.Min, sympy.Max)):  # a bound that holds on every tile or none
+            return _nested("np.minimum" if isinstance(e, sympy.Min) else "np.maximum",
+                           [self.int_code(a) for a in e.args])
         if e.is_Add:
             return "(" + " + ".join(self.int_code(x) for x in e.args) + ")"
         if e.is_Mul:

@@ -182,6 +182,12 @@ EDGE_SPECS = {
                             "  CG[t] = sum[m](LG[m])   where m <= t - 2\n"
                             "  S[p,m] = Q[p,e] * K[m,e] * exp(CG[p + 1] - CG[m])   where m <= p\n"
                             "  O[p,f] = S[p,m] * V[m,f]\n}\n",
+    # an atom without the keys (p >= 3) beside a causal one: it bounds a row block's tiles
+    # all or none (Max/Min in the tile bounds, rendered by every backend)
+    "rows_without_keys": "attention e(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {\n"
+                         "  S[p,m] = Q[p,e] * K[m,e]   where m <= p + M - P and p >= 3\n"
+                         "  O[p,f] = exp(S[p,m] - max[m](S[p,m])) * V[m,f] "
+                         "/ sum[m](exp(S[p,m] - max[m](S[p,m])))\n}\n",
 }
 
 

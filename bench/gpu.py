@@ -495,6 +495,19 @@ class forced_env:
                 os.environ[k] = v
 
 
+def both_backends(example: str, tmp: Path, device: str):
+    """An example's Triton module (tile 64) and, on a GPU, its CUDA function (None where
+    the CUDA backend fails, which the results say)."""
+    _, gen = compile_triton(EXAMPLES / f"{example}.attn", 64, tmp)
+    cuda_fn = None
+    if device == "cuda":
+        try:
+            cuda_fn = getattr(compile_cuda(EXAMPLES / f"{example}.attn", 64, tmp)[1], example)
+        except Exception as err:  # noqa: BLE001
+            say(f"cuda backend: {type(err).__name__}: {str(err)[:200]}")
+    return gen, cuda_fn
+
+
 def decode(tmp: Path, device: str, smoke: bool) -> None:
     """GQA decode: the launcher's own choice, then each variant forced (streamed kernel,
     split-K, stream-K), side by side with SDPA and the copy bandwidth."""
@@ -514,13 +527,7 @@ def decode(tmp: Path, device: str, smoke: bool) -> None:
     say("| context | " + " | ".join(f"attnc {k}" for k in forced)
         + " | attnc cuda (auto) | SDPA | best attnc / SDPA | best attnc / copy |")
     say("|---|" + "---|" * (len(forced) + 4))
-    _, gen = compile_triton(EXAMPLES / "gqa_decode.attn", 64, tmp)
-    cuda_fn = None
-    if device == "cuda":
-        try:
-            cuda_fn = compile_cuda(EXAMPLES / "gqa_decode.attn", 64, tmp)[1].gqa_decode
-        except Exception as err:  # noqa: BLE001
-            say(f"cuda backend: {type(err).__name__}: {str(err)[:200]}")
+    gen, cuda_fn = both_backends("gqa_decode", tmp, device)
     for n in ((300,) if smoke else (8192, 32768, 131072)):
         q = torch.randn(1, H, 1, D, device=device, dtype=dt)
         k = torch.randn(1, HK, n, D, device=device, dtype=dt)
@@ -569,13 +576,7 @@ def paged(tmp: Path, device: str, smoke: bool) -> None:
     copy = copy_bandwidth(device) if not smoke else float("nan")
     say(f"\n## Paged batch decode: GQA {H}/{HK}, D={D}, {dt}, ragged lengths — TB/s of K/V read "
         f"(copy: {copy:.2f} TB/s)")
-    _, gen = compile_triton(EXAMPLES / "paged_decode.attn", 64, tmp)
-    cuda_fn = None
-    if device == "cuda":
-        try:
-            cuda_fn = compile_cuda(EXAMPLES / "paged_decode.attn", 64, tmp)[1].paged_decode
-        except Exception as err:  # noqa: BLE001
-            say(f"cuda backend: {type(err).__name__}: {str(err)[:200]}")
+    gen, cuda_fn = both_backends("paged_decode", tmp, device)
     try:
         import flashinfer  # noqa: F401
         say("(flashinfer imports here; its batch decode is not wired into this table yet)")

@@ -53,6 +53,14 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
 COMMON = TEMPLATES.parent / "common"
 
 
+def _in_bounds(sub: Expr, code: str, rank: str) -> str:
+    """Triton code for 'subscript ``sub`` (rendered ``code``) lies inside ``rank``'; a
+    subscript that is never negative (``m // PG``) needs no lower bound."""
+    if _nonneg(sub):
+        return f"({code} < {pyname(rank)})"
+    return f"({code} >= 0) & ({code} < {pyname(rank)})"
+
+
 class TritonUnsupported(NotTileable):
     """The tile program uses something this renderer cannot express yet."""
 
@@ -310,8 +318,7 @@ class KernelRenderer(TileRendererBase):
             elif in_own_range(sub, rank):
                 pass  # m % PG over PG
             else:
-                bounds = (f"({code} < {pyname(rank)})" if _nonneg(sub)  # m // PG: never negative
-                          else f"({code} >= 0) & ({code} < {pyname(rank)})")
+                bounds = _in_bounds(sub, code, rank)
                 if ("inb", bounds) not in self.memo:
                     inb = self.new("inb")
                     self.emit(f"{inb} = {bounds}")
@@ -353,8 +360,7 @@ class KernelRenderer(TileRendererBase):
                     return None
                 offsets.append(f"{code} * stride_{e.tensor}_{k}")
                 if not (isinstance(sub, Index) and sub.rank == rank):
-                    bounds.append(f"({code} < {pyname(rank)})" if _nonneg(sub)
-                                  else f"({code} >= 0) & ({code} < {pyname(rank)})")
+                    bounds.append(_in_bounds(sub, code, rank))
         finally:
             self.uniform_pages = False
         mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
@@ -937,7 +943,7 @@ class KernelRenderer(TileRendererBase):
                 terms += self.index_terms(sub)
                 code, lay = self.subscript(sub)
                 if not in_own_range(sub, rank):
-                    terms.append(Term(f"(({code} >= 0) & ({code} < {pyname(rank)}))", lay))
+                    terms.append(Term(f"({_in_bounds(sub, code, rank)})", lay))
         terms = _merge_terms(terms)
         if not terms:
             return None

@@ -77,7 +77,7 @@ from typing import Mapping
 import sympy
 from sympy.core.function import AppliedUndef
 
-from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Expr, Index,
                             IterativeEinsum, Num, Reduce, Size, SizeLet, Unary,
                             size_symbol)
@@ -532,15 +532,24 @@ class _Form:
         self.c, self.ch, self.sizes, self.namer, self.defn = c, ch, dict(sizes), namer, defn
         self.lets: list[SizeLet] = []  # ranks the local running sums add
         self.locals: dict[str, Einsum] = {}  # running sum read by a decay -> its chunk-local sum
+        self.looked: set[str] = set()  # maps the query factors compute at their reads
         self.ip = sympy.Symbol(f"i_{c.p}", integer=True)
         self.im = sympy.Symbol(f"i_{c.m}", integer=True)
         self.ij = sympy.Symbol(f"i_{ch.key}", integer=True)
         block = sympy.Symbol(f"i_{ch.count}", integer=True) * size_symbol(ch.size)
         self.block, self.next = block, block + size_symbol(ch.size)  # chunk m1's start, m1+1's
-        self.position = _size_ir(Index(c.p), c.offset)  # the query's position p + D
-        self.chunk = Binary("//", self.position, Size(ch.size))  # its chunk
-        self.start_at = Binary("*", self.chunk, Size(ch.size))  # its chunk's start
-        self.offset_at = Binary("%", self.position, Size(ch.size))  # its place in the chunk
+        # the queries chunk-major, like the keys: the query at position m1*M0 + q0 (its
+        # chunk m1, its place q0) is row m1*M0 + q0 - D of the source
+        self.query = fresh_rank(f"{ch.size}Q", namer.taken)
+        namer.taken.add(self.query)
+        self.lets.append(SizeLet(self.query, size_symbol(ch.size)))
+        self.sizes[self.query] = self.sizes[ch.size]
+        self.iq = sympy.Symbol(f"i_{self.query}", integer=True)
+        self.chunk = Index(ch.count)  # the query's chunk
+        self.start_at = ch.start()  # its chunk's start
+        self.offset_at = Index(self.query)  # its place in the chunk
+        self.position = Binary("+", self.start_at, self.offset_at)  # its position p + D
+        self.row = _size_ir(self.position, -c.offset)  # its source row p
         prank = frozenset(c.term.out).union(*(f.ranks for f in c.query + c.outer))
         prank |= frozenset().union(*(self._ranks(d, d.query) for d in c.decays))
         halves = frozenset().union(*(self._ranks(d, d.key) for d in c.decays))
@@ -558,18 +567,15 @@ class _Form:
                 names |= free_ranks(d.sym.atoms[s])
         return frozenset(names) - {self.c.p, self.c.m}
 
-    def _start(self, d: Decay) -> sympy.Symbol:
-        """The query's chunk start as an atom of ``d``'s exponents."""
-        return d.sym.atom(self.start_at)
-
     def _query_decay(self, d: Decay, key: sympy.Expr) -> Expr:
         """``kind(A(p) + E0 + B(key))``: the decay from ``key`` (in the query's chunk) to
-        the query."""
-        chunk, offset = d.sym.atom(self.chunk), d.sym.atom(self.offset_at)
-        start = self._start(d)
-        places = [(self.ip + self.c.offset, chunk, offset), (start, chunk, sympy.Integer(0)),
-                  (start + self.ij, chunk, self.ij)]
-        return d.of(self._local(d, d.query + d.key.subs(self.im, key), places))
+        the query, the query at ``p = m1*M0 + q0 - D``."""
+        m1 = sympy.Symbol(f"i_{self.ch.count}", integer=True)
+        at = self.block + self.iq
+        query = d.query.subs(self.ip, at - self.c.offset)
+        places = [(at, m1, self.iq), (self.block, m1, sympy.Integer(0)),
+                  (self.block + self.ij, m1, self.ij)]
+        return d.of(self._local(d, query + d.key.subs(self.im, key), places))
 
     def _key_decay(self, d: Decay, key: sympy.Expr, ref: sympy.Expr) -> Expr:
         """``kind(B(key) - B(ref))``: the decay from ``key`` (in chunk ``m1``) to the later
@@ -631,19 +637,39 @@ class _Form:
     def _keys(self, fs, at: Expr) -> list[Factor]:
         return [Factor.of(rename(f.expr, {self.c.m: at}), f.role) for f in fs]
 
+    def out(self) -> tuple[str, ...]:
+        """The source's output ranks with the query ``p`` as ``(m1, q0)``."""
+        return tuple(x for r in self.c.term.out
+                     for x in ((self.ch.count, self.query) if r == self.c.p else (r,)))
+
+    def _queries(self) -> list[Factor]:
+        """The query factors at ``p = m1*M0 + q0 - D``, a map of the arguments (a feature
+        map ``FQ[p,e] = phi(Q[p,e])``) computed at its read: read chunk-major, a tensor
+        made in the order of ``p`` would cost a second pass over the queries."""
+        def inline(n: Expr) -> Expr | None:
+            if isinstance(n, Access):
+                inner = _look_through(n, self.defn)
+                if inner is n:
+                    return None
+                self.looked.add(n.tensor)  # removed where no longer read
+                return transform(inner, inline)
+            return None
+        return [Factor.of(rename(transform(f.expr, inline), {self.c.p: self.row}), f.role)
+                for f in self.c.query]
+
     def intra(self) -> Term:
-        """The query's own chunk: ``m = start + m0 <= p + D``, quadratic."""
+        """The query's own chunk: ``m = start + m0 <= p + D``, that is ``m0 <= q0``, quadratic."""
         at = Binary("+", self.start_at, Index(self.ch.key))
         summed = (self.ch.key,) + tuple(r for r in self.c.term.summed if r != self.c.m)
-        fs = list(self.c.query) + self._keys(self.c.key, at)
+        fs = self._queries() + self._keys(self.c.key, at)
         fs += [self._intra_decay(d) for d in self.c.decays]
-        fs.append(Factor.of(Binary("<=", at, self.position), "mask"))
-        return Term(self.c.term.out, summed, tuple(fs))
+        fs.append(Factor.of(Binary("<=", Index(self.ch.key), self.offset_at), "mask"))
+        return Term(self.out(), summed, tuple(fs))
 
     def _intra_decay(self, d: Decay) -> Factor:
-        f = self._query_decay(d, self._start(d) + self.ij)
+        f = self._query_decay(d, self.block + self.ij)
         if d.diagonal is not None:
-            on = Binary("==", Binary("+", self.start_at, Index(self.ch.key)), self.position)
+            on = Binary("==", Index(self.ch.key), self.offset_at)
             f = Call("select", (on, d.diagonal, f))
         return Factor.of(f, "mul")
 
@@ -658,10 +684,10 @@ class _Form:
     def inter(self, prefix: str) -> Term:
         """The chunks before the query's: the state at its chunk's start, decayed to it."""
         read = Access(prefix, (self.chunk,) + tuple(Index(r) for r in self.state))
-        fs = list(self.c.query) + [Factor.of(self._query_decay(d, self._start(d)), "mul")
-                                   for d in self.c.decays]
+        fs = self._queries() + [Factor.of(self._query_decay(d, self.block), "mul")
+                                for d in self.c.decays]
         summed = tuple(r for r in self.c.term.summed if r != self.c.m and r not in self.private)
-        return Term(self.c.term.out, summed, tuple(fs) + (Factor.of(read, "mul"),))
+        return Term(self.out(), summed, tuple(fs) + (Factor.of(read, "mul"),))
 
     def chunk_decay(self) -> Expr | None:
         out = None
@@ -693,12 +719,23 @@ class _Form:
         read = {n.tensor for st in out for e in (st.expr, st.where) if e is not None
                 for n in walk(e) if isinstance(n, Access)}
         out = [st for st in self.locals.values() if st.tensor in read] + out
-        subs = tuple(Index(r) for r in self.c.term.out)
+        major = self.out()
+        subs = tuple(Index(r) for r in major)
         before = Call("select", (Binary(">", self.chunk, Num(0)), Access(inter, subs), Num(0)))
-        total: Expr = Binary("+", Access(intra, subs), before)
+        both = self.namer.fresh(f"{name}_chunks")
+        out.append(Einsum(both, major, Binary("+", Access(intra, subs), before), loc=loc))
+        total: Expr = Access(both, self._relabel())
         for f in self.c.outer + self.c.term.coefficients:
             total = Binary("*" if f.role == "mul" else "/", total, f.expr)
         return out + [Einsum(name, lhs, total, loc=loc)]
+
+    def _relabel(self) -> tuple[Expr, ...]:
+        """The source's query ``p`` read chunk-major: ``[(p + D) // M0, (p + D) % M0]``."""
+        at = _size_ir(Index(self.c.p), self.c.offset)
+        size = Size(self.ch.size)
+        return tuple(x for r in self.c.term.out
+                     for x in ((Binary("//", at, size), Binary("%", at, size))
+                               if r == self.c.p else (Index(r),)))
 
     def _emit(self, term: Term, root: str, loc) -> list:
         plan = plan_term(term, self.sizes)
@@ -759,7 +796,8 @@ def chunk_statement(defn: Definition, st: Einsum, causal: Causal, inlined, size:
     statements = form.statements(st.tensor, st.lhs, st.loc)
     defn2 = dataclasses.replace(defn2, lets=defn2.lets + tuple(form.lets))
     st = next(s for s in defn2.statements if s == st)
-    return replace_statement(defn2, st, statements, tuple(inlined) + tuple(form.locals))
+    return replace_statement(defn2, st, statements,
+                             tuple(inlined) + tuple(form.locals) + tuple(sorted(form.looked)))
 
 
 def _chunking(defn: Definition, c: Causal, size: int) -> tuple[Chunks, tuple[SizeLet, ...]]:

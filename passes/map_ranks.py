@@ -53,6 +53,9 @@ def chunk_ranks(defn) -> frozenset[str]:
     import sympy
 
     sizes = {r for a in defn.tensor_args for r in a.ranks}
+    for let in defn.lets:  # sizes of sizes: rwkv's ``let M = P``
+        if let.value.free_symbols and {s.name for s in let.value.free_symbols} <= sizes:
+            sizes.add(let.name)
     return frozenset(let.name for let in defn.lets
                      if {s.name for s in let.value.free_symbols} & sizes
                      and let.value.has(sympy.ceiling))

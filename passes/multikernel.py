@@ -30,7 +30,7 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
-from .map_ranks import long_ranks, map_kernel_ranks
+from .map_ranks import chunk_ranks, long_ranks, map_kernel_ranks
 from .names import fresh_name
 from .tile import NotTileable, TileProgram, tile_program
 
@@ -61,10 +61,14 @@ def _one_kernel(defn: Definition) -> Program:
 
 def _partition(defn: Definition) -> list[list]:
     """Statements grouped into parts (in dependency order): a tensor over a long rank is
-    fused with its readers."""
+    fused with its readers, and so is a tensor that reads no tensor (a function of its
+    indices, such as the chunked form's decay ``T[q0,m0] = gamma ** (q0 - m0)``: a kernel
+    recomputes it rather than loading it)."""
     long = long_ranks(defn)
     stmts = [s for s in defn.statements]
     owner = {s.tensor: i for i, s in enumerate(stmts)}
+    chunk_major = _chunk_major(defn)
+    plain = _read_once_in_place(defn)
     g = nx.Graph()
     g.add_nodes_from(range(len(stmts)))
     dag = nx.DiGraph()
@@ -76,7 +80,9 @@ def _partition(defn: Definition) -> list[list]:
                     j = owner[n.tensor]
                     dag.add_edge(j, i)
                     if set(defn.tensor_ranks(n.tensor)) & long or isinstance(stmts[j], IterativeEinsum) \
-                            or _spans_long(stmts[j], defn, long):
+                            or _spans_long(stmts[j], defn, long) or not _reads(stmts[j:j + 1]) \
+                            or (plain[stmts[j].tensor] and (stmts[j].tensor in chunk_major
+                                                            or _argument_map(stmts[j], defn))):
                         g.add_edge(i, j)
         if isinstance(st, IterativeEinsum):
             for j, other in enumerate(stmts):
@@ -87,6 +93,49 @@ def _partition(defn: Definition) -> list[list]:
         raise NotTileable(f"{defn.name}: its kernels would depend on each other in a cycle")
     order = nx.lexicographical_topological_sort(parts, key=min)
     return [[stmts[i] for i in sorted(node)] for node in order]
+
+
+def _chunk_major(defn: Definition) -> set[str]:
+    """Tensors over a chunk rank ``M1 = ceil(M/M0)`` and a rank of the chunk's size ``M0``
+    (``M0`` itself or a ``let M0Q = M0``): as large as the long rank ``M`` they cut, so
+    never a buffer when one reader can compute them (the chunked form's
+    ``QK[m1,m0q,m0]``, ``O_intra[m1,m0q,f]``)."""
+    import sympy
+
+    chunks = {let.name: let.value for let in defn.lets if let.name in chunk_ranks(defn)}
+    alias = {let.name: str(let.value) for let in defn.lets if isinstance(let.value, sympy.Symbol)}
+    out = set()
+    for st in defn.statements:
+        sizes = {alias.get(r, r) for r in st.lhs}
+        for c in set(st.lhs) & set(chunks):
+            divisors = {str(s) for s in chunks[c].free_symbols}
+            if sizes & divisors - {c} and any(d in sizes for d in divisors if d in alias.values()
+                                              or d in {x.name for x in defn.lets}):
+                out.add(st.tensor)
+    return out
+
+
+def _argument_map(st, defn: Definition) -> bool:
+    """``st`` maps the arguments alone (no reduction): its one reader recomputes it (the
+    chunked form's per-channel decay ``U1[q0,e,m0] = select(m0 == q0, U[e], ...)``)."""
+    args = {a.name for a in defn.tensor_args}
+    return type(st) is Einsum and not any(isinstance(n, Reduce) for n in walk(st.expr)) \
+        and _reads([st]) <= args
+
+
+def _read_once_in_place(defn: Definition) -> dict[str, bool]:
+    """Per tensor: read by exactly one statement, and there at its own ranks (plain
+    subscripts), so that statement's kernel can compute it."""
+    readers: dict[str, set[int]] = {}
+    in_place: dict[str, bool] = {}
+    for i, st in enumerate(defn.statements):
+        for e in (st.expr, st.where):
+            for n in (walk(e) if e is not None else ()):
+                if isinstance(n, Access):
+                    readers.setdefault(n.tensor, set()).add(i)
+                    ok = all(isinstance(x, Index) for x in n.subscripts)
+                    in_place[n.tensor] = in_place.get(n.tensor, True) and ok
+    return {t: len(r) == 1 and in_place[t] for t, r in readers.items()}
 
 
 def _inline_argument_maps(defn: Definition) -> Definition:
@@ -141,6 +190,7 @@ def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str
     own = {st.tensor for st in stmts}
     args = tuple(a for a in defn.tensor_args if a.name in reads)
     args += tuple(TensorArg(t, made[t], "f32") for t in sorted(reads - own) if t in made)
+    args += _binding_args(defn, stmts, args)
     used = {n.name for st in stmts for e in (st.expr, st.where)
             for n in (walk(e) if e is not None else ()) if isinstance(n, Param)}
     # the caller resolves defaults (they may name sizes this part does not see)
@@ -162,6 +212,41 @@ def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str
     params += tuple(ScalarParam(size_param(r)) for r in sizes)
     return dataclasses.replace(defn, name=f"{defn.name}__k{k}", params=params, outputs=outs,
                                lets=lets, statements=tuple(stmts))
+
+
+def _iterated(stmts) -> set[str]:
+    return {r for st in stmts for r in st.lhs} | {
+        r for st in stmts for n in walk(st.expr) if isinstance(n, Reduce) for r in n.ranks}
+
+
+def _binding_args(defn: Definition, stmts, args) -> tuple:
+    """Arguments the part does not read but takes for their sizes: a rank it iterates, or a
+    size in a subscript, that none of its inputs gives is given by the first argument of
+    ``defn`` that has it (the chunked form's relabelling ``O[p,f] = O_chunks[(p + D) // M0, (p + D) % M0, f]`` reads
+    only the chunk-major buffer, yet iterates the queries ``P`` of ``Q[P,E]``)."""
+    bound = {r for a in args for r in a.ranks}
+    bound |= {x.name for x in _lets_bound_by(defn, args)}
+    extra = []
+    for r in sorted((_iterated(stmts) | _sizes_in_subscripts(stmts)) - bound):
+        for a in defn.tensor_args:
+            if r in a.ranks and a not in args and a not in extra:
+                extra.append(a)
+                bound |= set(a.ranks)
+                break
+    return tuple(extra)
+
+
+def _sizes_in_subscripts(stmts) -> set[str]:
+    """Sizes a part's subscripts use (``(p + M - P) // M0``): indices are integers, which
+    a size turned into a (float) parameter is not."""
+    out = set()
+    for st in stmts:
+        for e in (st.expr, st.where):
+            for n in (walk(e) if e is not None else ()):
+                if isinstance(n, Access):
+                    out |= {x.rank for sub in n.subscripts for x in walk(sub)
+                            if isinstance(x, Size)}
+    return out
 
 
 def size_param(rank: str) -> str:
@@ -321,6 +406,8 @@ def _part_program(part: Definition, options: dict) -> Program:
     from .online import online
     from .stream_final import stream_final
 
+    if not part.iterative_ranks and not _reduces_long(part):
+        return _map_kernel(part)  # nothing to stream (sums over head dims, chunks held whole)
     tile = options.get("tile")
     d = stream_final(online(part, tile=tile) if tile else online(part))
     try:

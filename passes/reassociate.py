@@ -22,23 +22,26 @@ causal mask ``m <= p + D`` cannot be reordered pairwise (the mask couples ``p``
 and ``m``), so ``m`` is cut into chunks of ``M0`` and the sum is split into the
 chunks before the query's own chunk, read from a running prefix state over
 ``M1`` (an iterative rank), and the query's own chunk, computed quadratically
-under the mask.  Before → after (causal linear attention's numerator)::
+under the mask; the queries are cut into chunks as the keys are, and read back
+in their order at the end.  The form is the ``chunked`` pass's
+(:mod:`attnc.passes.chunked`, whose decays this case has none of), at chunks of
+``tile``.  Before → after (causal linear attention's numerator)::
 
     AV[p,f] = sum[m](S[p,m] * V[m,f] / AV_sum[p])   where m <= p + M - P
 
     let M0 = 64
     let M1 = ceil(M/M0)
+    let M0Q = M0
     LFKV[m1,e,f] = sum[m0](FK[m1 * M0 + m0, e] * V[m1 * M0 + m0, f])
-    RFKV[0,e,f] = 0
-    RFKV[m1+1,e,f] = RFKV[m1,e,f] + LFKV[m1,e,f]
-    PFKV[m1,e,f] = RFKV[m1,e,f]          # the state before chunk m1, kept per step
-    FQPFKV[p,f] = sum[e](FQ[p,e] * PFKV[(p + M - P) // M0, e, f])
-    AV_prefix[p,f] = FQPFKV[p,f] / AV_sum[p]
-    FQFK[p,m0] = sum[e](FQ[p,e] * FK[(p + M - P) // M0 * M0 + m0, e])
-                 where (p + M - P) // M0 * M0 + m0 <= p + M - P
-    FQFKV[p,f] = sum[m0](FQFK[p,m0] * V[(p + M - P) // M0 * M0 + m0, f])
-    AV_chunk[p,f] = FQFKV[p,f] / AV_sum[p]
-    AV[p,f] = AV_prefix[p,f] + AV_chunk[p,f]
+    SFKV[0,e,f] = 0
+    SFKV[m1+1,e,f] = SFKV[m1,e,f] + LFKV[m1,e,f]
+    PFKV[m1,e,f] = SFKV[m1,e,f]          # the state before chunk m1, kept per step
+    QFK[m1,m0q,m0] = sum[e](FQ(Q[m1 * M0 + m0q + P - M, e]) * FK[m1 * M0 + m0, e])
+                     where m0 <= m0q
+    AV_intra[m1,m0q,f] = sum[m0](QFK[m1,m0q,m0] * V[m1 * M0 + m0, f])
+    AV_inter[m1,m0q,f] = sum[e](FQ(Q[m1 * M0 + m0q + P - M, e]) * PFKV[m1,e,f])
+    AV_chunks[m1,m0q,f] = AV_intra[m1,m0q,f] + select(m1 > 0, AV_inter[m1,m0q,f], 0)
+    AV[p,f] = AV_chunks[(p + M - P) // M0, (p + M - P) % M0, f] / AV_sum[p]
 
 The prefix part and the chunk part are terms of their own, ordered by cost
 like any other.  The cost is ``O((P+M)·M0·(E+F) + M1·E·F)`` instead of
@@ -628,84 +631,6 @@ def _size_ir(base: Expr, value: sympy.Expr) -> Expr:
     return base
 
 
-@dataclass(frozen=True)
-class Chunking:
-    """Names for cutting rank ``m`` into ``count`` chunks of ``tile``."""
-
-    m: str
-    tile: str
-    count: str
-
-
-class _ChunkedForm:
-    """Builds the chunked prefix form of one causal term (see the module docstring)."""
-
-    def __init__(self, term: Term, mask: CausalMask, chunks: Chunking, sizes, namer: _Namer):
-        self.term, self.mask, self.ch, self.sizes, self.namer = term, mask, chunks, sizes, namer
-        fs = [f for f in term.factors if f.role != "mask"]
-        self.mside = [f for f in fs if mask.m in f.ranks]
-        self.pside = [f for f in fs if mask.m not in f.ranks]
-        pranks = frozenset().union(set(term.out), *(f.ranks for f in self.pside))
-        mranks = frozenset().union(*(f.ranks for f in self.mside)) - {mask.m}
-        self.state = tuple(r for r in term.ranks if r in mranks and r in pranks)
-        self.private = tuple(r for r in term.ranks if r in mranks and r not in pranks)
-        self.base = "".join(n.tensor for f in self.mside for n in walk(f.expr)
-                            if isinstance(n, Access))[:12] or "T"
-
-    def threshold(self) -> Expr:
-        return _size_ir(Index(self.mask.p), self.mask.offset)
-
-    def chunk_of_query(self) -> Expr:
-        return Binary("//", self.threshold(), Size(self.ch.tile))
-
-    def statements(self, name: str, loc) -> list[Statement]:
-        local, state, prefix = (self.namer.fresh(f"{k}{self.base}") for k in "LRP")
-        idx = (Index(self.ch.count),) + tuple(Index(r) for r in self.state)
-        lhs = (self.ch.count,) + self.state
-        out = emit(self.local_term(), self._plan(self.local_term()), local, self.namer, loc)
-        out += [IterativeEinsum(state, lhs, self.ch.count, True, Num(0), loc=loc),
-                IterativeEinsum(state, lhs, self.ch.count, False,
-                                Binary("+", Access(state, idx), Access(local, idx)), loc=loc),
-                Einsum(prefix, lhs, Access(state, idx), loc=loc)]
-        before, within = self.namer.fresh(f"{name}_prefix"), self.namer.fresh(f"{name}_chunk")
-        out += emit(self.prefix_term(prefix), self._plan(self.prefix_term(prefix)), before,
-                    self.namer, loc)
-        out += emit(self.chunk_term(), self._plan(self.chunk_term()), within, self.namer, loc)
-        total = Binary("+", Access(before, tuple(Index(r) for r in self.term.out)),
-                       Access(within, tuple(Index(r) for r in self.term.out)))
-        for c in self.term.coefficients:
-            total = Binary("*" if c.role == "mul" else "/", total, c.expr)
-        return out + [Einsum(name, self.term.out, total, loc=loc)]
-
-    def _plan(self, term: Term) -> Plan:
-        plan = plan_term(term, self.sizes)
-        assert plan is not None, "a part has no more factors than the source term"
-        return plan
-
-    def local_term(self) -> Term:
-        """``L[m1, state] = sum[m0, private](M-side factors at m1*M0 + m0)``."""
-        at = Binary("+", Binary("*", Index(self.ch.count), Size(self.ch.tile)), Index(self.ch.tile))
-        t = Term((self.ch.count,) + self.state, (self.ch.tile,) + self.private, tuple(self.mside))
-        return rename_term(t, {self.mask.m: at})
-
-    def prefix_term(self, prefix: str) -> Term:
-        """The chunks before the query's: P-side factors times the prefix state."""
-        subs = (self.chunk_of_query(),) + tuple(Index(r) for r in self.state)
-        read = Factor.of(Access(prefix, subs), "mul")
-        summed = tuple(r for r in self.term.summed if r != self.mask.m and r not in self.private)
-        return Term(self.term.out, summed, tuple(self.pside) + (read,))
-
-    def chunk_term(self) -> Term:
-        """The query's own chunk, quadratic under the mask."""
-        start = Binary("*", self.chunk_of_query(), Size(self.ch.tile))
-        at = Binary("+", start, Index(self.ch.tile))
-        mask = Factor.of(Binary("<=", at, self.threshold()), "mask")
-        summed = tuple(r for r in self.term.summed if r != self.mask.m) + (self.ch.tile,)
-        t = Term(self.term.out, summed, tuple(self.mside))
-        moved = rename_term(t, {self.mask.m: at}).factors
-        return Term(self.term.out, summed, tuple(self.pside) + moved + (mask,))
-
-
 def chunkable(term: Term, defn: Definition) -> CausalMask | None:
     """The term's causal mask when the chunked form provably keeps its meaning, else None."""
     masks = {f.expr for f in term.factors if f.role == "mask"}
@@ -778,7 +703,6 @@ class _Rewriter:
 
     def __init__(self, sizes: dict[str, float], tile: int):
         self.sizes, self.tile = dict(sizes), tile
-        self.chunkings: dict[str, Chunking] = {}
         self.flop_cache: dict[Statement, float] = {}
 
     def rewrite(self, defn: Definition, name: str) -> Definition:
@@ -815,29 +739,18 @@ class _Rewriter:
                 value = Binary("*" if f.role == "mul" else "/", value, f.expr)
             statements.append(Einsum(st.tensor, st.lhs, value, loc=st.loc))
             yield replace_statement(defn, st, statements, inlined)
-        mask = chunkable(term, defn)
-        if mask is not None:
-            chunks, lets = self.chunking(defn, mask.m)
-            chunked = dataclasses.replace(defn, lets=defn.lets + lets)
-            form = _ChunkedForm(term, mask, chunks, self.sizes, _Namer(chunked, others))
-            yield replace_statement(chunked, st, form.statements(st.tensor, st.loc), inlined)
-
-    def chunking(self, defn: Definition, m: str) -> tuple[Chunking, tuple[SizeLet, ...]]:
-        """The chunk ranks of ``m`` (made once per run) and the lets still to add."""
-        if m not in self.chunkings:
-            taken = set(defn.ranks) | {p.name for p in defn.params}
-            taken |= {s.tensor for s in defn.statements}
-            tile = _fresh_rank(f"{m}0", taken)
-            count = _fresh_rank(f"{m}1", taken | {tile})
-            self.chunkings[m] = Chunking(m, tile, count)
-            self.sizes[tile] = self.tile
-            self.sizes[count] = -(-self.sizes[m] // self.tile)
-        ch = self.chunkings[m]
-        lets = (SizeLet(ch.tile, sympy.Integer(self.tile)),
-                SizeLet(ch.count, sympy.ceiling(size_symbol(m) / size_symbol(ch.tile))))
-        return ch, tuple(let for let in lets if let.name not in {l.name for l in defn.lets})
+        if chunkable(term, defn) is not None:  # the decay-free case of the chunked pass
+            from .chunked import NotChunkable, chunk_statement, recognise
+            try:
+                causal, taken = recognise(defn, st)
+                yield chunk_statement(defn, st, causal, taken, self.tile, self.sizes)
+            except NotChunkable:
+                pass
 
     def cost(self, defn: Definition) -> float:
+        for let in defn.lets:  # the chunked form's chunk ranks
+            if let.name not in self.sizes:
+                self.sizes[let.name] = _let_value(let.value, self.sizes)
         return sum(self.statement_cost(st) for st in defn.statements)
 
     def statement_cost(self, st: Statement) -> float:

@@ -2,11 +2,10 @@
 
 ``chunked`` (tests/test_chunked.py) writes causal, softmax-free sums as chunk-local states
 ``LKV[m1,e,f]``, a scan ``SKV[m1+1] = decay * SKV[m1] + LKV[m1]`` whose every step is stored
-(``PKV[m1,e,f]``), and an output kernel that reads a query's chunk.  On Triton these run as a
-program of kernels (one program per chunk, a sequential scan storing each step, rows of
-queries); CUDA declines the output kernel's rows × chunk × head-dim gathers and compiles the
-quadratic form instead, saying so.  Each is checked against the interpreter on ragged
-lengths over several chunks, with a KV-cache offset (P < M) and batch dims.
+(``PKV[m1,e,f]``), an output kernel per chunk (its queries against its keys and the state at
+its start, as matrix products of tiles) and a last kernel that puts the queries back in
+order.  Triton and CUDA run the same program.  Each is checked against the interpreter on
+ragged lengths over several chunks, with a KV-cache offset (P < M) and batch dims.
 """
 from __future__ import annotations
 
@@ -41,10 +40,10 @@ def _module(name: str, chunk: int, backend: str, tmp_path):
     return getattr(load_generated(tmp_path / f"{name}.py"), defn.name), defn
 
 
+@pytest.mark.parametrize("backend_env", ["triton", "cuda"], indirect=True)
 @pytest.mark.parametrize("name", ["retention", "gla", "linear_causal", "rwkv"])
-def test_chunked_kernels_match_the_interpreter_on_triton(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fn, defn = _module(name, 16, "triton", tmp_path)
+def test_chunked_kernels_match_the_interpreter(name, backend_env, tmp_path):
+    fn, defn = _module(name, 16, backend_env, tmp_path)
     for P, M, batch, seed in [(37, 37, (), 0), (21, 53, (2,), 1), (16, 16, (), 2), (5, 70, (), 3)]:
         args = inputs(name, P, M, E=5, F=3, batch=batch, seed=seed)
         want = interpret(defn, *args)
@@ -69,12 +68,39 @@ def test_the_default_pipeline_runs_the_chunked_program_on_triton(name):
     assert per_chunk and per_chunk[0].roles.grid == ("M1",), "one program per chunk"
 
 
-def test_cuda_declines_the_chunk_gathers_and_compiles_the_quadratic_form(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_the_chunk_major_output_kernel_multiplies_tiles(backend):
+    """The output kernel runs one program per chunk: its queries against the chunk's keys
+    and the state at its start are matrix products of tiles (no per-query gathers), so
+    CUDA's shared tiles hold it, and its queries are read back in order by a last kernel."""
     module = parse_file(EXAMPLES_DIR / "retention.attn")
     options = {"tile": 64, "sizes": LONG}
-    stages, files = compile_module(module, "cuda", "retention", options=options)
-    assert "SKV" not in dict(stages)["online"].definitions[0].iterative_tensors
-    assert "retention.cu" in files
+    program = lower_stages(run_pipeline(module, None, None, None, options), backend,
+                           options).programs[0]
+    assert not any("without 'reassociate'" in n for n in program.notes)
+    out = next(k for k in program.kernels if "O_chunks" in {b.name for b in k.writes})
+    assert out.roles.grid == ("M1",) and "P" not in out.roles.vector
+    last = program.kernels[-1]
+    assert [b.name for b in last.writes] == ["O"] and last.roles.row == "P"
+
+
+CHUNK_GATHER = """
+attention chunk_gather(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {
+  let M0 = 16
+  S[p,m0] = Q[p,e] * K[p // M0 * M0 + m0, e]
+  O[p,f] = S[p,m0] * V[p // M0 * M0 + m0, f]
+}
+"""
+
+
+def test_cuda_refuses_a_gather_over_three_block_ranks(tmp_path):
+    """Written per query, each query's chunk of keys is a rows × chunk × head-dim gather:
+    Triton takes it, CUDA refuses it with the reason (its operands live in shared tiles)."""
+    from attnc.frontends import parse
+
+    module = parse(CHUNK_GATHER, "chunk_gather.attn")
+    options = {"tile": 64}
+    stages = run_pipeline(module, None, None, None, options)
+    assert lower_stages(stages, "triton", options).programs[0].kernels
     with pytest.raises(Exception, match="gathers K over 3 block ranks"):
-        lower_stages(run_pipeline(module, None, None, None, options), "cuda", options)
+        lower_stages(stages, "cuda", options)

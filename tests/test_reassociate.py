@@ -142,11 +142,13 @@ def test_causal_linear_attention_becomes_chunked_prefix_form(golden):
     flops = total_flops(out)
     assert has_monomial_with(total_flops(source), P, M, E)
     assert not has_monomial_with(flops, P, M)
-    m0, m1 = ir.size_symbol("M0"), ir.size_symbol("M1")
-    assert has_monomial_with(flops, P, m0, E) and has_monomial_with(flops, m1, E, F)
-    assert out.iterative_ranks == ("M1",)
+    m0, m1, m0q = ir.size_symbol("M0"), ir.size_symbol("M1"), ir.size_symbol("M0Q")
+    # each chunk's queries against its keys, and each chunk's state
+    assert has_monomial_with(flops, m1, m0q, m0, E) and has_monomial_with(flops, m1, E, F)
+    assert set(out.iterative_ranks) == {"M1", "M11"}  # numerator and denominator
+    counts = {P, M, m1, ir.size_symbol("M11")}
     for term in sympy.Add.make_args(flops):  # linear in the sequence: one of P, M, M1 at most
-        assert len(term.free_symbols & {P, M, m1}) <= 1, term
+        assert len(term.free_symbols & counts) <= 1, term
     golden(print_ir(out))
 
 

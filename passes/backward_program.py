@@ -28,8 +28,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Definition, Einsum, Index, Module, Output, Reduce, Statement,
-                            TensorArg)
+from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Index, Module, Output, Reduce,
+                            Statement, TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from ..einsum_ir.printer import print_expr
 from .backward import backward
@@ -159,6 +159,7 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
     (earlier stages' results, ``dtype`` arguments here: float32, float64 on numpy).  Every argument of the cascade is
     kept: they bind the sizes."""
     by_name = {st.tensor: st for st in cascade.statements}
+    inputs = set(inputs) - _compared_extrema(cascade)
     needed: set[str] = set()
     todo = list(outputs)
     while todo:
@@ -181,6 +182,24 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
                          for n in (walk(e) if e is not None else ())))
     return dataclasses.replace(cascade, name=name, params=cascade.params + saved,
                                outputs=outs, statements=statements)
+
+
+def _compared_extrema(cascade: Definition) -> set[str]:
+    """Max and min reductions the cascade compares for equality (their gradient's ties,
+    ``select(S[p,m] == GM[p], 1, 0)``): a stage recomputes them from the values it
+    compares, never reads them saved.  A saved maximum came from another computation of
+    ``S`` (another kernel, another contraction order), which may round differently: then no
+    recomputed score equals it, the tie count is 0 and the gradient 0/0."""
+    extrema = {st.tensor for st in cascade.statements if isinstance(st, Einsum)
+               and isinstance(st.expr, Reduce) and st.expr.op in ("max", "min")}
+    out = set()
+    for st in cascade.statements:
+        for e in (st.expr, st.where):
+            for n in (walk(e) if e is not None else ()):
+                if isinstance(n, Binary) and n.op in ("==", "!="):
+                    out |= {a.tensor for a in (*walk(n.left), *walk(n.right))
+                            if isinstance(a, Access) and a.tensor in extrema}
+    return out
 
 
 def lowers(defn: Definition, backend: str, options: dict | None = None) -> str | None:

@@ -1087,7 +1087,7 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     blocks = [v for v in kr.ranks.vector if v != kr.ranks.tile]
     smem_c, smem_py = _smem_plan(kr)
     state_py = [" * ".join(f"B[{r!r}]" for r in lay) or "1"
-                for name_, lay in kr.state_layout.items() if not name_.endswith("_prev")]
+                for name_, lay in _state_layouts(kr)]
     instances = [(tag, ctype, _default_blocks(kr, blocks, head))
                  for tag, ctype, head in (("f16", "__half", 64), ("bf16", "__nv_bfloat16", 128),
                                           ("f32", "float", 64))]
@@ -1105,6 +1105,15 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
         plan=kr.planned, loop=kr.ranks.loop)
 
 
+def _state_layouts(kr: KernelRenderer) -> list[tuple[str, tuple[str, ...]]]:
+    """The register state a row block's size is chosen by: each state's layout, twice in a
+    loop that stores an output at every step (the chunked scan: the chunk's block it adds
+    and the state it stores are register arrays of the state's size beside it; 64 rows of
+    a 128-wide state spilled 400 bytes on sm_80 and sm_90)."""
+    once = [(n, lay) for n, lay in kr.state_layout.items() if not n.endswith("_prev")]
+    return once * 2 if kr.stepped_outputs() else once
+
+
 def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
     """Block sizes the launcher picks at head dim ``head`` (shared memory aside): the largest
     row block whose register state is at most STATE_PER_THREAD floats per thread.  A rank
@@ -1116,7 +1125,7 @@ def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[in
         if kr.ranks.row:
             sizes[kr.ranks.row] = rows
         state = sum(-(-math.prod(sizes.get(r, kr.tp.tile_size or 1) for r in lay) // THREADS)
-                    for name, lay in kr.state_layout.items() if not name.endswith("_prev"))
+                    for name, lay in _state_layouts(kr))
         if state <= STATE_PER_THREAD:
             break
     return [sizes[b] for b in blocks]

@@ -108,7 +108,7 @@ def sass_loops(sass: str) -> list[tuple[int, int, list[tuple[int, str, str]]]]:
         else:
             hexa = re.search(r"0x([0-9a-f]+)", rest)
             target = int(hexa.group(1), 16) if hexa else None
-        if target is not None and target <= addr:
+        if target is not None and target < addr:  # (not the trailing BRA to itself)
             loops.append((target, addr, [i for i in instructions if target <= i[0] <= addr]))
     return loops
 
@@ -136,16 +136,18 @@ def fall_through_path(sass: str, body: list[tuple[int, str, str]]) -> int:
 
 
 def main_loop_counts(sass: str) -> LoopCounts:
-    """Counts of the innermost loop with the most MMA instructions (the streamed tile)."""
+    """Counts of the innermost loop with the most MMA instructions (the streamed tile); of
+    the whole program in a kernel without a loop (a chunk's output, a map)."""
     best = None
     for start, end, body in sass_loops(sass):
         mma = sum(op.startswith(("HGMMA", "HMMA")) for _, op, _ in body)
         key = (mma, -(end - start))
         if best is None or key > best[0]:
             best = (key, body)
-    if best is None:
+    whole = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _LINE.finditer(sass)]
+    if best is None and not whole:
         return LoopCounts()
-    body = best[1]
+    body = best[1] if best is not None else whole
     return LoopCounts(
         instructions=len(body), path=fall_through_path(sass, body),
         mma=sum(op.startswith(("HGMMA", "HMMA")) for _, op, _ in body),

@@ -17,13 +17,19 @@ every later query through ``g(p, r)``, since ``g(p, m) = g(p, r) · h(m, r)`` wi
   state there;
 
 and the output is their sum (factors over the output's ranks only, a normaliser, applied
-after).  Every decay is taken relative to a chunk start, so exponents are differences of
+after).  The queries are cut into chunks as the keys are: the query at position
+``m1*M0 + q0`` (its chunk ``m1``, its place ``q0``) is source row ``m1*M0 + q0 - D``, so a
+chunk's queries read its keys and its state as whole tiles (matrix products on a GPU, not
+a gather of keys per query), and a last map reads the queries back in their order,
+``O[p] = O_chunks[(p + D) // M0, (p + D) % M0]``.  A map of the arguments the query
+factors read (a feature map) is computed at those reads.  Every decay is taken relative
+to a chunk start, so exponents are differences of
 nearby positions (``gamma ** (M0 - m0)``, ``exp(CG[(m1+1)*M0] - CG[m1*M0 + m0])``) and
 nothing overflows on long sequences where ``gamma ** -m`` would; a decay that reads a
 causal running sum (GLA's cumulative log-gate ``CG[t] = sum[m](LG[m]) where m <= t``) reads
 it through the chunk-local running sum ``CG_local[m1,m0]`` instead, since every difference
 the chunked form takes lies within a chunk or across one chunk boundary
-(``exp(CG_local[m1, M0 - 1] + CG_local[m1 + 1, 0] - CG_local[m1,m0])``): the global sum,
+(``exp(CG_local[m1, M0 - 1] + CG_local[1 + m1, 0] - CG_local[m1,m0])``): the global sum,
 which grows with the sequence and loses float32 precision, is not needed.  Before → after
 (retention, ``C = 64``)::
 
@@ -32,18 +38,20 @@ which grows with the sequence and loses float32 precision, is not needed.  Befor
 
     let M0 = 64
     let M1 = ceil(M/M0)
+    let M0Q = M0
     K1[m1,m0,e] = K[m1 * M0 + m0, e] * gamma ** (M0 - m0)
     LKV[m1,e,f] = sum[m0](K1[m1,m0,e] * V[m1 * M0 + m0, f])
     SKV[0,e,f] = 0
     SKV[m1+1,e,f] = select(m1 > 0, gamma ** M0 * SKV[m1,e,f], 0) + LKV[m1,e,f]
     PKV[m1,e,f] = SKV[m1,e,f]                      # the state at chunk m1's start
-    QK[p,m0] = sum[e](Q[p,e] * K[(p + M - P) // M0 * M0 + m0, e])
-               where (p + M - P) // M0 * M0 + m0 <= p + M - P
-    QK1[p,m0] = QK[p,m0] * gamma ** (M + p - P - (p + M - P) // M0 * M0 - m0)
-    O_intra[p,f] = sum[m0](QK1[p,m0] * V[(p + M - P) // M0 * M0 + m0, f])
-    QPKV[p,f] = sum[e](Q[p,e] * PKV[(p + M - P) // M0, e, f])
-    O_inter[p,f] = QPKV[p,f] * gamma ** (M + p - P - (p + M - P) // M0 * M0)
-    O[p,f] = O_intra[p,f] + select((p + M - P) // M0 > 0, O_inter[p,f], 0)
+    QK[m1,m0q,m0] = sum[e](Q[m1 * M0 + m0q + P - M, e] * K[m1 * M0 + m0, e])
+    T[m0q,m0] = gamma ** (m0q - m0)   where m0 <= m0q
+    QK1[m1,m0q,m0] = QK[m1,m0q,m0] * T[m0q,m0]
+    O_intra[m1,m0q,f] = sum[m0](QK1[m1,m0q,m0] * V[m1 * M0 + m0, f])
+    QPKV[m1,m0q,f] = sum[e](Q[m1 * M0 + m0q + P - M, e] * PKV[m1,e,f])
+    O_inter[m1,m0q,f] = QPKV[m1,m0q,f] * gamma ** m0q
+    O_chunks[m1,m0q,f] = O_intra[m1,m0q,f] + select(m1 > 0, O_inter[m1,m0q,f], 0)
+    O[p,f] = O_chunks[(p + M - P) // M0, (p + M - P) % M0, f]
 
 (the zero state before the first chunk is never multiplied: ``0 * inf`` would be NaN where
 the source has Inf).  Each part's contraction order is the cheapest (``reassociate``'s planner).  A decay
@@ -714,7 +722,7 @@ class _Form:
                                 Binary("+", carried, Access(local, idx)), loc=loc),
                 Einsum(prefix, slhs, Access(state, idx), loc=loc)]
         intra, inter = self.namer.fresh(f"{name}_intra"), self.namer.fresh(f"{name}_inter")
-        out += self._emit(self.intra(), intra, loc)
+        out += self._emit_intra(intra, loc)
         out += self._emit(self.inter(prefix), inter, loc)
         read = {n.tensor for st in out for e in (st.expr, st.where) if e is not None
                 for n in walk(e) if isinstance(n, Access)}
@@ -736,6 +744,34 @@ class _Form:
         return tuple(x for r in self.c.term.out
                      for x in ((Binary("//", at, size), Binary("%", at, size))
                                if r == self.c.p else (Index(r),)))
+
+    def _emit_intra(self, root: str, loc) -> list:
+        """The intra-chunk part in attention's order: a chunk's scores first, from the
+        factors without an output rank of their own (queries, keys, decays, the mask),
+        then their sum with the rest (the values) over the chunk's keys.  Before → after
+        (causal linear attention's normaliser; the cheapest order by FLOPs would sum the
+        keys first, a masked three-rank reduction that no matrix unit runs)::
+
+            N[m1,q] = sum[e,m0](FQ[..q..,e] * FK[..m0..,e])   where m0 <= q
+        ->  S[m1,q,m0] = sum[e](FQ[..q..,e] * FK[..m0..,e])   where m0 <= q
+            N[m1,q] = sum[m0](S[m1,q,m0])
+        """
+        term = self.intra()
+        own = set(term.out) - {self.ch.count, self.query}
+        values = [f for f in term.factors if f.ranks & own]
+        scores = [f for f in term.factors if not f.ranks & own]
+        if not any(f.role != "mask" for f in scores):
+            return self._emit(term, root, loc)
+        later = set(term.out).union(*(f.ranks for f in values))
+        score_out = tuple(r for r in term.ranks if r in later and any(r in f.ranks for f in scores))
+        score_out = tuple(dict.fromkeys((self.ch.count, self.query, self.ch.key) + score_out))
+        name = self.namer.fresh(f"{root}_scores")
+        out = self._emit(Term(score_out, tuple(r for r in term.summed if r not in score_out),
+                              tuple(scores)), name, loc)
+        read = Factor.of(Access(name, tuple(Index(r) for r in score_out)), "mul")
+        rest = Term(term.out, tuple(r for r in term.summed if r in score_out), tuple(values) + (read,),
+                    term.coefficients)
+        return out + self._emit(rest, root, loc)
 
     def _emit(self, term: Term, root: str, loc) -> list:
         plan = plan_term(term, self.sizes)

@@ -20,6 +20,8 @@ every K/V tile is loaded once for the whole group instead of once per head.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import dataclasses
 
 import sympy
@@ -37,9 +39,17 @@ def long_ranks(defn) -> frozenset[str]:
     subset of another argument's ranks (the row statistics ``GM[H,P]`` a backward stage
     reads beside ``Q[H,P,E]``) does not make its innermost rank short."""
     floats = [a for a in defn.tensor_args if a.ranks and a.dtype not in ("i32", "i64", "bool")]
+    inner = Counter(a.ranks[-1] for a in floats)
+    outer = Counter(r for a in floats for r in a.ranks[:-1])
 
     def statistic(a) -> bool:
-        return any(set(a.ranks) < set(b.ranks) and a.ranks[-1] in b.ranks[:-1] for b in floats)
+        """Over a subset of another argument's ranks, its innermost rank an outer one there,
+        and more often outer than innermost (``GM[H,P]`` beside ``Q, O, dO [H,P,*]``); a
+        decode step's ``Q[E]`` and ``K[E]`` beside its state ``ST[E,F]`` are not: E is the
+        innermost rank of two arguments and an outer one of one."""
+        r = a.ranks[-1]
+        return inner[r] <= outer[r] and any(
+            set(a.ranks) < set(b.ranks) and r in b.ranks[:-1] for b in floats)
 
     short = {a.ranks[-1] for a in floats if not statistic(a)}
     every = {r for a in defn.tensor_args for r in a.ranks}

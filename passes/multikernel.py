@@ -189,8 +189,8 @@ def _part_definition(defn: Definition, stmts: list, k: int, later_reads: set[str
     reads = _reads(stmts)
     own = {st.tensor for st in stmts}
     args = tuple(a for a in defn.tensor_args if a.name in reads)
+    args += _binding_args(defn, stmts, args, {o.name for o in defn.outputs} & own)
     args += tuple(TensorArg(t, made[t], "f32") for t in sorted(reads - own) if t in made)
-    args += _binding_args(defn, stmts, args)
     used = {n.name for st in stmts for e in (st.expr, st.where)
             for n in (walk(e) if e is not None else ()) if isinstance(n, Param)}
     # the caller resolves defaults (they may name sizes this part does not see)
@@ -219,11 +219,14 @@ def _iterated(stmts) -> set[str]:
         r for st in stmts for n in walk(st.expr) if isinstance(n, Reduce) for r in n.ranks}
 
 
-def _binding_args(defn: Definition, stmts, args) -> tuple:
+def _binding_args(defn: Definition, stmts, args, finals: set[str]) -> tuple:
     """Arguments the part does not read but takes for their sizes: a rank it iterates, or a
     size in a subscript, that none of its inputs gives is given by the first argument of
-    ``defn`` that has it (the chunked form's relabelling ``O[p,f] = O_chunks[(p + D) // M0, (p + D) % M0, f]`` reads
-    only the chunk-major buffer, yet iterates the queries ``P`` of ``Q[P,E]``)."""
+    ``defn`` that has it (the chunked form's reordering
+    ``O[p,f] = O_chunks[(p + D) // M0, (p + D) % M0, f]`` reads only the chunk-major
+    buffer, yet iterates the queries ``P`` of ``Q[P,E]``); and a part
+    that writes a final output takes a float argument, whose dtype the output's follows.
+    Arguments come before buffers, so the first floating-point input is an argument."""
     bound = {r for a in args for r in a.ranks}
     bound |= {x.name for x in _lets_bound_by(defn, args)}
     extra = []
@@ -233,6 +236,9 @@ def _binding_args(defn: Definition, stmts, args) -> tuple:
                 extra.append(a)
                 bound |= set(a.ranks)
                 break
+    floats = [a for a in defn.tensor_args if a.dtype not in ("i32", "i64", "bool")]
+    if finals and floats and not any(a in floats for a in (*args, *extra)):
+        extra.append(floats[0])  # a final output's dtype follows the inputs', not a buffer's
     return tuple(extra)
 
 

@@ -104,3 +104,60 @@ def test_cuda_refuses_a_gather_over_three_block_ranks(tmp_path):
     assert lower_stages(stages, "triton", options).programs[0].kernels
     with pytest.raises(Exception, match="gathers K over 3 block ranks"):
         lower_stages(stages, "cuda", options)
+
+# --- the recurrent decode step: one token, the state in and out -------------------------------
+
+STEPS = """
+attention retention_step(Q[E], K[E], V[F], ST[E,F], gamma = 0.96875) -> (O[F], STN[E,F]) {
+  STN[e,f] = gamma * ST[e,f] + K[e] * V[f]
+  O[f] = Q[e] * STN[e,f]
+}
+
+attention gla_step(Q[E], K[E], V[F], LG, ST[E,F]) -> (O[F], STN[E,F]) {
+  STN[e,f] = exp(LG) * ST[e,f] + K[e] * V[f]
+  O[f] = Q[e] * STN[e,f]
+}
+
+attention rwkv_step(R[E], K[E], V[F], WD[E], U[E], ST[E,F]) -> (O[F], STN[E,F]) {
+  O[f] = R[e] * (ST[e,f] + U[e] * K[e] * V[f])
+  STN[e,f] = exp(-exp(WD[e])) * ST[e,f] + K[e] * V[f]
+}
+"""
+
+
+def _steps(backend: str, tmp_path):
+    from attnc.frontends import parse
+
+    _, files = compile_module(parse(STEPS, "steps.attn"), backend, "steps", options={"tile": 16})
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    return load_generated(tmp_path / "steps.py")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])
+def test_decode_steps_token_by_token_give_the_parallel_form(backend, tmp_path, monkeypatch):
+    """A one-token step (the state before the token in, after it out) run over a sequence,
+    the state carried, equals the example's parallel form at every query: retention, GLA
+    (its gate a scalar parameter per call) and RWKV (the bonus on the current token)."""
+    if backend == "cuda":
+        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+        monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    steps = _steps(backend, tmp_path)
+    T, E, F = 9, 5, 3
+    to = (lambda a: a) if backend == "numpy" else (lambda a: torch.from_numpy(a).float())
+    back = (lambda x: np.asarray(x)) if backend == "numpy" else (lambda x: x.double().numpy())
+    for name in ("retention", "gla", "rwkv"):
+        args = inputs(name, T, T, E=E, F=F, seed=5)
+        want = interpret(parse_file(EXAMPLES_DIR / f"{name}.attn").definitions[0], *args)
+        fn, state, got = getattr(steps, f"{name}_step"), to(np.zeros((E, F))), []
+        for t in range(T):
+            token = [to(np.ascontiguousarray(a[t])) for a in args[:3]]
+            if name == "gla":
+                o, state = fn(*token, state, LG=float(args[3][t]))
+            elif name == "rwkv":
+                o, state = fn(*token, to(args[3]), to(args[4]), state)
+            else:
+                o, state = fn(*token, state)
+            got.append(back(o))
+        np.testing.assert_allclose(np.stack(got), want, rtol=2e-5,
+                                   atol=2e-6 * np.abs(want).max(), err_msg=name)

@@ -34,7 +34,7 @@ from ..einsum_ir.kernel import KernelIRError
 from ..einsum_ir.printer import print_expr
 from .backward import backward
 from .canonicalize import canonicalize
-from .map_ranks import long_ranks
+from .map_ranks import long_ranks, long_with_lets
 from .tile import NotTileable
 
 
@@ -79,20 +79,6 @@ def _iterated(st) -> set[str]:
         if isinstance(n, Reduce):
             out |= set(n.ranks)
     return out
-
-
-def long_with_lets(cascade: Definition) -> frozenset[str]:
-    """:func:`long_ranks`, with the ``let`` sizes that are one long rank or a product of
-    ranks with a long one (``let M = P`` of self-attention, ``let M = NB * PG`` of a paged
-    cache): a reduction over them streams as one over the long rank would."""
-    long = set(long_ranks(cascade))
-    for let in cascade.lets:
-        value = let.value
-        factors = value.as_powers_dict() if value.is_Mul else {value: 1}
-        if all(getattr(f, "is_Symbol", False) and k == 1 for f, k in factors.items()) and \
-                any(f.name in long for f in factors):
-            long.add(let.name)
-    return frozenset(long)
 
 
 def cut_points(cascade: Definition) -> list[str]:
@@ -154,12 +140,14 @@ def _read_elsewhere(cascade: Definition, name: str) -> bool:
 
 
 def stage_definition(cascade: Definition, name: str, outputs: list[str],
-                     inputs: set[str], dtype: str = "f32") -> Definition:
+                     inputs: set[str], dtype: str = "f32",
+                     recompute_extrema: bool = False) -> Definition:
     """The slice of ``cascade`` computing ``outputs`` from its arguments and ``inputs``
     (earlier stages' results, ``dtype`` arguments here: float32, float64 on numpy).  Every argument of the cascade is
     kept: they bind the sizes."""
     by_name = {st.tensor: st for st in cascade.statements}
-    inputs = set(inputs) - _compared_extrema(cascade)
+    if recompute_extrema:
+        inputs = set(inputs) - _compared_extrema(cascade)
     needed: set[str] = set()
     todo = list(outputs)
     while todo:
@@ -187,9 +175,13 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
 def _compared_extrema(cascade: Definition) -> set[str]:
     """Max and min reductions the cascade compares for equality (their gradient's ties,
     ``select(S[p,m] == GM[p], 1, 0)``): a stage recomputes them from the values it
-    compares, never reads them saved.  A saved maximum came from another computation of
-    ``S`` (another kernel, another contraction order), which may round differently: then no
-    recomputed score equals it, the tie count is 0 and the gradient 0/0."""
+    compares where its kernels still lower, rather than read them saved.  A saved maximum
+    came from another computation of ``S`` (another kernel, another contraction order),
+    which may round differently: then no recomputed score equals it, the tie count is 0
+    and the gradient 0/0 (a max output beside a softmax on numpy).  Where some stage would
+    then not lower (lse's and softpick's one-pass gradient stages: the maximum needs a
+    pass of its own), the program reads the saved maximum, as it did before: those rely on
+    recomputing the scores as the forward did."""
     extrema = {st.tensor for st in cascade.statements if isinstance(st, Einsum)
                and isinstance(st.expr, Reduce) and st.expr.op in ("max", "min")}
     out = set()
@@ -271,7 +263,8 @@ def cut_dependencies(cascade: Definition, name: str, cuts: set[str]) -> set[str]
 
 
 def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
-             options, forward: frozenset[str] = frozenset()) -> list[list[str]]:
+             options, forward: frozenset[str] = frozenset(),
+             recompute: bool = False) -> list[list[str]]:
     """Stages from ``items`` (cut tensors and gradients, in dependency order): each item
     joins the earliest stage that has what it needs — its cut dependencies in earlier
     stages or in the same one (the ``online`` pass fuses a row max and its sum) — and
@@ -289,7 +282,8 @@ def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
             if item not in forward and all(t in forward for t in group):
                 continue
             made = {t for g in groups[:i] for t in g}
-            trial = stage_definition(cascade, prefix, group + [item], made)
+            trial = stage_definition(cascade, prefix, group + [item], made,
+                                     recompute_extrema=recompute)
             if lowers(trial, backend, options) is None:
                 group.append(item)
                 placed = True
@@ -321,19 +315,33 @@ def backward_program(defn: Definition, backend: str = "triton",
     zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
     grads = [o.name for o in cascade.outputs if o.name not in zeros]
     forward = frozenset(st.tensor for st in canonicalize(defn).statements)
-    groups = _grouped(cascade, backend, cuts + grads, f"{name}_s", options, forward)
-    stages, made = [], set()
     dtype = saved_dtype(backend)
+    try:  # a compared maximum recomputed where it is compared, if every stage still lowers
+        stages = _stages(cascade, backend, cuts + grads, name, options, forward, dtype,
+                         bool(_compared_extrema(cascade)))
+    except NotTileable:
+        if not _compared_extrema(cascade):
+            raise
+        stages = _stages(cascade, backend, cuts + grads, name, options, forward, dtype, False)
+    return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
+        defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty)
+
+
+def _stages(cascade: Definition, backend: str, items: list[str], name: str, options,
+            forward: frozenset[str], dtype: str, recompute: bool) -> list[Definition]:
+    """The stages of :func:`backward_program` (``recompute``: see :func:`_compared_extrema`);
+    NotTileable names a stage that does not lower."""
+    groups = _grouped(cascade, backend, items, f"{name}_s", options, forward, recompute)
+    stages, made = [], set()
     for i, group in enumerate(groups):
-        stage = stage_definition(cascade, f"{name}_{i}", group, made, dtype)
+        stage = stage_definition(cascade, f"{name}_{i}", group, made, dtype, recompute)
         why = lowers(stage, backend, options)
         if why is not None:
             raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) has no kernel "
                               f"program: {why}")
         stages.append(stage)
         made |= set(group)
-    return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
-        defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty)
+    return stages
 
 
 def _has_fills(cascade: Definition) -> bool:

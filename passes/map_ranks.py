@@ -20,8 +20,6 @@ every K/V tile is loaded once for the whole group instead of once per head.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import dataclasses
 
 import sympy
@@ -39,21 +37,27 @@ def long_ranks(defn) -> frozenset[str]:
     subset of another argument's ranks (the row statistics ``GM[H,P]`` a backward stage
     reads beside ``Q[H,P,E]``) does not make its innermost rank short."""
     floats = [a for a in defn.tensor_args if a.ranks and a.dtype not in ("i32", "i64", "bool")]
-    inner = Counter(a.ranks[-1] for a in floats)
-    outer = Counter(r for a in floats for r in a.ranks[:-1])
 
     def statistic(a) -> bool:
-        """Over a subset of another argument's ranks, its innermost rank an outer one there,
-        and more often outer than innermost (``GM[H,P]`` beside ``Q, O, dO [H,P,*]``); a
-        decode step's ``Q[E]`` and ``K[E]`` beside its state ``ST[E,F]`` are not: E is the
-        innermost rank of two arguments and an outer one of one."""
-        r = a.ranks[-1]
-        return inner[r] <= outer[r] and any(
-            set(a.ranks) < set(b.ranks) and r in b.ranks[:-1] for b in floats)
+        return any(set(a.ranks) < set(b.ranks) and a.ranks[-1] in b.ranks[:-1] for b in floats)
 
     short = {a.ranks[-1] for a in floats if not statistic(a)}
     every = {r for a in defn.tensor_args for r in a.ranks}
     return frozenset(every - short)
+
+
+def long_with_lets(cascade) -> frozenset[str]:
+    """:func:`long_ranks`, with the ``let`` sizes that are one long rank or a product of
+    ranks with a long one (``let M = P`` of self-attention, ``let M = NB * PG`` of a paged
+    cache): a reduction over them streams as one over the long rank would."""
+    long = set(long_ranks(cascade))
+    for let in cascade.lets:
+        value = let.value
+        factors = value.as_powers_dict() if value.is_Mul else {value: 1}
+        if all(getattr(f, "is_Symbol", False) and k == 1 for f, k in factors.items()) and \
+                any(f.name in long for f in factors):
+            long.add(let.name)
+    return frozenset(long)
 
 
 def chunk_ranks(defn) -> frozenset[str]:
@@ -75,7 +79,7 @@ def loopless_roles(tp: TileProgram) -> RankRoles:
     """Roles in a kernel without a streamed loop: the first long rank of what it stores
     is the row, its other long ranks are grid ranks, the rest are held whole."""
     defn = tp.cascade
-    long = long_ranks(defn)
+    long = long_with_lets(defn)
     outs = [r for o in defn.outputs for r in o.ranks]
     chunks = chunk_ranks(defn)
     lhs_long = list(dict.fromkeys(r for r in outs if r in long and r not in chunks))
@@ -249,12 +253,28 @@ def map_kernel_ranks(k: Kernel, packs_heads: bool) -> Kernel:
     if k.roles is not None:
         return k
     if k.tiles.loop_rank is None:
-        return dataclasses.replace(k, roles=loopless_roles(k.tiles))
+        return dataclasses.replace(k, roles=_no_split_sums(k, loopless_roles(k.tiles)))
     _, body = expanded_body(k.tiles)
     roles = classify_ranks(k.tiles, body)
     if packs_heads and k.role != "combine":
         roles = dataclasses.replace(roles, packing=head_packing(k.tiles, body, roles))
-    return dataclasses.replace(k, roles=roles)
+    return dataclasses.replace(k, roles=_no_split_sums(k, roles, body))
+
+
+def _no_split_sums(k: Kernel, roles: RankRoles, body=()) -> RankRoles:
+    """``roles``, or NotTileable when a statement reduces a rank the programs split (a grid
+    rank): each program would hold a part of the sum and store it as the whole.  Before,
+    a backward stage's ``dV_1[mx,f] = sum[p](...)`` beside ``dQ[p,e]`` ran with grid (P),
+    every program overwriting ``dV_1`` with its own query's share."""
+    tp = k.tiles
+    for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue):
+        for n in walk(st.expr):
+            if isinstance(n, Reduce):
+                split = sorted(set(n.ranks) & set(roles.grid))
+                if split:
+                    raise NotTileable(f"{k.name}: {st.tensor} sums over {split[0]}, which "
+                                      f"the kernel's programs split (no cross-program sum)")
+    return roles
 
 
 def map_ranks(p: Program, packs_heads: bool = True) -> Program:

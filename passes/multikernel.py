@@ -30,7 +30,7 @@ from ..einsum_ir.exprs import free_ranks, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
-from .map_ranks import chunk_ranks, long_ranks, map_kernel_ranks
+from .map_ranks import chunk_ranks, long_ranks, long_with_lets, map_kernel_ranks
 from .names import fresh_name
 from .tile import NotTileable, TileProgram, tile_program
 
@@ -423,7 +423,7 @@ def _part_program(part: Definition, options: dict) -> Program:
 
 
 def _reduces_long(defn: Definition) -> bool:
-    long = long_ranks(defn)
+    long = long_with_lets(defn)
     return any(set(red.ranks) & long for st in defn.statements for red in walk(st.expr)
                if isinstance(red, Reduce))
 

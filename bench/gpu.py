@@ -19,6 +19,8 @@
    against SDPA, and against the measured copy bandwidth.  Then batched decode against
    a paged cache (B 8 and 32, pages of 16 and 64, ragged lengths) against SDPA on the
    un-paged cache and the copy bandwidth.
+4. The linear family's chunked programs (retention, GLA) against flash-linear-attention's
+   chunk kernels where fla-core imports, N = 4096 and 16384.
 Each section survives the failure of another and stops at its limit (``--limits``,
 about 5 minutes in all); the timings run alone on the GPU, side by side in this one
 run (median of triton.testing.do_bench).
@@ -631,6 +633,70 @@ def paged(tmp: Path, device: str, smoke: bool) -> None:
             f"{frac} | {err} |")
 
 
+def linear(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
+    """The linear family's chunked programs (issue 13): retention and GLA, forward, against
+    flash-linear-attention's chunk kernels where fla-core imports (``chunk_simple_gla``
+    with a constant log-gate is retention with that decay), with the max error against
+    fla's output; causal SDPA on the same shape for scale (another computation)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    B, H, D = (1, 2, 16) if smoke else (4, 16, 128)
+    dt = torch.float32 if smoke else torch.bfloat16
+    try:
+        import warnings
+
+        warnings.simplefilter("ignore")
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as err:  # noqa: BLE001
+        chunk_simple_gla = None
+        say(f"(fla-core does not import here: {type(err).__name__}: {str(err)[:120]})")
+    say(f"\n## Linear family, chunked: B={B}, H={H}, D={D}, {dt} — ms per forward")
+    say("| spec | N | attnc triton | attnc cuda | fla chunk | SDPA causal | fla / attnc "
+        "| max error vs fla |")
+    say("|---|---|---|---|---|---|---|---|")
+    for name in ("retention", "gla"):
+        gen, cuda_fn = both_backends(name, tmp, device)
+        fn = getattr(gen, name)
+        for n in ((100,) if smoke else sizes):
+            q, k, v = (torch.randn(B, H, n, D, device=device, dtype=dt) for _ in range(3))
+            if name == "retention":
+                gamma = 0.96875
+                extra, kw = (), {"gamma": gamma}
+                g = torch.full((B, n, H), float(np.log(gamma)), device=device)
+            else:
+                lg = torch.nn.functional.logsigmoid(torch.randn(B, H, n, device=device) + 4)
+                extra, kw, g = (lg,), {}, lg.transpose(1, 2).contiguous()
+            times, outs = {}, {}
+            runs = (("triton", lambda: fn(q, k, v, *extra, **kw)),
+                    ("cuda", (lambda: cuda_fn(q, k, v, *extra, **kw)) if cuda_fn else None),
+                    ("fla", (lambda: chunk_simple_gla(*(x.transpose(1, 2) for x in (q, k, v)), g,
+                                                      scale=1.0)[0].transpose(1, 2))
+                     if chunk_simple_gla else None),
+                    ("sdpa", lambda: sdpa(q, k, v, is_causal=True)))
+            for label, run in runs:
+                if run is None:
+                    continue
+                try:
+                    outs[label] = run().float()
+                    times[label] = bench_ms(run)
+                except Exception as err:  # noqa: BLE001
+                    say(f"{name} ({label}) failed: {str(err)[:200]}")
+
+            def ms(label):
+                return "-" if label not in times else f"{times[label]:.3f}"
+
+            ours = [times[x] for x in ("triton", "cuda") if x in times]
+            ratio = "-" if not ours or "fla" not in times else f"{times['fla'] / min(ours):.2f}"
+            err = "-"
+            if "fla" in outs and any(x in outs for x in ("triton", "cuda")):
+                scale = float(outs["fla"].abs().max())
+                worst = max(float((outs[x] - outs["fla"]).abs().max())
+                            for x in ("triton", "cuda") if x in outs)
+                err = f"{worst / scale:.1e}"
+            say(f"| {name} | {n} | {ms('triton')} | {ms('cuda')} | {ms('fla')} | {ms('sdpa')} "
+                f"| {ratio} | {err} |")
+
+
 def run_section(section: str, limit: int, args, out: Path, shards: int = 1) -> None:
     """Run a section in subprocesses (``shards`` at once, each a share of the examples),
     each stopped at ``limit`` seconds; merge the shards' rows into the results file."""
@@ -667,14 +733,17 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: numerics,prefill,train,decode,paged,cuda")
-    ap.add_argument("--section", choices=("numerics", "prefill", "train", "decode", "paged", "cuda"))
+                    help="comma list of sections to skip: "
+                    "numerics,prefill,train,decode,paged,linear,cuda")
+    ap.add_argument("--section", choices=("numerics", "prefill", "train", "decode", "paged",
+                                          "linear", "cuda"))
     ap.add_argument("--shard", default="0/1", help="k/n: this process runs every n-th example from the k-th")
     ap.add_argument("--shards", type=int, default=6,
                     help="processes per numerics section (Triton and nvcc compiles are CPU-bound)")
     ap.add_argument("--limits", type=lambda t: [int(x) for x in t.split(",")],
-                    default=[100, 150, 90, 45, 40], help="seconds for the numerics sections (run "
-                    "together), prefill, train, decode, paged decode; about 7 minutes in all")
+                    default=[100, 150, 90, 45, 40, 40], help="seconds for the numerics sections "
+                    "(run together), prefill, train, decode, paged decode, linear; about 8 "
+                    "minutes in all")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import triton
@@ -696,7 +765,8 @@ def main() -> None:
                 merge_parts(section, header, args.shards, out)
         # 2. timings, alone on the GPU
         for section, limit in (("prefill", args.limits[1]), ("train", args.limits[2]),
-                               ("decode", args.limits[3]), ("paged", args.limits[4])):
+                               ("decode", args.limits[3]), ("paged", args.limits[4]),
+                               ("linear", args.limits[5])):
             if section not in skip:
                 run_section(section, limit, args, out)
         print((out / "gpu_results.md").read_text())
@@ -709,6 +779,8 @@ def main() -> None:
                                        args.smoke),
                 "decode": lambda: decode(Path(tmp), device, args.smoke),
                 "paged": lambda: paged(Path(tmp), device, args.smoke),
+                "linear": lambda: linear(Path(tmp), device, [int(x) for x in args.sizes.split(",")],
+                                         args.smoke),
                 "cuda": lambda: numerics_cuda(Path(tmp), device, (k, n))}
     with tempfile.TemporaryDirectory() as tmp:
         try:

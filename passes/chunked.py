@@ -393,6 +393,7 @@ class Causal:
     outer: tuple[Factor, ...]  # read p and output ranks only: applied to the sum (a normaliser)
     key: tuple[Factor, ...]  # read m (not p), or neither
     decays: tuple[Decay, ...]
+    segment: str | None = None  # select(m < (p + D) // L * L, 1, 0): keys of earlier segments only
 
 
 def recognise(defn: Definition, st: Einsum) -> tuple[Causal, tuple[str, ...]]:
@@ -407,11 +408,13 @@ def recognise(defn: Definition, st: Einsum) -> tuple[Causal, tuple[str, ...]]:
     if not _fits(defn, mask):
         raise NotChunkable(f"a query's position {p.lower()} + {mask.offset} may lie past the last "
                            f"key (needs {mask.offset} <= {m} - {p})")
-    query, outer, key, decays = [], [], [], []
+    query, outer, key, decays, segments = [], [], [], [], []
     for f in term.factors:
         if f.role == "mask":
             continue
-        if p in f.ranks and m in f.ranks:
+        if p in f.ranks and m in f.ranks and _segment(f, p, m, mask.offset) is not None:
+            segments.append(_segment(f, p, m, mask.offset))
+        elif p in f.ranks and m in f.ranks:
             decays.append(_decay(f, p, m, mask.offset, defn))
         elif p in f.ranks and f.ranks <= set(term.out):
             outer.append(f)
@@ -430,8 +433,33 @@ def recognise(defn: Definition, st: Einsum) -> tuple[Causal, tuple[str, ...]]:
         why = _decay_reads_total(defn, d, p, m, mask.offset)
         if why is not None:
             raise NotChunkable(why)
+    if len(set(segments)) > 1:
+        raise NotChunkable(f"keys of earlier segments of {' and '.join(sorted(set(segments)))}: "
+                           f"one chunk size cannot be both")
     return (Causal(term, p, m, mask.offset, tuple(query), tuple(outer), tuple(key),
-                   tuple(decays)), inlined)
+                   tuple(decays), segments[0] if segments else None), inlined)
+
+
+def _segment(f: Factor, p: str, m: str, offset: sympy.Expr) -> str | None:
+    """``L`` when ``f`` is ``select(m < (p + D) // L * L, 1, 0)`` (the keys of the query's
+    earlier segments of a size ``L``, Infini-attention's compressive memory) with ``p + D``
+    the causal mask's query position; else None."""
+    e = f.expr
+    if not (isinstance(e, Call) and e.fn == "select" and e.args[1:] == (Num(1), Num(0))):
+        return None
+    cond = e.args[0]
+    if not (isinstance(cond, Binary) and cond.op == "<" and _affine(cond.left) is not None
+            and sympy.expand(_affine(cond.left) - sympy.Symbol(f"i_{m}", integer=True)) == 0):
+        return None
+    start = cond.right  # (p + D) // L * L
+    if not (isinstance(start, Binary) and start.op == "*" and isinstance(start.right, Size)
+            and isinstance(start.left, Binary) and start.left.op == "//"
+            and start.left.right == start.right):
+        return None
+    at = _affine(start.left.left)
+    if at is None or sympy.expand(at - sympy.Symbol(f"i_{p}", integer=True) - offset) != 0:
+        return None
+    return start.right.rank
 
 
 def _conjuncts(e: Expr) -> list[Expr]:
@@ -722,7 +750,8 @@ class _Form:
                                 Binary("+", carried, Access(local, idx)), loc=loc),
                 Einsum(prefix, slhs, Access(state, idx), loc=loc)]
         intra, inter = self.namer.fresh(f"{name}_intra"), self.namer.fresh(f"{name}_inter")
-        out += self._emit_intra(intra, loc)
+        if self.c.segment is None:  # (a sum over earlier segments has none in its own chunk)
+            out += self._emit_intra(intra, loc)
         out += self._emit(self.inter(prefix), inter, loc)
         read = {n.tensor for st in out for e in (st.expr, st.where) if e is not None
                 for n in walk(e) if isinstance(n, Access)}
@@ -731,7 +760,8 @@ class _Form:
         subs = tuple(Index(r) for r in major)
         before = Call("select", (Binary(">", self.chunk, Num(0)), Access(inter, subs), Num(0)))
         both = self.namer.fresh(f"{name}_chunks")
-        out.append(Einsum(both, major, Binary("+", Access(intra, subs), before), loc=loc))
+        value = before if self.c.segment is not None else Binary("+", Access(intra, subs), before)
+        out.append(Einsum(both, major, value, loc=loc))
         total: Expr = Access(both, self._relabel())
         for f in self.c.outer + self.c.term.coefficients:
             total = Binary("*" if f.role == "mul" else "/", total, f.expr)
@@ -757,20 +787,23 @@ class _Form:
             N[m1,q] = sum[m0](S[m1,q,m0])
         """
         term = self.intra()
-        own = set(term.out) - {self.ch.count, self.query}
+        queried = frozenset().union(*(f.ranks for f in self._queries()))
+        own = set(term.out) - queried - {self.ch.count, self.query}  # the values' f
         values = [f for f in term.factors if f.ranks & own]
         scores = [f for f in term.factors if not f.ranks & own]
-        if not any(f.role != "mask" for f in scores):
+        if not values or not any(f.role != "mask" for f in scores):
             return self._emit(term, root, loc)
+        in_scores = frozenset().union(*(f.ranks for f in scores))
         later = set(term.out).union(*(f.ranks for f in values))
-        score_out = tuple(r for r in term.ranks if r in later and any(r in f.ranks for f in scores))
-        score_out = tuple(dict.fromkeys((self.ch.count, self.query, self.ch.key) + score_out))
+        score_out = tuple(dict.fromkeys(  # the output's order, then the chunk's keys
+            tuple(r for r in term.out if r in in_scores) + (self.ch.key,) + tuple(
+                r for r in term.ranks if r in later and r in in_scores)))
+        summed = tuple(r for r in term.summed if r in in_scores and r not in score_out)
         name = self.namer.fresh(f"{root}_scores")
-        out = self._emit(Term(score_out, tuple(r for r in term.summed if r not in score_out),
-                              tuple(scores)), name, loc)
+        out = self._emit(Term(score_out, summed, tuple(scores)), name, loc)
         read = Factor.of(Access(name, tuple(Index(r) for r in score_out)), "mul")
-        rest = Term(term.out, tuple(r for r in term.summed if r in score_out), tuple(values) + (read,),
-                    term.coefficients)
+        rest = Term(term.out, tuple(r for r in term.summed if r not in summed),
+                    tuple(values) + (read,), term.coefficients)
         return out + self._emit(rest, root, loc)
 
     def _emit(self, term: Term, root: str, loc) -> list:
@@ -809,7 +842,7 @@ def _rewrite(defn: Definition, name: str, assumed: dict, chunk: int | None) -> D
         if chunk is not None:
             return chunk_statement(defn, st, causal, inlined, chunk, assumed)
         best, best_cost = defn, form_cost(defn, assumed)
-        for size in CHUNK_SIZES:
+        for size in (CHUNK_SIZES if causal.segment is None else (0,)):
             candidate = chunk_statement(defn, st, causal, inlined, size, assumed)
             cost = form_cost(candidate, assumed)
             if cost < best_cost:
@@ -821,10 +854,13 @@ def _rewrite(defn: Definition, name: str, assumed: dict, chunk: int | None) -> D
 
 def chunk_statement(defn: Definition, st: Einsum, causal: Causal, inlined, size: int,
                     assumed: Mapping[str, float]) -> Definition:
-    """``defn`` with ``st`` replaced by its chunked form with chunks of ``size``."""
+    """``defn`` with ``st`` replaced by its chunked form with chunks of ``size`` (of the
+    segment size, for a sum over earlier segments)."""
     chunks, lets = _chunking(defn, causal, size)
     defn2 = dataclasses.replace(defn, lets=defn.lets + lets)
     sizes = dict(assumed)
+    if causal.segment is not None:
+        size = int(assumed.get(causal.segment, size))
     sizes[chunks.size] = size
     sizes[chunks.count] = -(-sizes[causal.m] // size)
     others = [s for s in defn2.statements if s is not st]
@@ -844,7 +880,8 @@ def _chunking(defn: Definition, c: Causal, size: int) -> tuple[Chunks, tuple[Siz
     taken |= {r.lower() for r in defn.ranks}
     tile = fresh_rank(f"{c.m}0", taken)
     count = fresh_rank(f"{c.m}1", taken)
-    lets = (SizeLet(tile, sympy.Integer(size)),
+    value = size_symbol(c.segment) if c.segment is not None else sympy.Integer(size)
+    lets = (SizeLet(tile, value),
             SizeLet(count, sympy.ceiling(size_symbol(c.m) / size_symbol(tile))))
     return Chunks(tile, count, tile), lets
 

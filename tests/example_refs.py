@@ -270,6 +270,34 @@ def rwkv_inputs(rng, s: Sizes) -> Inputs:
             normal(rng, s["E"])], params_of(s)
 
 
+INFINI_SEGMENT = 16  # examples/infini.attn's let L
+
+
+def ref_infini(Q, K, V, beta=0.0, scale=None):
+    """Per segment of L positions: causal softmax within the query's segment, and the
+    normalised linear attention (ELU + 1 features) over every earlier segment (0 in the
+    first), mixed by sigmoid(beta)."""
+    P, L = Q.shape[-2], INFINI_SEGMENT
+    pos = np.arange(P)
+    start = pos // L * L
+    local = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= start[:, None])
+    S = np.where(local, Q @ transpose(K) * default_scale(Q, scale), -np.inf)
+    W = np.exp(S - S.max(axis=-1, keepdims=True))
+    AD = (W / W.sum(axis=-1, keepdims=True)) @ V
+    sigma = lambda x: np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))  # noqa: E731
+    memory = pos[None, :] < start[:, None]
+    A = np.where(memory, sigma(Q) @ transpose(sigma(K)), 0.0)
+    den = A.sum(axis=-1, keepdims=True)
+    AM = np.where(den > 0, (A @ V) / np.where(den > 0, den, 1.0), 0.0)
+    g = 1.0 / (1.0 + np.exp(-beta))
+    return g * AM + (1 - g) * AD
+
+
+def infini_inputs(rng, s: Sizes) -> Inputs:
+    """Self-attention inputs (P queries and keys)."""
+    return qkv(rng, dict(s, M=s["P"])), params_of(s)
+
+
 def sink_inputs(rng, s: Sizes) -> Inputs:
     """Per-head sink logits around the scores' scale (some rows dominated by the sink)."""
     Q, K, V = qkv(rng, s, ("H", "H"))
@@ -589,6 +617,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "retention", qkv_inputs, ref_retention,
         ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "gamma": 0.5},
          {"P": 12, "M": 12, "E": 4, "F": 2, "gamma": 1.0})),
+    "infini.attn": ExampleRef(
+        "infini", infini_inputs, ref_infini,
+        ({"P": 37, "E": 4, "F": 3}, {"P": 16, "E": 3, "F": 2, "beta": 1.5},
+         {"P": 50, "E": 2, "F": 3, "beta": -2.0, "scale": 0.7})),
     "rwkv.attn": ExampleRef(
         "rwkv", rwkv_inputs, ref_rwkv,
         ({"P": 9, "E": 4, "F": 3}, {"P": 1, "E": 3, "F": 2}, {"P": 33, "E": 2, "F": 3})),

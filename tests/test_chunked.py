@@ -429,3 +429,39 @@ def test_a_gate_running_sum_over_another_extent_may_be_absent_and_is_refused():
                   "   where m <= p + M - P", "Q[P,E], K[M,E], V[M,F], LG[T]")
     (line,) = [b for b in chunked_blockers(source) if b.startswith("O:")]
     assert "reads rank T at a key's position: its extent need not be M's" in line
+
+
+# ----------------------------------------------------------------------------
+# Sums over earlier segments (Infini-attention's compressive memory)
+# ----------------------------------------------------------------------------
+
+
+def test_a_sum_over_earlier_segments_is_the_state_at_its_segment_start():
+    """select(m < p // L * L, 1, 0) keeps the keys of earlier segments: chunks of one
+    segment, no intra-chunk part, the state at the query's segment start (0 in the first)."""
+    defn = defer_normalization(canonicalize(
+        parse_file(EXAMPLES_DIR / "infini.attn").definitions[0]))
+    out = chunked(defn)
+    text = print_ir(out)
+    assert "let M0 = L" in text and "let M01 = L" in text
+    assert "_intra" not in text
+    assert "MN_chunks[m11,m01q,f] = select(m11 > 0, MN_inter[m11,m01q,f], 0)" in text
+    rng = np.random.default_rng(3)
+    for P in (1, 15, 16, 17, 40, 65):
+        args = [rng.standard_normal((2, P, 3)), rng.standard_normal((2, P, 3)),
+                rng.standard_normal((2, P, 2))]
+        np.testing.assert_allclose(interpret(out, *args, beta=0.3),
+                                   interpret(defn, *args, beta=0.3), rtol=1e-10, atol=1e-12)
+
+
+def test_two_segment_sizes_in_one_sum_are_refused():
+    text = """
+attention two(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {
+  let A = 4
+  let B = 8
+  O[p,f] = Q[p,e] * K[m,e] * V[m,f] * select(m < (p + M - P) // A * A, 1, 0) * select(m < (p + M - P) // B * B, 1, 0)   where m <= p + M - P
+}
+"""
+    defn = canonicalize(parse(text, "two.attn").definitions[0])
+    (reason,) = chunked_blockers(defn)
+    assert "one chunk size cannot be both" in reason

@@ -108,19 +108,19 @@ def test_cuda_refuses_a_gather_over_three_block_ranks(tmp_path):
 # --- the recurrent decode step: one token, the state in and out -------------------------------
 
 STEPS = """
-attention retention_step(Q[E], K[E], V[F], ST[E,F], gamma = 0.96875) -> (O[F], STN[E,F]) {
-  STN[e,f] = gamma * ST[e,f] + K[e] * V[f]
-  O[f] = Q[e] * STN[e,f]
+attention retention_step(Q[E], K[E], V[F], ST[F,E], gamma = 0.96875) -> (O[F], STN[F,E]) {
+  STN[f,e] = gamma * ST[f,e] + K[e] * V[f]
+  O[f] = Q[e] * STN[f,e]
 }
 
-attention gla_step(Q[E], K[E], V[F], LG, ST[E,F]) -> (O[F], STN[E,F]) {
-  STN[e,f] = exp(LG) * ST[e,f] + K[e] * V[f]
-  O[f] = Q[e] * STN[e,f]
+attention gla_step(Q[E], K[E], V[F], LG, ST[F,E]) -> (O[F], STN[F,E]) {
+  STN[f,e] = exp(LG) * ST[f,e] + K[e] * V[f]
+  O[f] = Q[e] * STN[f,e]
 }
 
-attention rwkv_step(R[E], K[E], V[F], WD[E], U[E], ST[E,F]) -> (O[F], STN[E,F]) {
-  O[f] = R[e] * (ST[e,f] + U[e] * K[e] * V[f])
-  STN[e,f] = exp(-exp(WD[e])) * ST[e,f] + K[e] * V[f]
+attention rwkv_step(R[E], K[E], V[F], WD[E], U[E], ST[F,E]) -> (O[F], STN[F,E]) {
+  O[f] = R[e] * (ST[f,e] + U[e] * K[e] * V[f])
+  STN[f,e] = exp(-exp(WD[e])) * ST[f,e] + K[e] * V[f]
 }
 """
 
@@ -138,7 +138,9 @@ def _steps(backend: str, tmp_path):
 def test_decode_steps_token_by_token_give_the_parallel_form(backend, tmp_path, monkeypatch):
     """A one-token step (the state before the token in, after it out) run over a sequence,
     the state carried, equals the example's parallel form at every query: retention, GLA
-    (its gate a scalar parameter per call) and RWKV (the bonus on the current token)."""
+    (its gate a scalar parameter per call) and RWKV (the bonus on the current token).  The
+    state is ``ST[F,E]``, the head dim it sums over innermost: kernels block the value dim
+    into rows (as flash-linear-attention's recurrent kernels split V) and hold E whole."""
     if backend == "cuda":
         monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
         monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
@@ -149,7 +151,7 @@ def test_decode_steps_token_by_token_give_the_parallel_form(backend, tmp_path, m
     for name in ("retention", "gla", "rwkv"):
         args = inputs(name, T, T, E=E, F=F, seed=5)
         want = interpret(parse_file(EXAMPLES_DIR / f"{name}.attn").definitions[0], *args)
-        fn, state, got = getattr(steps, f"{name}_step"), to(np.zeros((E, F))), []
+        fn, state, got = getattr(steps, f"{name}_step"), to(np.zeros((F, E))), []
         for t in range(T):
             token = [to(np.ascontiguousarray(a[t])) for a in args[:3]]
             if name == "gla":
@@ -161,3 +163,25 @@ def test_decode_steps_token_by_token_give_the_parallel_form(backend, tmp_path, m
             got.append(back(o))
         np.testing.assert_allclose(np.stack(got), want, rtol=2e-5,
                                    atol=2e-6 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_infini_attention_runs_its_memory_by_segments_and_streams_its_segment(backend):
+    """examples/infini.attn: the compressive memory's two sums become per-segment states
+    (chunks of the let L, one program per segment), and the local softmax one streamed
+    kernel whose live key tiles are the query block's segment (tests/test_triton_backend.py
+    and tests/test_cuda_backend.py run it against its reference)."""
+    module = parse_file(EXAMPLES_DIR / "infini.attn")
+    options = {"tile": 16}
+    program = lower_stages(run_pipeline(module, None, None, None, options), backend,
+                           options).programs[0]
+    lets = {let.name: let.value for let in program.cascade.lets}
+    chunks = [k for k in program.kernels if any(b.name.endswith("_chunks") for b in k.writes)]
+    assert len(chunks) == 2
+    for k in chunks:  # M1 = ceil(M/M0) with M0 = L: one program per segment
+        (count,) = k.roles.grid
+        (size,) = [s.name for s in lets[count].free_symbols if s.name != "M"]
+        assert str(lets[size]) == "L", lets
+    (local,) = [k for k in program.kernels if k.role == "streamed"
+                and [b.name for b in k.writes] == ["O"]]
+    assert local.roles.row == "P" and local.bounds.live is not None

@@ -31,7 +31,13 @@ EXAMPLE_IDS = [str(p.relative_to(EXAMPLES)) for p in all_examples()]
 # Every example reaches one pass.  (Cosine attention's O((P+M)EF) K^T V form needs a
 # second pass over the head dim E — a K row's norm is complete before K·V uses it — so
 # reassociate, which may not raise the bound it was given, keeps the one-pass form.)
-NOT_ONE_PASS: dict[str, str] = {}
+NOT_ONE_PASS: dict[str, str] = {
+    # the memory's chunked sums read FK chunk-major (FK[m1 * M0 + m0, e]) beside the local
+    # softmax over m: ``online`` rewrites a whole definition around one loop over m, so the
+    # cascade stays 2-pass; its kernel program is one pass per part (the partition sends
+    # the softmax to a part of its own, which ``online`` streams: tests/test_chunked_kernels.py)
+    "infini.attn": "a chunked memory beside a softmax over the same keys",
+}
 
 
 def outputs(result):

@@ -114,9 +114,14 @@ def test_only_softmax_free_chains_change():
             source = canonicalize(d)
             if reassociate(source) != source:
                 changed.add(d.name)
-            if any(isinstance(n, ir.Reduce) and n.op in ("max", "min")
-                   for s in source.statements for n in walk(s.expr)):
-                assert reassociate(source) == source, f"{d.name}: a softmax cascade was touched"
+            extrema = {s.tensor for s in source.statements for n in walk(s.expr)
+                       if isinstance(n, ir.Reduce) and n.op in ("max", "min")}
+            # a softmax's statements (its max and what reads it) are never touched; a
+            # softmax-free chain beside one (Infini-attention's memory) may be
+            softmax = [s for s in source.statements if s.tensor in extrema or any(
+                isinstance(n, ir.Access) and n.tensor in extrema for n in walk(s.expr))]
+            after = reassociate(source).statements
+            assert all(s in after for s in softmax), f"{d.name}: a softmax was touched"
     assert {"cosine", "linear_causal"} <= changed
     assert "linear_attention" not in changed  # already in associative form
     assert "sigmoid_attn" not in changed  # a single sum under a nonlinearity

@@ -791,7 +791,7 @@ class _Form:
         own = set(term.out) - queried - {self.ch.count, self.query}  # the values' f
         values = [f for f in term.factors if f.ranks & own]
         scores = [f for f in term.factors if not f.ranks & own]
-        if not values or not any(f.role != "mask" for f in scores):
+        if not any(f.role != "mask" for f in scores):
             return self._emit(term, root, loc)
         in_scores = frozenset().union(*(f.ranks for f in scores))
         later = set(term.out).union(*(f.ranks for f in values))

@@ -291,6 +291,21 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
                                   Path(tmp))
 
 
+def _with_lets(defn, sizes: dict) -> dict:
+    """``sizes`` with the definition's ``let`` sizes they determine (a chunk ``M0 = 16``,
+    ``M1 = ceil(M/M0)``), so a let rank's block is its size, not a default."""
+    import sympy
+
+    from ..einsum_ir.ir import size_symbol
+
+    out = dict(sizes)
+    for let in defn.lets:
+        value = sympy.sympify(let.value).subs({size_symbol(k): v for k, v in out.items()})
+        if value.is_number and let.name not in out:
+            out[let.name] = int(math.ceil(float(value)))
+    return out
+
+
 def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
                        tmp: Path) -> list[KernelReport]:
     """:func:`kernel_report`'s work, in the scratch folder ``tmp`` (module, cubins)."""
@@ -307,23 +322,24 @@ def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
         if name is not None and program.cascade.name.split("__")[0] != name:
             continue
         spec = triton_backend.kernel_spec(program)
+        known = _with_lets(program.cascade, sizes)
         for variant in spec.variants:
             if variants is not None and variant.kind not in variants:
                 continue
             for part in variant.kernels:
                 if not part.define:
                     continue
-                rows = sizes.get(part.row, 1) if part.row else 1
-                head = max([sizes.get(r, 64) for r in part.vector if r not in
+                rows = known.get(part.row, 1) if part.row else 1
+                head = max([known.get(r, 64) for r in part.vector if r not in
                             (part.row, part.tile, variant.split)] or [64])
                 itemsize = 4 if dtype == "f32" else 2
                 config = namespace["_config"](rows, head, SimpleNamespace(type="cuda"), itemsize,
-                                              volume=_row_volume(part, variant, sizes))
+                                              volume=_row_volume(part, variant, known))
                 fn = namespace[part.kernel]
                 names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
                 ranks = set(spec.input_ranks) | {let[0] for let in variant.lets}
                 batch = tuple(v for k, v in sizes.items() if k not in ranks)
-                job = _jobs(spec, part, variant, sizes, dtype, config, names, batch)
+                job = _jobs(spec, part, variant, known, dtype, config, names, batch)
                 jobs.append(job)
                 meta.append((part, variant, job))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

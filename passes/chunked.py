@@ -100,6 +100,10 @@ from .reassociate import (CausalMask, Factor, Term, _affine, _extent, _fits, _in
                           rename, replace_statement)
 
 CHUNK_SIZES = (16, 32, 64, 128, 256)
+# a decay per channel (RWKV's exp(-exp(WD[e]))) makes the intra-chunk part a product over
+# the query, the key and the channel, held whole by a kernel: at 64, 64 x 64 x E spilled
+# 10 KB per thread on sm_90 (flash-linear-attention's RWKV kernels use sub-chunks of 16)
+CHANNEL_CHUNK_SIZES = (16,)
 DECAY_FUNCS = ("exp", "exp2")
 
 
@@ -842,7 +846,8 @@ def _rewrite(defn: Definition, name: str, assumed: dict, chunk: int | None) -> D
         if chunk is not None:
             return chunk_statement(defn, st, causal, inlined, chunk, assumed)
         best, best_cost = defn, form_cost(defn, assumed)
-        for size in (CHUNK_SIZES if causal.segment is None else (0,)):
+        sizes = CHUNK_SIZES if not _per_channel(causal) else CHANNEL_CHUNK_SIZES
+        for size in (sizes if causal.segment is None else (0,)):
             candidate = chunk_statement(defn, st, causal, inlined, size, assumed)
             cost = form_cost(candidate, assumed)
             if cost < best_cost:
@@ -850,6 +855,13 @@ def _rewrite(defn: Definition, name: str, assumed: dict, chunk: int | None) -> D
         return best
     except NotChunkable:
         return defn
+
+
+def _per_channel(c: Causal) -> bool:
+    """Whether a decay's exponent reads a rank besides the query and the key (a channel)."""
+    own = {f"i_{c.p}", f"i_{c.m}"}
+    return any(str(s).startswith("i_") and str(s) not in own
+               for d in c.decays for x in (d.query, d.key) for s in x.free_symbols)
 
 
 def chunk_statement(defn: Definition, st: Einsum, causal: Causal, inlined, size: int,

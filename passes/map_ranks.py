@@ -267,10 +267,11 @@ def _no_split_sums(k: Kernel, roles: RankRoles, body=()) -> RankRoles:
     a backward stage's ``dV_1[mx,f] = sum[p](...)`` beside ``dQ[p,e]`` ran with grid (P),
     every program overwriting ``dV_1`` with its own query's share."""
     tp = k.tiles
+    long = long_with_lets(tp.cascade)  # (a split-K cascade's combine over W is its own kernel)
     for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue):
         for n in walk(st.expr):
             if isinstance(n, Reduce):
-                split = sorted(set(n.ranks) & set(roles.grid))
+                split = sorted(set(n.ranks) & set(roles.grid) & long)
                 if split:
                     raise NotTileable(f"{k.name}: {st.tensor} sums over {split[0]}, which "
                                       f"the kernel's programs split (no cross-program sum)")

@@ -226,7 +226,13 @@ def _binding_args(defn: Definition, stmts, args, finals: set[str]) -> tuple:
     ``O[p,f] = O_chunks[(p + D) // M0, (p + D) % M0, f]`` reads only the chunk-major
     buffer, yet iterates the queries ``P`` of ``Q[P,E]``); and a part
     that writes a final output takes a float argument, whose dtype the output's follows.
-    Arguments come before buffers, so the first floating-point input is an argument."""
+    Arguments come before buffers, so the first floating-point input is an argument.
+    Only a part that writes a final output (``finals``) takes them: an inner part that
+    iterates a rank no input gives (a backward stage's fill ``dV_1_filled[z,m,f]`` beside
+    a saved ``SN[P,M]``, whose absent points a buffer cannot keep) stays refused, so that
+    program is not made."""
+    if not finals:
+        return ()
     bound = {r for a in args for r in a.ranks}
     bound |= {x.name for x in _lets_bound_by(defn, args)}
     extra = []

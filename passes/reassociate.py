@@ -36,10 +36,10 @@ in their order at the end.  The form is the ``chunked`` pass's
     SFKV[0,e,f] = 0
     SFKV[m1+1,e,f] = SFKV[m1,e,f] + LFKV[m1,e,f]
     PFKV[m1,e,f] = SFKV[m1,e,f]          # the state before chunk m1, kept per step
-    QFK[m1,m0q,m0] = sum[e](FQ(Q[m1 * M0 + m0q + P - M, e]) * FK[m1 * M0 + m0, e])
-                     where m0 <= m0q
+    QFK[m1,m0q,m0] = sum[e](phi(Q[m1 * M0 + m0q + P - M, e]) * FK[m1 * M0 + m0, e])
+                     where m0 <= m0q          # phi: FQ's map, written at its reads
     AV_intra[m1,m0q,f] = sum[m0](QFK[m1,m0q,m0] * V[m1 * M0 + m0, f])
-    AV_inter[m1,m0q,f] = sum[e](FQ(Q[m1 * M0 + m0q + P - M, e]) * PFKV[m1,e,f])
+    AV_inter[m1,m0q,f] = sum[e](phi(Q[m1 * M0 + m0q + P - M, e]) * PFKV[m1,e,f])
     AV_chunks[m1,m0q,f] = AV_intra[m1,m0q,f] + select(m1 > 0, AV_inter[m1,m0q,f], 0)
     AV[p,f] = AV_chunks[(p + M - P) // M0, (p + M - P) % M0, f] / AV_sum[p]
 
@@ -108,8 +108,8 @@ import networkx as nx
 import sympy
 
 from ..einsum_ir.exprs import free_ranks, transform, walk
-from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Expr, Index, IterativeEinsum,
-                            Num, Param, Reduce, Size, SizeLet, Statement, Unary, size_symbol)
+from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Expr, Index,
+                            Num, Param, Reduce, Size, Statement, Unary, size_symbol)
 from .canonicalize import canonicalize
 from .costs import statement_flops
 from .passcount import raises_bound
@@ -758,13 +758,6 @@ class _Rewriter:
             value = statement_flops(st).subs({size_symbol(k): v for k, v in self.sizes.items()})
             self.flop_cache[st] = float(value)
         return self.flop_cache[st]
-
-
-def _fresh_rank(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken or name.lower() in {t.lower() for t in taken}:
-        name, k = f"{base}{k}", k + 1
-    return name
 
 
 def replace_statement(defn: Definition, old: Einsum, new: list[Statement],

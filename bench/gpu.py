@@ -497,6 +497,21 @@ class forced_env:
                 os.environ[k] = v
 
 
+def timed_runs(what: str, runs) -> tuple[dict, dict]:
+    """(outputs as float32, ms) of each ``(label, fn)`` (None: skipped); a failure is a
+    result line, not the end of the section."""
+    outs, times = {}, {}
+    for label, fn in runs:
+        if fn is None:
+            continue
+        try:
+            outs[label] = fn().float()
+            times[label] = bench_ms(fn)
+        except Exception as err:  # noqa: BLE001
+            say(f"{what} ({label}) failed: {str(err)[:200]}")
+    return outs, times
+
+
 def both_backends(example: str, tmp: Path, device: str):
     """An example's Triton module (tile 64) and, on a GPU, its CUDA function (None where
     the CUDA backend fails, which the results say)."""
@@ -605,18 +620,11 @@ def paged(tmp: Path, device: str, smoke: bool) -> None:
         dense_v = VC[PT.long()].reshape(B, NB * PG, HK, D).transpose(1, 2).contiguous()
         mask = (torch.arange(NB * PG, device=device)[None, :] < L[:, None])[:, None, None, :]
         qs = q[:, :, None, :]
-        times, outs = {}, {}
-        for label, fn in (("triton", lambda: gen.paged_decode(q, KC, VC, PT, L)),
-                          ("cuda", (lambda: cuda_fn(q, KC, VC, PT, L)) if cuda_fn else None),
-                          ("sdpa", lambda: sdpa(qs, dense_k, dense_v, attn_mask=mask,
-                                                enable_gqa=True)[:, :, 0, :])):
-            if fn is None:
-                continue
-            try:
-                outs[label] = fn().float()
-                times[label] = bench_ms(fn)
-            except Exception as err:  # noqa: BLE001
-                say(f"paged decode ({label}) failed: {str(err)[:200]}")
+        outs, times = timed_runs("paged decode", (
+            ("triton", lambda: gen.paged_decode(q, KC, VC, PT, L)),
+            ("cuda", (lambda: cuda_fn(q, KC, VC, PT, L)) if cuda_fn else None),
+            ("sdpa", lambda: sdpa(qs, dense_k, dense_v, attn_mask=mask,
+                                  enable_gqa=True)[:, :, 0, :])))
 
         def tb(label):
             ms = times.get(label)
@@ -666,21 +674,13 @@ def linear(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
             else:
                 lg = torch.nn.functional.logsigmoid(torch.randn(B, H, n, device=device) + 4)
                 extra, kw, g = (lg,), {}, lg.transpose(1, 2).contiguous()
-            times, outs = {}, {}
             runs = (("triton", lambda: fn(q, k, v, *extra, **kw)),
                     ("cuda", (lambda: cuda_fn(q, k, v, *extra, **kw)) if cuda_fn else None),
                     ("fla", (lambda: chunk_simple_gla(*(x.transpose(1, 2) for x in (q, k, v)), g,
                                                       scale=1.0)[0].transpose(1, 2))
                      if chunk_simple_gla else None),
                     ("sdpa", lambda: sdpa(q, k, v, is_causal=True)))
-            for label, run in runs:
-                if run is None:
-                    continue
-                try:
-                    outs[label] = run().float()
-                    times[label] = bench_ms(run)
-                except Exception as err:  # noqa: BLE001
-                    say(f"{name} ({label}) failed: {str(err)[:200]}")
+            outs, times = timed_runs(name, runs)
 
             def ms(label):
                 return "-" if label not in times else f"{times[label]:.3f}"

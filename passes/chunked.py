@@ -68,7 +68,11 @@ every in-bounds point, and a decay reads a tensor over the keys' positions only 
 key's or the query's own position (tensors of the query's own ranks at ``p``).  Then the two parts combine with ``+`` exactly where the
 source is present (see ``reassociate``'s chunked form: the query's own key is in its
 chunk, and the state is present from its zero init); a query with ``p + D < 0`` reads a
-negative chunk, absent, as the source sums over no key.
+negative chunk, absent, as the source sums over no key; a chunk's places before the first
+query or past the last read no query (absent), which no output reads.  A factor
+``select(m < (p + D) // L * L, 1, 0)`` (the keys of earlier segments of a size ``L``,
+Infini-attention's memory) fixes the chunk to ``L``: 1 for every key the state carries,
+0 in the query's own chunk, so there is no intra-chunk part.
 
 **Choosing C.** ``costs.form_cost`` (FLOPs plus a latency per sequential step) of each
 chunk size in ``CHUNK_SIZES`` at the assumed sizes (``reassociate.assumed_sizes``); the
@@ -847,7 +851,7 @@ def _rewrite(defn: Definition, name: str, assumed: dict, chunk: int | None) -> D
             return chunk_statement(defn, st, causal, inlined, chunk, assumed)
         best, best_cost = defn, form_cost(defn, assumed)
         sizes = CHUNK_SIZES if not _per_channel(causal) else CHANNEL_CHUNK_SIZES
-        for size in (sizes if causal.segment is None else (0,)):
+        for size in (sizes if causal.segment is None else (0,)):  # (0: the segment's size)
             candidate = chunk_statement(defn, st, causal, inlined, size, assumed)
             cost = form_cost(candidate, assumed)
             if cost < best_cost:

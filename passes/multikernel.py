@@ -428,6 +428,27 @@ def _part_program(part: Definition, options: dict) -> Program:
         return _map_kernel(part)
 
 
+def _statistic_sums(defn: Definition) -> str | None:
+    """Why a definition with nothing to stream still has no kernel, when that is a sum over
+    a rank ``long_ranks`` takes for a sequence only because an argument over it reads as
+    a row statistic of another (a decode step's ``Q[E]`` beside its state ``ST[E,F]``):
+    the reason names the rank and the way out; None otherwise."""
+    floats = [a for a in defn.tensor_args if a.dtype not in ("i32", "i64", "bool")]
+    innermost = {a.ranks[-1] for a in floats if a.ranks}
+    long = long_with_lets(defn)
+    for st in defn.statements:
+        for red in walk(st.expr):
+            if isinstance(red, Reduce):
+                for r in sorted(set(red.ranks) & long & innermost):
+                    outer = next(a for a in floats if r in a.ranks[:-1])
+                    inner = next(a for a in floats if a.ranks and a.ranks[-1] == r)
+                    return (f"{st.tensor} sums over {r}, which kernels take for a sequence rank: "
+                            f"{inner.name}[{','.join(inner.ranks)}] reads as a row statistic "
+                            f"of {outer.name}[{','.join(outer.ranks)}] (an outer rank there); "
+                            f"with {r} innermost in {outer.name} it is a head dim held whole")
+    return None
+
+
 def _reduces_long(defn: Definition) -> bool:
     long = long_with_lets(defn)
     return any(set(red.ranks) & long for st in defn.statements for red in walk(st.expr)
@@ -463,9 +484,11 @@ def tile_stage(defn: Definition, source: Definition | None, target, options: dic
             program = _map_kernel(defn)
             return dataclasses.replace(program, kernels=tuple(
                 dataclasses.replace(k, role="streamed") for k in program.kernels))
-        if source is None or not target.multi_kernel:
-            raise
         why = str(err)
+        if not defn.iterative_ranks and _statistic_sums(defn):
+            why = f"{defn.name}: {_statistic_sums(defn)}"  # (a more precise reason)
+        if source is None or not target.multi_kernel:
+            raise NotTileable(why) from err
     parts = split_definition(source)
     if len(parts) < 2:
         raise NotTileable(why)

@@ -185,3 +185,19 @@ def test_infini_attention_runs_its_memory_by_segments_and_streams_its_segment(ba
     (local,) = [k for k in program.kernels if k.role == "streamed"
                 and [b.name for b in k.writes] == ["O"]]
     assert local.roles.row == "P" and local.bounds.live is not None
+
+
+def test_a_decode_step_with_the_summed_rank_outer_is_refused_with_the_way_out():
+    """``ST[E,F]`` beside ``Q[E]``: kernels read Q as a row statistic of the state, so E is a
+    sequence rank whose sum has no loop; the reason names it and the layout that compiles
+    (numpy compiles either)."""
+    from attnc.frontends import parse
+
+    text = STEPS.split("\n\n")[0].replace("ST[F,E]", "ST[E,F]").replace("STN[F,E]", "STN[E,F]")
+    text = text.replace("STN[f,e]", "STN[e,f]").replace("ST[f,e]", "ST[e,f]")
+    module = parse(text, "step.attn")
+    compile_module(module, "numpy", "step")
+    for backend in ("triton", "cuda"):
+        with pytest.raises(Exception, match=r"O sums over E, which kernels take for a sequence "
+                           r"rank: Q\[E\] reads as a row statistic of ST\[E,F\]"):
+            compile_module(module, backend, "step")

@@ -104,13 +104,12 @@ def _chunk_major(defn: Definition) -> set[str]:
 
     chunks = {let.name: let.value for let in defn.lets if let.name in chunk_ranks(defn)}
     alias = {let.name: str(let.value) for let in defn.lets if isinstance(let.value, sympy.Symbol)}
+    lets = {let.name for let in defn.lets}
     out = set()
     for st in defn.statements:
-        sizes = {alias.get(r, r) for r in st.lhs}
+        sizes = {alias.get(r, r) for r in st.lhs}  # M0Q counts as M0
         for c in set(st.lhs) & set(chunks):
-            divisors = {str(s) for s in chunks[c].free_symbols}
-            if sizes & divisors - {c} and any(d in sizes for d in divisors if d in alias.values()
-                                              or d in {x.name for x in defn.lets}):
+            if sizes & lets & {str(s) for s in chunks[c].free_symbols}:
                 out.add(st.tensor)
     return out
 

@@ -26,10 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("einops")  # fla-core imports it without declaring it
 pytest.importorskip("fla")
 
-from attnc.backends import compile_module, load_generated, write_atomic  # noqa: E402
-from attnc.einsum_ir.ir import Module  # noqa: E402
-
-from test_chunked import forced  # noqa: E402
+from test_chunked_kernels import _module  # noqa: E402
 
 B, H, T, K, V = 2, 2, 37, 8, 8
 
@@ -45,12 +42,7 @@ def _interpreted_autotune(monkeypatch):
 
 
 def _attnc(name: str, backend: str, tmp_path):
-    defn = forced(name, 16)
-    _, files = compile_module(Module((defn,)), backend, name, names=["online", "stream-final"],
-                              options={"tile": 16})
-    for fname, text in files.items():
-        write_atomic(tmp_path / fname, text)
-    return getattr(load_generated(tmp_path / f"{name}.py"), defn.name)
+    return _module(name, 16, backend, tmp_path)[0]
 
 
 def _run(fn, backend: str, *args, **params):

@@ -81,6 +81,31 @@ def test_fully_masked_rows_are_zero_without_warnings(tmp_path):
     np.testing.assert_allclose(out, interpret(parse(CAUSAL).definitions[0], Q, K, V), rtol=1e-12)
 
 
+INF_BESIDE_ABSENT = """
+attention t(A[P,M], B[M,F]) -> O[P,F] {
+  X[p,m] = A[p,m]   where m <= p
+  O[p,f] = X[p,m] * B[m,f]
+}
+"""
+
+
+def test_infinite_values_meet_absent_points_as_the_contract_says(tmp_path):
+    """A contraction zeroes absent factors (fast einsum) only when every present value is
+    finite: an inf where the point is absent is harmless (it is never read), an inf in a
+    present factor at another factor's absent point is left out, not 0 * inf = NaN."""
+    module, gen = compile_text(INF_BESIDE_ABSENT, tmp_path)
+    rng = np.random.default_rng(1)
+    A, B = rng.standard_normal((5, 5)), rng.standard_normal((5, 3))
+    A[np.triu_indices(5, 1)] = np.inf      # absent points of X: never read
+    want = interpret(module.definitions[0], A, B)
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(gen.t(A, B), want, rtol=1e-12)
+    B[4] = np.inf                          # present, met only by row 4's present X[4,4]
+    want = interpret(module.definitions[0], A, B)
+    assert np.isfinite(want[:4]).all() and np.isinf(want[4]).all()
+    np.testing.assert_array_equal(gen.t(A, B), want)
+
+
 def test_batch_dims_broadcast_and_dtypes(tmp_path):
     _, gen = compile_text(CAUSAL, tmp_path)
     rng = np.random.default_rng(1)

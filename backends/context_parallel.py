@@ -17,9 +17,11 @@ With ``layout="zigzag"`` each process holds two opposite chunks of the sequence 
 every process the same work; each (query chunk, key chunk) pair is one partial at its
 global positions, and a pair that is fully masked costs only its tile-range check.
 
-The partial (the loop over a key shard) comes from any backend; the merge and the finish
-(loop-less, O(rows) per step) run on the host with numpy — a device merge kernel is future
-work.
+The partial (the loop over a key shard) comes from any backend.  The merge of two states
+(``ShardedForm.pair_merge``: the derived combine with its stacking rank written out) and the
+finish are loop-less maps, O(rows) per step, compiled with the same backend: on Triton or
+CUDA they run on the states' device, so nothing goes through the host.  Where the backend
+refuses them (``merge_on`` says why), they run on the host with numpy.
 Backward over the ring waits for the derived backward (issue 12): ``requires_grad`` inputs
 are refused.
 """
@@ -43,6 +45,8 @@ class ContextParallel:
     merge: Any
     finish: Any
     runtime: str              # "numpy" or "torch": what the partial function takes
+    merge_on: str = "numpy"   # where merge and finish run: the backend's name, or "numpy
+                              # (host): <why the backend refused them>"
 
     def __call__(self, *args, group=None, layout: str = "contiguous", **params):
         """The definition's outputs for this process's queries (its shard of them, in the
@@ -246,7 +250,8 @@ class ContextParallel:
 
         args = [named[a.name] for a in defn.tensor_args]
         kwargs = {p.name: params[p.name] for p in defn.scalar_params if p.name in params}
-        if self.runtime == "numpy" or defn is not self.form.partial:
+        if self.runtime == "numpy" or (defn is not self.form.partial and self.merge_on.startswith(
+                "numpy")):
             device = args[0].device if args else torch.device("cpu")
             out = fn(*[a.detach().cpu().numpy() for a in args], **kwargs)  # on the host
             out = out if isinstance(out, tuple) else (out,)
@@ -257,12 +262,18 @@ class ContextParallel:
     def _merge(self, states, part, named, params) -> tuple:
         import torch
 
-        stacked = dict(named)
+        from ..passes.unroll import unrolled_name
+
+        pair = self.form.pair_merge
+        merged = dict(named)
         for name, a, b in zip(self.form.states, states, part):
-            ncore = len(next(x for x in self.form.merge.tensor_args if x.name == name).ranks) - 1
             a, b = torch.broadcast_tensors(a, b)
-            stacked[name] = torch.stack([a, b], dim=a.dim() - ncore)
-        return self._call(self.merge, self.form.merge, stacked, params)
+            if pair is not None:  # the two states as they are
+                merged[unrolled_name(name, 0)], merged[unrolled_name(name, 1)] = a, b
+                continue
+            ncore = len(next(x for x in self.form.merge.tensor_args if x.name == name).ranks) - 1
+            merged[name] = torch.stack([a, b], dim=a.dim() - ncore)
+        return self._call(self.merge, self.form.merge if pair is None else pair, merged, params)
 
 
 def _zigzag_chunks(total: int, world: int) -> list[tuple[int, int]]:
@@ -334,6 +345,7 @@ def compile_context_parallel(spec: str | Path | Module, name: str | None = None,
     one by default) and imported.  Refuses a definition without a derivable combine."""
     from ..frontends import parse
     from ..frontends.api import _spec_text
+    from ..passes.tile import NotTileable
     from . import compile_module, get_backend, load_generated, write_atomic
 
     module = spec if isinstance(spec, Module) else parse(*_spec_text(spec))
@@ -349,9 +361,19 @@ def compile_context_parallel(spec: str | Path | Module, name: str | None = None,
             write_atomic(out / file, text)
         return load_generated(out / f"{stem}.py")
 
-    # the partial (the loop over the key shard) on the backend; the merge and the finish,
-    # O(rows) per step and loop-less, on the host with numpy
+    # the partial (the loop over the key shard) on the backend; the merge of two states and
+    # the finish, O(rows) per step and loop-less, on the backend too where it takes them
     partial = build((form.partial,), backend, f"{defn.name}_cp_partial")
-    host = build((form.merge, form.finish), "numpy", f"{defn.name}_cp_merge")
-    return ContextParallel(form, getattr(partial, form.partial.name),
-                           getattr(host, form.merge.name), getattr(host, form.finish.name), runtime)
+    merge_on, why = backend, form.pair_merge_refused
+    if form.pair_merge is not None:
+        try:
+            maps = build((form.pair_merge, form.finish), backend, f"{defn.name}_cp_merge")
+        except NotTileable as err:
+            why = str(err)
+    if why is not None:
+        merge_on = f"numpy (host): {why}"
+        maps = build((form.pair_merge or form.merge, form.finish), "numpy",
+                     f"{defn.name}_cp_merge")
+    merge = form.pair_merge or form.merge
+    return ContextParallel(form, getattr(partial, form.partial.name), getattr(maps, merge.name),
+                           getattr(maps, form.finish.name), runtime, merge_on)

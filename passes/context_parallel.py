@@ -11,6 +11,8 @@ the max of the running maxes, sums rescaled to it).  Three definitions come out 
   the parameter ``M_total`` (``P_total``), except where it subscripts a sharded input
   (``K[m, e]`` reads the local shard); its outputs are the loop's final states;
 * ``merge`` — states stacked over a rank ``W`` (one slot per key shard) → one state;
+  ``pair_merge`` is the same for two states with ``W`` written out (``passes/unroll.py``),
+  a map that runs on the device;
 * ``finish`` — a state → the definition's outputs (the statements after the loop).
 
 Before → after (causal, states ``RM``, ``RD``, ``RNV``)::
@@ -60,6 +62,8 @@ class ShardedForm:
     states: tuple[str, ...]         # interface tensors, in order: partial's outputs
     key_inputs: tuple[str, ...]     # inputs sharded along ``keys`` (they travel the ring)
     query_inputs: tuple[str, ...]   # inputs sharded along ``queries``
+    pair_merge: Definition | None = None  # ``merge`` of two states, ``W`` written out
+    pair_merge_refused: str | None = None  # why there is none
 
 
 def offset_param(rank: str) -> str:
@@ -173,10 +177,25 @@ def sharded_form(defn: Definition, options: dict | None = None,
     partial = _partial(online, loop_rank, states, state_dtype)
     merge, finish = (_bound(_global_sizes(d, ranks), defn, keys) for d in
                      _merge_and_finish(split, online, states, loop_rank, state_dtype))
+    pair, refused = _pair_merge(merge)
     return ShardedForm(defn, keys, queries, partial, merge, finish,
                        tuple(state_name(s) for s in states),
                        tuple(a.name for a in defn.tensor_args if keys in a.ranks),
-                       tuple(a.name for a in defn.tensor_args if queries and queries in a.ranks))
+                       tuple(a.name for a in defn.tensor_args if queries and queries in a.ranks),
+                       pair, refused)
+
+
+def _pair_merge(merge: Definition) -> tuple[Definition | None, str | None]:
+    """The merge of two states (``{state}_0``, ``{state}_1``) with its stacking rank written
+    out: a map every backend runs as a loop-less kernel (``passes/unroll.py``)."""
+    from .unroll import NotUnrollable, unroll_rank
+
+    worker = merge.tensor_args[0].ranks[0]
+    try:
+        return dataclasses.replace(unroll_rank(merge, worker, 2),
+                                   name=merge.name.replace("__merge", "__merge2")), None
+    except NotUnrollable as why:
+        return None, str(why)
 
 
 def _global_sizes(defn: Definition, ranks: tuple[str, ...]) -> Definition:

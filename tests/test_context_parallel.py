@@ -2,8 +2,9 @@
 
 Every example with a derivable combine is sharded along its queries and keys with uneven
 lengths (an empty shard, a shard past every visible key), run as a ring of processes, and
-the gathered outputs are compared with the interpreter on the whole inputs.  The pieces
-(partial, merge, finish) are numpy modules; the ring and its transfers are torch.
+the gathered outputs are compared with the interpreter on the whole inputs (and, in f32 on
+Triton, with one process's result to 1e-6).  The pieces (partial, merge, finish) are numpy
+modules or Triton kernels under the interpreter; the ring and its transfers are torch.
 """
 from __future__ import annotations
 
@@ -30,7 +31,15 @@ CASES = {
         ("lse.attn", 0, (1, 1), (12, 12)), ("sigmoid.attn", 0, (2, 2), (10, 10)),
         ("gqa_decode.attn", 0, (1, 1), (7, 0))],
     (2, "numpy"): [("causal.attn", 2, (1,), (11,)), ("softpick.attn", 0, (3,), (18,)),
-                   ("differential.attn", 0, (2,), (20,))],
+                   ("differential.attn", 0, (2,), (20,)), ("cosine.attn", 0, (2,), (15,)),
+                   ("fusemax/cascade4.attn", 0, (3,), (20,)),
+                   ("fusemax/deferred_2pass.attn", 1, (1,), (30,)),
+                   ("key_padding.attn", 0, (2,), (17,)), ("linear_causal.attn", 0, (3,), (25,)),
+                   ("mha.attn", 0, (2,), (5,)), ("mqa_decode.attn", 0, (1,), (12,)),
+                   ("retention.attn", 2, (5,), (6,)), ("sinks_window.attn", 0, (4,), (18,)),
+                   ("softcap.attn", 0, (2,), (19,)), ("sqa.attn", 0, (3,), (6,))],
+    (4, "numpy"): [("causal.attn", 0, (1, 0, 3), (10, 0, 20)),
+                   ("document_mask.attn", 1, (2, 2, 0), (3, 1, 2))],
     # the partial as Triton kernels (interpreter), float32 inputs and states
     (2, "triton"): [("causal.attn", 0, (2,), (21,)), ("document_mask.attn", 1, (5,), (4,))],
 }
@@ -195,6 +204,17 @@ def test_every_example_shards_or_says_why(path):
         return
     assert form.states and form.key_inputs
     assert [o.name for o in form.finish.outputs] == [o.name for o in defn.outputs]
+
+
+def test_every_example_that_shards_runs_on_a_ring():
+    """The ring tests above cover every example with a sharded form (a new one joins them)."""
+    ringed = {path for cases in CASES.values() for path, *_ in cases}
+    for path in sorted(REFS):
+        try:
+            sharded_form(parse_file(EXAMPLES / path)[REFS[path].definition], {"tile": 4})
+        except ContextParallelUnsupported:
+            continue
+        assert path in ringed, f"{path} shards but no ring test runs it"
 
 
 def test_shared_prefix_merged_with_each_suffix(tmp_path):

@@ -235,6 +235,9 @@ class _Builder:
         self.adjoint_where: dict[str, frozenset | None] = {}
         self.seeds: set[str] = set()  # the callers' adjoints dAV_0: present everywhere
         self.nonempty: frozenset = frozenset()  # ranks assumed of size > 0 (see backward)
+        self.plain: dict[str, tuple] = {}  # contribution -> (statement, read) without filters
+        self.filled: set[str] = set()      # tensors whose adjoint adds filled contributions
+        self._total: dict[str, bool] = {}
         self.let_values = {let.name: let.value for let in defn.lets}
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
@@ -333,6 +336,8 @@ class _Builder:
             self.signature[c.tensor] = (st.tensor, lhs, summed, st.where)
         if isinstance(node, Access) and not conds and not solved:
             self.origin[c.tensor] = (st, node)
+        if not conds and not solved:
+            self.plain[c.tensor] = (st, node)
 
     def size(self, rank: str) -> sympy.Expr:
         """A rank's size in argument sizes (through the ``let``s that alias it)."""
@@ -460,7 +465,7 @@ class _Builder:
             self.adjoint_where[name] = self.covers(found[0].tensor) if \
                 found[0].lhs == lhs else None
             return found[0].tensor, []
-        if self.same_presence(name, found):
+        if self.all_present(name, found) or self.same_presence(name, found):
             total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
             for c in found[1:]:
                 total = Binary("+", total, Access(c.tensor, tuple(Index(r) for r in lhs)))
@@ -468,6 +473,7 @@ class _Builder:
             self.vanish[out] = self.vanish.get(found[0].tensor, frozenset())
             return out, [Einsum(out, lhs, total)]
         self.adjoint_where[name] = frozenset()  # filled: present everywhere
+        self.filled.add(name)
         z = fresh_rank("Z", self.taken)
         self.taken |= {z, z.lower()}
         self.lets.append(SizeLet(z, sympy.Integer(1)))
@@ -511,6 +517,78 @@ class _Builder:
         if same:
             self.adjoint_where[name] = wheres[0]
         return same
+
+    # --- present everywhere (no where, reads in range, sums over non-empty ranks) --------
+
+    def all_present(self, name: str, found: list[Einsum]) -> bool:
+        """Whether every contribution to ``name``'s adjoint is present at every point, given
+        the ranks assumed non-empty: then a plain ``+`` is their filled sum.  (Linear
+        attention has no ``where`` at all; ``dFQ = dDEN[p] * KS[e] + sum[f](dNUM * KV)``
+        differs in presence only when M or F is empty.)"""
+        if not self.nonempty or not all(self.same_ranks(c.lhs, self.ranks(name)) for c in found):
+            return False
+        if not all(self.total_contribution(c.tensor) for c in found):
+            return False
+        self.adjoint_where[name] = frozenset()
+        return True
+
+    def total_contribution(self, c: str) -> bool:
+        if c in self.seeds:
+            return True
+        if c not in self.plain:
+            return False
+        st, node = self.plain[c]
+        if not self.total(st.tensor) or not self.total_adjoint(st.tensor):
+            return False
+        space = set(st.lhs) | (set(st.expr.ranks) if isinstance(st.expr, Reduce) else set())
+        kept: set[str] = set()
+        if isinstance(node, Access):
+            if not self.in_range(node) or len({x.rank for x in node.subscripts}) != len(
+                    node.subscripts):
+                return False
+            kept = {x.rank for x in node.subscripts}
+        return all(self.never_empty(r) for r in space - kept)
+
+    def total_adjoint(self, name: str) -> bool:
+        if name in self.filled:
+            return True
+        found = self.contributions.get(name, [])
+        return bool(found) and all(self.total_contribution(c.tensor) for c in found)
+
+    def total(self, name: str) -> bool:
+        """Whether forward tensor ``name`` is present at every point: an argument, or a
+        statement without a ``where`` whose reads are total, at their own ranks' indices,
+        and whose reductions run over ranks that are never empty."""
+        if name in self.args or name in self.params:
+            return True
+        if name not in self._total:
+            self._total[name] = False  # (a DAG: no cycle reaches this)
+            st = self.statement.get(name)
+            self._total[name] = isinstance(st, Einsum) and st.where is None and all(
+                (not isinstance(n, Reduce) or all(self.never_empty(r) for r in n.ranks))
+                and (not isinstance(n, Access) or (self.in_range(n) and self.total(n.tensor)))
+                for n in walk(st.expr))
+        return self._total[name]
+
+    def in_range(self, node: Access) -> bool:
+        """Every subscript an index of a rank of the accessed dimension's size."""
+        subs = node.subscripts
+        return all(isinstance(x, Index) for x in subs) and self.same_ranks(
+            tuple(x.rank for x in subs), self.ranks(node.tensor))
+
+    def never_empty(self, rank: str) -> bool:
+        """Assumed non-empty, or a ``let`` of a positive number, of such a rank, or of a
+        product or quotient of such ranks (``let G = H / HK``)."""
+        if rank in self.nonempty:
+            return True
+        value = self.let_values.get(rank)
+        if value is None:
+            return False
+        if value.is_number:
+            return bool(value > 0)
+        factors = value.as_powers_dict() if value.is_Mul else {value: 1}
+        return all(getattr(f, "is_Symbol", False) and k in (1, -1) and self.never_empty(f.name)
+                   for f, k in factors.items())
 
     def empties(self, name: str, depth: int) -> frozenset:
         """Ranks whose size 0 makes ``name`` itself absent everywhere (so its adjoint's

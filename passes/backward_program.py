@@ -25,11 +25,12 @@ stage's reason (numpy then runs the whole cascade Einsum by Einsum).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
-from ..einsum_ir.exprs import free_ranks, walk
-from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Index, Module, Output, Reduce,
-                            Statement, TensorArg)
+from ..einsum_ir.exprs import free_ranks, transform, walk
+from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Index, IterativeEinsum, Module,
+                            Num, Output, Reduce, Size, Statement, TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from ..einsum_ir.printer import print_expr
 from .backward import backward
@@ -264,13 +265,14 @@ def cut_dependencies(cascade: Definition, name: str, cuts: set[str]) -> set[str]
 
 def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
              options, forward: frozenset[str] = frozenset(),
-             recompute: bool = False) -> list[list[str]]:
+             recompute: bool = False, before: frozenset[str] = frozenset()) -> list[list[str]]:
     """Stages from ``items`` (cut tensors and gradients, in dependency order): each item
     joins the earliest stage that has what it needs — its cut dependencies in earlier
     stages or in the same one (the ``online`` pass fuses a row max and its sum) — and
     still lowers; else it opens a new stage.  A stage of ``forward`` tensors alone (the
     row statistics ``GM``, ``SD``) takes no other, so the forward can save them
-    (``NAME_with_stats``) and the backward skip that stage."""
+    (``NAME_with_stats``) and the backward skip that stage.  A dependency in ``before``
+    (a filled contribution, see :func:`fills_as_stage_inputs`) comes from an earlier stage."""
     cuts = set(items)
     groups: list[list[str]] = []
     for item in items:
@@ -279,6 +281,8 @@ def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
         for i, group in enumerate(groups):
             if any(d in cuts and all(d not in g for g in groups[:i + 1]) for d in deps):
                 continue  # a dependency is made later than this stage
+            if any(d in before and d in group for d in deps):
+                continue  # a filled contribution is read from memory, made before
             if item not in forward and all(t in forward for t in group):
                 continue
             made = {t for g in groups[:i] for t in g}
@@ -293,6 +297,66 @@ def _grouped(cascade: Definition, backend: str, items: list[str], prefix: str,
     return groups
 
 
+def fills_as_stage_inputs(cascade: Definition) -> tuple[Definition, list[str]]:
+    """Fills (``F[0,x] = 0; F[z+1,x] = C[x]``: a contribution ``C`` with its absent points
+    as 0) as a stage boundary: ``C`` becomes a stage's output, which a kernel stores with 0
+    at its absent points, and the stage that adds it reads it back as an input, present
+    everywhere.  Before → after (the fill read only as ``F[Z, x]``)::
+
+        dC_1_filled[0,p] = 0                       dC_1_filled[p] = dC_1[p]
+        dC_1_filled[z+1,p] = dC_1[p]          ->   dC_3[p] = dC_1_filled[p] + dC_2_filled[p]
+        dC_3[p] = dC_1_filled[Z,p] + ...           (dC_1, dC_2 made by an earlier stage)
+
+    Returns the cascade and the contributions (``C``) that must come from earlier stages."""
+    fills: dict[str, tuple] = {}  # F -> (its rank z, C)
+    for st in cascade.statements:
+        if isinstance(st, IterativeEinsum) and not st.init and isinstance(st.expr, Access) \
+                and st.lhs[0] == st.iter_rank and st.where is None:
+            fills[st.tensor] = (st.iter_rank, st.expr.tensor)
+    inits = {st.tensor for st in cascade.statements if isinstance(st, IterativeEinsum)
+             and st.init and st.expr == Num(0)}
+    ones = {let.name for let in cascade.lets if let.value == 1}
+    live = _needed_by_outputs(cascade)
+    ranks = {st.tensor: st.lhs for st in cascade.statements}
+    # stored, a contribution must be no larger than an argument (O(rows · head dim), never
+    # a P × M buffer): the others keep their fill, and their stage is refused
+    alias = {let.name: let.value.name for let in cascade.lets if let.value.is_Symbol}
+
+    def size_of(r: str) -> str:  # a rank by its size: M for P under 'let M = P'
+        while r in alias:
+            r = alias[r]
+        return r
+
+    small = [Counter(size_of(r) for r in a.ranks) for a in cascade.tensor_args]
+    fills = {f: v for f, v in fills.items() if f in inits and v[0] in ones and f in live
+             and any(Counter(size_of(r) for r in ranks.get(v[1], ())) <= r for r in small)}
+    if not fills:
+        return cascade, []
+
+    def read_filled(e):
+        if isinstance(e, Access) and e.tensor in fills and e.subscripts[:1] == (
+                Size(fills[e.tensor][0]),):
+            return Access(e.tensor, e.subscripts[1:])
+        return None
+
+    statements = []
+    for st in cascade.statements:
+        if st.tensor in fills:
+            if not st.init:
+                statements.append(Einsum(st.tensor, st.lhs[1:], st.expr))
+            continue
+        statements.append(dataclasses.replace(
+            st, expr=transform(st.expr, read_filled),
+            where=None if st.where is None else transform(st.where, read_filled)))
+    used = {r for st in statements for r in getattr(st, "lhs", ())} | {
+        n.rank for st in statements for e in (st.expr, st.where) if e is not None
+        for n in walk(e) if isinstance(n, (Size, Index))}
+    lets = tuple(let for let in cascade.lets if let.name in used or let.name not in
+                 {z for z, _ in fills.values()})
+    out = dataclasses.replace(cascade, statements=tuple(statements), lets=lets)
+    return out, list(dict.fromkeys(c for _, c in fills.values()))
+
+
 def backward_program(defn: Definition, backend: str = "triton",
                      options: dict | None = None,
                      wrt: tuple[str, ...] | None = None) -> BackwardProgram:
@@ -301,40 +365,49 @@ def backward_program(defn: Definition, backend: str = "triton",
     source = backward(defn, wrt)
     nonempty: tuple = ()
     if backend != "numpy" and _has_fills(source):
-        # the fills an output's empty rank forces (lse: AV is empty when F = 0, LSE is
-        # not): kernels assume the rank non-empty and the call checks it
-        some = {r for o in defn.outputs for r in o.ranks}
-        every = set.intersection(*(set(o.ranks) for o in defn.outputs))
-        trial = backward(defn, wrt, frozenset(some - every))
-        if not _has_fills(trial):
-            source = trial
-            nonempty = tuple(_locate(defn, r) for r in sorted(some - every))
+        assumed = _nonempty_without_fills(defn, wrt)
+        if assumed is not None:
+            source = backward(defn, wrt, assumed)
+            nonempty = tuple(_locate(defn, r) for r in sorted(assumed))
     name = source.name
     cascade, rows = _scalars_by_rows(source, backend, options)
+    filled: list[str] = []
+    if backend != "numpy":  # kernels have no form for a fill: a stage boundary is one
+        cascade, filled = fills_as_stage_inputs(cascade)
     cuts = cut_points(cascade)
+    cuts += [c for c in filled if c not in cuts]
     zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
     grads = [o.name for o in cascade.outputs if o.name not in zeros]
+    items = _in_statement_order(cascade, cuts) + [g for g in grads if g not in cuts]
     forward = frozenset(st.tensor for st in canonicalize(defn).statements)
     dtype = saved_dtype(backend)
+    before = frozenset(filled)
     try:  # a compared maximum recomputed where it is compared, if every stage still lowers
-        stages = _stages(cascade, backend, cuts + grads, name, options, forward, dtype,
-                         bool(_compared_extrema(cascade)))
+        stages = _stages(cascade, backend, items, name, options, forward, dtype,
+                         bool(_compared_extrema(cascade)), before)
     except NotTileable:
         if not _compared_extrema(cascade):
             raise
-        stages = _stages(cascade, backend, cuts + grads, name, options, forward, dtype, False)
+        stages = _stages(cascade, backend, items, name, options, forward, dtype, False, before)
     return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
         defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty)
 
 
 def _stages(cascade: Definition, backend: str, items: list[str], name: str, options,
-            forward: frozenset[str], dtype: str, recompute: bool) -> list[Definition]:
-    """The stages of :func:`backward_program` (``recompute``: see :func:`_compared_extrema`);
-    NotTileable names a stage that does not lower."""
-    groups = _grouped(cascade, backend, items, f"{name}_s", options, forward, recompute)
+            forward: frozenset[str], dtype: str, recompute: bool,
+            before: frozenset[str] = frozenset()) -> list[Definition]:
+    """The stages of :func:`backward_program` (``recompute``: see :func:`_compared_extrema`;
+    ``before``: see :func:`_grouped`); NotTileable names a stage that does not lower."""
+    groups = _grouped(cascade, backend, items, f"{name}_s", options, forward, recompute,
+                      before)
     stages, made = [], set()
     for i, group in enumerate(groups):
         stage = stage_definition(cascade, f"{name}_{i}", group, made, dtype, recompute)
+        quadratic = _quadratic_output(cascade, stage) if backend != "numpy" else None
+        if quadratic is not None:
+            raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) would save "
+                              f"{quadratic}, a tensor over two sequence ranks: the backward "
+                              f"must stay O(rows · head dim) in memory")
         why = lowers(stage, backend, options)
         if why is not None:
             raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) has no kernel "
@@ -342,6 +415,76 @@ def _stages(cascade: Definition, backend: str, items: list[str], name: str, opti
         stages.append(stage)
         made |= set(group)
     return stages
+
+
+def _nonempty_without_fills(defn: Definition, wrt) -> frozenset[str] | None:
+    """Ranks that, assumed non-empty, leave the backward without fills (kernels have no
+    form for one), fewest first; None when no such set exists.
+
+    A fill adds gradient contributions that the compiler cannot prove present at the same
+    points, and the proofs fail only through ranks that may be empty: the fills an output's
+    empty rank forces (lse: AV is empty when F = 0, LSE is not), or a sum over the keys
+    beside one over the value dim (linear attention's ``dFQ``: ``dDEN[p] * KS[e]`` is
+    absent when M = 0 or F = 0, ``sum[f](dNUM * KV)`` when F = 0).  The kernels then assume
+    those ranks non-empty and each call checks them (the numpy module takes every size)."""
+    some = {r for o in defn.outputs for r in o.ranks}
+    every = set.intersection(*(set(o.ranks) for o in defn.outputs))
+    first = frozenset(some - every)
+    if first and not _has_fills(backward(defn, wrt, first)):
+        return first
+    ranks = [r for a in defn.tensor_args for r in a.ranks]
+    assumed = set(dict.fromkeys(ranks))
+    if not assumed or _has_fills(backward(defn, wrt, frozenset(assumed))):
+        return None
+    for r in sorted(assumed):  # drop what the proofs do not need
+        if not _has_fills(backward(defn, wrt, frozenset(assumed - {r}))):
+            assumed.discard(r)
+    return frozenset(assumed)
+
+
+def _quadratic_output(cascade: Definition, stage: Definition) -> str | None:
+    """A stage output over two sequence ranks (``dS_1[P,M]``), printed, or None.  Sequence
+    ranks are the positions of the float arguments (the rank before the innermost one:
+    ``Q[H,P,E]``'s P, ``K[HK,M,E]``'s M); heads are not."""
+    alias = {let.name: let.value.name for let in cascade.lets if let.value.is_Symbol}
+
+    def size_of(r: str) -> str:  # M for P under 'let M = P'
+        while r in alias:
+            r = alias[r]
+        return r
+
+    floats = [a for a in cascade.tensor_args
+              if len(a.ranks) >= 2 and a.dtype not in ("i32", "i64", "bool")]
+    inner = Counter(size_of(a.ranks[-1]) for a in floats)
+    # contracted on their innermost dim with another argument (Q·K over E): rows of data
+    sequence = {size_of(a.ranks[-2]) for a in floats if inner[size_of(a.ranks[-1])] >= 2}
+    for o in stage.outputs:
+        if len([r for r in o.ranks if size_of(r) in sequence]) >= 2:
+            return f"{o.name}[{','.join(o.ranks)}]"
+    return None
+
+
+def _needed_by_outputs(cascade: Definition) -> set[str]:
+    """The tensors the outputs read, directly or not."""
+    by_name: dict[str, list] = {}
+    for st in cascade.statements:
+        by_name.setdefault(st.tensor, []).append(st)
+    todo, seen = [o.name for o in cascade.outputs], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for st in by_name.get(t, ()):
+            for e in (st.expr, st.where):
+                todo += [n.tensor for n in (walk(e) if e is not None else ())
+                         if isinstance(n, Access)]
+    return seen
+
+
+def _in_statement_order(cascade: Definition, names: list[str]) -> list[str]:
+    order = {st.tensor: i for i, st in enumerate(cascade.statements)}
+    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
 
 
 def _has_fills(cascade: Definition) -> bool:

@@ -268,13 +268,15 @@ def _no_split_sums(k: Kernel, roles: RankRoles, body=()) -> RankRoles:
     every program overwriting ``dV_1`` with its own query's share."""
     tp = k.tiles
     long = long_with_lets(tp.cascade)  # (a split-K cascade's combine over W is its own kernel)
+    split_ranks = set(roles.grid) | ({roles.row} if roles.row else set())
     for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue):
         for n in walk(st.expr):
             if isinstance(n, Reduce):
-                split = sorted(set(n.ranks) & set(roles.grid) & long)
+                split = sorted(set(n.ranks) & split_ranks & long)
                 if split:
-                    raise NotTileable(f"{k.name}: {st.tensor} sums over {split[0]}, which "
-                                      f"the kernel's programs split (no cross-program sum)")
+                    what = "row blocks" if split[0] == roles.row else "programs"
+                    raise NotTileable(f"{k.name}: {st.tensor} reduces over {split[0]}, which "
+                                      f"the kernel's {what} split (no cross-program sum)")
     return roles
 
 

@@ -439,8 +439,10 @@ def _statistic_sums(defn: Definition) -> str | None:
         for red in walk(st.expr):
             if isinstance(red, Reduce):
                 for r in sorted(set(red.ranks) & long & innermost):
-                    outer = next(a for a in floats if r in a.ranks[:-1])
-                    inner = next(a for a in floats if a.ranks and a.ranks[-1] == r)
+                    outer = next((a for a in floats if r in a.ranks[:-1]), None)
+                    inner = next((a for a in floats if a.ranks and a.ranks[-1] == r), None)
+                    if outer is None or inner is None:  # long through a 'let', not this
+                        continue
                     return (f"{st.tensor} sums over {r}, which kernels take for a sequence rank: "
                             f"{inner.name}[{','.join(inner.ranks)}] reads as a row statistic "
                             f"of {outer.name}[{','.join(outer.ranks)}] (an outer rank there); "

@@ -183,7 +183,8 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
                                   "differential.attn", "linear_causal.attn", "softpick.attn",
-                                  "rwkv.attn", "prefix_lm.attn"])
+                                  "rwkv.attn", "prefix_lm.attn", "linear.attn",
+                                  "fusemax/deferred_2pass.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -218,18 +219,24 @@ def test_torch_autograd_and_torch_compile_fullgraph(tmp_path):
         assert mod.causal_softmax(Q, K, V).grad_fn is None
 
 
-def test_cuda_backward_under_emulation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["causal.attn", "linear.attn"])
+def test_cuda_backward_under_emulation(tmp_path, monkeypatch, name):
     pytest.importorskip("torch")
     monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
-    d, mod = _compiled(tmp_path, "causal.attn", "cuda", tile=16)
+    d, mod = _compiled(tmp_path, name, "cuda", tile=16)
     _check_module(mod, d, "cuda", seeds=(0,), high=24)
 
 
 def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_path):
+    # infini's filled contributions are over P and M: stored at a stage boundary they would
+    # be a P x M buffer, so they keep their fill
     with pytest.raises(NotTileable, match=r"stage \d+ \(.*\) has no kernel program: .*"
                                           r"filling their absent points with 0"):
-        backward_program(_example("linear.attn"), "triton")
-    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "linear.attn"),
+        backward_program(_example("infini.attn"), "triton")
+    with pytest.raises(NotTileable, match=r"would save dS_1\[P,M\], a tensor over two "
+                                          r"sequence ranks"):
+        backward_program(_example("gla.attn"), "triton")
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "infini.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2
@@ -411,3 +418,46 @@ def test_a_max_output_finds_its_ties_in_the_scores_it_recomputes(tmp_path):
         write_atomic(tmp_path / fname, text)
     _check_module(load_generated(tmp_path / "mod.py"), module.definitions[0], "numpy",
                   seeds=(0, 5, 15, 21, 28), high=12)
+
+
+FILLED_AT_A_STAGE_BOUNDARY = """
+attention decay_pad(Q[P,E], K[P,E], V[P,F], C[P], KP[P]: i32) -> AV[P,F] {
+  let M = P
+  S[p,m]  = Q[p,e] * K[m,e] / sqrt(E) + C[p] - C[m]   where m <= p and KP[m] > 0
+  GM[p]   = max[m](S[p,m])
+  SN[p,m] = exp(S[p,m] - GM[p])
+  AV[p,f] = SN[p,m] * V[m,f] / sum[m](SN[p,m])
+}
+"""
+
+
+def test_a_fill_runs_as_a_stage_boundary_on_triton(tmp_path):
+    """dC adds a contribution over the rows (absent where a row sees no key) and one over
+    the keys (absent at padded keys): kernels have no form for filling them with 0, so each
+    is a stage's output, stored with 0 at its absent points, and read back by the stage
+    that adds them.  Against the interpreted backward cascade, several tiles, keys padded."""
+    from attnc.passes.backward_program import fills_as_stage_inputs
+
+    module = parse(FILLED_AT_A_STAGE_BOUNDARY, "decay_pad.attn")
+    d = module.definitions[0]
+    assert any(isinstance(st, ir.IterativeEinsum) for st in backward(d).statements)  # fills
+    program = backward_program(d, "triton")
+    outputs = {o.name for s in program.stages for o in s.outputs}
+    assert {"dC_1", "dC_2"} <= outputs
+    _, filled = fills_as_stage_inputs(backward(d))
+    assert set(filled) == {"dC_1", "dC_2"}
+    _, files = compile_module(module, "triton", "mod", options={"tile": 16}, backward=True)
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    _check_module(load_generated(tmp_path / "mod.py"), d, "triton", seeds=(0, 1))
+
+
+def test_kernels_that_assume_ranks_non_empty_say_so_per_call(tmp_path):
+    """Linear attention's dQ adds dDEN·KS (absent when M or F is empty) and dNUM·KV (when F
+    is): the kernels assume every rank non-empty and a call with an empty one is refused,
+    naming it; the numpy module takes it."""
+    torch = pytest.importorskip("torch")
+    d, mod = _compiled(tmp_path, "linear.attn", "triton", tile=16)
+    Q, K, V = torch.randn(5, 4), torch.randn(0, 4), torch.randn(0, 3)
+    with pytest.raises(ValueError, match="M = 0"):
+        mod.linear_attention_backward(Q, K, V, torch.randn(5, 3))

@@ -413,3 +413,16 @@ def test_an_online_softmax_inside_a_recurrence_runs_after_it_with_each_statement
         write_atomic(path, files["sel.py"])
         got = load_generated(path).selective_online(Q, K, V)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_softmax_over_the_row_rank_of_a_recurrence_is_refused_on_kernels(backend):
+    """The two-pass selective form's kernel is a scan over p with rows of keys m: its
+    per-step max and sums over m ran within each program's block of keys, and only the
+    first block's program stored O (wrong past one block of keys).  map-ranks now refuses
+    a reduction over the rank the row blocks split, with that reason."""
+    from attnc.backends import compile_module
+    from attnc.passes.tile import NotTileable
+
+    with pytest.raises(NotTileable, match="reduces over M, which the kernel's row blocks split"):
+        compile_module(parse(SELECTIVE_2PASS, "sel.attn"), backend, "sel")

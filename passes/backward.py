@@ -180,11 +180,6 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
             f"{defn.name} is an iterative (hand-written online) cascade: differentiate its "
             f"source form, whose derived online form the backward recomputes")
     lets = {let.name for let in defn.lets}
-    for out in defn.outputs:
-        if set(out.ranks) & lets:
-            raise NotDifferentiable(
-                f"output {out.name} is over {sorted(set(out.ranks) & lets)[0]}, a size a 'let' "
-                f"computes: its adjoint d{out.name} cannot be an argument (arguments bind sizes)")
     types = type_env(defn)
     floats = {a.name for a in defn.tensor_args if a.dtype is None or a.dtype in
               ("f16", "bf16", "f32", "f64")}
@@ -207,11 +202,25 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
         grad, stmts = b.gradient(name)
         statements += stmts
         outputs.append(grad)
-    args = tuple(defn.params) + tuple(TensorArg(adjoint_name(o.name), o.ranks)
+    args = tuple(defn.params) + tuple(TensorArg(adjoint_name(o.name), _adjoint_ranks(o, lets, b))
                                       for o in defn.outputs)
     return dataclasses.replace(defn, name=f"{defn.name}_backward", params=args,
                                lets=defn.lets + tuple(b.lets), statements=tuple(statements),
                                outputs=tuple(outputs))
+
+
+def _adjoint_ranks(out: Output, lets: set[str], b: "_Builder") -> tuple[str, ...]:
+    """The ranks of an output's adjoint argument: the output's, except that a rank a
+    ``let`` computes (varlen's ``O[B,P,H,F]`` under ``let B = C - 1``, ``let P = T``) gets a
+    rank of its own, bound by the argument's shape (arguments bind sizes; a ``let`` cannot
+    be bound twice).  The seed reads it at the output's indices, ``dO[b,p,h,f]``: an
+    adjoint of the output's shape is read whole."""
+    out_ranks = []
+    for r in out.ranks:
+        if r in lets:
+            r = fresh_rank(f"{r}X", b.taken)
+        out_ranks.append(r)
+    return tuple(out_ranks)
 
 
 class _Builder:

@@ -320,13 +320,7 @@ def fills_as_stage_inputs(cascade: Definition) -> tuple[Definition, list[str]]:
     ranks = {st.tensor: st.lhs for st in cascade.statements}
     # stored, a contribution must be no larger than an argument (O(rows · head dim), never
     # a P × M buffer): the others keep their fill, and their stage is refused
-    alias = {let.name: let.value.name for let in cascade.lets if let.value.is_Symbol}
-
-    def size_of(r: str) -> str:  # a rank by its size: M for P under 'let M = P'
-        while r in alias:
-            r = alias[r]
-        return r
-
+    size_of = _size_names(cascade)
     small = [Counter(size_of(r) for r in a.ranks) for a in cascade.tensor_args]
     fills = {f: v for f, v in fills.items() if f in inits and v[0] in ones and f in live
              and any(Counter(size_of(r) for r in ranks.get(v[1], ())) <= r for r in small)}
@@ -419,7 +413,8 @@ def _stages(cascade: Definition, backend: str, items: list[str], name: str, opti
 
 def _nonempty_without_fills(defn: Definition, wrt) -> frozenset[str] | None:
     """Ranks that, assumed non-empty, leave the backward without fills (kernels have no
-    form for one), fewest first; None when no such set exists.
+    form for one): the ranks some output lacks, else the argument ranks less each one the
+    proofs do not need; None when no such set exists.
 
     A fill adds gradient contributions that the compiler cannot prove present at the same
     points, and the proofs fail only through ranks that may be empty: the fills an output's
@@ -446,13 +441,7 @@ def _quadratic_output(cascade: Definition, stage: Definition) -> str | None:
     """A stage output over two sequence ranks (``dS_1[P,M]``), printed, or None.  Sequence
     ranks are the positions of the float arguments (the rank before the innermost one:
     ``Q[H,P,E]``'s P, ``K[HK,M,E]``'s M); heads are not."""
-    alias = {let.name: let.value.name for let in cascade.lets if let.value.is_Symbol}
-
-    def size_of(r: str) -> str:  # M for P under 'let M = P'
-        while r in alias:
-            r = alias[r]
-        return r
-
+    size_of = _size_names(cascade)
     floats = [a for a in cascade.tensor_args
               if len(a.ranks) >= 2 and a.dtype not in ("i32", "i64", "bool")]
     inner = Counter(size_of(a.ranks[-1]) for a in floats)
@@ -462,6 +451,17 @@ def _quadratic_output(cascade: Definition, stage: Definition) -> str | None:
         if len([r for r in o.ranks if size_of(r) in sequence]) >= 2:
             return f"{o.name}[{','.join(o.ranks)}]"
     return None
+
+
+def _size_names(cascade: Definition):
+    """A rank -> the rank whose size it has through ``let``s (M -> P under ``let M = P``)."""
+    alias = {let.name: let.value.name for let in cascade.lets if let.value.is_Symbol}
+
+    def size_of(r: str) -> str:
+        while r in alias:
+            r = alias[r]
+        return r
+    return size_of
 
 
 def _needed_by_outputs(cascade: Definition) -> set[str]:

@@ -694,10 +694,12 @@ def streamable_regions(defn: Definition) -> list[Region]:
     rank such as ``let M0 = 64`` is not), its region has no blocker, some reduction over
     it streams an input along it, and no running state would carry a fiber that a later
     reduction contracts (``QK[p,m] = sum[e](...)`` read by a sum over ``m``: streaming
-    ``e`` would keep a state of ``m``'s size).  Best is the rank whose tiling stops the
+    ``e`` would keep a state of ``m``'s size; a head dim is held whole anyway).  Best is the rank whose tiling stops the
     most *outer* intermediates from being materialised (tensors that carry the rank and
     are not shaped like one input, like ``S[p,m]``), then declaration order.
     """
+    from .map_ranks import long_ranks
+
     passes = count_passes(defn)
     graph = dataflow_graph(defn)
     reductions = {st.tensor: st for st in defn.statements if is_reduction(st)}
@@ -710,7 +712,7 @@ def streamable_regions(defn: Definition) -> list[Region]:
         if region.problems or not any(_streams_input(region, st.expr.body)
                                       for st in region.reductions.values()):
             continue
-        if any(_contracted_later(graph, reductions, st, rp.rank)
+        if any(_contracted_later(graph, reductions, st, rp.rank, long_ranks(defn))
                for st in region.reductions.values()):
             continue
         outer = sum(not _input_shaped(defn, st.lhs) for st in region.maps.values())
@@ -719,9 +721,11 @@ def streamable_regions(defn: Definition) -> list[Region]:
 
 
 def _contracted_later(graph: nx.DiGraph, reductions: dict[str, Einsum], st: Einsum,
-                      rank: str) -> bool:
-    """A reduction downstream of ``st`` reduces one of ``st``'s other ranks."""
-    others = set(st.lhs) - {rank}
+                      rank: str, long: frozenset[str]) -> bool:
+    """A reduction downstream of ``st`` reduces one of ``st``'s other ranks that is long
+    (a state over a head dim, cosine's ``dQN[p,e]`` before ``dQL[p] = sum[e](...)``, is
+    held whole by a kernel anyway)."""
+    others = (set(st.lhs) - {rank}) & long
     return any(set(reductions[n].expr.ranks) & others
                for n in nx.descendants(graph, st.tensor) if n in reductions)
 

@@ -184,7 +184,7 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
 @pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
                                   "differential.attn", "linear_causal.attn", "softpick.attn",
                                   "rwkv.attn", "prefix_lm.attn", "linear.attn",
-                                  "fusemax/deferred_2pass.attn"])
+                                  "fusemax/deferred_2pass.attn", "cosine.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))

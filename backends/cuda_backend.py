@@ -129,6 +129,7 @@ _ELEM = {"scalar_t": ("sizeof(scalar_t)", 8), "float": ("4", 4), "uint8_t": ("1"
 _DTYPE_C = {"f32": "float", "f64": "double", "i32": "int32_t", "i64": "int64_t", "bool": "bool",
             "f16": "__half", "bf16": "__nv_bfloat16"}
 _STATE_REF = re.compile(r"\$S\{(\w+)\}")
+_SHARED_NAME = re.compile(r"\bs_[A-Za-z0-9_]+")
 
 
 class CudaUnsupported(NotTileable):
@@ -220,6 +221,10 @@ class KernelRenderer(TileRendererBase):
 
     # --- helpers --------------------------------------------------------------------
     def emit(self, line: str) -> None:
+        if self.phase == "post":  # a load made before the loop and read after it stays
+            for name in _SHARED_NAME.findall(line):  # (its code may come from before)
+                if name in self.used_in:
+                    self.used_in[name].add("post")
         self.lines.append("  " * self.indent + line if line else "")
 
     def block(self, r: str) -> str:

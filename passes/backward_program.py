@@ -610,11 +610,16 @@ def _by_rows(cascade, src, long, cuts, backend, options):
         return cascade, None
     reduced = src.expr.ranks
     outer = {r for a in cascade.tensor_args for r in a.ranks[:-1]}  # not a head dim
-    for streamed in [r for r in reduced if r in long][::-1]:
-        keep = tuple(r for r in reduced if r in outer and r != streamed)
+    keeps = [tuple(r for r in reduced if r in outer and r != streamed)
+             for streamed in [r for r in reduced if r in long][::-1]]
+    # or every outer rank kept: a per-key part whose own kernel streams the queries
+    # (QK-norm's deps_1 = sum[m](dKR_1[m] * ...), dKR_1 a sum over p)
+    keeps.append(tuple(r for r in reduced if r in outer))
+    for keep in dict.fromkeys(keeps):
         rest = tuple(r for r in reduced if r not in keep)
         name = f"{src.tensor}_rows"
-        part = Einsum(name, src.lhs + keep, Reduce("sum", rest, src.expr.body), src.where)
+        body = Reduce("sum", rest, src.expr.body) if rest else src.expr.body
+        part = Einsum(name, src.lhs + keep, body, src.where)
         trial = _with_output(cascade, src.tensor, name, src.lhs + keep, part,
                              saved_dtype(backend))
         if lowers(stage_definition(trial, f"{cascade.name}_r", [name], cuts),

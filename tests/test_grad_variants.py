@@ -21,8 +21,6 @@ VARIANTS = Path(__file__).parent / "grad_variants"
 NAMES = sorted(p.name for p in VARIANTS.glob("*.attn"))
 # Triton refuses these backward programs, with these reasons
 TRITON_REFUSED = {
-    # its norms' stage sums over the rows a program splits (the eps gradient)
-    "qk_norm.attn": "would hold the long rank P whole",
     "talking_heads.attn": "would hold the long rank H whole",  # mixes every head's scores
     # the forward: its final where reads the row sum D, which no one-pass form defers yet
     "squared_relu.attn": "no iterative rank to stream over",

@@ -169,6 +169,7 @@ class Region:
     direct: list[tuple[Einsum, Shift]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     inits: dict[str, Expr] = field(default_factory=dict)  # a running max's start (a sink)
+    whole: frozenset[str] = frozenset()  # computed before the loop, read per tile as inputs
 
     def reads_shift(self, e: Expr) -> bool:
         """``e`` reads a max of the region or a map that carries a shift."""
@@ -312,12 +313,20 @@ def analyze_folded(defn: Definition, rank: str) -> Region:
 
 def analyze(defn: Definition, rank: str) -> Region:
     """The region over ``rank``; ``region.problems`` lists what blocks the conversion."""
-    maps = {st.tensor: st for st in defn.statements if isinstance(st, Einsum) and rank in st.lhs}
+    whole = _computed_whole(defn, rank)
+    maps = {st.tensor: st for st in defn.statements if isinstance(st, Einsum) and rank in st.lhs
+            and st.tensor not in whole}
     reductions = {st.tensor: st for st in defn.statements
-                  if is_reduction(st) and rank in st.expr.ranks and rank not in st.lhs}
+                  if is_reduction(st) and rank in st.expr.ranks and rank not in st.lhs
+                  and st.tensor not in whole}
     maxes = frozenset(n for n, st in reductions.items() if st.expr.ranks == (rank,)
                       and st.expr.op == "max")
-    region = Region(defn, rank, maps, reductions, maxes, _post(defn, maps, reductions))
+    region = Region(defn, rank, maps, reductions, maxes, _post(defn, maps, reductions), whole=whole)
+    for name in sorted(whole & region.post):  # a step reads the previous step's reduction
+        region.problems.append(
+            f"{name} belongs to a recurrence over another rank that carries {rank.lower()} "
+            f"and reads a reduction over {rank.lower()}: each step would need its own loop "
+            f"over {rank.lower()}'s tiles (a nested loop, not derived)")
     _check_structure(region)
     for st in list(maps.values()) + list(reductions.values()):
         _check_reads(region, st)
@@ -327,6 +336,31 @@ def analyze(defn: Definition, rank: str) -> Region:
         region.shifts[st.tensor] = _statement_shifts(region, st)
     _check_presence(region)
     return region
+
+
+def _computed_whole(defn: Definition, rank: str) -> frozenset[str]:
+    """A recurrence over another rank that carries ``rank`` (selective attention's
+    ``FS[p+1,m] = FS[p,m] + relu(S[p,m])``), with the maps over ``rank`` it reads: they
+    are computed whole before the loop over ``rank``'s tiles, whose statements read them
+    at the tile's positions as they read inputs (the nested form: each step of the
+    recurrence is a row of the online softmax).  Before → after (its statements)::
+
+        S[p,m] = ...; FS[p+1,m] = FS[p,m] + relu(S[p,m]) where m < p     (as they were)
+        L[p,m] = S[p,m] - FS[p,m]                ->  BL[m1,m0,p] = S[p, m1*M0 + m0]
+                                                            - FS[p, m1*M0 + m0]
+        GM[p] = max[m](L[p,m]) ...                   LM[m1,p] = max[m0](BL[m1,m0,p]) ...
+    """
+    carried = {st.tensor for st in defn.statements if isinstance(st, IterativeEinsum)
+               and st.iter_rank != rank and rank in st.lhs}
+    if not carried:
+        return frozenset()
+    graph = dataflow_graph(defn)
+    out = set(carried)
+    for name in carried:
+        out |= {n for n in nx.ancestors(graph, name)
+                if any(isinstance(st, Einsum) and st.tensor == n and rank in st.lhs
+                       for st in defn.statements)}
+    return frozenset(out)
 
 
 def _post(defn: Definition, maps, reductions) -> frozenset[str]:
@@ -342,14 +376,10 @@ def _check_structure(region: Region) -> None:
     for st in region.defn.statements:
         if isinstance(st, IterativeEinsum) and st.iter_rank == region.rank:
             region.problems.append(f"{st.tensor} is already iterative over {r}")
-        elif isinstance(st, IterativeEinsum) and region.rank in st.lhs and not st.init:
-            region.problems.append(
-                f"{st.tensor} is iterative over {st.iter_rank.lower()} and carries {r}: each "
-                f"step would need its own loop over {r}'s tiles (a nested online form, not "
-                f"derived yet)")
         if st.tensor in region.maps and any(region.rank in red.ranks for red in _reduces(st)):
             region.problems.append(f"{st.tensor} reduces over {r} while carrying {r}")
-        if st.tensor not in region.maps and st.tensor not in region.reductions:
+        if st.tensor not in region.maps and st.tensor not in region.reductions \
+                and st.tensor not in region.whole:
             _check_outside(region, st)
     for out in region.defn.outputs:
         if out.name in region.maps:
@@ -384,7 +414,7 @@ def _check_reads(region: Region, st: Einsum) -> None:
         elif name in region.post:
             region.problems.append(f"{st.tensor} reads {name}, which needs a reduction over "
                                    f"{r}, inside the loop over {r}")
-        elif name in region.defn.iterative_tensors:
+        elif name in region.defn.iterative_tensors and name not in region.whole:
             region.problems.append(f"{st.tensor} reads the iterative tensor {name}")
 
 

@@ -140,8 +140,13 @@ def _let_value(defn: Definition, rank: str | None) -> int | None:
 
 def _split_schedule(steps, loop: Loop):
     at = steps.index(loop)
-    if sum(isinstance(s, Loop) for s in steps) > 1:
-        raise NotTileable("the cascade has more than one iterative loop")
+    loops = [s for s in steps if isinstance(s, Loop)]
+    if len(loops) > 1:
+        said = ", ".join(f"over {lp.rank} ({', '.join(st.tensor for st in lp.body[:3])}"
+                         f"{', ...' if len(lp.body) > 3 else ''})" for lp in loops)
+        raise NotTileable(f"the cascade has more than one iterative loop: {said}; a kernel "
+                          f"runs one loop (a recurrence whose steps each stream another rank "
+                          f"is a nested form kernels do not have yet)")
     return list(steps[:at]), list(steps[at + 1:])
 
 

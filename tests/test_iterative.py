@@ -425,4 +425,67 @@ def test_a_softmax_over_the_row_rank_of_a_recurrence_is_refused_on_kernels(backe
     from attnc.passes.tile import NotTileable
 
     with pytest.raises(NotTileable, match="reduces over M, which the kernel's row blocks split"):
-        compile_module(parse(SELECTIVE_2PASS, "sel.attn"), backend, "sel")
+        compile_module(parse(SELECTIVE_2PASS, "sel.attn"), backend, "sel",
+                       names=["canonicalize", "defer-normalization"])  # (two passes kept)
+
+
+def test_a_softmax_inside_a_recurrence_is_derived_one_pass(tmp_path):
+    """Selective attention's recurrent form: the recurrence FS over queries carries the keys,
+    so it and the scores it reads are computed whole, and the softmax of each query's row
+    streams the key tiles reading them at the tile's positions (the nested form, derived).
+    The default pipeline reaches one pass over M; numpy equals the interpreter at several
+    tiles and ragged sizes; the kernel backends refuse the two loops with the reason."""
+    from attnc.backends import compile_module, load_generated, write_atomic
+    from attnc.passes.passcount import count_passes
+    from attnc.passes.pipeline import run_pipeline
+    from attnc.passes.tile import NotTileable
+
+    module = parse(SELECTIVE_2PASS, "sel.attn")
+    stages = run_pipeline(module, None, options={"tile": 4})
+    derived = stages[-1][1].definitions[0]
+    assert count_passes(derived).pass_bound == 1
+    assert count_passes(module.definitions[0]).pass_bound > 1
+    rng = np.random.default_rng(2)
+    for tile in (4, 16):
+        _, files = compile_module(module, "numpy", "sel", options={"tile": tile})
+        write_atomic(tmp_path / "sel.py", files["sel.py"])
+        fn = load_generated(tmp_path / "sel.py").selective
+        for P in (1, 6, 21):
+            Q, K, V = rng.standard_normal((P, 3)), rng.standard_normal((P, 3)), \
+                rng.standard_normal((P, 2))
+            want = run(SELECTIVE_2PASS, Q, K, V)
+            np.testing.assert_allclose(interpret(derived, Q, K, V), want, rtol=1e-12,
+                                       atol=1e-12)
+            np.testing.assert_allclose(fn(Q, K, V), want, rtol=1e-12, atol=1e-12)
+    for backend in ("triton", "cuda"):
+        with pytest.raises(NotTileable, match="a nested form kernels do not have yet"):
+            compile_module(module, backend, "sel")
+
+
+SELECTIVE_FED_BACK = """attention selective_dep(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {
+  let M = P
+  S[p,m]     = Q[p,e] * K[m,e] / sqrt(E)
+  FS[0,m]    = 0
+  FS[p+1,m]  = FS[p,m] + A[p,m]  where m < p
+  L[p,m]     = S[p,m] - FS[p,m]
+  GM[p]      = max[m](L[p,m])   where m <= p
+  A[p,m]     = exp(L[p,m] - GM[p]) / sum[m](exp(L[p,m] - GM[p]))   where m <= p
+  O[p,f]     = A[p,m] * V[m,f]
+}
+"""
+
+
+def test_a_recurrence_fed_by_its_own_softmax_stays_and_says_why():
+    """When the recurrence reads the step's softmax (FS += A), its steps cannot be computed
+    before the loop over the keys: the online pass leaves it, naming that dependence."""
+    from attnc.passes.online import online_blockers
+
+    d = defn(SELECTIVE_FED_BACK)
+    assert any("reads a reduction over m" in b for b in online_blockers(d))
+    from attnc.passes.pipeline import run_pipeline
+
+    out = run_pipeline(parse(SELECTIVE_FED_BACK, "dep.attn"), None)[-1][1].definitions[0]
+    rng = np.random.default_rng(1)
+    Q, K, V = rng.standard_normal((9, 3)), rng.standard_normal((9, 3)), rng.standard_normal((9, 2))
+    np.testing.assert_allclose(interpret(out, Q, K, V), run(SELECTIVE_FED_BACK, Q, K, V),
+                               rtol=1e-12, atol=1e-12)

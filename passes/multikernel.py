@@ -305,6 +305,82 @@ def _reads(stmts) -> set[str]:
     return out
 
 
+def _recurrence_parts(source: Definition) -> list[Definition] | None:
+    """Two kernels for a recurrence over one long rank that carries another, read by a
+    softmax streaming that other one (selective attention's per-step softmax, whose one-pass
+    form ``online`` derives with the recurrence computed whole): a scan over the steps with
+    rows of the carried rank, storing each step's state, then the streamed kernel reading
+    it as an input.  None when the cascade has no such recurrence.  Before → after::
+
+        S[p,m] = ...                                part 0 (a scan over p, rows m):
+        FS[0,m] = 0                                   S, FS, FS_steps[p,m] = FS[p,m]
+        FS[p+1,m] = FS[p,m] + relu(S[p,m])   ->     part 1 (rows p, tiles of m):
+        L[p,m] = S[p,m] - FS[p,m]  ...                S, L[p,m] = S[p,m] - FS_steps[p,m] ...
+
+    The state is present everywhere (a constant init without a ``where``: a step that is
+    not computed carries it), so the stored steps need no presence flags."""
+    from ..einsum_ir.exprs import transform
+
+    long = long_with_lets(source)
+    by_name: dict[str, list] = {}
+    for st in source.statements:
+        by_name.setdefault(st.tensor, []).append(st)
+    for name, stmts in by_name.items():
+        init = [st for st in stmts if isinstance(st, IterativeEinsum) and st.init]
+        step = [st for st in stmts if isinstance(st, IterativeEinsum) and not st.init]
+        if len(init) != 1 or len(step) != 1 or init[0].where is not None or any(
+                isinstance(n, Access) for n in walk(init[0].expr)):
+            continue
+        rank = step[0].iter_rank
+        carried = [r for r in step[0].lhs if r != rank and r in long]
+        if rank not in long or not carried:
+            continue
+        graph = nx.DiGraph()
+        for st in source.statements:
+            for t in _reads([st]):
+                graph.add_edge(t, st.tensor)
+        needed = nx.ancestors(graph, name) | {name} if name in graph else {name}
+        first = [st for st in source.statements if st.tensor in needed]
+        steps = fresh_name(f"{name}_steps", {st.tensor for st in source.statements}
+                           | {a.name for a in source.params})
+        ids = tuple(Index(r) for r in step[0].lhs)
+        first.append(Einsum(steps, step[0].lhs, Access(name, ids)))
+
+        def stored(e):
+            if isinstance(e, Access) and e.tensor == name:
+                if e.subscripts[:1] != (Index(rank),):
+                    raise _NotSteps
+                return Access(steps, e.subscripts, e.loc)
+            return None
+
+        try:
+            rest = [dataclasses.replace(st, expr=transform(st.expr, stored),
+                                        where=None if st.where is None
+                                        else transform(st.where, stored))
+                    for st in source.statements if st.tensor not in needed - _maps_of(
+                        source, needed, name)]
+        except _NotSteps:
+            continue
+        with_steps = dataclasses.replace(source, statements=tuple(first) + tuple(
+            st for st in source.statements if st.tensor not in needed))
+        made = {}
+        part0 = _part_definition(with_steps, first, 0, {steps}, made)
+        made.update({o.name: o.ranks for o in part0.outputs})
+        part1 = _part_definition(with_steps, rest, 1, set(), made)
+        return [part0, part1]
+    return None
+
+
+class _NotSteps(Exception):
+    """The recurrence is read at another step than the reader's own."""
+
+
+def _maps_of(source: Definition, needed: set[str], name: str) -> set[str]:
+    """What the recurrence reads that its readers read too (recomputed in both kernels)."""
+    return {st.tensor for st in source.statements if st.tensor in needed
+            and st.tensor != name and isinstance(st, Einsum)}
+
+
 def split_definition(source: Definition) -> list[Definition]:
     """The parts of ``source`` (see the module docstring), each a definition.
 
@@ -490,7 +566,7 @@ def tile_stage(defn: Definition, source: Definition | None, target, options: dic
             why = f"{defn.name}: {_statistic_sums(defn)}"  # (a more precise reason)
         if source is None or not target.multi_kernel:
             raise NotTileable(why) from err
-    parts = split_definition(source)
+    parts = _recurrence_parts(source) or split_definition(source)
     if len(parts) < 2:
         raise NotTileable(why)
     programs = tuple(_part_program(p, options) for p in parts)

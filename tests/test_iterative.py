@@ -424,8 +424,11 @@ def test_a_softmax_over_the_row_rank_of_a_recurrence_is_refused_on_kernels(backe
     from attnc.backends import compile_module
     from attnc.passes.tile import NotTileable
 
+    # a state that starts from the scores (not a constant) is not split into a scan kernel
+    # and a streamed one, so the one-loop kernel with the per-step softmax is what remains
+    spec = SELECTIVE_2PASS.replace("FS[0,m]    = 0", "FS[0,m]    = S[0,m] * 0")
     with pytest.raises(NotTileable, match="reduces over M, which the kernel's row blocks split"):
-        compile_module(parse(SELECTIVE_2PASS, "sel.attn"), backend, "sel",
+        compile_module(parse(spec, "sel.attn"), backend, "sel",
                        names=["canonicalize", "defer-normalization"])  # (two passes kept)
 
 
@@ -434,7 +437,7 @@ def test_a_softmax_inside_a_recurrence_is_derived_one_pass(tmp_path):
     so it and the scores it reads are computed whole, and the softmax of each query's row
     streams the key tiles reading them at the tile's positions (the nested form, derived).
     The default pipeline reaches one pass over M; numpy equals the interpreter at several
-    tiles and ragged sizes; the kernel backends refuse the two loops with the reason."""
+    tiles and ragged sizes."""
     from attnc.backends import compile_module, load_generated, write_atomic
     from attnc.passes.passcount import count_passes
     from attnc.passes.pipeline import run_pipeline
@@ -457,9 +460,31 @@ def test_a_softmax_inside_a_recurrence_is_derived_one_pass(tmp_path):
             np.testing.assert_allclose(interpret(derived, Q, K, V), want, rtol=1e-12,
                                        atol=1e-12)
             np.testing.assert_allclose(fn(Q, K, V), want, rtol=1e-12, atol=1e-12)
-    for backend in ("triton", "cuda"):
-        with pytest.raises(NotTileable, match="a nested form kernels do not have yet"):
-            compile_module(module, backend, "sel")
+
+
+@pytest.mark.parametrize("backend_env", ["triton", "cuda"], indirect=True)
+def test_a_softmax_inside_a_recurrence_runs_as_a_scan_then_a_streamed_kernel(backend_env,
+                                                                             tmp_path):
+    """On Triton and CUDA the recurrence is a scan kernel over the queries with rows of keys,
+    storing each step's state, and the softmax a streamed kernel over key tiles reading the
+    stored states as an input: against the interpreter at ragged sizes past one block."""
+    import torch
+
+    from attnc.backends import compile_module, load_generated, write_atomic
+
+    module = parse(SELECTIVE_2PASS, "sel.attn")
+    _, files = compile_module(module, backend_env, "sel", options={"tile": 16})
+    assert files["sel.py"].count("selective__k0") and files["sel.py"].count("selective__k1")
+    for name, text in files.items():
+        write_atomic(tmp_path / name, text)
+    fn = load_generated(tmp_path / "sel.py").selective
+    rng = np.random.default_rng(4)
+    for P in (5, 37, 150):
+        Q, K, V = rng.standard_normal((P, 8)), rng.standard_normal((P, 8)), \
+            rng.standard_normal((P, 4))
+        want = run(SELECTIVE_2PASS, Q, K, V)
+        got = fn(*[torch.tensor(x, dtype=torch.float32) for x in (Q, K, V)]).numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 SELECTIVE_FED_BACK = """attention selective_dep(Q[P,E], K[P,E], V[P,F]) -> O[P,F] {

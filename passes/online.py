@@ -742,7 +742,9 @@ def streamable_regions(defn: Definition) -> list[Region]:
         if region.problems or not any(_streams_input(region, st.expr.body)
                                       for st in region.reductions.values()):
             continue
-        if any(_contracted_later(graph, reductions, st, rp.rank, long_ranks(defn))
+        long = long_ranks(defn)
+        if any(_contracted_later(graph, reductions, st, rp.rank,
+                                 long if rp.rank in long else None)
                for st in region.reductions.values()):
             continue
         outer = sum(not _input_shaped(defn, st.lhs) for st in region.maps.values())
@@ -751,11 +753,13 @@ def streamable_regions(defn: Definition) -> list[Region]:
 
 
 def _contracted_later(graph: nx.DiGraph, reductions: dict[str, Einsum], st: Einsum,
-                      rank: str, long: frozenset[str]) -> bool:
-    """A reduction downstream of ``st`` reduces one of ``st``'s other ranks that is long
-    (a state over a head dim, cosine's ``dQN[p,e]`` before ``dQL[p] = sum[e](...)``, is
-    held whole by a kernel anyway)."""
-    others = (set(st.lhs) - {rank}) & long
+                      rank: str, long: frozenset[str] | None) -> bool:
+    """A reduction downstream of ``st`` reduces one of ``st``'s other ranks; with ``long``
+    (the streamed rank is a sequence rank), only one of those: a state over a head dim,
+    cosine's ``dQN[p,e]`` before ``dQL[p] = sum[e](...)``, is held whole by a kernel."""
+    others = set(st.lhs) - {rank}
+    if long is not None:
+        others &= long
     return any(set(reductions[n].expr.ranks) & others
                for n in nx.descendants(graph, st.tensor) if n in reductions)
 

@@ -314,7 +314,7 @@ def fills_as_stage_inputs(cascade: Definition) -> tuple[Definition, list[str]]:
                 and st.lhs[0] == st.iter_rank and st.where is None:
             fills[st.tensor] = (st.iter_rank, st.expr.tensor)
     inits = {st.tensor for st in cascade.statements if isinstance(st, IterativeEinsum)
-             and st.init and st.expr == Num(0)}
+             and st.init and isinstance(st.expr, Num) and st.expr.value == 0}
     ones = {let.name for let in cascade.lets if let.value == 1}
     live = _needed_by_outputs(cascade)
     ranks = {st.tensor: st.lhs for st in cascade.statements}
@@ -328,8 +328,8 @@ def fills_as_stage_inputs(cascade: Definition) -> tuple[Definition, list[str]]:
         return cascade, []
 
     def read_filled(e):
-        if isinstance(e, Access) and e.tensor in fills and e.subscripts[:1] == (
-                Size(fills[e.tensor][0]),):
+        if isinstance(e, Access) and e.tensor in fills and isinstance(e.subscripts[0], Size) \
+                and e.subscripts[0].rank == fills[e.tensor][0]:
             return Access(e.tensor, e.subscripts[1:])
         return None
 

@@ -26,7 +26,7 @@ import dataclasses
 
 import networkx as nx
 
-from ..einsum_ir.exprs import free_ranks, walk
+from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
@@ -319,8 +319,6 @@ def _recurrence_parts(source: Definition) -> list[Definition] | None:
 
     The state is present everywhere (a constant init without a ``where``: a step that is
     not computed carries it), so the stored steps need no presence flags."""
-    from ..einsum_ir.exprs import transform
-
     long = long_with_lets(source)
     by_name: dict[str, list] = {}
     for st in source.statements:
@@ -348,7 +346,8 @@ def _recurrence_parts(source: Definition) -> list[Definition] | None:
 
         def stored(e):
             if isinstance(e, Access) and e.tensor == name:
-                if e.subscripts[:1] != (Index(rank),):
+                first_sub = e.subscripts[0]
+                if not (isinstance(first_sub, Index) and first_sub.rank == rank):
                     raise _NotSteps
                 return Access(steps, e.subscripts, e.loc)
             return None

@@ -105,6 +105,7 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     for st in tp.inits:
         state_ranks += [r for r in st.lhs if r != st.iter_rank and r not in state_ranks]
     in_streamed, in_other = set(), set()
+    beside_keys = set()  # ranks a streamed input reads with other ranks than the keys'
     for st in statements + tuple(tp.epilogue) + tuple(tp.prologue):
         for acc in walk(st.expr):
             if isinstance(acc, Access) and acc.tensor in inputs:
@@ -113,6 +114,8 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
                 # an ordinary read: its ranks do not select keys
                 along = acc.tensor in streamed and tp.loop_rank in used
                 (in_streamed if along else in_other).update(used)
+                if along and len(used - {tp.loop_rank, tp.tile_rank}) > 1:
+                    beside_keys |= used
     selectors = _selectors(tp, statements, streamed)
     contracted = _contracted(statements)
     # a rank read by both streamed and other inputs selects which keys a program streams
@@ -122,8 +125,10 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     # key-major dV[h,m,f] = sum[p](dO[h,p,f] * A[h,p,m])) is one per program, not held whole
     long = long_ranks(defn)
     has_row = any(r not in in_streamed for r in state_ranks)
+    # (a rows × keys input, a bias B[p,m] or selective attention's stored steps, reads the
+    # row p beside the keys alone: p stays a row, the keys' head h is read beside e)
     grid = [r for r in state_ranks
-            if ((r in in_streamed and r in in_other) or r in selectors
+            if ((r in in_streamed and r in in_other and r in beside_keys) or r in selectors
                 or (has_row and r in in_streamed and r in long)) and r not in contracted]
     rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
     guard_ranks = set()

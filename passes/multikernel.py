@@ -31,7 +31,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, Ite
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
 from .map_ranks import chunk_ranks, long_ranks, long_with_lets, map_kernel_ranks
-from .names import fresh_name
+from .names import fresh_name, fresh_rank
 from .tile import NotTileable, TileProgram, tile_program
 
 
@@ -364,7 +364,13 @@ def _recurrence_parts(source: Definition) -> list[Definition] | None:
             st for st in source.statements if st.tensor not in needed))
         made = {}
         part0 = _part_definition(with_steps, first, 0, {steps}, made)
-        made.update({o.name: o.ranks for o in part0.outputs})
+        # the reader takes the stored steps over a rank of their own for each carried one
+        # (FS_steps[P,MS]): its own M stays the 'let' of a sequence rank, streamed in tiles,
+        # where an argument over M would make M an innermost dim, a head dim held whole
+        taken = {a.name for a in source.params} | {st.tensor for st in source.statements}
+        taken |= {r for a in source.tensor_args for r in a.ranks} | {x.name for x in source.lets}
+        own = tuple(r if r == rank else fresh_rank(f"{r}S", taken) for r in step[0].lhs)
+        made[steps] = own
         part1 = _part_definition(with_steps, rest, 1, set(), made)
         return [part0, part1]
     return None

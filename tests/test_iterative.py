@@ -475,6 +475,14 @@ def test_a_softmax_inside_a_recurrence_runs_as_a_scan_then_a_streamed_kernel(bac
     module = parse(SELECTIVE_2PASS, "sel.attn")
     _, files = compile_module(module, backend_env, "sel", options={"tile": 16})
     assert files["sel.py"].count("selective__k0") and files["sel.py"].count("selective__k1")
+    # the streamed kernel's rows are queries (the stored steps read beside the keys alone do
+    # not make p a grid rank) and its products run on tensor cores
+    if backend_env == "triton":
+        src = files["sel.py"]
+        start = src.index("def _selective__k1_kernel")
+        assert "tl.dot" in src[start:src.index("\ndef ", start + 30)]
+    else:
+        assert "attnc_mma<" in files["sel.cu"]
     for name, text in files.items():
         write_atomic(tmp_path / name, text)
     fn = load_generated(tmp_path / "sel.py").selective

@@ -28,8 +28,9 @@ per query head, then sum each group.
 A tensor no statement reads back has no adjoint; an output's adjoint is an input ``dAV``.
 Masked rows therefore get zero gradients, never NaN (the division ``a / b`` is
 differentiated only where it was computed).  Integer and bool tensors, and ``where``
-conditions, are constants.  Iterative (hand-written online) cascades are refused: their
-source form is the one to differentiate.  Other subscripts that are not a rank's own
+conditions, are constants.  Iterative cascades are refused: a recurrence's backward is not
+derived, and a hand-written online cascade's source form is the one to differentiate.
+Other subscripts that are not a rank's own
 index scatter by a filter (``... where sub == r``).
 """
 from __future__ import annotations
@@ -175,10 +176,13 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
     scalar parameter), in that order.  ``nonempty``: ranks assumed of size > 0 (their
     emptiness then does not tell contributions apart: a caller checks the sizes)."""
     defn = canonicalize(defn)
-    if any(isinstance(st, IterativeEinsum) for st in defn.statements):
+    iterative = [st for st in defn.statements if isinstance(st, IterativeEinsum)]
+    if iterative:
         raise NotDifferentiable(
-            f"{defn.name} is an iterative (hand-written online) cascade: differentiate its "
-            f"source form, whose derived online form the backward recomputes")
+            f"{defn.name} is an iterative cascade ({iterative[0].tensor} over "
+            f"{iterative[0].iter_rank}): a recurrence's backward is not derived; a hand-written "
+            f"online cascade is differentiated through its source form, whose derived online "
+            f"form the backward recomputes")
     lets = {let.name for let in defn.lets}
     types = type_env(defn)
     floats = {a.name for a in defn.tensor_args if a.dtype is None or a.dtype in

@@ -226,6 +226,19 @@ def ref_softpick(Q, K, V, scale=None, eps=1e-6):
     return np.where(mask.any(axis=-1)[:, None], out, 0.0)
 
 
+def ref_selective(Q, K, V, scale=None):
+    """Causal softmax of S - FS, FS[p,m] the sum over earlier queries q (m < q < p) of
+    relu(S[q,m]): what they selected against key m (Leviathan et al., 2024)."""
+    P = Q.shape[-2]
+    S = Q @ transpose(K) * default_scale(Q, scale)
+    p, m = np.arange(P)[:, None], np.arange(P)[None, :]
+    R = np.where(m < p, np.maximum(S, 0.0), 0.0)
+    FS = np.cumsum(R, axis=-2) - R  # the rows before p
+    L = np.where(m <= p, S - FS, -np.inf)
+    W = np.exp(L - L.max(axis=-1, keepdims=True))
+    return (W / W.sum(axis=-1, keepdims=True)) @ V
+
+
 def ref_retention(Q, K, V, gamma=0.96875):
     """(Q K^T ∘ D) V with D[p,m] = gamma^(p+M-P-m) on the causal triangle, 0 above."""
     dist = query_key_distance(Q.shape[-2], K.shape[-2])
@@ -628,6 +641,10 @@ EXAMPLES: dict[str, ExampleRef] = {
         "sink_logit", sink_inputs, ref_sink_logit,
         ({"H": 3, "P": 5, "M": 17, "E": 4, "F": 3}, {"H": 2, "P": 9, "M": 6, "E": 3, "F": 2},
          {"H": 1, "P": 4, "M": 4, "E": 2, "F": 2, "scale": 3.0})),
+    "selective.attn": ExampleRef(
+        "selective", prefix_lm_inputs, ref_selective,
+        ({"P": 9, "E": 4, "F": 3}, {"P": 1, "E": 3, "F": 2}, {"P": 23, "E": 2, "F": 3,
+                                                              "scale": 2.0})),
     "softpick.attn": ExampleRef(
         "softpick", qkv_inputs, ref_softpick,
         ({"P": 5, "M": 37, "E": 6, "F": 3}, {"P": 9, "M": 6, "E": 3, "F": 2, "eps": 0.5},

@@ -126,9 +126,12 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     long = long_ranks(defn)
     has_row = any(r not in in_streamed for r in state_ranks)
     # (a rows × keys input, a bias B[p,m] or selective attention's stored steps, reads the
-    # row p beside the keys alone: p stays a row, the keys' head h is read beside e)
+    # sequence rank p beside the keys alone: p stays a row; the keys' head h is read beside
+    # e; a head dim such as f stays a grid rank: held in a block beside a masked dot operand,
+    # an inf there times a masked 0 is NaN, as in causal linear attention's dV stage)
     grid = [r for r in state_ranks
-            if ((r in in_streamed and r in in_other and r in beside_keys) or r in selectors
+            if ((r in in_streamed and r in in_other and (r in beside_keys or r not in long))
+                or r in selectors
                 or (has_row and r in in_streamed and r in long)) and r not in contracted]
     rows = [r for r in state_ranks if r not in in_streamed and r not in grid]
     guard_ranks = set()

@@ -28,11 +28,14 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
+import networkx as nx
+
 from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Index, IterativeEinsum, Module,
                             Num, Output, Reduce, Size, Statement, TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from ..einsum_ir.printer import print_expr
+from ..einsum_ir.schedule import dataflow_graph
 from .backward import backward
 from .canonicalize import canonicalize
 from .map_ranks import long_ranks, long_with_lets
@@ -466,20 +469,8 @@ def _size_names(cascade: Definition):
 
 def _needed_by_outputs(cascade: Definition) -> set[str]:
     """The tensors the outputs read, directly or not."""
-    by_name: dict[str, list] = {}
-    for st in cascade.statements:
-        by_name.setdefault(st.tensor, []).append(st)
-    todo, seen = [o.name for o in cascade.outputs], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for st in by_name.get(t, ()):
-            for e in (st.expr, st.where):
-                todo += [n.tensor for n in (walk(e) if e is not None else ())
-                         if isinstance(n, Access)]
-    return seen
+    graph = dataflow_graph(cascade)
+    return set().union(*({o.name} | nx.ancestors(graph, o.name) for o in cascade.outputs))
 
 
 def _in_statement_order(cascade: Definition, names: list[str]) -> list[str]:

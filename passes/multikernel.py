@@ -30,6 +30,7 @@ from ..einsum_ir.exprs import free_ranks, transform, walk
 from ..einsum_ir.ir import (Access, Binary, Call, Definition, Einsum, Index, IterativeEinsum, Num,
                             Output, Param, Reduce, ScalarParam, Size, TensorArg)
 from ..einsum_ir.kernel import Buffer, Kernel, Program
+from ..einsum_ir.schedule import dataflow_graph
 from .map_ranks import chunk_ranks, long_ranks, long_with_lets, map_kernel_ranks
 from .names import fresh_name, fresh_rank
 from .tile import NotTileable, TileProgram, tile_program
@@ -333,11 +334,7 @@ def _recurrence_parts(source: Definition) -> list[Definition] | None:
         carried = [r for r in step[0].lhs if r != rank and r in long]
         if rank not in long or not carried:
             continue
-        graph = nx.DiGraph()
-        for st in source.statements:
-            for t in _reads([st]):
-                graph.add_edge(t, st.tensor)
-        needed = nx.ancestors(graph, name) | {name} if name in graph else {name}
+        needed = nx.ancestors(dataflow_graph(source), name) | {name}
         first = [st for st in source.statements if st.tensor in needed]
         steps = fresh_name(f"{name}_steps", {st.tensor for st in source.statements}
                            | {a.name for a in source.params})

@@ -383,18 +383,23 @@ def _render_backward_program(prog: dict) -> str:
 
 
 def cmd_kernels(args) -> int:
-    """Per kernel: configuration, registers, stack, shared memory, main-loop SASS counts."""
-    from ..backends.kernel_report import kernel_report, render_kernel_report, report_json
+    """Per kernel: configuration, registers, stack, shared memory, main-loop SASS counts
+    (``--backend cuda``: the CUDA backend's kernels, counted in their tile loops)."""
+    from ..backends.kernel_report import (ReportUnavailable, cuda_kernel_report, kernel_report,
+                                          render_kernel_report, report_json)
 
     sizes = _parse_sizes(args.size)
     parse_file(args.spec)  # a located error before the compile subprocess
     from ..backends.triton_backend import TritonUnsupported
 
+    report = cuda_kernel_report if args.backend == "cuda" else kernel_report
     try:
-        with status("compiling kernels for sm_%d" % args.arch):
-            reports = kernel_report(args.spec, sizes, args.dtype, args.arch)
+        with status("compiling %s kernels for sm_%d" % (args.backend, args.arch)):
+            reports = report(args.spec, sizes, args.dtype, args.arch)
     except (TritonUnsupported, NotTileable) as err:
-        raise _declined("triton", err) from None
+        raise _declined(args.backend, err) from None
+    except ReportUnavailable as err:
+        raise UsageError(str(err)) from None
     print(report_json(reports) if args.json else render_kernel_report(reports), end="")
     return 0
 
@@ -529,9 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     u.set_defaults(fn=cmd_run)
 
-    g = sub.add_parser("kernels", help="static kernel report: every Triton kernel compiled for "
-                                      "a GPU target without a GPU, counted from its SASS")
+    g = sub.add_parser("kernels", help="static kernel report: every Triton (or CUDA) kernel "
+                                      "compiled for a GPU target without a GPU, counted from "
+                                      "its SASS")
     g.add_argument("spec", help="the .attn file")
+    g.add_argument("--backend", choices=("triton", "cuda"), default="triton",
+                   help="whose kernels: triton (default) or cuda (nvcc -cubin of the instances "
+                        "the CUDA launcher builds; counts the outermost loop with MMA)")
     g.add_argument("--size", required=True, help="the sizes the launcher configures for, "
                                                  "e.g. P=16384,M=16384,E=128,F=128")
     g.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"),

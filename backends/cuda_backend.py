@@ -10,7 +10,14 @@ follow the contract.  What differs is how a block value lives on the GPU:
   one batch element and one value of each grid rank, and loops over the live
   key tiles (``tile_lo_ .. tile_hi_``, from the update guards);
 * loads become shared-memory tiles (coalesced, bounds-checked, zero-filled);
-  loop-invariant ones (the query block) are loaded once, before the loop;
+  loop-invariant ones (the query block) are loaded once, before the loop; where the
+  tensor is contiguous and 16-byte aligned along the tile's last dim (checked once per
+  kernel) they are 16-byte ``cp.async`` copies, and a tile loop's K/V-like loads are
+  issued a tile ahead into a ring of two stages (``STAGES_``, one where two do not fit):
+  the copies of tile m1 + 1 fly while tile m1 computes;
+* where bound-tiles found an affine range of full tiles, the tile body is compiled twice
+  (``FULL_`` true / false): on full tiles the ``where`` tests that hold there and the
+  key range test fold away;
 * a statement is rendered as a C expression over *index variables*
   (``i_p``, ``i_m0``, ...) and evaluated by an element-wise loop in which
   thread ``t`` owns elements ``t, t + T, t + 2T, ...`` of a block; the online
@@ -89,7 +96,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jinja2
@@ -129,7 +136,10 @@ _ELEM = {"scalar_t": ("sizeof(scalar_t)", 8), "float": ("4", 4), "uint8_t": ("1"
 _DTYPE_C = {"f32": "float", "f64": "double", "i32": "int32_t", "i64": "int64_t", "bool": "bool",
             "f16": "__half", "bf16": "__nv_bfloat16"}
 _STATE_REF = re.compile(r"\$S\{(\w+)\}")
-_SHARED_NAME = re.compile(r"\bs_[A-Za-z0-9_]+")
+STAGES = "STAGES_"      # the template parameter (a "block") of a double-buffered kernel's ring depth
+AHEAD = "(BLOCK_STAGES_ > 1 ? 1 : 0)"  # copy groups a tile's wait leaves in flight
+_SHARED_NAME = re.compile(r"(?<!\.)\bs_[A-Za-z0-9_]+")  # (not a stride: a.s_K)
+_DECLARED = re.compile(r"\b(?:float|int|bool|long long|scalar_t|uint8_t)\s*\*?\s+([A-Za-z_]\w*)\s*[=\[;]")
 
 
 class CudaUnsupported(NotTileable):
@@ -151,6 +161,7 @@ class Buffer:
     layout: tuple[str, ...]
     ctype: str
     region: str          # "main" (before and in the loop) or "post" (after it)
+    stages: int = 1      # 2: a tile load double-buffered (the next tile's copy in flight)
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,14 @@ class KernelRenderer(TileRendererBase):
         self.in_loop = False
         self.phase = "pre"
         self.dirty = False
+        self.async_pending = False     # 16-byte copies in flight that the next barrier waits for
+        self.prefetch_pending = False  # this tile's prefetched copies not yet waited for
+        self.hoisted_async = False     # a copy among the loads hoisted before the loop
+        self.can_prefetch = False      # in a tile loop whose loads may run a tile ahead
+        self.prefetches: list[tuple[Buffer, list[str]]] = []
+        self.full_split = False        # the body is specialised for full tiles (FULL_)
+        self.vector_flags: dict[str, str] = {}
+        self.loop_start = 0
         self.indent = 1
         self.uses = self._count_uses()
         self.check_supported()
@@ -297,7 +316,15 @@ class KernelRenderer(TileRendererBase):
 
     # --- loops ---------------------------------------------------------------------
     def sync_if_dirty(self):
+        """A barrier before reading shared memory written since the last one; copies still
+        in flight are waited for first (this tile's prefetched ones: all but the next
+        tile's group)."""
         if self.dirty:
+            if self.async_pending:
+                self.emit("attnc_cp_wait<0>();")
+            elif self.prefetch_pending:  # this tile's copies (the next tile's may fly)
+                self.emit(f"attnc_cp_wait<{AHEAD}>();")
+            self.async_pending = self.prefetch_pending = False
             self.emit("__syncthreads();")
             self.dirty = False
 
@@ -414,10 +441,11 @@ class KernelRenderer(TileRendererBase):
 
     def hoisted_load(self, e: Access, index: bool = False) -> CVal:
         """A load before the loop: at the body's indent, not touching the loop's sync state."""
-        saved_dirty, saved_indent = self.dirty, self.indent
-        self.indent = 1
+        saved = self.dirty, self.indent, self.async_pending
+        self.indent, self.async_pending = 1, False
         out = super().hoisted_load(e, index)
-        self.indent, self.dirty = saved_indent, saved_dirty
+        self.hoisted_async = self.hoisted_async or self.async_pending
+        self.dirty, self.indent, self.async_pending = saved
         return out
 
     def emit_load(self, e: Access, index: bool = False) -> CVal:
@@ -426,7 +454,7 @@ class KernelRenderer(TileRendererBase):
         read as ``long long``."""
         name = e.tensor
         arg = self.inputs[name]
-        terms, offset = [], []
+        terms, offset, copy_terms = [], [], []
         for k, (sub, rank) in enumerate(zip(e.subscripts, arg.ranks)):
             code, lay = self.subscript(sub)
             terms += self.index_terms(sub)
@@ -437,13 +465,18 @@ class KernelRenderer(TileRendererBase):
                     terms.append(t)
             elif not in_own_range(sub, rank):  # m % PG over PG: in range
                 low = "" if _nonneg(sub) else f"{code} >= 0 && "  # m // PG: never negative
-                terms.append(Term(f"({low}{code} < {self.size(rank)})", lay))
+                term = Term(f"({low}{code} < {self.size(rank)})", lay)
+                if self.full_split and self.in_loop and self.blocked(sub, rank):
+                    copy_terms.append(term)  # the copy keeps it; values know it holds
+                    term = Term(f"(FULL_ || {term.code})", lay)
+                terms.append(term)
         layout = self.canon(set().union(set(), *(free_ranks(s) & set(self.ranks.vector)
                                                  for s in e.subscripts)))
         ctype = self.ctype(name)
         addr = f"{cname(name)}[boff_{name} + {' + '.join(offset) or '0'}]"
         terms = list(_merge_terms(terms))
-        mask = _conj(t.code for t in terms)
+        mask = _conj([t.code for t in terms if not t.code.startswith("(FULL_ || ")]
+                     + [t.code for t in copy_terms])
         if index:
             return self.emit_index_load(name, addr, mask, layout, terms, ctype)
         gathers = any(_indirect(s) for s in e.subscripts)
@@ -455,12 +488,139 @@ class KernelRenderer(TileRendererBase):
         else:
             buf = self.buffer(name.lower(), layout, ctype)
             zero = f"attnc_from_float<{ctype}>(0.0f)"
-            self.elementwise(layout, [f"{self.at(buf)} = {f'{mask} ? {addr} : {zero}' if mask else addr};"],
-                             reads_shared=gathers)
+            scalar = [f"{self.at(buf)} = {f'{mask} ? {addr} : {zero}' if mask else addr};"]
+            last = self.vector_rank(e, layout, terms) if ctype == "scalar_t" else None
+            if last is None:
+                self.elementwise(layout, scalar, reads_shared=gathers)
+            else:
+                if gathers:
+                    self.sync_if_dirty()
+                buf = self.vector_load(e, buf, layout, last, offset, mask, scalar)
             self.dirty = True
             out = CVal(f"attnc_to_float({self.at(buf)})", layout, tuple(terms), loaded=True,
                        buf=buf if ctype == "scalar_t" else None)
         return out
+
+    # --- full tiles ----------------------------------------------------------------------
+    def blocked(self, sub: Expr, rank: str) -> bool:
+        """Whether ``sub`` is the streamed rank's blocked index ``m1 * M0 + m0`` (inside the
+        rank on a full tile)."""
+        r = self.ranks
+        return (rank == self.tp.stream_rank and r.tile is not None and sub ==
+                Binary("+", Binary("*", Index(r.loop), Size(r.tile)), Index(r.tile)))
+
+    def filter_term(self, st, scope: set[str]):
+        """A ``where`` that holds on every full tile (bound-tiles' ``full_holds``) is
+        ``(FULL_ || cond)``: the body is compiled twice, and on full tiles the test folds
+        away."""
+        t = super().filter_term(st, scope)
+        if t is not None and self.full_split and self.in_loop and st.where in self.bounds.full_holds:
+            return Term(f"(FULL_ || {t.code})", t.layout)
+        return t
+
+    def full_range(self) -> tuple[str, str] | None:
+        """[lo, hi) of the tiles that need no mask, where the body can be specialised for
+        them: an affine full range (no per-tile data probe, no probed live tiles)."""
+        b = self.bounds
+        if b is None or b.full is None or b.full_probes or b.live_probes or self.tp.stream_rank is None:
+            return None
+        return self.bound_code(b.full.lo), self.bound_code(b.full.hi)
+
+    # --- 16-byte loads, a tile ahead ---------------------------------------------------
+    def vector_rank(self, e: Access, layout, terms) -> str | None:
+        """The rank whose 16-byte runs a tile load may copy whole: the last subscript of
+        ``e`` is that rank's own index, the buffer's last dim, read by no other subscript
+        and tested by no presence term but its own range (so a run of 8 bf16 / 4 f32
+        elements is present or absent as one); None if there is none.  Whether the tensor
+        is contiguous and aligned there is decided at run time (:meth:`vector_flag`)."""
+        sub = e.subscripts[-1]
+        if not (isinstance(sub, Index) and layout and sub.rank == layout[-1]
+                and sub.rank in self.ranks.vector and sub.rank != self.ranks.tile):
+            return None
+        r = sub.rank
+        if any(r in free_ranks(s) for s in e.subscripts[:-1]):
+            return None
+        own = self.range_term(r)
+        if any(r in t.layout and t != own for t in terms):
+            return None
+        return r
+
+    def vector_flag(self, name: str, rank: str) -> str:
+        """A block-uniform flag, computed once per kernel: ``name`` may be read in 16-byte
+        runs along ``rank`` (stride 1 there, every other stride and the rank's size a
+        multiple of the run, the batch element's base 16-byte aligned)."""
+        key = f"vec_{name}_{rank.lower()}_"
+        if key not in self.vector_flags:
+            n = len(self.inputs[name].ranks)
+            strides = [f"a.s_{name}[{k}] % vec_ == 0" for k in range(MAX_BATCH_DIMS + n - 1)]
+            self.vector_flags[key] = " && ".join(
+                [f"attnc_aligned16({cname(name)} + boff_{name})",
+                 f"a.s_{name}[{MAX_BATCH_DIMS + n - 1}] == 1", f"{self.size(rank)} % vec_ == 0"]
+                + strides)
+        return key
+
+    def vector_load(self, e: Access, buf: Buffer, layout, last: str, offset: list[str],
+                    mask: str | None, scalar: list[str]) -> Buffer:
+        """A tile load in 16-byte copies (``cp.async`` on sm_80+) where the tensor allows it
+        at run time, else element by element.  Before → after::
+
+            s_k[i_m0][i_e] = mask ? K[off + i_e * s_K[5]] : 0        (one element a thread)
+            ->
+            if (vec_K_e_) { ... attnc_cp_async16(&s_k[i_m0][i_e], &K[off + i_e], mask); }
+            else { <the element-wise copy> }
+
+        In a tile loop without per-tile probes, a copy that reads nothing the loop computes
+        is issued a tile ahead instead (:meth:`render` places it): the buffer gets two
+        stages and this point only waits for the tile's copies."""
+        flag = self.vector_flag(e.tensor, last)
+        n = self.count_code(layout)
+        per_row = f"({self.block(last)} / vec_)"
+        offset = offset[:-1] + [f"(long long)({self.index_code(last)[0]})"]  # (stride 1)
+        addr = f"{cname(e.tensor)}[boff_{e.tensor} + {' + '.join(offset)}]"
+        copy = (f"attnc_cp_async16(&{self.at(buf)}, {mask} ? &{addr} : {cname(e.tensor)}, {mask});"
+                if mask else f"attnc_cp_async16(&{self.at(buf)}, &{addr}, true);")
+        lines = [f"if ({flag}) {{",
+                 "  #pragma unroll 1",  # (unrolled, ptxas keeps every copy's address live)
+                 f"  for (int k_ = 0; k_ < ATTNC_CEIL({n} / vec_); ++k_) {{",
+                 f"    const int idx_ = tid_ + k_ * ATTNC_THREADS;",
+                 f"    if (idx_ < {n} / vec_) {{",
+                 f"      int vrem_ = idx_;",
+                 f"      const int {self.ivar(last)} = (vrem_ % {per_row}) * vec_;"]
+        if len(layout) > 1:
+            lines.append(f"      vrem_ /= {per_row};")
+        lines += ["      " + ln for ln in self.decode("vrem_", layout[:-1], "rem_", copy)]
+        lines += [f"      {copy}", "    }", "  }", "} else {"]
+        saved_lines, saved_indent, self.lines, self.indent = self.lines, self.indent, [], 1
+        self.elementwise(layout, scalar, reads_shared=False)
+        lines += self.lines + ["}"]
+        self.lines, self.indent = saved_lines, saved_indent
+        if self.prefetchable(buf, lines):  # (a ring of one stage loads it here)
+            buf = replace(buf, stages=2)
+            self.buffers[buf.name] = buf
+            self.prefetches.append((buf, lines))
+            self.prefetch_pending = True
+            self.emit(f"if constexpr (BLOCK_{STAGES} == 1) {{")
+            for ln in lines + ["attnc_cp_commit();"]:
+                self.emit("  " + ln)
+            self.emit("}")
+            return buf
+        for ln in lines + ["attnc_cp_commit();"]:
+            self.emit(ln)
+        self.async_pending = True
+        return buf
+
+    def prefetchable(self, buf: Buffer, lines: list[str]) -> bool:
+        """Whether a tile load may be issued a tile ahead: in a tile loop without per-tile
+        probes (:attr:`can_prefetch`), reading no other shared buffer and nothing declared
+        in the loop so far (only the tile index, which the issue rebinds to the next)."""
+        if not (self.can_prefetch and self.in_loop and self.phase == "loop"):
+            return False
+        text = "\n".join(lines)
+        if set(_SHARED_NAME.findall(text)) - {buf.name}:
+            return False
+        declared = set(_DECLARED.findall("\n".join(self.lines[self.loop_start:])))
+        reads = set(re.findall(r"\b[A-Za-z_]\w*\b", text)) - set(_DECLARED.findall(text))
+        return not declared & reads
 
     def emit_index_load(self, name: str, addr: str, mask, layout, terms, ctype: str) -> CVal:
         """An index tensor's elements for a subscript: a ``long long`` register for a
@@ -757,6 +917,9 @@ class KernelRenderer(TileRendererBase):
     def floor_div(self, a: str, b: str) -> str:
         return f"attnc_floordiv({a}, {b})"
 
+    def nonneg_div(self, num: str, den: str) -> str:
+        return f"(({num}) / ({den}))"  # C truncates: the floor of a never-negative quotient
+
     def first_tile(self, k: str, c: str) -> str:
         """The least m1 with ``c*m1 + k >= 0`` (c > 0): ``floor((-k + c - 1) / c)``."""
         return self.floor_div(f"-({k}) + {c} - 1", c)
@@ -813,8 +976,14 @@ class KernelRenderer(TileRendererBase):
                 self.emit(f"const float {name}_prev = {name};")
         live = self.block_probe()
         start = len(self.lines)
+        self.can_prefetch, self.loop_start = live is None, start
+        full = self.full_range()
+        self.full_split = full is not None
         for st in self.body:
             self.statement(st)
+        self.can_prefetch = self.full_split = False
+        if full is not None and any(re.search(r"\bFULL_\b", ln) for ln in self.lines[start:]):
+            self.lines[start:] = self.specialised(self.lines[start:], full)
         if live is not None:  # a tile no row of the block can use runs nothing
             pad = "  " * self.indent
             make = []
@@ -829,10 +998,16 @@ class KernelRenderer(TileRendererBase):
         body, self.lines = self.lines, outer
         self.memo, self.in_loop, self.indent = saved_memo, False, 1
         self.lines += self.hoisted
+        self.lines += ["  " + ln for ln in self.prefetch_lines("tile_lo_", "(tile_lo_ < tile_hi_)")]
         if self.hoisted:
+            if self.hoisted_async:  # the hoisted group, not the first tile's
+                self.emit(f"attnc_cp_wait<{AHEAD if self.prefetches else 0}>();")
             self.emit("__syncthreads();")
-        self.emit(f"for (int {r.loop.lower()} = tile_lo_; {r.loop.lower()} < tile_hi_; "
-                  f"++{r.loop.lower()}) {{")
+        m1 = r.loop.lower()
+        self.emit(f"for (int {m1} = tile_lo_; {m1} < tile_hi_; ++{m1}) {{")
+        for buf, _ in self.prefetches:  # this tile's stage
+            self.emit(f"  {buf.name} = {self.stage_pointer(buf, m1)};")
+        self.lines += ["    " + ln for ln in self.prefetch_lines(f"{m1} + 1", f"({m1} + 1 < tile_hi_)")]
         self.lines += body
         self.emit("}")
         self.emit("__syncthreads();  // buffers after the loop may reuse the loop's")
@@ -841,6 +1016,47 @@ class KernelRenderer(TileRendererBase):
         for st in self.tp.epilogue:
             self.statement(st)
         return self.lines
+
+    def specialised(self, lines: list[str], full: tuple[str, str]) -> list[str]:
+        """The tile body twice, ``FULL_`` true on the full tiles (a block-uniform branch,
+        so the barriers inside stay uniform) and false on the partial ones. Before →
+        after::
+
+            if ((FULL_ || m1 * M0 + i_m0 <= p)) acc_ += ...
+            ->
+            if (full_lo_ <= m1 && m1 < full_hi_) { ... if ((true || ...)) acc_ += ... }
+            else { ... if ((false || m1 * M0 + i_m0 <= p)) acc_ += ... }
+        """
+        m1 = self.ranks.loop.lower()
+        pad = "  " * self.indent
+        flag = re.compile(r"\bFULL_\b")
+        return ([f"{pad}if ({full[0]} <= {m1} && {m1} < {full[1]}) {{  // a full tile: no masks"]
+                + ["  " + flag.sub("true", ln) for ln in lines] + [f"{pad}}} else {{"]
+                + ["  " + flag.sub("false", ln) for ln in lines] + [f"{pad}}}"])
+
+    def stage_pointer(self, buf: Buffer, tile: str) -> str:
+        """The stage of a double-buffered tile load that tile ``tile`` uses."""
+        return (f"reinterpret_cast<{buf.ctype}*>(smem_ + cfg::off_{buf.name} + "
+                f"(({tile}) & (BLOCK_{STAGES} - 1)) * cfg::stage_{buf.name})")
+
+    def prefetch_lines(self, tile: str, live: str) -> list[str]:
+        """The copies of tile ``tile``'s prefetched loads into their stage, one group.
+        The load code is the loop's own with the tile index and the buffers rebound::
+
+            { const int m1_at_ = m1 + 1;
+              if (m1 + 1 < tile_hi_) { const int m1 = m1_at_; scalar_t* s_k = <stage>; <copies> } }
+            attnc_cp_commit();
+        """
+        if not self.prefetches:
+            return []
+        m1 = self.ranks.loop.lower()
+        out = [f"if constexpr (BLOCK_{STAGES} > 1) {{  // the copies of tile {tile}",
+               f"  const int {m1}_at_ = {tile};", f"  if ({live}) {{",
+               f"    const int {m1} = {m1}_at_;"]
+        for buf, lines in self.prefetches:
+            out += ["    {", f"      {buf.ctype}* {buf.name} = {self.stage_pointer(buf, m1)};"]
+            out += ["      " + ln for ln in lines] + ["    }"]
+        return out + ["  }", "  attnc_cp_commit();", "}"]
 
     def block_probe(self) -> str | None:
         """A block-uniform flag 'some update can change a row of this block on this tile',
@@ -940,8 +1156,13 @@ def _smem_plan(kr: KernelRenderer) -> tuple[list[str], list[str]]:
                 elems_c = f"BLOCK_{lay[0]}" if lay else "1"
                 elems_py = f"B[{lay[0]!r}]" if lay else "1"
             c_lines.append(f"static constexpr int off_{n} = {prev};")
-            c_lines.append(f"static constexpr int end_{n} = attnc_align(off_{n} + {elems_c} * (int){bytes_c});")
-            py_lines.append(f"end_{n} = _align({prev} + {elems_py} * {bytes_py})")
+            if buf.stages > 1:  # a tile load's ring of BLOCK_STAGES_ stages, each aligned
+                c_lines.append(f"static constexpr int stage_{n} = attnc_align({elems_c} * (int){bytes_c});")
+                c_lines.append(f"static constexpr int end_{n} = off_{n} + BLOCK_{STAGES} * stage_{n};")
+                py_lines.append(f"end_{n} = {prev} + B[{STAGES!r}] * _align({elems_py} * {bytes_py})")
+            else:
+                c_lines.append(f"static constexpr int end_{n} = attnc_align(off_{n} + {elems_c} * (int){bytes_c});")
+                py_lines.append(f"end_{n} = _align({prev} + {elems_py} * {bytes_py})")
             prev = f"end_{n}"
             ends[group] = prev
         if group != "post":
@@ -988,6 +1209,8 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     defn = kr.defn
     pre = ["const int tid_ = threadIdx.x;", "const int warp_ = tid_ / ATTNC_WARP;",
            "const int lane_ = tid_ % ATTNC_WARP;", "(void)warp_; (void)lane_;",
+           "constexpr int vec_ = 16 / (int)sizeof(scalar_t);  // elements of a 16-byte copy",
+           "(void)vec_;",
            "ATTNC_DYNAMIC_SMEM(smem_);"]
     used = [a.name for a in defn.tensor_args if kr.uses.get(a.name)]  # a combine reads few
     for a in defn.tensor_args:
@@ -1027,6 +1250,7 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     decl = []
     for name, buf in kr.buffers.items():
         decl.append(f"{buf.ctype}* {name} = reinterpret_cast<{buf.ctype}*>(smem_ + cfg::off_{name});")
+    prog += [f"const bool {flag} = {code};" for flag, code in kr.vector_flags.items()]
     if not stream:
         return ["  " + x for x in pre + prog + decl] + body
     return ["  " + x for x in pre + decl] + _stream_k_lines(kr, prog, body)
@@ -1090,6 +1314,7 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     if params:
         sig += ["*"] + [p[0] if p[2] is None else f"{p[0]}=None" for p in params]
     blocks = [v for v in kr.ranks.vector if v != kr.ranks.tile]
+    blocks += [STAGES] if kr.prefetches else []  # the ring's depth, chosen with the blocks
     smem_c, smem_py = _smem_plan(kr)
     state_py = [" * ".join(f"B[{r!r}]" for r in lay) or "1"
                 for name_, lay in _state_layouts(kr)]
@@ -1125,7 +1350,7 @@ def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[in
     that is a constant ``let`` (a split's key tile M0, its worker count W) takes that size."""
     fixed = {let.name: max(16, -(-int(let.value) // 16) * 16) for let in kr.defn.lets
              if getattr(let.value, "is_Integer", False)}
-    sizes = {b: fixed.get(b, head) for b in blocks}
+    sizes = {b: 2 if b == STAGES else fixed.get(b, head) for b in blocks}
     for rows in ROW_BLOCKS:
         if kr.ranks.row:
             sizes[kr.ranks.row] = rows

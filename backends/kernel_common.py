@@ -476,6 +476,10 @@ class TileRendererBase:
             return "0", self.size(self.ranks.loop)
         return self.bound_code(live.lo), self.bound_code(live.hi)
 
+    def nonneg_div(self, num: str, den: str) -> str:
+        """Floor division of a never-negative integer by a positive one (truncation)."""
+        return f"{num} // {den}"
+
     def bound_code(self, e) -> str:
         """Code for a kernel-IR integer bound (:mod:`attnc.einsum_ir.kernel`)."""
         if isinstance(e, (IMax, IMin)):
@@ -483,7 +487,7 @@ class TileRendererBase:
                          [self.bound_code(a) for a in e.args])
         if isinstance(e, FloorDiv):
             num, den = self.int_code(e.num), self.int_code(e.den)
-            code = f"{num} // {den}" if e.nonneg else self.floor_div(num, den)
+            code = self.nonneg_div(num, den) if e.nonneg else self.floor_div(num, den)
             return f"{code} + {e.offset}" if e.offset else code
         if isinstance(e, CeilDiv):
             return self.first_tile(self.int_code(-e.num), self.int_code(e.den))

@@ -294,10 +294,11 @@ def test_launcher_validates_under_emulation(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
 @pytest.mark.parametrize("path,name,tag,ctype,blocks,f32", [
-    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80], "tf32"),   # decode, head 80
-    ("causal.attn", "causal_softmax", "f16", "__half", [16, 256, 256], "tf32"),          # head 256
-    ("causal.attn", "causal_softmax", "f32", "float", [16, 64, 64], "tf32"),             # tf32 wmma
-    ("causal.attn", "causal_softmax_stream", "f32", "float", [16, 64, 64], "ieee"),      # fp32 FMA
+    # (the last block: the ring of K/V stages, STAGES_)
+    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80, 2], "tf32"),  # decode, head 80
+    ("causal.attn", "causal_softmax", "f16", "__half", [16, 256, 256, 1], "tf32"),          # head 256
+    ("causal.attn", "causal_softmax", "f32", "float", [16, 64, 64, 2], "tf32"),             # tf32 wmma
+    ("causal.attn", "causal_softmax_stream", "f32", "float", [16, 64, 64, 2], "ieee"),      # fp32 FMA
 ])
 def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, blocks, f32, tmp_path,
                                                       monkeypatch):
@@ -320,12 +321,18 @@ def test_launcher_picks_blocks_that_fit_registers_and_shared_memory(tmp_path):
     def pick(rows, head):
         blocks = {"E": mod._pad16(head), "F": mod._pad16(head), "M0": 64}
         return mod._blocks("causal_softmax", "P", rows, blocks, lambda B: mod._causal_softmax_smem(B, 2),
-                           lambda B: sum(-(-n // 128) for n in [B["P"], B["P"], B["P"] * B["F"]]), a100)
+                           lambda B: sum(-(-n // 128) for n in [B["P"], B["P"], B["P"] * B["F"]]), a100,
+                           staged=True)
     assert pick(1, 128)["P"] == 16            # decode
     assert pick(4096, 64)["P"] == 64
     assert pick(4096, 128)["P"] == 32         # 64 rows: 66 state floats per thread
     assert pick(4096, 256)["P"] == 16         # 32 rows x 256: 66 state floats per thread
     assert pick(4096, 96)["E"] == 96          # non-power-of-two head dims pad to 16 only
+    # K and V a tile ahead (two stages) where both stages fit, one stage past that
+    assert pick(4096, 128)["STAGES_"] == 2
+    assert pick(4096, 256)["STAGES_"] == 1
+    assert mod._causal_softmax_smem(dict(pick(4096, 128), STAGES_=2), 2) > \
+        mod._causal_softmax_smem(dict(pick(4096, 128), STAGES_=1), 2)
     with pytest.raises(ValueError, match="shared memory"):
         pick(4096, 1024)
 

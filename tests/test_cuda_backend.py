@@ -404,6 +404,34 @@ def test_emulated_kernel_broadcasts_batch_dims(emulated, monkeypatch):
     check(got, ref.reference(q, k, v))
 
 
+@pytest.mark.parametrize("layout", ["aligned", "transposed", "offset"])
+def test_emulated_tile_loads_vectorised_or_element_wise_agree(layout, emulated, monkeypatch):
+    """K/V tiles go as 16-byte copies a tile ahead where the tensor is contiguous and
+    aligned along the head dim, element by element otherwise (a transposed view: stride
+    != 1; a storage offset of one element: misaligned); every form matches the reference,
+    over several tiles, with full and partial tiles (causal, ragged sizes)."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    mod = get("causal.attn")
+    source = (Path(mod.__file__).with_suffix(".cu")).read_text()
+    assert "attnc_cp_async16" in source and "// a full tile: no masks" in source
+    assert "if constexpr (BLOCK_STAGES_ > 1)" in source
+    ref = EXAMPLES["causal.attn"]
+    sizes = {"P": 45, "M": 77, "E": 8, "F": 12}
+    (q, k, v), _ = ref.make_inputs(np.random.default_rng(7), sizes)
+    def view(x):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if layout == "transposed":
+            return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        if layout == "offset":
+            return torch.cat([torch.zeros(1, dtype=t.dtype), t.flatten()])[1:].view(t.shape)
+        return t
+    check(mod.causal_softmax(view(q), view(k), view(v)), ref.reference(q, k, v))
+
+
 # --- split-K decode: a per-worker streamed kernel and a combine kernel --------------------------
 
 # P small, M about 200, tile 16: 12-13 tiles, several per worker; with 7 workers of 2 tiles,

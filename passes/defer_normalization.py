@@ -481,7 +481,36 @@ def _defer_sum(scope: _Scope):
         if len(expansion.terms) > 1 and not _same_points(scope, expansion.terms):
             continue
         return _build_sum(scope, expansion), expansion.inlined
-    return None
+    return _defer_where(scope)
+
+
+def _split_where(scope: _Scope, where: Expr | None) -> tuple[Expr | None, Expr | None]:
+    """(the conjuncts that stay on the reduction, those that move to the map after it).
+    A conjunct that does not depend on the reduced ranks but reads a normalizer filters
+    whole output points; on the reduction it would make it wait for the normalizer (one
+    more pass), on the map it filters the same points::
+
+        RV[p,f] = sum[m](R[p,m] * V[m,f])   where D[p] > 0
+        ->
+        RV[p,f] = sum[m](R[p,m] * V[m,f]);   AV[p,f] = RV[p,f] / D[p]   where D[p] > 0
+
+    (Every point ``(p, f, m)`` of a ``p`` where the conjunct fails is filtered, so the
+    reduction's point ``(p, f)`` has no contribution: absent, as the map's filtered point.)"""
+    stay, move = [], []
+    for c in conjuncts(where):
+        (move if scope.normalizing(c) else stay).append(c)
+    return conjoin(*stay), conjoin(*move)
+
+
+def _defer_where(scope: _Scope):
+    """Only the ``where`` reads a normalizer: ``sum[m](X) where c[p]`` -> ``sum[m](X)``,
+    then the map ``where c[p]`` (:func:`_split_where`)."""
+    st = scope.st
+    stay, move = _split_where(scope, st.where)
+    if move is None or not scope.uses_all(st.expr.body):
+        return None
+    reduction = _reduction(scope, st.expr.body, stay, taken_names(scope.defn))
+    return [reduction, Einsum(st.tensor, st.lhs, _use(reduction), move, loc=st.loc)], frozenset()
 
 
 def _exposes_normalizer(scope: _Scope, terms) -> bool:
@@ -538,7 +567,7 @@ def _same_points(scope: _Scope, terms) -> bool:
 
 def _build_sum(scope: _Scope, expansion: Expansion) -> list[Statement]:
     st = scope.st
-    where = conjoin(st.where, *expansion.wheres)
+    where, after = _split_where(scope, conjoin(st.where, *expansion.wheres))
     taken = taken_names(scope.defn)
     new: list[Statement] = []
     pieces: list[tuple[int, Expr]] = []
@@ -546,7 +575,7 @@ def _build_sum(scope: _Scope, expansion: Expansion) -> list[Statement]:
         reduction = _reduction(scope, _kept(scope, term).expr, where, taken)
         new.append(reduction)
         pieces.append((term.sign, _outside(scope, term, _use(reduction))))
-    new.append(Einsum(st.tensor, st.lhs, signed_sum(pieces), None, loc=st.loc))
+    new.append(Einsum(st.tensor, st.lhs, signed_sum(pieces), after, loc=st.loc))
     return new
 
 
@@ -617,21 +646,22 @@ def _defer_extremum(scope: _Scope):
     terms = linear_terms(st.expr.body)
     out = [(s, t) for s, t in terms if scope.normalizing(t)]
     taken = taken_names(scope.defn)
+    where, after = _split_where(scope, st.where)
     if out:
         keep = [(s, t) for s, t in terms if not scope.normalizing(t)]
         if not keep or not scope.uses_all(signed_sum(keep)):
             return None
-        reduction = _reduction(scope, signed_sum(keep), st.where, taken)
+        reduction = _reduction(scope, signed_sum(keep), where, taken)
         expr = signed_sum([(1, _use(reduction))] + out)
-        return [reduction, Einsum(st.tensor, st.lhs, expr, None, loc=st.loc)], frozenset()
+        return [reduction, Einsum(st.tensor, st.lhs, expr, after, loc=st.loc)], frozenset()
     term = _flatten(st.expr.body)
     moving = lambda f: scope.normalizing(f) and positive(f)  # noqa: E731
     if term.sign < 0 or not any(moving(f) for f in term.num + term.den):
-        return None
+        return _defer_where(scope)
     body = multiply([f for f in term.num if not moving(f)], [d for d in term.den if not moving(d)])
     if not scope.uses_all(body):
         return None
-    reduction = _reduction(scope, body, st.where, taken)
+    reduction = _reduction(scope, body, where, taken)
     expr = multiply([_use(reduction)] + [f for f in term.num if moving(f)],
                     [d for d in term.den if moving(d)])
-    return [reduction, Einsum(st.tensor, st.lhs, expr, None, loc=st.loc)], frozenset()
+    return [reduction, Einsum(st.tensor, st.lhs, expr, after, loc=st.loc)], frozenset()

@@ -75,6 +75,49 @@ def test_a_normalizer_inside_the_sum_body_moves_out():
     assert_same(source, out, qkv(np.random.default_rng(1)))
 
 
+SQUARED_RELU = """
+  R[p,m]  = relu(Q[p,e] * K[m,e]) ** 2   where m <= p + M - P
+  D[p]    = sum[m](R[p,m])"""
+
+
+def _rows_with_no_positive_score(rng, P=6, M=9, E=3, F=2):
+    """Q, K, V where rows 0 and 3 have only scores <= 0 (D = 0 there)."""
+    q, k, v = qkv(rng, P, M, E, F)
+    k = np.abs(k)
+    q[[0, 3]] = -np.abs(q[[0, 3]])
+    return [q, k, v]
+
+
+@pytest.mark.parametrize("body,reduction,after", [
+    # the normaliser is a factor and the where's argument
+    ("AV[p,f] = R[p,m] * V[m,f] / D[p]   where D[p] > 0",
+     "RV[p,f] = sum[m](R[p,m] * V[m,f])", "AV[p,f] = RV[p,f] / D[p]   where D[p] > 0"),
+    # only the where reads it
+    ("AV[p,f] = R[p,m] * V[m,f]   where D[p] > 0 and m < p + 2",
+     "RV[p,f] = sum[m](R[p,m] * V[m,f])   where m < p + 2", "AV[p,f] = RV[p,f]   where D[p] > 0"),
+])
+def test_a_where_that_reads_a_normalizer_filters_the_map_after_the_sum(body, reduction, after):
+    """A conjunct over the output's ranks that reads a normalizer moves from the sum to the
+    map after it (the sum does not wait for the normaliser: one pass); conjuncts over the
+    reduced rank stay.  Rows where it fails are absent either way."""
+    source = spec(SQUARED_RELU + "\n  " + body)
+    out = deferred(source)
+    assert print_ir(out.statements[-2]) == reduction
+    assert print_ir(out.statements[-1]) == after
+    assert count_passes(out).pass_bound < count_passes(source).pass_bound
+    args = _rows_with_no_positive_score(np.random.default_rng(3))
+    assert not interpret(source, *args)[[0, 3]].any()
+    assert_same(source, out, args)
+
+
+def test_a_max_keeps_a_where_over_its_rank_and_gives_out_a_normalizer_where():
+    source = spec(SQUARED_RELU + "\n  GM[p] = max[m](R[p,m])   where D[p] > 0 and m <= p",
+                  outs="GM[P]")
+    out = deferred(source)
+    assert print_ir(out.statements[-1]) == "GM[p] = GM_max[p]   where D[p] > 0"
+    assert_same(source, out, _rows_with_no_positive_score(np.random.default_rng(4)))
+
+
 def test_a_difference_of_softmaxes_splits_into_one_sum_per_term():
     body = SOFTMAX.replace("GM", "GM1").replace("SN", "SN1").replace("SD", "SD1")
     body += SOFTMAX.replace("K[m,e]", "K2[m,e]").replace("QK", "QK2").replace(

@@ -22,8 +22,6 @@ NAMES = sorted(p.name for p in VARIANTS.glob("*.attn"))
 # Triton refuses these backward programs, with these reasons
 TRITON_REFUSED = {
     "talking_heads.attn": "would hold the long rank H whole",  # mixes every head's scores
-    # the forward: its final where reads the row sum D, which no one-pass form defers yet
-    "squared_relu.attn": "no iterative rank to stream over",
 }
 
 

@@ -41,12 +41,14 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Einsum, Expr, Index, It
 from ..einsum_ir.kernel import (ROW_FIRST, ROW_LAST, Kernel, KernelModule, Program,
                                 RankRoles as Ranks, TileBounds)
 from ..einsum_ir.printer import format_number, print_definition, print_statement
+from ..einsum_ir.types import INT, type_env
 from ..passes.capabilities import refuse_unsupported_subscripts
 from ..passes.tile import NotTileable, TileProgram
 from ..passes.tile_loads import expand_loads as _expand_loads, expanded_body
 from .kernel_common import (KernelValue, Term, TileRendererBase, _indirect, _integer_affine,
                             _merge_terms, _nonneg, chain_spec, constant_code, in_own_range,
-                            launcher_signature, plan_reads, py_literal, rendered_kernels)
+                            launcher_signature, plan_reads, py_literal, rendered_kernels,
+                            split_affine_bias)
 from .numpy_backend import pyname, size_code
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "triton"
@@ -426,6 +428,9 @@ class KernelRenderer(TileRendererBase):
         return TVal(f"({x.code} == 0)", x.layout, x.terms, is_bool=True)
 
     def binary(self, e: Binary, st) -> TVal:
+        split = split_affine_bias(e, self.ranks.tile) if self.in_loop else None
+        if split is not None and type_env(self.defn).of(e) != INT:
+            return self.value(split, st)
         exact = self.int_comparison(e) if e.op in ("<", "<=", ">", ">=", "==", "!=") else None
         if exact is not None:  # integers from index tensors: compared as integers
             ac, la, bc, lb, terms = exact

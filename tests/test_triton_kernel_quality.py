@@ -191,3 +191,36 @@ def test_a_factor_constant_along_the_sum_leaves_the_product():
     kernel = _kernel(_module_text("retention", sizes=short), "_retention_kernel")
     full = _full_tile_loop(kernel)
     assert full.count("tl.dot(") == 2 and "[:, None, :]" not in full
+
+
+def test_an_affine_bias_is_split_into_a_row_part_and_a_key_part(tmp_path):
+    """ALiBi's ``SLOPE[h] * (p + M - P - m)`` is scaled per row (relative to the tile) and
+    per key of the tile, each once, not per score: one add per score.  The split is exact
+    in float32 up to the rounding of a distance within a tile of the exact one, so it
+    matches the interpreter on ragged sizes over several tiles, with both signs of slope."""
+    from attnc.backends.kernel_common import split_affine_bias
+    from attnc.einsum_ir.printer import print_ir
+    from attnc.frontends import parse
+
+    st = parse("attention t(B[M], SL[P]) -> O[P,M] {\n"
+               "  O[p,m] = B[m] - SL[p] * (p + M - P - m)\n}\n").definitions[0].statements[0]
+    assert print_ir(split_affine_bias(st.expr, "M")) == \
+        "B[m] - SL[p] * (p + M - P) - SL[p] * -m"
+    assert split_affine_bias(st.expr, "E") is None  # no key part: nothing to split
+    only_keys = parse("attention t(B[M], SL[P]) -> O[P,M] {\n  O[p,m] = B[m] - SL[p] * (M - m)\n}\n")
+    assert split_affine_bias(only_keys.definitions[0].statements[0].expr, "M") is None
+
+    full = _full_tile_loop(_kernel(_module_text("alibi"), "_alibi_kernel"))
+    assert "(-(offs_m0).to(tl.float32))))[None, :]" in full, full
+    assert "- (m1 * M0))))[:, None]" in full
+
+    write_atomic(tmp_path / "alibi_split.py", _module_text("alibi", tile=16))
+    mod = load_generated(tmp_path / "alibi_split.py")
+    d = parse_file(EXAMPLES / "alibi.attn").definitions[0]
+    rng = np.random.default_rng(5)
+    H, P, M, E, F = 2, 37, 90, 8, 5
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((H, P, E), (H, M, E), (H, M, F)))
+    for slope in (np.array([0.5, 2 ** -8], np.float32), np.array([-0.25, 0.125], np.float32)):
+        got = mod.alibi(*(torch.from_numpy(x) for x in (q, k, v, slope))).numpy()
+        ref = interpret(d, *(x.astype(np.float64) for x in (q, k, v, slope)))
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

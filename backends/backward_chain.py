@@ -19,7 +19,7 @@ import jinja2
 
 from ..einsum_ir.ir import Definition, Module
 from ..passes.backward import NotDifferentiable
-from ..passes.backward_program import BackwardProgram, backward_program
+from ..passes.backward_program import BackwardProgram, HostScatter, backward_program
 from ..passes.tile import NotTileable
 from .kernel_common import launcher_signature
 
@@ -57,6 +57,7 @@ class ChainOfStages:
     outputs: tuple[str, ...]          # NAME's outputs
     stats: tuple[str, ...]            # what NAME_with_stats returns besides them
     scalar_parts: tuple[str, ...]     # stage outputs that only make scalar gradients
+    scatters: tuple[tuple[str, str], ...] = ()  # (gradient, the function that scatters it)
 
 
 def programs_for(module: Module, backend: str, options: dict | None = None
@@ -111,7 +112,58 @@ def chain_of_stages(forward: Definition, program: BackwardProgram) -> ChainOfSta
         stats=tuple(o.name for o in program.with_stats.outputs[len(forward.outputs):])
         if program.with_stats is not None else (),
         scalar_parts=tuple(x for g, parts in program.rows for x, _ in parts
-                           if g[1:] in params))
+                           if g[1:] in params),
+        scatters=tuple((sc.grad, scatter_function(forward.name, cascade, sc))
+                       for sc in program.scatters))
+
+
+def scatter_function(name: str, cascade: Definition, sc: HostScatter) -> str:
+    """Python source of ``_bw_scatter_<name>_<grad>(_t)``: the gradient ``sc.grad`` made by
+    adding the stage output ``sc.part`` at its places (``sc.targets``), on the device
+    (``index_put_(accumulate=True)``); ``_t``: the backward's tensors by name."""
+    from ..einsum_ir.printer import print_expr
+    from .numpy_backend import pyname, size_code
+
+    lines = [f"def _bw_scatter_{name}_{sc.grad}(_t):",
+             f'    """{sc.grad}[{", ".join(print_expr(t) for t in sc.targets)}] += '
+             f'{sc.part}[{",".join(r.lower() for r in sc.part_ranks)}]"""']
+    bound = set()
+    for a in cascade.tensor_args:
+        for i, r in enumerate(a.ranks):
+            if r not in bound:
+                bound.add(r)
+                lines.append(f"    {pyname(r)} = _t[{a.name!r}].shape[{i - len(a.ranks)}]")
+    for let in cascade.lets:
+        lines.append(f"    {pyname(let.name)} = {size_code(let.value, True, 'math')}")
+    lines.append(f"    ix = dict(zip({list(sc.part_ranks)!r}, "
+                 f"_bw_ranks(_t[{sc.part!r}], {len(sc.part_ranks)})))")
+    lines.append("    pres = []")
+    codes = ", ".join(_torch_index(t) for t in sc.targets)
+    lines.append(f"    return _bw_scatter(_t[{sc.part!r}], _t[{sc.arg!r}], {len(sc.part_ranks)}, "
+                 f"[{codes}], pres)")
+    return "\n".join(lines) + "\n"
+
+
+def _torch_index(e) -> str:
+    """An integer subscript as torch code over the part's rank indices ``ix`` and sizes; an
+    index tensor's element through ``_bw_gather`` (absent outside it)."""
+    from ..einsum_ir.ir import Access, Binary, Index, Num, Size, Unary
+    from .numpy_backend import pyname
+
+    if isinstance(e, Index):
+        return f"ix[{e.rank!r}]"
+    if isinstance(e, Size):
+        return pyname(e.rank)
+    if isinstance(e, Num):
+        return str(int(e.value))
+    if isinstance(e, Unary) and e.op == "-":
+        return f"(-{_torch_index(e.operand)})"
+    if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
+        return f"({_torch_index(e.left)} {e.op} {_torch_index(e.right)})"
+    if isinstance(e, Access):
+        subs = ", ".join(_torch_index(s) for s in e.subscripts)
+        return f"_bw_gather(_t[{e.tensor!r}], pres, {subs})"
+    raise NotTileable(f"a scattered gradient's place {e} has no host form")
 
 
 def render_chains(module: Module, programs: list[BackwardProgram], runtime: str) -> str:

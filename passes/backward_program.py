@@ -61,12 +61,101 @@ class BackwardProgram:
     # contributions exist): (rank, an argument over it, the rank's axis from the end);
     # NAME_backward refuses a call where one is 0
     nonempty: tuple[tuple[str, str, int], ...] = ()
+    # gradients that land through an index tensor: the kernels make their contributions
+    # per point of the forward's layout, the host adds them at their places (HostScatter)
+    scatters: tuple["HostScatter", ...] = ()
 
     @property
     def saved(self) -> tuple[str, ...]:
         grads = {o.name for o in self.cascade.outputs} | {x for _, parts in self.rows
                                                            for x, _ in parts}
         return tuple(o.name for s in self.stages for o in s.outputs if o.name not in grads)
+
+
+@dataclass(frozen=True)
+class HostScatter:
+    """Gradient ``grad`` (of argument ``arg``) made by adding stage output ``part`` (over
+    ``part_ranks``) at the places ``targets`` give: one integer expression per rank of
+    ``grad``, over ``part_ranks`` and sizes, reading index tensors (an absent index element
+    or a place outside the gradient adds nothing).  On torch backends the host adds them
+    with ``index_put_(accumulate=True)`` (atomic adds on a GPU)."""
+
+    grad: str
+    arg: str
+    part: str
+    part_ranks: tuple[str, ...]
+    targets: tuple[Expr, ...]
+
+
+def host_scatters(cascade: Definition, dtype: str = "f32"
+                  ) -> tuple[Definition, tuple[HostScatter, ...]]:
+    """Gradients that scatter through an index tensor, split into what kernels make (a
+    contribution per point of the forward's layout) and where the host adds it.  Before →
+    after (packed variable-length queries)::
+
+        dQ_1[t,h,e] = sum[b,p,m](X[b,p,h,m] * K[CU[b] + m, h, e])   where m <= p and CU[b] + p == t
+        dQ[t,h,e] = dQ_1[t,h,e]
+        ->
+        dQ_1_at[b,p,h,e] = sum[m](X[b,p,h,m] * K[CU[b] + m, h, e])   where m <= p   (an output)
+        dQ[CU[b] + p, h, e] += dQ_1_at[b,p,h,e]                                  (on the host)
+
+    Where one equality goes through an index tensor (``CU[b] + p == t``, ``PT[b, m // PG]
+    == np``), every equality that places a gradient rank moves to the host (``m % PG ==
+    pg``, and ``h // G == hk``: the part is per head, the host adds a group's heads, as a
+    key-major kernel cannot hold the heads of a group).  Several points landing on one
+    element add up, as the sum did."""
+    by_name = {st.tensor: st for st in cascade.statements}
+    found = []
+    for out in cascade.outputs:
+        if out.name not in by_name or not any(a.name == out.name[1:] for a in cascade.tensor_args):
+            continue
+        srcs = _contributions(cascade, out.name)
+        if len(srcs) != 1 or not isinstance(srcs[0], Einsum) or srcs[0].lhs != out.ranks:
+            continue
+        split = _scatter_split(srcs[0])
+        if split is None:
+            continue
+        part, targets = split
+        statements = tuple(part if st is srcs[0] else st for st in cascade.statements
+                           if st.tensor != out.name or st is srcs[0])
+        outputs = tuple(o for o in cascade.outputs if o.name != out.name) + (
+            Output(part.tensor, part.lhs, dtype),)
+        cascade = dataclasses.replace(cascade, statements=statements, outputs=outputs)
+        found.append(HostScatter(out.name, out.name[1:], part.tensor, part.lhs, targets))
+    return cascade, tuple(found)
+
+
+def _scatter_split(st: Einsum) -> tuple[Einsum, tuple[Expr, ...]] | None:
+    """:func:`host_scatters` for one statement: (the per-point part, the target of each of
+    its ranks), or None where ``st`` does not scatter through an index tensor."""
+    from .defer_normalization import conjoin, conjuncts
+
+    if not isinstance(st.expr, Reduce) or st.expr.op != "sum" or st.where is None:
+        return None
+    reduced = frozenset(st.expr.ranks)
+    candidates: dict[str, tuple[Expr, Expr]] = {}
+    for c in conjuncts(st.where):
+        if not (isinstance(c, Binary) and c.op == "=="):
+            continue
+        for side, other in ((c.left, c.right), (c.right, c.left)):
+            if isinstance(side, Index) and side.rank in st.lhs and side.rank not in candidates                     and free_ranks(other) and free_ranks(other) <= reduced:
+                candidates[side.rank] = (other, c)
+                break
+    if not any(isinstance(n, Access) for v in candidates.values() for n in walk(v[0])):
+        return None
+    host = candidates
+    bound = set().union(*(free_ranks(v[0]) for v in host.values()))
+    moved = {id(v[1]) for v in host.values()}
+    rest = [c for c in conjuncts(st.where) if id(c) not in moved]
+    if any(set(host) & free_ranks(e) for e in [st.expr.body, *rest]):
+        return None  # the body reads a place it lands on: not a plain scatter
+    at_ranks = tuple(r for r in st.expr.ranks if r in bound) + tuple(
+        r for r in st.lhs if r not in host)
+    remaining = tuple(r for r in st.expr.ranks if r not in bound)
+    body = Reduce("sum", remaining, st.expr.body) if remaining else st.expr.body
+    part = Einsum(f"{st.tensor}_at", at_ranks, body, conjoin(*rest), loc=st.loc)
+    targets = tuple(host[r][0] if r in host else Index(r) for r in st.lhs)
+    return part, targets
 
 
 def _reduced_long(st, long: frozenset[str]) -> set[str]:
@@ -368,6 +457,9 @@ def backward_program(defn: Definition, backend: str = "triton",
             nonempty = tuple(_locate(defn, r) for r in sorted(assumed))
     name = source.name
     cascade, rows = _scalars_by_rows(source, backend, options)
+    scatters: tuple = ()
+    if backend != "numpy":  # kernels have no atomics: the host adds scattered gradients
+        cascade, scatters = host_scatters(cascade, saved_dtype(backend))
     filled: list[str] = []
     if backend != "numpy":  # kernels have no form for a fill: a stage boundary is one
         cascade, filled = fills_as_stage_inputs(cascade)
@@ -387,7 +479,8 @@ def backward_program(defn: Definition, backend: str = "triton",
             raise
         stages = _stages(cascade, backend, items, name, options, forward, dtype, False, before)
     return BackwardProgram(name, source, tuple(stages), zeros, with_stats=_with_stats(
-        defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty)
+        defn, stages, backend, options, dtype), rows=rows, nonempty=nonempty,
+        scatters=scatters)
 
 
 def _stages(cascade: Definition, backend: str, items: list[str], name: str, options,
@@ -606,6 +699,12 @@ def _by_rows(cascade, src, long, cuts, backend, options):
     # or every outer rank kept: a per-key part whose own kernel streams the queries
     # (QK-norm's deps_1 = sum[m](dKR_1[m] * ...), dKR_1 a sum over p)
     keeps.append(tuple(r for r in reduced if r in outer))
+    # or every rank but the innermost dims and a streamed sequence rank, ranks of `let`
+    # sizes too (packed sequences' b and p: `let B = C - 1`, `let P = T`)
+    inner = {a.ranks[-1] for a in cascade.tensor_args
+             if a.ranks and a.dtype not in ("i32", "i64", "bool")}
+    keeps += [tuple(r for r in reduced if r not in inner and r != streamed)
+              for streamed in [r for r in reduced if r in long_with_lets(cascade)][::-1]]
     for keep in dict.fromkeys(keeps):
         rest = tuple(r for r in reduced if r not in keep)
         name = f"{src.tensor}_rows"

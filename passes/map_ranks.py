@@ -264,9 +264,18 @@ def map_kernel_ranks(k: Kernel, packs_heads: bool) -> Kernel:
         return dataclasses.replace(k, roles=_no_split_sums(k, loopless_roles(k.tiles)))
     _, body = expanded_body(k.tiles)
     roles = classify_ranks(k.tiles, body)
-    if packs_heads and k.role != "combine":
+    if packs_heads and k.role != "combine" and not _reduces_row(k.tiles, body, roles):
         roles = dataclasses.replace(roles, packing=head_packing(k.tiles, body, roles))
     return dataclasses.replace(k, roles=_no_split_sums(k, roles, body))
+
+
+def _reduces_row(tp: TileProgram, body, roles: RankRoles) -> bool:
+    """Whether a statement sums over the row rank: packed, a row block holds several heads'
+    rows, and the sum would add them together (paged decode's ``dQ`` stage has no query
+    positions, so its rows are the head dim ``e``, which ``S = sum[e](Q * K)`` reduces)."""
+    return roles.row is not None and any(
+        isinstance(n, Reduce) and roles.row in n.ranks
+        for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue) for n in walk(st.expr))
 
 
 def _no_split_sums(k: Kernel, roles: RankRoles, body=()) -> RankRoles:

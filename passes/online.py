@@ -878,7 +878,7 @@ def _tile_access(t: _Tiling, acc: Access) -> Access:
     if pos is None:
         return Access(name, tuple(_tile_subscript(t, s) for s in acc.subscripts), loc=acc.loc)
     rest = tuple(s for i, s in enumerate(acc.subscripts) if i != pos)
-    return Access(_blocked_input(t, name, pos), t.tile_index + rest, loc=acc.loc)
+    return Access(_blocked_input(t, name, pos, acc), t.tile_index + rest, loc=acc.loc)
 
 
 def _tile_subscript(t: _Tiling, e: Expr) -> Expr:
@@ -901,17 +901,23 @@ def _input_position(t: _Tiling, acc: Access) -> int | None:
     return None if any(t.rank in free_ranks(s) for s in others) else plain[0]
 
 
-def _blocked_input(t: _Tiling, name: str, pos: int) -> str:
-    """``BK[m1,m0,e] = K[m1 * M0 + m0, e]`` (absent past the end), made on first use."""
-    if (name, pos) not in t.blocked:
-        arg = next(a for a in t.region.defn.tensor_args if a.name == name)
-        subs = list(_ids(arg.ranks))
+def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
+    """``BK[m1,m0,e] = K[m1 * M0 + m0, e]`` (absent past the end), made on first use.  A dim
+    the read indexes by a plain rank of another name keeps that rank (the adjoint
+    ``dO[BX,PX,H,F]`` read at ``dO[b,p,h,f]``: ``BdO[p1,p0,B,H,F] = dO[b, p1 * P0 + p0, h,
+    f]``, which the kernel's grid rank B indexes; over BX it would be a rank held whole)."""
+    arg = next(a for a in t.region.defn.tensor_args if a.name == name)
+    ranks = [s.rank if isinstance(s, Index) and i != pos else r
+             for i, (s, r) in enumerate(zip(acc.subscripts, arg.ranks))]
+    key = (name, pos, tuple(ranks))
+    if key not in t.blocked:
+        subs = list(_ids(ranks))
         subs[pos] = t.position
-        lhs = (t.r1, t.r0) + tuple(r for i, r in enumerate(arg.ranks) if i != pos)
-        exact = t.presence.in_range(arg, pos, Index(t.rank))
+        lhs = (t.r1, t.r0) + tuple(r for i, r in enumerate(ranks) if i != pos)
+        exact = t.presence.in_range(arg, pos, Index(t.rank)) and ranks == list(arg.ranks)
         where = None if exact else Binary("<", t.position, Size(t.rank))
-        t.blocked[(name, pos)] = Einsum(t.fresh("B" + name), lhs, Access(name, tuple(subs)), where)
-    return t.blocked[(name, pos)].tensor
+        t.blocked[key] = Einsum(t.fresh("B" + name), lhs, Access(name, tuple(subs)), where)
+    return t.blocked[key].tensor
 
 
 def _bound(t: _Tiling, expr: Expr, where: Expr | None) -> Expr | None:

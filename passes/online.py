@@ -909,6 +909,9 @@ def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
     arg = next(a for a in t.region.defn.tensor_args if a.name == name)
     ranks = [s.rank if isinstance(s, Index) and i != pos else r
              for i, (s, r) in enumerate(zip(acc.subscripts, arg.ranks))]
+    others = [r for i, r in enumerate(ranks) if i != pos]
+    if len(set(others)) < len(others):  # a diagonal read (X[m, h, h]): the declared ranks
+        ranks = list(arg.ranks)
     key = (name, pos, tuple(ranks))
     if key not in t.blocked:
         subs = list(_ids(ranks))

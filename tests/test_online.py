@@ -605,3 +605,23 @@ def test_random_sum_only_cascades(source, P, M, tile, seed):
     if len(source.tensor_args) == 4:
         args.append(rng.random(M) < 0.5)
     assert_same(source, derived, args)
+
+
+def test_blocked_copies_keep_the_ranks_an_input_is_read_at_unless_they_repeat():
+    """``W[BX,M]`` read at ``W[b,m]`` (``let B = BX``) gets a blocked copy over ``B``, the
+    rank the kernel's grid indexes (varlen's adjoint ``dO[BX,PX,H,F]``); a diagonal read
+    ``X[m,e,e]`` keeps the declared ranks (a copy over ``E`` twice is no tensor)."""
+    from attnc.einsum_ir.ir import Access, Einsum
+
+    src = parse("attention d(Q[P,E], K[M,E], V[M,F], X[M,E,G], W[BX,M]) -> O[B,P,F] {\n"
+                "  let B = BX\n"
+                "  S[b,p,m] = Q[p,e] * K[m,e] * X[m,e,e] * W[b,m]\n"
+                "  O[b,p,f] = exp(S[b,p,m] - max[m](S[b,p,m])) * V[m,f]"
+                " / sum[m](exp(S[b,p,m] - max[m](S[b,p,m])))\n}\n").definitions[0]
+    out = online(defer_normalization(src), 4)
+    copies = {st.expr.tensor: st.lhs for st in out.statements if isinstance(st, Einsum)
+              and isinstance(st.expr, Access) and st.expr.tensor in ("X", "W")}
+    assert copies["X"][2:] == ("E", "G") and copies["W"][2:] == ("B",), copies
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s) for s in ((3, 2), (11, 2), (11, 4), (11, 2, 3), (2, 11))]
+    assert_same(src, out, args)

@@ -158,6 +158,156 @@ def _scatter_split(st: Einsum) -> tuple[Einsum, tuple[Expr, ...]] | None:
     return part, targets
 
 
+def _affine_sym(e: Expr):
+    """An integer-affine subscript as a sympy expression (index ``i`` as ``_i_I``, sizes as
+    their symbols), or None where it is not one."""
+    import sympy
+
+    from ..einsum_ir.ir import Unary, size_symbol
+
+    if isinstance(e, Index):
+        return sympy.Symbol(f"_i_{e.rank}", integer=True)
+    if isinstance(e, Size):
+        return size_symbol(e.rank)
+    if isinstance(e, Num) and float(e.value).is_integer():
+        return sympy.Integer(int(e.value))
+    if isinstance(e, Unary) and e.op == "-":
+        x = _affine_sym(e.operand)
+        return None if x is None else -x
+    if isinstance(e, Binary) and e.op in ("+", "-", "*"):
+        a, b = _affine_sym(e.left), _affine_sym(e.right)
+        if a is None or b is None:
+            return None
+        return a + b if e.op == "+" else a - b if e.op == "-" else a * b
+    return None
+
+
+def _from_sym(x) -> Expr:
+    """:func:`_affine_sym`'s inverse (a sum of products, in sympy's order)."""
+    import sympy
+
+    from ..einsum_ir.ir import Unary
+
+    def atom(a):
+        if a.is_Integer:
+            return Num(int(a))
+        name = a.name
+        return Index(name[3:]) if name.startswith("_i_") else Size(name)
+
+    def term(t):
+        coeff, rest = t.as_coeff_mul()
+        factors = [atom(f) for f in rest]
+        out = factors[0] if factors else Num(abs(int(coeff)))
+        for f in factors[1:]:
+            out = Binary("*", out, f)
+        if factors and abs(coeff) != 1:
+            out = Binary("*", Num(abs(int(coeff))), out)
+        return (1 if coeff >= 0 else -1), out
+
+    terms = [term(t) for t in sympy.Add.make_args(sympy.expand(x))]
+    terms.sort(key=lambda st: st[0] < 0)  # positive terms first: p + M - P
+    sign, out = terms[0]
+    out = out if sign > 0 else Unary("-", out)
+    for sign, t in terms[1:]:
+        out = Binary("+" if sign > 0 else "-", out, t)
+    return out
+
+
+def unshift_gradients(cascade: Definition) -> Definition:
+    """A statement over ``t`` that reads a computed tensor at ``t + c`` (``c`` a size
+    expression: the adjoint of a read at ``CG[p + M - P]``) is computed over that tensor's
+    own rank and shifted once after: the computed tensor is then read where it is made,
+    not at another row, and need not be saved whole.  Before → after (GLA)::
+
+        dCG_1[t] = sum[m,e](dS_1[t + P - M, m] * Q[t + P - M, e] * ...)   where ...
+        ->
+        dCG_1_unshifted[p] = sum[m,e](dS_1[p, m] * Q[p, e] * ...)   where ...
+        dCG_1[t] = dCG_1_unshifted[t + P - M]
+    """
+    import sympy
+
+    from ..einsum_ir.exprs import accessed_tensors
+    from .names import fresh_rank
+
+    computed = {st.tensor: st for st in cascade.statements}
+    long = long_with_lets(cascade)
+    statements = []
+    for st in cascade.statements:
+        shift = _shift_of(st, computed, long) if isinstance(st, Einsum) else None
+        if shift is None:
+            statements.append(st)
+            continue
+        t, c, new = shift
+        t_sym = sympy.Symbol(f"_i_{t}", integer=True)
+        to_new = {t_sym: sympy.Symbol(f"_i_{new}", integer=True) - c}
+
+        def move(e, to_new=to_new, t_sym=t_sym):
+            x = _affine_sym(e)
+            if x is None or not x.has(t_sym):
+                return None
+            return _from_sym(x.subs(to_new))
+
+        def sub_all(e, move=move):
+            if e is None:
+                return None
+            return _moved_reads(e, move)
+
+        lhs = tuple(new if r == t else r for r in st.lhs)
+        name = f"{st.tensor}_unshifted"
+        statements.append(Einsum(name, lhs, sub_all(st.expr), _sub_where(st.where, move),
+                                 loc=st.loc))
+        back = tuple(_from_sym(t_sym + c) if r == new else Index(r) for r in lhs)
+        statements.append(Einsum(st.tensor, st.lhs, Access(name, back), None, loc=st.loc))
+    return dataclasses.replace(cascade, statements=tuple(statements))
+
+
+def _sub_where(where, move):
+    """``where`` with every integer-affine side of a comparison over ``t`` moved."""
+    if where is None:
+        return None
+
+    def side(e):
+        if isinstance(e, Binary) and e.op in ("and", "or"):
+            return Binary(e.op, side(e.left), side(e.right))
+        if isinstance(e, Binary) and e.op in ("<", "<=", ">", ">=", "==", "!="):
+            return Binary(e.op, move(e.left) or _moved_reads(e.left, move),
+                          move(e.right) or _moved_reads(e.right, move))
+        return _moved_reads(e, move)
+    return side(where)
+
+
+def _moved_reads(e, move):
+    return transform(e, lambda n: dataclasses.replace(
+        n, subscripts=tuple(move(s) or s for s in n.subscripts)) if isinstance(n, Access) else None)
+
+
+def _shift_of(st: Einsum, computed: dict, long: frozenset[str]
+              ) -> tuple[str, object, str] | None:
+    """(lhs rank t, the shift c, the rank read at t + c) where ``st`` reads a computed
+    tensor over two long ranks (a ``P × M`` one) at ``t + c``, ``c`` a nonzero size
+    expression, and that rank is free in ``st``; None otherwise."""
+    import sympy
+
+    for t in st.lhs:
+        t_sym = sympy.Symbol(f"_i_{t}", integer=True)
+        for n in walk(st.expr):
+            if not (isinstance(n, Access) and n.tensor in computed
+                    and len(set(computed[n.tensor].lhs) & long) >= 2):
+                continue  # (a vector read shifted, CG[p + M - P], is saved at O(rows))
+            for k, s in enumerate(n.subscripts):
+                x = _affine_sym(s)
+                if x is None or not x.has(t_sym):
+                    continue
+                c = sympy.expand(x - t_sym)
+                rank = computed[n.tensor].lhs[k]
+                used = set(st.lhs) | {r for m in walk(st.expr) if isinstance(m, Reduce)
+                                      for r in m.ranks}
+                if c != 0 and not any(str(f).startswith("_i_") for f in c.free_symbols) \
+                        and rank not in used:
+                    return t, c, rank
+    return None
+
+
 def _reduced_long(st, long: frozenset[str]) -> set[str]:
     out = set()
     for n in walk(st.expr):
@@ -460,6 +610,7 @@ def backward_program(defn: Definition, backend: str = "triton",
     scatters: tuple = ()
     if backend != "numpy":  # kernels have no atomics: the host adds scattered gradients
         cascade, scatters = host_scatters(cascade, saved_dtype(backend))
+        cascade = unshift_gradients(cascade)  # no P x M tensor read at another row
     filled: list[str] = []
     if backend != "numpy":  # kernels have no form for a fill: a stage boundary is one
         cascade, filled = fills_as_stage_inputs(cascade)

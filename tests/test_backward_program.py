@@ -184,7 +184,7 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
 @pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
                                   "differential.attn", "linear_causal.attn", "softpick.attn",
                                   "rwkv.attn", "prefix_lm.attn", "linear.attn",
-                                  "fusemax/deferred_2pass.attn", "cosine.attn"])
+                                  "fusemax/deferred_2pass.attn", "cosine.attn", "gla.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -219,7 +219,7 @@ def test_torch_autograd_and_torch_compile_fullgraph(tmp_path):
         assert mod.causal_softmax(Q, K, V).grad_fn is None
 
 
-@pytest.mark.parametrize("name", ["causal.attn", "linear.attn"])
+@pytest.mark.parametrize("name", ["causal.attn", "linear.attn", "gla.attn"])
 def test_cuda_backward_under_emulation(tmp_path, monkeypatch, name):
     pytest.importorskip("torch")
     monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
@@ -233,9 +233,12 @@ def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_pat
     with pytest.raises(NotTileable, match=r"stage \d+ \(.*\) has no kernel program: .*"
                                           r"filling their absent points with 0"):
         backward_program(_example("infini.attn"), "triton")
-    with pytest.raises(NotTileable, match=r"would save dS_1\[P,M\], a tensor over two "
+    # scores read at another row than the one that makes them (p // 2: no shift to undo)
+    halves = parse("attention q(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {\n  S[p,m] = Q[p,e] * K[m,e]\n"
+                   "  O[p,f] = S[p,m] * S[p // 2, m] * V[m,f]\n}\n").definitions[0]
+    with pytest.raises(NotTileable, match=r"would save S\[P,M\], a tensor over two "
                                           r"sequence ranks"):
-        backward_program(_example("gla.attn"), "triton")
+        backward_program(halves, "triton")
     r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "infini.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
                        capture_output=True, text=True)
@@ -517,3 +520,27 @@ def test_kernels_that_assume_ranks_non_empty_say_so_per_call(tmp_path):
     Q, K, V = torch.randn(5, 4), torch.randn(0, 4), torch.randn(0, 3)
     with pytest.raises(ValueError, match="M = 0"):
         mod.linear_attention_backward(Q, K, V, torch.randn(5, 3))
+
+
+def test_a_gradient_read_at_a_shifted_row_is_computed_where_it_is_made_and_shifted_after():
+    """GLA's dCG_1[t] read dS_1[t + P - M, m]: dS_1 was saved whole (P x M).  Computed over
+    p and shifted once after, the backward stays O(rows) and every stage lowers; the
+    rewrite keeps the backward's values (P < M, P = M, P > M)."""
+    from attnc.einsum_ir.printer import print_statement
+    from attnc.passes.backward_program import unshift_gradients
+
+    bw = backward(_example("gla.attn"))
+    out = unshift_gradients(bw)
+    made = {st.tensor: print_statement(st) for st in out.statements}
+    assert made["dCG_1"] == "dCG_1[t] = dCG_1_unshifted[t + P - M]"
+    assert made["dCG_1_unshifted"].startswith("dCG_1_unshifted[p] = sum[m, e](dS_1[p,m] * ")
+    assert made["S"] == print_statement(next(s for s in bw.statements if s.tensor == "S"))
+    rng = np.random.default_rng(0)
+    for P, M in ((5, 9), (9, 9), (7, 4)):
+        args = [rng.standard_normal((P, 3)), rng.standard_normal((M, 3)),
+                rng.standard_normal((M, 2)), -0.1 * np.abs(rng.standard_normal(M)),
+                rng.standard_normal((P, 2))]
+        for a, b in zip(interpret(bw, *args), interpret(out, *args)):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    stages = backward_program(_example("gla.attn"), "triton").stages
+    assert "dS_1" not in {o.name for s in stages for o in s.outputs}

@@ -37,8 +37,9 @@ from .tile import NotTileable, TileProgram, tile_program
 
 
 def kernel_blocker(tp: TileProgram, roles) -> str | None:
-    """Why one kernel cannot hold ``tp`` (a long rank held whole), or None."""
-    long = long_ranks(tp.cascade) | ({tp.stream_rank} if tp.stream_rank else set())
+    """Why one kernel cannot hold ``tp`` (a long rank held whole, ``let`` sizes of long
+    ranks too: a paged cache's ``let M = NB * PG``), or None."""
+    long = long_with_lets(tp.cascade) | ({tp.stream_rank} if tp.stream_rank else set())
     held = [r for r in roles.vector if r not in (roles.row, roles.tile) and r in long]
     if held:
         return f"the kernel would hold the long rank {held[0]} whole in every program"

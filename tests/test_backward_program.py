@@ -544,3 +544,15 @@ def test_a_gradient_read_at_a_shifted_row_is_computed_where_it_is_made_and_shift
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
     stages = backward_program(_example("gla.attn"), "triton").stages
     assert "dS_1" not in {o.name for s in stages for o in s.outputs}
+
+
+def test_a_scalar_gradients_rows_stream_a_let_sized_key_rank(tmp_path):
+    """paged prefill's keys are ``let M = NB * PG``: a kernel that held M whole (the dscale
+    rows stage streamed the heads instead, with rows x heads x E x M blocks past Triton's
+    element limit at real sizes) is refused like one over an argument's rank, and the rows
+    stream the keys with matrix products."""
+    program = backward_program(_example("paged_prefill.attn"), "triton")
+    (stage,) = [s for s in program.stages if "dscale_1_rows" in {o.name for o in s.outputs}]
+    _, files = compile_module(ir.Module((stage,)), "triton", "stage")
+    text = files["stage.py"]
+    assert "for m1 in range(" in text and "tl.dot(" in text and "for h1 in range(" not in text

@@ -135,34 +135,32 @@ def scatter_function(name: str, cascade: Definition, sc: HostScatter) -> str:
                 lines.append(f"    {pyname(r)} = _t[{a.name!r}].shape[{i - len(a.ranks)}]")
     for let in cascade.lets:
         lines.append(f"    {pyname(let.name)} = {size_code(let.value, True, 'math')}")
-    lines.append(f"    ix = dict(zip({list(sc.part_ranks)!r}, "
-                 f"_bw_ranks(_t[{sc.part!r}], {len(sc.part_ranks)})))")
-    lines.append("    pres = []")
-    codes = ", ".join(_torch_index(t) for t in sc.targets)
+    codes = ", ".join(_torch_index(t, sc.part_ranks) for t in sc.targets)
     lines.append(f"    return _bw_scatter(_t[{sc.part!r}], _t[{sc.arg!r}], {len(sc.part_ranks)}, "
-                 f"[{codes}], pres)")
+                 f"lambda ix, gather: [{codes}])")
     return "\n".join(lines) + "\n"
 
 
-def _torch_index(e) -> str:
-    """An integer subscript as torch code over the part's rank indices ``ix`` and sizes; an
-    index tensor's element through ``_bw_gather`` (absent outside it)."""
+def _torch_index(e, ranks: tuple[str, ...]) -> str:
+    """An integer subscript as torch code over the part's rank indices ``ix`` (by position
+    in ``ranks``) and sizes; an index tensor's element through ``gather`` (per batch
+    element, absent outside it)."""
     from ..einsum_ir.ir import Access, Binary, Index, Num, Size, Unary
     from .numpy_backend import pyname
 
     if isinstance(e, Index):
-        return f"ix[{e.rank!r}]"
+        return f"ix[{ranks.index(e.rank)}]"
     if isinstance(e, Size):
         return pyname(e.rank)
     if isinstance(e, Num):
         return str(int(e.value))
     if isinstance(e, Unary) and e.op == "-":
-        return f"(-{_torch_index(e.operand)})"
+        return f"(-{_torch_index(e.operand, ranks)})"
     if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
-        return f"({_torch_index(e.left)} {e.op} {_torch_index(e.right)})"
+        return f"({_torch_index(e.left, ranks)} {e.op} {_torch_index(e.right, ranks)})"
     if isinstance(e, Access):
-        subs = ", ".join(_torch_index(s) for s in e.subscripts)
-        return f"_bw_gather(_t[{e.tensor!r}], pres, {subs})"
+        subs = ", ".join(_torch_index(s, ranks) for s in e.subscripts)
+        return f"gather(_t[{e.tensor!r}], {subs})"
     raise NotTileable(f"a scattered gradient's place {e} has no host form")
 
 

@@ -556,3 +556,24 @@ def test_a_scalar_gradients_rows_stream_a_let_sized_key_rank(tmp_path):
     _, files = compile_module(ir.Module((stage,)), "triton", "stage")
     text = files["stage.py"]
     assert "for m1 in range(" in text and "tl.dot(" in text and "for h1 in range(" not in text
+
+
+def test_scattered_gradients_take_batch_dims_and_broadcasts(tmp_path):
+    """Batch dims (2, 1) on the queries and (3,) on the cache and the page table: the host
+    gathers each batch element's page table, and the cache's gradient is per element of
+    the call's batch (2, 3), as the interpreted backward and the kernels' other gradients."""
+    import torch
+
+    d, mod = _compiled(tmp_path, "paged_decode.attn", "triton", tile=16)
+    sizes = {"B": 4, "H": 4, "E": 5, "NP": 5, "PG": 3, "HK": 2, "F": 3, "NB": 4}
+    rng = np.random.default_rng(2)
+    args, _ = random_call(d, rng, sizes, (2, 1), (3,))
+    do = rng.standard_normal(np.shape(interpret(d, *args)))
+    ref = interpret(backward(d), *args, do)
+    cast = [torch.tensor(a, dtype=torch.float32) if a.dtype == np.float64 else torch.tensor(a)
+            for a in args]
+    got = mod.paged_decode_backward(*cast, torch.tensor(do, dtype=torch.float32))
+    for g, r in zip(got, ref):
+        r = np.asarray(r, dtype=np.float64)
+        assert g.shape == r.shape
+        assert np.abs(g.numpy() - r).max() <= 2e-5 * (np.abs(r).max() + 1e-3)

@@ -226,9 +226,6 @@ def unshift_gradients(cascade: Definition) -> Definition:
     """
     import sympy
 
-    from ..einsum_ir.exprs import accessed_tensors
-    from .names import fresh_rank
-
     computed = {st.tensor: st for st in cascade.statements}
     long = long_with_lets(cascade)
     statements = []
@@ -247,15 +244,13 @@ def unshift_gradients(cascade: Definition) -> Definition:
                 return None
             return _from_sym(x.subs(to_new))
 
-        def sub_all(e, move=move):
-            if e is None:
-                return None
-            return _moved_reads(e, move)
-
+        expr, where = _moved_reads(st.expr, move), _sub_where(st.where, move)
+        if any(t in free_ranks(e) for e in (expr, where) if e is not None):
+            statements.append(st)  # t read otherwise than at an affine subscript
+            continue
         lhs = tuple(new if r == t else r for r in st.lhs)
         name = f"{st.tensor}_unshifted"
-        statements.append(Einsum(name, lhs, sub_all(st.expr), _sub_where(st.where, move),
-                                 loc=st.loc))
+        statements.append(Einsum(name, lhs, expr, where, loc=st.loc))
         back = tuple(_from_sym(t_sym + c) if r == new else Index(r) for r in lhs)
         statements.append(Einsum(st.tensor, st.lhs, Access(name, back), None, loc=st.loc))
     return dataclasses.replace(cascade, statements=tuple(statements))

@@ -159,31 +159,15 @@ def _scatter_split(st: Einsum) -> tuple[Einsum, tuple[Expr, ...]] | None:
 
 
 def _affine_sym(e: Expr):
-    """An integer-affine subscript as a sympy expression (index ``i`` as ``_i_I``, sizes as
-    their symbols), or None where it is not one."""
-    import sympy
+    """An integer-affine subscript as sympy (indices as ``i_R``; the reassociate pass's
+    form), or None where it is not one."""
+    from .reassociate import _affine
 
-    from ..einsum_ir.ir import Unary, size_symbol
-
-    if isinstance(e, Index):
-        return sympy.Symbol(f"_i_{e.rank}", integer=True)
-    if isinstance(e, Size):
-        return size_symbol(e.rank)
-    if isinstance(e, Num) and float(e.value).is_integer():
-        return sympy.Integer(int(e.value))
-    if isinstance(e, Unary) and e.op == "-":
-        x = _affine_sym(e.operand)
-        return None if x is None else -x
-    if isinstance(e, Binary) and e.op in ("+", "-", "*"):
-        a, b = _affine_sym(e.left), _affine_sym(e.right)
-        if a is None or b is None:
-            return None
-        return a + b if e.op == "+" else a - b if e.op == "-" else a * b
-    return None
+    return _affine(e)
 
 
 def _from_sym(x) -> Expr:
-    """:func:`_affine_sym`'s inverse (a sum of products, in sympy's order)."""
+    """:func:`_affine_sym`'s inverse (a sum of products, positive terms first)."""
     import sympy
 
     from ..einsum_ir.ir import Unary
@@ -192,7 +176,7 @@ def _from_sym(x) -> Expr:
         if a.is_Integer:
             return Num(int(a))
         name = a.name
-        return Index(name[3:]) if name.startswith("_i_") else Size(name)
+        return Index(name[2:]) if name.startswith("i_") else Size(name)
 
     def term(t):
         coeff, rest = t.as_coeff_mul()
@@ -235,8 +219,8 @@ def unshift_gradients(cascade: Definition) -> Definition:
             statements.append(st)
             continue
         t, c, new = shift
-        t_sym = sympy.Symbol(f"_i_{t}", integer=True)
-        to_new = {t_sym: sympy.Symbol(f"_i_{new}", integer=True) - c}
+        t_sym = sympy.Symbol(f"i_{t}", integer=True)
+        to_new = {t_sym: sympy.Symbol(f"i_{new}", integer=True) - c}
 
         def move(e, to_new=to_new, t_sym=t_sym):
             x = _affine_sym(e)
@@ -284,7 +268,7 @@ def _shift_of(st: Einsum, computed: dict, long: frozenset[str]
     import sympy
 
     for t in st.lhs:
-        t_sym = sympy.Symbol(f"_i_{t}", integer=True)
+        t_sym = sympy.Symbol(f"i_{t}", integer=True)
         for n in walk(st.expr):
             if not (isinstance(n, Access) and n.tensor in computed
                     and len(set(computed[n.tensor].lhs) & long) >= 2):
@@ -297,7 +281,7 @@ def _shift_of(st: Einsum, computed: dict, long: frozenset[str]
                 rank = computed[n.tensor].lhs[k]
                 used = set(st.lhs) | {r for m in walk(st.expr) if isinstance(m, Reduce)
                                       for r in m.ranks}
-                if c != 0 and not any(str(f).startswith("_i_") for f in c.free_symbols) \
+                if c != 0 and not any(str(f).startswith("i_") for f in c.free_symbols) \
                         and rank not in used:
                     return t, c, rank
     return None

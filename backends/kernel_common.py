@@ -30,6 +30,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Expr, Index, Num, Param
                             Size, Unary)
 from ..einsum_ir.kernel import CeilDiv, FloatFloor, FloorDiv, IMax, IMin
 from ..einsum_ir.types import INT, INTEGER_DTYPES, type_env
+from ..passes.defer_normalization import linear_terms, signed_sum
 from ..passes.tile import TileProgram
 
 
@@ -82,22 +83,6 @@ def _integer_affine(e: Expr) -> bool:
     return False
 
 
-def _signed_terms(e: Expr, sign: int = 1) -> list[tuple[int, Expr]]:
-    """``a - (b + c)`` -> ``[(1, a), (-1, b), (-1, c)]``."""
-    if isinstance(e, Binary) and e.op in ("+", "-"):
-        return _signed_terms(e.left, sign) + _signed_terms(e.right, sign if e.op == "+" else -sign)
-    if isinstance(e, Unary) and e.op == "-":
-        return _signed_terms(e.operand, -sign)
-    return [(sign, e)]
-
-
-def _signed_sum(terms: list[tuple[int, Expr]]) -> Expr:
-    out = terms[0][1] if terms[0][0] > 0 else Unary("-", terms[0][1])
-    for sign, t in terms[1:]:
-        out = Binary("+" if sign > 0 else "-", out, t)
-    return out
-
-
 def split_affine_bias(e: Expr, tile: str | None) -> Expr | None:
     """``L ± c * A`` with ``A`` an integer-affine position (ALiBi's ``p + M - P - (m1*M0 +
     m0)``) and ``c`` constant along the tile: the position split into its part per row and
@@ -120,13 +105,13 @@ def split_affine_bias(e: Expr, tile: str | None) -> Expr | None:
     for c, a in ((prod.left, prod.right), (prod.right, prod.left)):
         if not _integer_affine(a) or tile in free_ranks(c) or tile not in free_ranks(a):
             continue
-        terms = _signed_terms(a)
+        terms = linear_terms(a)
         col = [(s, t) for s, t in terms if tile in free_ranks(t)]
         row = [(s, t) for s, t in terms if tile not in free_ranks(t)]
         if not any(free_ranks(t) for _, t in row) or any(free_ranks(t) != {tile} for _, t in col):
             return None
-        return Binary(e.op, Binary(e.op, e.left, Binary("*", c, _signed_sum(row))),
-                      Binary("*", c, _signed_sum(col)))
+        return Binary(e.op, Binary(e.op, e.left, Binary("*", c, signed_sum(row))),
+                      Binary("*", c, signed_sum(col)))
     return None
 
 

@@ -739,12 +739,13 @@ class _Builder:
             return False
         point = dict(zip(st.lhs, acc.subscripts))
         implied = self.implied(x, 0) | self.extra_implied
-        if st.where is not None and not (free_ranks(st.where) & set(reduced)) \
-                and substitute(st.where, point) not in implied:
-            return False  # a where that x's own presence implies is fine
-
         def where_holds(at: dict) -> bool:
-            return st.where is None or substitute(st.where, at) in implied
+            return st.where is None or substitute(st.where, at) in implied or all(
+                c in implied or self.always_holds(c) for c in conjuncts(substitute(st.where, at)))
+
+        if st.where is not None and not (free_ranks(st.where) & set(reduced)) \
+                and not where_holds(point):
+            return False  # a where that x's own presence implies (or always true) is fine
 
         whole_fiber = st.where is None or not (free_ranks(st.where) & set(reduced))
         if reduced and whole_fiber and all(
@@ -778,9 +779,90 @@ class _Builder:
         mine = {s.rank for s in x.subscripts if isinstance(s, Index)}
         if set(reduced) <= mine and set(reduced).isdisjoint(point):
             pinned = {**point, **{r: Index(r) for r in reduced}}
-            return where_holds(pinned) and all(self.present_with(_at(n, pinned), x, depth + 1)
-                                    for n in walk(body) if isinstance(n, Access))
+            if where_holds(pinned) and all(self.present_with(_at(n, pinned), x, depth + 1)
+                                           for n in walk(body) if isinstance(n, Access)):
+                return True
+        return self.witnessed_fiber(st, point, x, depth)
+
+    def witnessed_fiber(self, st: Einsum, point: dict, x: Access, depth: int) -> bool:
+        """A masked reduction is present where ``x`` is when its fiber has a point the mask
+        always admits: the ranks the ``where`` constrains pinned to indices of ``x``'s point
+        of the same size (so in range), every conjunct there implied by ``x``'s presence or
+        true at every point (:meth:`always_holds`), and the reads there present where ``x``
+        is.  ``SNV[p,f] = sum[m](SN[p,m] * V[m,f])   where m <= p and m >= p // L * L``
+        (Infini-attention's local softmax) has ``m = p``: ``p <= p``, ``p >= p // L * L``.
+        The other reduced ranks keep the whole fiber (reads present everywhere; a rank
+        assumed non-empty, as for an unmasked sum)."""
+        reduced = st.expr.ranks
+        if any(free_ranks(s) & set(reduced) for s in point.values()):
+            return False
+        body = st.expr.body
+        spots = [s.rank for s in dict.fromkeys(tuple(x.subscripts) + tuple(point.values()))
+                 if isinstance(s, Index)]
+        masked = [r for r in reduced if st.where is not None and r in free_ranks(st.where)]
+        implied = self.implied(x, 0) | self.extra_implied
+        # every reduced rank pinned (the reads' own masks: SN[p,m] of a masked S), else the
+        # ones the where names (the others' reads present everywhere)
+        choices = _assignments(list(reduced), spots, self.same_size)
+        if masked and len(masked) < len(reduced):
+            choices += _assignments(masked, spots, self.same_size)
+        for choice in choices:
+            pinned = {**point, **{r: Index(s) for r, s in choice.items()}}
+            if st.where is not None and not all(
+                    c in implied or self.always_holds(c)
+                    for c in conjuncts(substitute(st.where, pinned))):
+                continue
+            free = set(reduced) - set(choice)
+            if all(self.always_present(n, 0) if free_ranks(n) & free else
+                   self.present_with(_at(n, pinned), x, depth + 1)
+                   for n in walk(body) if isinstance(n, Access)):
+                self.assumed |= {r for r in free if ("nonempty", r) not in implied}
+                return True
         return False
+
+    def always_holds(self, cond: Expr) -> bool:
+        """An integer comparison true at every point: its slack, over indices >= 0 and
+        sizes >= 0 (``floor(a / b)`` as ``(a - Mod(a, b)) / b`` for a positive ``b``), is
+        known non-negative by sympy (``p - p // L * L`` is ``Mod(p, L)``)."""
+        if not (isinstance(cond, Binary) and cond.op in ("<", "<=", ">", ">=", "==")):
+            return False
+        a, b = self.integer_sym(cond.left), self.integer_sym(cond.right)
+        if a is None or b is None:
+            return False
+        slack = {"<": b - a - 1, "<=": b - a, ">": a - b - 1, ">=": a - b, "==": a - b}[cond.op]
+        slack = sympy.expand(slack.replace(
+            lambda e: isinstance(e, sympy.floor),
+            lambda e: (e.args[0].as_numer_denom()[0]
+                       - sympy.Mod(*e.args[0].as_numer_denom())) / e.args[0].as_numer_denom()[1]))
+        if cond.op == "==":
+            return slack == 0
+        return bool(slack.is_nonnegative)
+
+    def integer_sym(self, e: Expr) -> sympy.Expr | None:
+        """An integer subscript-like expression as sympy: indices non-negative integers,
+        sizes non-negative (``let`` values substituted), ``//`` and ``%`` by a positive
+        divisor; None otherwise."""
+        if isinstance(e, Num) and isinstance(e.value, int):
+            return sympy.Integer(e.value)
+        if isinstance(e, Index):
+            return sympy.Symbol(f"i_{e.rank}", integer=True, nonnegative=True)
+        if isinstance(e, Size):
+            size = self.size(e.rank)
+            return size.subs({s: sympy.Symbol(s.name, integer=True, nonnegative=True)
+                              for s in size.free_symbols})
+        if isinstance(e, Unary) and e.op == "-":
+            inner = self.integer_sym(e.operand)
+            return None if inner is None else -inner
+        if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
+            a, b = self.integer_sym(e.left), self.integer_sym(e.right)
+            if a is None or b is None:
+                return None
+            if e.op in ("//", "%"):
+                if not b.is_positive:
+                    return None
+                return sympy.floor(a / b) if e.op == "//" else sympy.Mod(a, b)
+            return {"+": a + b, "-": a - b, "*": a * b}[e.op]
+        return None
 
     def in_bounds(self, sub: Expr, rank: str) -> bool:
         """``sub`` (over the ranks of the reading statement) stays inside ``rank``: the rank
@@ -850,8 +932,8 @@ class _Builder:
     def always_present(self, acc: Access, depth: int) -> bool:
         """Present at every point: an input read at its own ranks, or a map without
         ``where`` of such values (``FK[m,e] = elu(K[m,e]) + 1``)."""
-        if acc.tensor in self.args:
-            return acc.subscripts == tuple(Index(r) for r in self.args[acc.tensor].ranks)
+        if acc.tensor in self.args:  # K[m,e] for K[P,E] with M = P too
+            return self.in_range(acc)
         st = self.statement.get(acc.tensor)
         if (depth > 8 or not isinstance(st, Einsum) or st.where is not None
                 or any(isinstance(n, Reduce) for n in walk(st.expr))

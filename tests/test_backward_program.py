@@ -184,7 +184,8 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
 @pytest.mark.parametrize("name", ["mha.attn", "softcap.attn", "mqa_decode.attn", "alibi.attn",
                                   "differential.attn", "linear_causal.attn", "softpick.attn",
                                   "rwkv.attn", "prefix_lm.attn", "linear.attn",
-                                  "fusemax/deferred_2pass.attn", "cosine.attn", "gla.attn"])
+                                  "fusemax/deferred_2pass.attn", "cosine.attn", "gla.attn",
+                                  "infini.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -219,7 +220,7 @@ def test_torch_autograd_and_torch_compile_fullgraph(tmp_path):
         assert mod.causal_softmax(Q, K, V).grad_fn is None
 
 
-@pytest.mark.parametrize("name", ["causal.attn", "linear.attn", "gla.attn"])
+@pytest.mark.parametrize("name", ["causal.attn", "linear.attn", "gla.attn", "infini.attn"])
 def test_cuda_backward_under_emulation(tmp_path, monkeypatch, name):
     pytest.importorskip("torch")
     monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
@@ -228,18 +229,24 @@ def test_cuda_backward_under_emulation(tmp_path, monkeypatch, name):
 
 
 def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_path):
-    # infini's filled contributions are over P and M: stored at a stage boundary they would
-    # be a P x M buffer, so they keep their fill
+    # the scores' two contributions are present under different masks (m <= p, m >= p):
+    # filled, they would be a P x M buffer at a stage boundary, so they keep their fill
+    two_masks = ("attention two_masks(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {\n"
+                 "  S[p,m] = Q[p,e] * K[m,e]\n"
+                 "  A[p,f] = S[p,m] * V[m,f]   where m <= p\n"
+                 "  B[p,f] = S[p,m] * V[m,f]   where m >= p\n"
+                 "  O[p,f] = A[p,f] + B[p,f]\n}\n")
     with pytest.raises(NotTileable, match=r"stage \d+ \(.*\) has no kernel program: .*"
                                           r"filling their absent points with 0"):
-        backward_program(_example("infini.attn"), "triton")
+        backward_program(parse(two_masks).definitions[0], "triton")
     # scores read at another row than the one that makes them (p // 2: no shift to undo)
     halves = parse("attention q(Q[P,E], K[M,E], V[M,F]) -> O[P,F] {\n  S[p,m] = Q[p,e] * K[m,e]\n"
                    "  O[p,f] = S[p,m] * S[p // 2, m] * V[m,f]\n}\n").definitions[0]
     with pytest.raises(NotTileable, match=r"would save S\[P,M\], a tensor over two "
                                           r"sequence ranks"):
         backward_program(halves, "triton")
-    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(EXAMPLES / "infini.attn"),
+    (tmp_path / "two_masks.attn").write_text(two_masks)
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(tmp_path / "two_masks.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2

@@ -28,8 +28,10 @@ per query head, then sum each group.
 A tensor no statement reads back has no adjoint; an output's adjoint is an input ``dAV``.
 Masked rows therefore get zero gradients, never NaN (the division ``a / b`` is
 differentiated only where it was computed).  Integer and bool tensors, and ``where``
-conditions, are constants.  Iterative cascades are refused: a recurrence's backward is not
-derived, and a hand-written online cascade's source form is the one to differentiate.
+conditions, are constants.  A prefix-sum recurrence ``T[i+1, x] = T[i, x] + E`` is
+delooped (:mod:`attnc.passes.deloop`) and its adjoint is a suffix sum
+(:meth:`_Builder.propagate_recurrence`); other recurrences are refused (a hand-written
+online cascade's source form is the one to differentiate).
 Other subscripts that are not a rank's own
 index scatter by a filter (``... where sub == r``).
 """
@@ -47,6 +49,7 @@ from ..einsum_ir.types import FLOAT, type_env
 from ..einsum_ir.ir import size_symbol
 from .canonicalize import canonicalize
 from .defer_normalization import conjoin, conjuncts, taken_names
+from .deloop import NotAdditive, Recurrence, delooped
 from .names import fresh_rank
 from .shift_invariance import shifts
 from .tile_loads import substitute
@@ -177,17 +180,23 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
     emptiness then does not tell contributions apart: a caller checks the sizes)."""
     defn = canonicalize(defn)
     iterative = [st for st in defn.statements if isinstance(st, IterativeEinsum)]
-    if iterative:
+    try:
+        defn, recurrences = delooped(defn)
+    except NotAdditive as why:
         raise NotDifferentiable(
             f"{defn.name} is an iterative cascade ({iterative[0].tensor} over "
-            f"{iterative[0].iter_rank}): a recurrence's backward is not derived; a hand-written "
-            f"online cascade is differentiated through its source form, whose derived online "
-            f"form the backward recomputes")
+            f"{iterative[0].iter_rank}) whose backward is not derived: {why}; a prefix sum "
+            f"(T[i+1, ...] = T[i, ...] + step) is; a hand-written online cascade is "
+            f"differentiated through its source form, whose derived online form the backward "
+            f"recomputes") from None
     lets = {let.name for let in defn.lets}
     types = type_env(defn)
     floats = {a.name for a in defn.tensor_args if a.dtype is None or a.dtype in
               ("f16", "bf16", "f32", "f64")}
     floats |= {st.tensor for st in defn.statements if types.of(st.expr) == FLOAT}
+    for rec in recurrences:  # (FS[0,m] = 0 is an integer; its update adds floats)
+        if types.of(rec.update.expr) == FLOAT:
+            floats |= {rec.tensor, rec.at, rec.final} - {None}
     params = {p.name for p in defn.scalar_params if p.dtype is None or p.dtype.startswith(("f", "b"))}
     targets = tuple(wrt) if wrt is not None else tuple(
         [a.name for a in defn.tensor_args if a.name in floats] + sorted(params))
@@ -199,8 +208,16 @@ def backward(defn: Definition, wrt: tuple[str, ...] | None = None,
     b.nonempty = frozenset(nonempty)
     for out in defn.outputs:
         b.seed(out)
+    by_tensor = {r.tensor: r for r in recurrences}
+    # a step's or the final step's copy passes its adjoint to the recurrence's (whose
+    # every step is present: a constant start, carried), read there without T itself
+    copies = {r.final for r in recurrences} | {r.at for r in recurrences}
     for st in reversed(defn.statements):
-        b.propagate(st)
+        if isinstance(st, IterativeEinsum):
+            if not st.init:
+                b.propagate_recurrence(by_tensor[st.tensor])
+        elif st.tensor not in copies:
+            b.propagate(st)
     outputs, statements = [], list(defn.statements)
     for name in targets:
         grad, stmts = b.gradient(name)
@@ -302,6 +319,67 @@ class _Builder:
             if _is_zero(d):
                 continue
             self.contribute(st, node, _present_where(_mul(seed, d), reads), space)
+
+    def propagate_recurrence(self, rec: Recurrence) -> None:
+        """The adjoint of a prefix sum ``T[i+1, x] = T[i, x] + E`` (:mod:`.deloop`): every
+        step ``E`` computed at ``i`` reaches ``T`` at the steps after it and at the final
+        one, so its adjoint is a suffix sum of ``T``'s, run as a recurrence over a reversed
+        rank ``j`` (``i = I - 1 - j``); the init's is the whole sum.  Before → after::
+
+            FS[0,m] = 0;  FS[ps+1,m] = FS[ps,m] + relu(S[ps,m])   where m < ps
+         ->
+            dFS_suffix[0,m] = 0                     (dFS_final[m] when the last step is read)
+            dFS_suffix[psx+1,m] = dFS_suffix[psx,m] + dFS[PS - 1 - psx, m]
+            dFS_after[psx,m] = dFS_suffix[psx,m]    (steps after PS - 1 - psx)
+            dFS_step[ps,m] = dFS_after[PS - 1 - ps, m]
+            dS_k[ps,m] = dFS_step[ps,m] * select(S[ps,m] > 0, 1, 0)   where m < ps
+
+        An absent ``dFS`` element is not added (the update is not computed: it carries),
+        so no fill is needed; the step's own contributions go through :meth:`propagate`
+        of ``FS_step[ps,m] = relu(S[ps,m]) where m < ps``."""
+        dT = self.finish(rec.at)
+        dF = self.finish(rec.final) if rec.final else None
+        if dT is None and dF is None:
+            return
+        lhs = rec.update.lhs
+        xs = tuple(r for r in lhs if r != rec.rank)
+        j = self.alias(rec.rank)
+        lhs_j = tuple(j if r == rec.rank else r for r in lhs)
+        ids_j = tuple(Index(r) for r in lhs_j)
+        start: Expr = Num(0)
+        if dF is not None:  # absent -> 0 (a one-step fill), so later steps still add
+            z = fresh_rank("Z", self.taken)
+            self.taken |= {z, z.lower()}
+            self.lets.append(SizeLet(z, sympy.Integer(1)))
+            filled = self.fresh(f"{dF}_filled")
+            ids_x = tuple(Index(r) for r in xs)
+            self.pending += [IterativeEinsum(filled, (z,) + xs, z, True, Num(0)),
+                             IterativeEinsum(filled, (z,) + xs, z, False, Access(dF, ids_x))]
+            start = Access(filled, (Size(z),) + ids_x)
+        suffix = self.fresh(f"{adjoint_name(rec.tensor)}_suffix")
+        after = self.fresh(f"{adjoint_name(rec.tensor)}_after")
+        reversed_step = Binary("-", Binary("-", Size(rec.rank), Num(1)), Index(j))
+        added: Expr = Access(suffix, ids_j)
+        if dT is not None:
+            added = Binary("+", added, Access(dT, tuple(
+                reversed_step if r == j else Index(r) for r in lhs_j)))
+        self.pending += [IterativeEinsum(suffix, lhs_j, j, True, start),
+                         IterativeEinsum(suffix, lhs_j, j, False, added),
+                         Einsum(after, lhs_j, Access(suffix, ids_j))]
+        d_step = self.fresh(f"{adjoint_name(rec.tensor)}_step")
+        at_step = Binary("-", Binary("-", Size(rec.rank), Num(1)), Index(rec.rank))
+        self.pending.append(Einsum(d_step, lhs, Access(after, tuple(
+            at_step if r == rec.rank else Index(r) for r in lhs))))
+        step = Einsum(self.fresh(f"{rec.tensor}_step"), lhs, rec.step, rec.update.where)
+        self.adjoint[step.tensor] = d_step
+        self.propagate(step)
+        if any(isinstance(n, (Access, Param)) for n in walk(rec.init.expr)):
+            d_init = self.fresh(f"{adjoint_name(rec.tensor)}_init")
+            self.pending.append(Einsum(d_init, xs, Access(suffix, tuple(
+                Size(j) if r == j else Index(r) for r in lhs_j))))
+            init = Einsum(self.fresh(f"{rec.tensor}_init"), xs, rec.init.expr, rec.init.where)
+            self.adjoint[init.tensor] = d_init
+            self.propagate(init)
 
     def contribute(self, st: Einsum, node, value: Expr, space: tuple[str, ...]) -> None:
         """``dX_k[X's ranks] = sum[the rest](value) where st's where``.  A subscript that is

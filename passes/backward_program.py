@@ -426,6 +426,13 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
     options.setdefault("tile", 64)
     module = Module((defn,))
     if backend != "numpy" and any(not isinstance(st, Einsum) for st in defn.statements):
+        one_step = {let.name for let in defn.lets if let.value == 1}
+        loops = sorted({f"{st.tensor} over {st.iter_rank}" for st in defn.statements
+                        if not isinstance(st, Einsum) and st.iter_rank not in one_step})
+        if loops:
+            return (f"{defn.name}: it runs the recurrences {', '.join(loops)} (a forward prefix "
+                    f"sum recomputed, or an adjoint's suffix sum), and a backward "
+                    f"stage has no kernel form for a recurrence (the numpy backend runs it)")
         fills = sorted({st.tensor for st in defn.statements if not isinstance(st, Einsum)})
         return (f"{defn.name}: gradient contributions added after filling their absent "
                 f"points with 0 ({', '.join(fills)}): the compiler could not prove each "

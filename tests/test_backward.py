@@ -23,9 +23,10 @@ from conftest import EXAMPLES
 from example_refs import EXAMPLES as REFS
 from strategies import attention_cascades
 
+# hand-written online cascades (running maxima, rescaled states): their source forms are
+# the ones to differentiate; selective attention's prefix sum over the queries is derived
 ITERATIVE = {"fusemax/cascade5.attn", "fusemax/cascade5_causal.attn",
-             "fusemax/online_normalizer_2pass.attn",
-             "selective.attn"}  # a recurrence over the queries: its backward is not derived
+             "fusemax/online_normalizer_2pass.attn"}
 REFUSED: dict[str, str] = {}
 
 
@@ -142,6 +143,43 @@ def test_cli_backward(capsys):
     assert "causal_softmax_backward" in capsys.readouterr().out
     assert main(["compile", str(EXAMPLES / "fusemax/cascade5.attn"), "--backward"]) == 2
     assert "iterative" in capsys.readouterr().err
+
+
+RUNNING_SUM = """
+attention running(Q[P,E], K[M,E], V[M,F], c = 0.5) -> (O[P,F], TOT[M]) {
+  S[p,m]   = Q[p,e] * K[m,e]
+  R[0,m]   = c
+  R[p+1,m] = R[p,m] + exp(S[p,m])   where m <= p
+  O[p,f]   = R[p,m] * V[m,f] / (1 + R[p,m])
+  TOT[m]   = R[P,m] * R[P,m]
+}"""
+
+
+def test_a_prefix_sum_recurrence_is_differentiated_by_a_suffix_sum():
+    """A recurrence ``R[p+1,m] = R[p,m] + step`` read at every step and at its last, from a
+    parameter: each step's adjoint is the sum of R's over the later steps and the last
+    (an iterative suffix sum over a reversed rank), the start's the sum over all.  Matches
+    finite differences (the parameter's gradient too) and prints back as a spec."""
+    defn = parse(RUNNING_SUM).definitions[0]
+    for seed in range(3):
+        errors = directional_errors(defn, seed)
+        assert set(errors) == {"Q", "K", "V", "c"}
+        assert max(errors.values()) < 1e-6, errors
+    bw = backward(defn)
+    assert any(st.tensor == "dR_suffix" and getattr(st, "iter_rank", None)
+               for st in bw.statements)
+    assert parse(print_module(Module((bw,)))) == Module((bw,))
+    _same_gradients(defn, range(4), lo=0, hi=6)
+
+
+@pytest.mark.parametrize("update, why", [
+    ("R[p,m] * exp(S[p,m])", "not R\\[p, ...\\] plus a step"),
+    ("R[p,m] + R[p,m] * exp(S[p,m])", "the step R adds depends on R"),
+    ("max(R[p,m], S[p,m])", "running max or a rescaled state")])
+def test_a_recurrence_that_is_not_a_prefix_sum_is_refused_with_the_reason(update, why):
+    defn = parse(RUNNING_SUM.replace("R[p,m] + exp(S[p,m])", update)).definitions[0]
+    with pytest.raises(NotDifferentiable, match=why):
+        backward(defn)
 
 
 def _filled_everywhere(defn):

@@ -175,7 +175,8 @@ def _compiled(tmp_path, name, backend, **options):
 @pytest.mark.parametrize("name", ["causal.attn", "mha.attn", "document_mask.attn",
                                   "softcap.attn", "sliding_window.attn", "sigmoid.attn",
                                   "lse.attn", "gqa_decode.attn", "differential.attn",
-                                  "rwkv.attn", "softpick.attn", "prefix_lm.attn"])
+                                  "rwkv.attn", "softpick.attn", "prefix_lm.attn",
+                                  "selective.attn"])
 def test_numpy_backward_matches_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "numpy", tile=8)  # several tiles per row
     _check_module(mod, d, "numpy")
@@ -245,6 +246,10 @@ def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_pat
     with pytest.raises(NotTileable, match=r"would save S\[P,M\], a tensor over two "
                                           r"sequence ranks"):
         backward_program(halves, "triton")
+    # selective attention's recurrence over the queries (numpy runs its backward)
+    with pytest.raises(NotTileable, match=r"runs the recurrences FS over PS \(a forward "
+                                          r"prefix sum recomputed, or an adjoint's suffix sum\)"):
+        backward_program(_example("selective.attn"), "triton")
     (tmp_path / "two_masks.attn").write_text(two_masks)
     r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(tmp_path / "two_masks.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],

@@ -293,8 +293,10 @@ def cmd_check(args) -> int:
                 from ..backends.check import torch_caller
 
                 fn = torch_caller(fn, device, planned=getattr(args, "plan", False))
+            # a parameter's gradient sums cancelling parts over every point: 100x looser
             rows = check_definition(defn, fn, args.seed, tolerance, INTERPRETED_GRID_POINTS
-                                    if device == "cpu" else MAX_GRID_POINTS)
+                                    if device == "cpu" else MAX_GRID_POINTS,
+                                    100 * tolerance if getattr(args, "grad", False) else None)
             worst: dict[str, float] = {}
             for row in rows:
                 worst[row.output] = max(worst.get(row.output, 0.0), row.rel_error)
@@ -302,8 +304,9 @@ def cmd_check(args) -> int:
                     failed = True
                     print(f"MISMATCH {defn.name}.{row.output} sizes={row.sizes} "
                           f"batch={row.batch}: relative error {row.rel_error:.3g}")
+            allowed = {row.output: row.tolerance for row in rows}
             for out, err in worst.items():
-                status = "ok" if err <= tolerance else "FAIL"
+                status = "ok" if err <= allowed[out] else "FAIL"
                 print(f"{defn.name:24s} {out:12s} max relative error {err:.2e} over "
                       f"{len(rows) // len(worst)} shapes  {status}")
     return EXIT_MISMATCH if failed else 0

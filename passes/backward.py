@@ -48,7 +48,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.types import FLOAT, type_env
 from ..einsum_ir.ir import size_symbol
 from .canonicalize import canonicalize
-from .defer_normalization import conjoin, conjuncts, taken_names
+from .defer_normalization import affine_in_range, conjoin, conjuncts, taken_names
 from .deloop import NotAdditive, Recurrence, delooped
 from .names import fresh_rank
 from .shift_invariance import shifts
@@ -534,6 +534,7 @@ class _Builder:
         alias = fresh_rank(f"{rank}X", self.taken)
         self.taken |= {alias, alias.lower()}
         self.lets.append(SizeLet(alias, size_symbol(rank)))
+        self.let_values[alias] = size_symbol(rank)  # (same_size sees it)
         return alias
 
     def finish(self, name: str) -> str | None:
@@ -952,7 +953,8 @@ class _Builder:
             lets = {let.name: let.value for let in self.defn.lets}
             group = lets.get(sub.right.rank, size_symbol(sub.right.rank))
             return sympy.simplify(size_symbol(sub.left.rank) / group - size_symbol(rank)) == 0
-        return False
+        # a reversed read V[M - 1 - m, f] over m < M, or a shift that fits
+        return affine_in_range(sub, self.size(rank), self.size)
 
     def bounded_by(self, x: Access, depth: int) -> set:
         """``(subscript, rank)`` pairs that ``x`` being present shows are in bounds: its

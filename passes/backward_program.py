@@ -218,9 +218,9 @@ def unshift_gradients(cascade: Definition) -> Definition:
         if shift is None:
             statements.append(st)
             continue
-        t, c, new = shift
+        t, a, c, new = shift
         t_sym = sympy.Symbol(f"i_{t}", integer=True)
-        to_new = {t_sym: sympy.Symbol(f"i_{new}", integer=True) - c}
+        to_new = {t_sym: a * (sympy.Symbol(f"i_{new}", integer=True) - c)}  # (a = ±1)
 
         def move(e, to_new=to_new, t_sym=t_sym):
             x = _affine_sym(e)
@@ -235,7 +235,7 @@ def unshift_gradients(cascade: Definition) -> Definition:
         lhs = tuple(new if r == t else r for r in st.lhs)
         name = f"{st.tensor}_unshifted"
         statements.append(Einsum(name, lhs, expr, where, loc=st.loc))
-        back = tuple(_from_sym(t_sym + c) if r == new else Index(r) for r in lhs)
+        back = tuple(_from_sym(a * t_sym + c) if r == new else Index(r) for r in lhs)
         statements.append(Einsum(st.tensor, st.lhs, Access(name, back), None, loc=st.loc))
     return dataclasses.replace(cascade, statements=tuple(statements))
 
@@ -261,10 +261,11 @@ def _moved_reads(e, move):
 
 
 def _shift_of(st: Einsum, computed: dict, long: frozenset[str]
-              ) -> tuple[str, object, str] | None:
-    """(lhs rank t, the shift c, the rank read at t + c) where ``st`` reads a computed
-    tensor over two long ranks (a ``P × M`` one) at ``t + c``, ``c`` a nonzero size
-    expression, and that rank is free in ``st``; None otherwise."""
+              ) -> tuple[str, int, object, str] | None:
+    """(lhs rank t, a, c, the rank read at a·t + c) where ``st`` reads a computed tensor
+    over two long ranks (a ``P × M`` one) at ``a·t + c``: a shift (``a = 1``, ``c`` a
+    nonzero size expression) or a reflection (``a = -1``: the adjoint of a reversed read
+    ``V[M - 1 - m, f]``), that rank free in ``st``; None otherwise."""
     import sympy
 
     for t in st.lhs:
@@ -277,13 +278,16 @@ def _shift_of(st: Einsum, computed: dict, long: frozenset[str]
                 x = _affine_sym(s)
                 if x is None or not x.has(t_sym):
                     continue
-                c = sympy.expand(x - t_sym)
+                a = sympy.expand(x).coeff(t_sym)
+                if a not in (1, -1):
+                    continue
+                c = sympy.expand(x - a * t_sym)
                 rank = computed[n.tensor].lhs[k]
                 used = set(st.lhs) | {r for m in walk(st.expr) if isinstance(m, Reduce)
                                       for r in m.ranks}
-                if c != 0 and not any(str(f).startswith("i_") for f in c.free_symbols) \
-                        and rank not in used:
-                    return t, c, rank
+                if (c != 0 or a == -1) and rank not in used and \
+                        not any(str(f).startswith("i_") for f in c.free_symbols):
+                    return t, int(a), c, rank
     return None
 
 
@@ -592,11 +596,11 @@ def backward_program(defn: Definition, backend: str = "triton",
             source = backward(defn, wrt, assumed)
             nonempty = tuple(_locate(defn, r) for r in sorted(assumed))
     name = source.name
-    cascade, rows = _scalars_by_rows(source, backend, options)
+    cascade = source if backend == "numpy" else unshift_gradients(source)  # no P x M
+    cascade, rows = _scalars_by_rows(cascade, backend, options)  # tensor read at another row
     scatters: tuple = ()
     if backend != "numpy":  # kernels have no atomics: the host adds scattered gradients
         cascade, scatters = host_scatters(cascade, saved_dtype(backend))
-        cascade = unshift_gradients(cascade)  # no P x M tensor read at another row
     filled: list[str] = []
     if backend != "numpy":  # kernels have no form for a fill: a stage boundary is one
         cascade, filled = fills_as_stage_inputs(cascade)

@@ -327,7 +327,50 @@ class Presence:
             return d is not None and _same_size(self.size(sub.left.rank) / d, extent)
         if isinstance(sub, Binary) and sub.op == "%" and not free_ranks(sub.right):
             return sub.right == Size(arg.ranks[pos])  # floor modulo by N lies in [0, N)
+        return affine_in_range(sub, extent, self.size)
+
+
+def affine_in_range(sub: Expr, extent: sympy.Expr, size_of) -> bool:
+    """``sub`` is ``c + i`` or ``c - i`` over one index ``i`` and lies in ``[0, extent)``
+    for every ``i`` of its rank: a reversed read ``V[M - 1 - m, f]`` over ``m < M``, or a
+    shift that fits.  Sizes count as non-negative integers (``size_of``: a rank's size
+    through the ``let``s), so nothing relies on a size being positive."""
+    ranks = free_ranks(sub)
+    if len(ranks) != 1 or any(isinstance(n, Access) for n in walk(sub)):
         return False
+    (r,) = ranks
+
+    def nonneg(x: sympy.Expr) -> sympy.Expr:
+        return x.subs({f: sympy.Symbol(f.name, integer=True, nonnegative=True)
+                       for f in x.free_symbols})
+
+    def conv(e: Expr):
+        if isinstance(e, Num) and isinstance(e.value, int):
+            return sympy.Integer(e.value)
+        if isinstance(e, Index):
+            return sympy.Symbol("i_", integer=True, nonnegative=True)
+        if isinstance(e, Size):
+            return nonneg(size_of(e.rank))
+        if isinstance(e, Binary) and e.op in ("+", "-", "*"):
+            a, b = conv(e.left), conv(e.right)
+            if a is None or b is None:
+                return None
+            return a + b if e.op == "+" else a - b if e.op == "-" else a * b
+        return None
+
+    x = conv(sub)
+    if x is None:
+        return False
+    i = sympy.Symbol("i_", integer=True, nonnegative=True)
+    x = sympy.expand(x)
+    a = x.coeff(i)
+    c = sympy.expand(x - a * i)
+    if a not in (1, -1) or c.has(i):
+        return False
+    n = nonneg(size_of(r))
+    low, high = (c, c + n - 1) if a == 1 else (c - n + 1, c)
+    return bool(sympy.expand(low).is_nonnegative) and \
+        bool(sympy.expand(nonneg(extent) - 1 - high).is_nonnegative)
 
 
 def _indirect(sub: Expr) -> bool:

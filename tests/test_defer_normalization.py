@@ -223,3 +223,24 @@ def test_random_cascades_keep_their_meaning(defn):
         return
     for e, a in zip(expected, as_tuple(interpret(out, *args))):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-8, equal_nan=True)
+
+
+def test_affine_in_range_proves_reflections_and_fitting_shifts_only():
+    """``c ± i`` inside ``[0, extent)`` for every index of its rank, sizes only known
+    non-negative (a size of 0 must not make a bound true)."""
+    import sympy
+
+    from attnc.einsum_ir.ir import Binary, Index, Num, Size, size_symbol
+    from attnc.passes.defer_normalization import affine_in_range
+
+    sizes = {"M": size_symbol("M"), "W": size_symbol("W"), "T": size_symbol("M") + 2}
+    size_of = sizes.__getitem__
+    m, M = Index("M"), Size("M")
+    reflected = Binary("-", Binary("-", M, Num(1)), m)          # M - 1 - m
+    assert affine_in_range(reflected, sizes["M"], size_of)
+    assert not affine_in_range(Binary("-", M, m), sizes["M"], size_of)       # M at m = 0
+    assert not affine_in_range(Binary("+", m, Num(1)), sizes["M"], size_of)  # M at m = M - 1
+    assert affine_in_range(Binary("+", m, Num(2)), sizes["T"], size_of)      # into M + 2
+    assert not affine_in_range(Binary("-", Binary("+", m, Size("W")), Num(1)), sizes["M"] +
+                               size_symbol("W"), size_of)  # m + W - 1: -1 when W = 0
+    assert not affine_in_range(Binary("*", Num(2), m), sympy.Integer(100), size_of)

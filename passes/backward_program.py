@@ -25,6 +25,7 @@ stage's reason (numpy then runs the whole cascade Einsum by Einsum).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from ..einsum_ir.printer import print_expr
 from ..einsum_ir.schedule import dataflow_graph
 from .backward import backward
 from .canonicalize import canonicalize
+from .head_partials import pushed_sums
 from .map_ranks import long_ranks, long_with_lets
 from .tile import NotTileable
 
@@ -595,9 +597,67 @@ def backward_program(defn: Definition, backend: str = "triton",
         if assumed is not None:
             source = backward(defn, wrt, assumed)
             nonempty = tuple(_locate(defn, r) for r in sorted(assumed))
-    name = source.name
     cascade = source if backend == "numpy" else unshift_gradients(source)  # no P x M
-    cascade, rows = _scalars_by_rows(cascade, backend, options)  # tensor read at another row
+    try:  # (tensor read at another row)
+        return _assemble(defn, source, cascade, nonempty, backend, options)
+    except NotTileable as why:  # a sum over a long rank the kernels would hold: pushed
+        held = re.search(r"would hold the long rank (\w+) whole", str(why))
+        if backend == "numpy" or held is None:
+            raise
+        pushed, parts = _head_parts(cascade, held.group(1), backend, options)
+        if not parts:
+            raise
+        return _assemble(defn, source, pushed, nonempty, backend, options, parts)
+
+
+def _head_parts(cascade: Definition, rank: str, backend: str, options
+                ) -> tuple[Definition, tuple]:
+    """Sums over ``rank`` (a long rank a kernel would hold whole) pushed into their linear
+    readers (:mod:`.head_partials`), and each gradient they reach made as parts over that
+    rank (a grid rank of its kernels), which the host adds: (cascade, rows entries)."""
+    size_of = _size_names(cascade)
+    pushed, summed = pushed_sums(cascade, lambda r: size_of(r) == size_of(rank))
+    if not summed:
+        return cascade, ()
+    cuts = set(cut_points(pushed))
+    rows = []
+    for out in pushed.outputs:
+        srcs = _contributions(pushed, out.name)
+        if not srcs or not all(s.tensor in summed for s in srcs):
+            continue
+        work, parts = pushed, []
+        for src in srcs:
+            h = summed[src.tensor]
+            reduced = tuple(r for r in src.expr.ranks if r != h)
+            keeps = [(h,)] + [(h, r) for r in reduced]
+            for keep in keeps:
+                rest = tuple(r for r in src.expr.ranks if r not in keep)
+                body = Reduce("sum", rest, src.expr.body) if rest else src.expr.body
+                part = Einsum(f"{src.tensor}_by_{h.lower()}", src.lhs + keep, body, src.where)
+                trial = _with_output(work, src.tensor, part.tensor, part.lhs, part,
+                                     saved_dtype(backend))
+                stage = stage_definition(trial, f"{cascade.name}_h", [part.tensor], cuts)
+                if _quadratic_output(trial, stage) is None and \
+                        lowers(stage, backend, options) is None:
+                    work = trial
+                    parts.append((part.tensor, len(keep)))
+                    break
+            else:
+                break
+        else:
+            pushed = dataclasses.replace(work, outputs=tuple(
+                o for o in work.outputs if o.name != out.name))
+            rows.append((out.name, tuple(parts)))
+    return pushed, tuple(rows)
+
+
+def _assemble(defn: Definition, source: Definition, cascade: Definition, nonempty: tuple,
+              backend: str, options, rows: tuple = ()) -> BackwardProgram:
+    """The stages of :func:`backward_program` from the prepared cascade (``rows``: parts
+    already made, see :func:`_head_parts`)."""
+    name = source.name
+    cascade, more = _scalars_by_rows(cascade, backend, options)
+    rows = tuple(rows) + tuple(more)
     scatters: tuple = ()
     if backend != "numpy":  # kernels have no atomics: the host adds scattered gradients
         cascade, scatters = host_scatters(cascade, saved_dtype(backend))

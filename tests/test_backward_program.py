@@ -672,3 +672,33 @@ def test_scattered_gradients_take_batch_dims_and_broadcasts(tmp_path):
         r = np.asarray(r, dtype=np.float64)
         assert g.shape == r.shape
         assert np.abs(g.numpy() - r).max() <= 2e-5 * (np.abs(r).max() + 1e-3)
+
+
+def test_a_sum_over_mixed_heads_is_pushed_into_its_linear_readers():
+    """Talking heads: dS_1 = sum[h](dS_1_heads) would make the dQ kernel hold every head h;
+    its readers sum h themselves and dQ, dK and dscale come as parts over h (a grid rank)
+    that the host adds.  A reader that is not linear in the sum keeps it."""
+    from attnc.passes.head_partials import pushed_sums
+
+    program = backward_program(parse_file(EXAMPLES.parent / "tests" / "grad_variants" /
+                                          "talking_heads.attn").definitions[0], "triton")
+    rows = dict(program.rows)
+    assert rows["dQ"] == (("dQ_1_by_h", 1),) and rows["dK"] == (("dK_1_by_h", 1),)
+    made = {o.name: o.ranks for s in program.stages for o in s.outputs}
+    assert made["dQ_1_by_h"] == ("G", "P", "E", "H")
+    squared = parse("""
+attention s(X[H,P,E]) -> O[P,E] {
+  T[p,e] = sum[h](X[h,p,e])
+  O[p,e] = T[p,e] * T[p,e]
+}""").definitions[0]
+    assert pushed_sums(squared, lambda r: r == "H") == (squared, {})
+    linear = parse("""
+attention s(X[H,P,E], W[E]) -> O[P] {
+  T[p,e] = sum[h](X[h,p,e])
+  O[p] = sum[e](-T[p,e] * W[e] / 2)
+}""").definitions[0]
+    pushed, summed = pushed_sums(linear, lambda r: r == "H")
+    assert summed == {"O": "H"}
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal(5)
+    np.testing.assert_allclose(interpret(pushed, x, w), interpret(linear, x, w))

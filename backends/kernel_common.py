@@ -460,6 +460,8 @@ class TileRendererBase:
                 outer.append(f)
             else:
                 (tensors if ranks else scalars).append(f)
+        if len(tensors) > 2:
+            tensors = self.operand_groups(tensors, r)
         if len(tensors) != 2:
             return None
         a, b = (self.value(t, st) for t in tensors)
@@ -479,6 +481,26 @@ class TileRendererBase:
             else:
                 return None
         return DotShape(a, b, r, ra, rb, filt, tuple(scalars), tuple(outer))
+
+    def operand_groups(self, tensors: list, r: str) -> list:
+        """More than two factors over the summed rank ``r`` as the two operands of one
+        product, each the product of the factors over ``r`` and one other rank (a
+        backward's ``sum[m0](dSN[m0,p] * exp(QK[m0,p] - GM[p]) * K[m0,e])`` is
+        ``(dSN * exp(..)) @ K``); ``tensors`` unchanged when they do not split that way."""
+        held = set(self.ranks.vector)
+        other = [(free_ranks(f) & held) - {r} for f in tensors]
+        sides = sorted(set().union(*other))
+        if len(sides) != 2 or any(len(o) != 1 for o in other) or \
+                not all(r in free_ranks(f) for f in tensors):
+            return tensors
+        groups = []
+        for side in sides:
+            part = [f for f, o in zip(tensors, other) if o == {side}]
+            product = part[0]
+            for f in part[1:]:
+                product = Binary("*", product, f)
+            groups.append(product)
+        return groups
 
     def dot_input_terms(self, m: DotShape) -> tuple[tuple[Term, ...], tuple[Term, ...]]:
         """The operands' presence terms for the product's presence: A's also carry a

@@ -323,6 +323,17 @@ def launch_values(part, variant, sizes: dict, batch: tuple[int, ...]) -> dict[st
     return values
 
 
+def _state(part, sizes: dict, namespace: dict) -> int:
+    """The launcher's ``state`` for a kernel: its loop-state floats per row."""
+    from .numpy_backend import pyname
+
+    values = {pyname(r): v for r, v in sizes.items()}
+    try:
+        return int(eval(part.state, {"_pow2": namespace["_pow2"]}, values))  # noqa: S307
+    except (NameError, TypeError):
+        return 1
+
+
 def _row_volume(part, variant, sizes: dict) -> int:
     """The launcher's ``volume`` for a kernel: the widest block's elements per row."""
     if not part.row_blocks:
@@ -371,22 +382,28 @@ def _jobs(spec, part, variant, sizes: dict, dtype: str, config: dict, arg_names,
 
 def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf16",
                   arch: int = 90, name: str | None = None,
-                  variants: tuple[str, ...] | None = None) -> list[KernelReport]:
+                  variants: tuple[str, ...] | None = None,
+                  grad: bool = False) -> list[KernelReport]:
     """Compile every kernel of the spec's definitions (or of ``name``; of the variant kinds
     ``variants``, e.g. ``("fused",)``) for ``sm_<arch>`` with the configuration the launcher
     picks at ``sizes`` and count its SASS.  Sizes of names that are no rank of a definition
     (``B=4,H=16`` for ``Q[P,E]``) are its leading batch dims, in order; tensors are
-    contiguous."""
+    contiguous.  ``grad``: the backward program's stages too (``NAME_backward_<i>``, each
+    stage's kernels; the adjoints and saved statistics take the sizes of what they adjoin)."""
     from ..frontends import parse_file
-    from . import compile_module, lower_stages
+    from . import choose_form, compile_module
 
     if dtype not in FLOAT_POINTER:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(FLOAT_POINTER)}")
     module = parse_file(spec_path)
     stem = Path(spec_path).stem
-    stages, files = compile_module(module, "triton", stem)
+    stages, files = compile_module(module, "triton", stem, backward=grad)
     text = files[f"{stem}.py"]
-    programs = lower_stages(stages, "triton", {"tile": 64}).programs
+    if grad:
+        from .backward_chain import programs_for, with_stages
+
+        module = with_stages(module, programs_for(module, "triton", {"tile": 64}))
+    programs = choose_form(module, stages, "triton", {"tile": 64})[1].programs
     with tempfile.TemporaryDirectory(prefix="attnc_kernels_") as tmp:
         return _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
                                   Path(tmp))
@@ -435,7 +452,8 @@ def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
                             (part.row, part.tile, variant.split)] or [64])
                 itemsize = 4 if dtype == "f32" else 2
                 config = namespace["_config"](rows, head, SimpleNamespace(type="cuda"), itemsize,
-                                              volume=_row_volume(part, variant, known))
+                                              volume=_row_volume(part, variant, known),
+                                              state=_state(part, known, namespace))
                 fn = namespace[part.kernel]
                 names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
                 ranks = set(spec.input_ranks) | {let[0] for let in variant.lets}

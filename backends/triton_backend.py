@@ -1211,6 +1211,9 @@ class KernelPart:
     planner: "KernelPart | None" = None
     plan: bool = False          # this kernel takes the plan's arguments
     loop: str | None = None     # code: the tile count of the kernel's loop
+    # code: the floats of loop state a row carries (RNV[p,f]: F; a backward stage's dQ and
+    # its deferred second accumulator: 2E); the launcher halves the row block past one
+    state: str = "1"
 
 
 @dataclass
@@ -1418,7 +1421,19 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
         sizes=sizes, params=[pyname(p.name) for p in defn.scalar_params],
         row=kr.ranks.row, grid=kr.ranks.grid, vector=kr.ranks.vector, tile=kr.ranks.tile,
         tile_size=kr.tp.tile_size, body=lines, rows=_row_count(kr), grid_sizes=_grid_sizes(kr),
-        flags=_flags(kr), row_blocks=_row_blocks(kr), plan=bool(kr.plan), loop=_loop_count(kr))
+        flags=_flags(kr), row_blocks=_row_blocks(kr), plan=bool(kr.plan), loop=_loop_count(kr),
+        state=_state_width(kr))
+
+
+def _state_width(kr: KernelRenderer) -> str:
+    """Launcher code: the loop-state floats per row, the sum over the states of their
+    held ranks' block sizes (a row scalar counts 1)."""
+    held = set(kr.ranks.vector) - {kr.ranks.row, kr.ranks.tile}
+    terms = []
+    for st in kr.tp.inits:
+        ranks = [r for r in st.lhs if r in held and r != st.iter_rank]
+        terms.append(" * ".join(f"_pow2({pyname(r)})" for r in ranks) or "1")
+    return " + ".join(terms) or "1"
 
 
 def _loop_count(kr: KernelRenderer) -> str | None:

@@ -396,9 +396,12 @@ def cmd_kernels(args) -> int:
     from ..backends.triton_backend import TritonUnsupported
 
     report = cuda_kernel_report if args.backend == "cuda" else kernel_report
+    if args.grad and args.backend == "cuda":
+        raise UsageError("--grad: the backward's static report is Triton's (--backend triton)")
     try:
         with status("compiling %s kernels for sm_%d" % (args.backend, args.arch)):
-            reports = report(args.spec, sizes, args.dtype, args.arch)
+            reports = report(args.spec, sizes, args.dtype, args.arch, grad=True) \
+                if args.grad else report(args.spec, sizes, args.dtype, args.arch)
     except (TritonUnsupported, NotTileable) as err:
         raise _declined(args.backend, err) from None
     except ReportUnavailable as err:
@@ -550,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input dtype (default bf16)")
     g.add_argument("--arch", type=_positive, default=90, help="sm_ target (default 90)")
     g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--grad", action="store_true",
+                   help="the backward program's kernels too (NAME_backward_<i>; triton)")
     g.set_defaults(fn=cmd_kernels)
     return p
 

@@ -117,3 +117,13 @@ def test_attnc_kernels_backend_cuda_compiles_for_sm90_without_a_gpu(capsys):
     combine = reports.get("causal_softmax_split_combine_kernel")
     if combine is not None:
         assert combine["main_loop"]["mma"] == 0
+
+
+def test_the_backward_report_is_tritons(capsys):
+    """`attnc kernels --grad` reports the Triton backward stages; with the CUDA backend it
+    is a usage error (exit 2), said before anything compiles."""
+    from attnc.frontends.cli import main
+
+    assert main(["kernels", str(EXAMPLES / "causal.attn"), "--size", "P=64,M=64,E=16,F=16",
+                 "--backend", "cuda", "--grad"]) == 2
+    assert "--grad" in capsys.readouterr().err

@@ -181,6 +181,25 @@ def test_causal_meets_the_static_targets_on_sm90():
     assert loop.global_loads > 0 and loop.local_memory == 0
 
 
+@pytest.mark.xdist_group("sm90")
+def test_the_backward_stages_run_their_products_on_tensor_cores_on_sm90():
+    """`attnc kernels --grad`: causal's dQ stage sums ``dSN * exp(QK - GM) * K`` over the
+    tile, three factors: one wgmma chain, not a rows x tile x E broadcast (13,114 SASS per
+    tile and 21 KB of spills before); the stages carrying two head dims of state (dQ's
+    deferred sums, dK and dV) run 64-row blocks over 8 warps."""
+    from attnc.backends.kernel_report import kernel_report
+
+    sizes = dict(B=4, H=16, P=16384, M=16384, E=128, F=128)
+    reports = {r.kernel: r for r in kernel_report(str(EXAMPLES / "causal.attn"), sizes, "bf16",
+                                                  90, variants=("fused",), grad=True)}
+    dq = reports["_causal_softmax_backward_1_kernel"]
+    dkdv = reports["_causal_softmax_backward_2_kernel"]
+    assert dq.main_loop.instructions <= 1200 and dq.main_loop.mma >= 32, dq.main_loop
+    assert dq.blocks["BLOCK_P"] == 64 and dq.num_warps == 8
+    assert dkdv.blocks["BLOCK_M"] == 64 and dkdv.num_warps == 8
+    assert dkdv.main_loop.instructions <= 1400, dkdv.main_loop
+
+
 def test_a_factor_constant_along_the_sum_leaves_the_product():
     """Retention's decay ``gamma ** (p - m)`` sits inside the e-sum (``sum[e](Q*K*decay)``):
     it does not vary along e, so the score is still one tl.dot times the decay, not a

@@ -597,8 +597,9 @@ def backward_program(defn: Definition, backend: str = "triton",
         if assumed is not None:
             source = backward(defn, wrt, assumed)
             nonempty = tuple(_locate(defn, r) for r in sorted(assumed))
-    cascade = source if backend == "numpy" else unshift_gradients(source)  # no P x M
-    try:  # (tensor read at another row)
+    # kernel targets: no P x M tensor read at another row
+    cascade = source if backend == "numpy" else unshift_gradients(source)
+    try:
         return _assemble(defn, source, cascade, nonempty, backend, options)
     except NotTileable as why:  # a sum over a long rank the kernels would hold: pushed
         held = re.search(r"would hold the long rank (\w+) whole", str(why))

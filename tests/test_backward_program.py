@@ -167,10 +167,15 @@ def _check_module(mod, d, backend, seeds=(0, 1), high=40):
 
 def _compiled(tmp_path, name, backend, **options):
     module = parse_file(EXAMPLES / name)
+    return module.definitions[0], _compiled_module(tmp_path, module, backend, **options)
+
+
+def _compiled_module(tmp_path, module, backend, **options):
+    """``module`` compiled with its backward for ``backend`` into ``tmp_path``, imported."""
     _, files = compile_module(module, backend, "mod", options=options or None, backward=True)
     for fname, text in files.items():
         write_atomic(tmp_path / fname, text)
-    return module.definitions[0], load_generated(tmp_path / "mod.py")
+    return load_generated(tmp_path / "mod.py")
 
 
 @pytest.mark.parametrize("name", ["causal.attn", "mha.attn", "document_mask.attn",
@@ -387,12 +392,9 @@ def test_a_reversed_value_read_streams_and_trains_on_triton(tmp_path):
     unshifted = unshift_gradients(backward(defn))
     (dv,) = [st for st in unshifted.statements if st.tensor == "dV_1"]
     assert isinstance(dv.expr, ir.Access) and dv.expr.tensor == "dV_1_unshifted"
-    _, files = compile_module(ir.Module((defn,)), "triton", "mod", options={"tile": 16},
-                              backward=True)
-    for fname, text in files.items():
-        write_atomic(tmp_path / fname, text)
     pytest.importorskip("torch")
-    _check_module(load_generated(tmp_path / "mod.py"), defn, "triton", seeds=(0, 1), high=40)
+    mod = _compiled_module(tmp_path, ir.Module((defn,)), "triton", tile=16)
+    _check_module(mod, defn, "triton", seeds=(0, 1), high=40)
 
 
 @pytest.mark.xfail(reason="known bug: a stage recomputes S with other tile shapes than the "
@@ -406,12 +408,9 @@ attention a(Q[P,E], K[M,E], V[M,F], scale = 1/sqrt(E)) -> (AV[P,F], N[P]) {
   AV[p,f] = sigmoid(S[p,m]) * V[m,f] / sum[m](sigmoid(S[p,m]))
   N[p]    = max[m](S[p,m])
 }""").definitions[0]
-    _, files = compile_module(ir.Module((defn,)), "triton", "mod", options={"tile": 16},
-                              backward=True)
-    for fname, text in files.items():
-        write_atomic(tmp_path / fname, text)
     pytest.importorskip("torch")
-    _check_module(load_generated(tmp_path / "mod.py"), defn, "triton", seeds=(0, 1), high=60)
+    mod = _compiled_module(tmp_path, ir.Module((defn,)), "triton", tile=16)
+    _check_module(mod, defn, "triton", seeds=(0, 1), high=60)
 
 
 def test_a_gradient_scattered_through_an_index_tensor_is_added_by_the_host():

@@ -48,7 +48,8 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.types import FLOAT, type_env
 from ..einsum_ir.ir import size_symbol
 from .canonicalize import canonicalize
-from .defer_normalization import affine_in_range, conjoin, conjuncts, taken_names
+from .defer_normalization import (affine_in_range, conjoin, conjuncts, integer_sympy,
+                                  taken_names)
 from .deloop import NotAdditive, Recurrence, delooped
 from .names import fresh_rank
 from .shift_invariance import shifts
@@ -347,15 +348,9 @@ class _Builder:
         lhs_j = tuple(j if r == rec.rank else r for r in lhs)
         ids_j = tuple(Index(r) for r in lhs_j)
         start: Expr = Num(0)
-        if dF is not None:  # absent -> 0 (a one-step fill), so later steps still add
-            z = fresh_rank("Z", self.taken)
-            self.taken |= {z, z.lower()}
-            self.lets.append(SizeLet(z, sympy.Integer(1)))
-            filled = self.fresh(f"{dF}_filled")
-            ids_x = tuple(Index(r) for r in xs)
-            self.pending += [IterativeEinsum(filled, (z,) + xs, z, True, Num(0)),
-                             IterativeEinsum(filled, (z,) + xs, z, False, Access(dF, ids_x))]
-            start = Access(filled, (Size(z),) + ids_x)
+        if dF is not None:  # absent -> 0, so later steps still add
+            start, fill = self.fill(dF, xs, self.one_step_rank())
+            self.pending += fill
         suffix = self.fresh(f"{adjoint_name(rec.tensor)}_suffix")
         after = self.fresh(f"{adjoint_name(rec.tensor)}_after")
         reversed_step = Binary("-", Binary("-", Size(rec.rank), Num(1)), Index(j))
@@ -566,22 +561,35 @@ class _Builder:
             return out, [Einsum(out, lhs, total)]
         self.adjoint_where[name] = frozenset()  # filled: present everywhere
         self.filled.add(name)
-        z = fresh_rank("Z", self.taken)
-        self.taken |= {z, z.lower()}
-        self.lets.append(SizeLet(z, sympy.Integer(1)))
+        z = self.one_step_rank()
         stmts, terms = [], []
-        for c in found:  # absent -> 0: a one-step iterative fill
-            f = self.fresh(f"{c.tensor}_filled")
-            stmts.append(IterativeEinsum(f, (z,) + lhs, z, True, Num(0)))
-            stmts.append(IterativeEinsum(f, (z,) + lhs, z, False,
-                                         Access(c.tensor, tuple(Index(r) for r in lhs))))
-            terms.append(Access(f, (Size(z),) + tuple(Index(r) for r in lhs)))
+        for c in found:
+            term, fill = self.fill(c.tensor, lhs, z)
+            stmts += fill
+            terms.append(term)
         total: Expr = terms[0]
         for t in terms[1:]:
             total = Binary("+", total, t)
         out = self.fresh(adjoint_name(name))
         stmts.append(Einsum(out, lhs, total))
         return out, stmts
+
+    def one_step_rank(self) -> str:
+        """A fresh rank of size 1, the iterative rank of fills."""
+        z = fresh_rank("Z", self.taken)
+        self.taken |= {z, z.lower()}
+        self.lets.append(SizeLet(z, sympy.Integer(1)))
+        return z
+
+    def fill(self, tensor: str, ranks, z: str) -> tuple[Access, list[Statement]]:
+        """``tensor`` with its absent points 0: a one-step iterative fill over ``z``
+        (``F[0,x] = 0; F[z+1,x] = T[x]``: an update not computed carries the 0); returns
+        the read of the filled tensor and its statements."""
+        f = self.fresh(f"{tensor}_filled")
+        ids = tuple(Index(r) for r in ranks)
+        return Access(f, (Size(z),) + ids), [
+            IterativeEinsum(f, (z,) + tuple(ranks), z, True, Num(0)),
+            IterativeEinsum(f, (z,) + tuple(ranks), z, False, Access(tensor, ids))]
 
     def same_presence(self, name: str, found: list[Einsum]) -> bool:
         """Whether the contributions to ``name``'s adjoint are present at the same points,
@@ -905,7 +913,7 @@ class _Builder:
         known non-negative by sympy (``p - p // L * L`` is ``Mod(p, L)``)."""
         if not (isinstance(cond, Binary) and cond.op in ("<", "<=", ">", ">=", "==")):
             return False
-        a, b = self.integer_sym(cond.left), self.integer_sym(cond.right)
+        a, b = integer_sympy(cond.left, self.size), integer_sympy(cond.right, self.size)
         if a is None or b is None:
             return False
         slack = {"<": b - a - 1, "<=": b - a, ">": a - b - 1, ">=": a - b, "==": a - b}[cond.op]
@@ -916,32 +924,6 @@ class _Builder:
         if cond.op == "==":
             return slack == 0
         return bool(slack.is_nonnegative)
-
-    def integer_sym(self, e: Expr) -> sympy.Expr | None:
-        """An integer subscript-like expression as sympy: indices non-negative integers,
-        sizes non-negative (``let`` values substituted), ``//`` and ``%`` by a positive
-        divisor; None otherwise."""
-        if isinstance(e, Num) and isinstance(e.value, int):
-            return sympy.Integer(e.value)
-        if isinstance(e, Index):
-            return sympy.Symbol(f"i_{e.rank}", integer=True, nonnegative=True)
-        if isinstance(e, Size):
-            size = self.size(e.rank)
-            return size.subs({s: sympy.Symbol(s.name, integer=True, nonnegative=True)
-                              for s in size.free_symbols})
-        if isinstance(e, Unary) and e.op == "-":
-            inner = self.integer_sym(e.operand)
-            return None if inner is None else -inner
-        if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
-            a, b = self.integer_sym(e.left), self.integer_sym(e.right)
-            if a is None or b is None:
-                return None
-            if e.op in ("//", "%"):
-                if not b.is_positive:
-                    return None
-                return sympy.floor(a / b) if e.op == "//" else sympy.Mod(a, b)
-            return {"+": a + b, "-": a - b, "*": a * b}[e.op]
-        return None
 
     def in_bounds(self, sub: Expr, rank: str) -> bool:
         """``sub`` (over the ranks of the reading statement) stays inside ``rank``: the rank

@@ -330,6 +330,37 @@ class Presence:
         return affine_in_range(sub, extent, self.size)
 
 
+def _nonnegative_symbols(x: sympy.Expr) -> sympy.Expr:
+    """``x`` with its symbols (sizes) only known to be non-negative integers."""
+    return x.subs({f: sympy.Symbol(f.name, integer=True, nonnegative=True)
+                   for f in x.free_symbols})
+
+
+def integer_sympy(e: Expr, size_of) -> sympy.Expr | None:
+    """An integer subscript-like expression as sympy, every symbol a non-negative integer
+    (index ``r`` as ``i_r``; a size through ``size_of``, its ``let`` value), ``//`` and
+    ``%`` by a positive divisor as ``floor`` and ``Mod``; None for anything else."""
+    if isinstance(e, Num) and isinstance(e.value, int):
+        return sympy.Integer(e.value)
+    if isinstance(e, Index):
+        return sympy.Symbol(f"i_{e.rank}", integer=True, nonnegative=True)
+    if isinstance(e, Size):
+        return _nonnegative_symbols(size_of(e.rank))
+    if isinstance(e, Unary) and e.op == "-":
+        inner = integer_sympy(e.operand, size_of)
+        return None if inner is None else -inner
+    if isinstance(e, Binary) and e.op in ("+", "-", "*", "//", "%"):
+        a, b = integer_sympy(e.left, size_of), integer_sympy(e.right, size_of)
+        if a is None or b is None:
+            return None
+        if e.op in ("//", "%"):
+            if not b.is_positive:
+                return None
+            return sympy.floor(a / b) if e.op == "//" else sympy.Mod(a, b)
+        return {"+": a + b, "-": a - b, "*": a * b}[e.op]
+    return None
+
+
 def affine_in_range(sub: Expr, extent: sympy.Expr, size_of) -> bool:
     """``sub`` is ``c + i`` or ``c - i`` over one index ``i`` and lies in ``[0, extent)``
     for every ``i`` of its rank: a reversed read ``V[M - 1 - m, f]`` over ``m < M``, or a
@@ -339,38 +370,19 @@ def affine_in_range(sub: Expr, extent: sympy.Expr, size_of) -> bool:
     if len(ranks) != 1 or any(isinstance(n, Access) for n in walk(sub)):
         return False
     (r,) = ranks
-
-    def nonneg(x: sympy.Expr) -> sympy.Expr:
-        return x.subs({f: sympy.Symbol(f.name, integer=True, nonnegative=True)
-                       for f in x.free_symbols})
-
-    def conv(e: Expr):
-        if isinstance(e, Num) and isinstance(e.value, int):
-            return sympy.Integer(e.value)
-        if isinstance(e, Index):
-            return sympy.Symbol("i_", integer=True, nonnegative=True)
-        if isinstance(e, Size):
-            return nonneg(size_of(e.rank))
-        if isinstance(e, Binary) and e.op in ("+", "-", "*"):
-            a, b = conv(e.left), conv(e.right)
-            if a is None or b is None:
-                return None
-            return a + b if e.op == "+" else a - b if e.op == "-" else a * b
-        return None
-
-    x = conv(sub)
+    x = integer_sympy(sub, size_of)
     if x is None:
         return False
-    i = sympy.Symbol("i_", integer=True, nonnegative=True)
+    i = sympy.Symbol(f"i_{r}", integer=True, nonnegative=True)
     x = sympy.expand(x)
     a = x.coeff(i)
     c = sympy.expand(x - a * i)
     if a not in (1, -1) or c.has(i):
         return False
-    n = nonneg(size_of(r))
+    n, top = integer_sympy(Size(r), size_of), _nonnegative_symbols(extent) - 1
     low, high = (c, c + n - 1) if a == 1 else (c - n + 1, c)
     return bool(sympy.expand(low).is_nonnegative) and \
-        bool(sympy.expand(nonneg(extent) - 1 - high).is_nonnegative)
+        bool(sympy.expand(top - high).is_nonnegative)
 
 
 def _indirect(sub: Expr) -> bool:

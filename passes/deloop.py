@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..einsum_ir.exprs import children, walk, with_children
+from ..einsum_ir.exprs import transform, walk
 from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Expr, Index, IterativeEinsum,
                             Num, Size, SizeLet, Statement, size_symbol)
 from ..einsum_ir.schedule import statement_reads
@@ -76,16 +76,16 @@ def _downstream(defn: Definition, name: str) -> set[str]:
 
 
 def _replace_reads(e: Expr, tensor: str, pos: int, rank: str, at: str, final: str | None) -> Expr:
-    if isinstance(e, Access) and e.tensor == tensor:
-        sub = e.subscripts[pos]
-        rest = tuple(_replace_reads(s, tensor, pos, rank, at, final) for s in e.subscripts)
-        if sub == Size(rank) and final is not None:
-            return Access(final, rest[:pos] + rest[pos + 1:])
-        return Access(at, rest)
-    kids = children(e)
-    if not kids:
-        return e
-    return with_children(e, tuple(_replace_reads(k, tensor, pos, rank, at, final) for k in kids))
+    """Reads of ``tensor`` at a step read its body copy ``at``; at its last step
+    (``Size(rank)`` along ``pos``), its final copy."""
+    def replace(n: Expr) -> Expr | None:
+        if not (isinstance(n, Access) and n.tensor == tensor):
+            return None
+        if n.subscripts[pos] == Size(rank) and final is not None:
+            return Access(final, n.subscripts[:pos] + n.subscripts[pos + 1:])
+        return Access(at, n.subscripts)
+
+    return transform(e, replace)
 
 
 def delooped(defn: Definition) -> tuple[Definition, tuple[Recurrence, ...]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..einsum_ir.exprs import children, walk, with_children
+from ..einsum_ir.exprs import transform, walk
 from ..einsum_ir.ir import Access, Binary, Definition, Einsum, Expr, Index, Reduce, Unary
 from .tile_loads import substitute
 
@@ -59,15 +59,6 @@ def _linear_factor(e: Expr, name: str) -> bool:
     return along(e)
 
 
-def _replace(e: Expr, name: str, new) -> Expr:
-    if isinstance(e, Access) and e.tensor == name:
-        return new(e)
-    kids = children(e)
-    if not kids:
-        return e
-    return with_children(e, tuple(_replace(k, name, new) for k in kids))
-
-
 def pushed_sums(cascade: Definition, rank_size) -> tuple[Definition, dict[str, str]]:
     """``cascade`` with every sum over a rank ``rank_size`` accepts pushed into its
     readers (each must read it linearly, see :func:`_linear_factor`); returns the new
@@ -95,21 +86,23 @@ def pushed_sums(cascade: Definition, rank_size) -> tuple[Definition, dict[str, s
                 continue
             used = set(r.lhs) | {x for n in walk(r.expr) if isinstance(n, Reduce)
                                  for x in n.ranks}
-            hr = h if h not in used else None
-            if hr is None:
+            if h in used:
                 return cascade, {}  # (a fresh alias would need a let: not needed so far)
 
-            def at(acc: Access, st=st, hr=hr) -> Access:
-                point = dict(zip(st.lhs, acc.subscripts))
-                point[h] = Index(hr)
+            def summand(n: Expr, st=st) -> Access | None:
+                """A read of the sum: its summand, ``h`` now the reader's own index."""
+                if not (isinstance(n, Access) and n.tensor == st.tensor):
+                    return None
+                point = dict(zip(st.lhs, n.subscripts))
+                point[h] = Index(h)
                 body = st.expr.body
                 return Access(body.tensor, tuple(substitute(s, point) for s in body.subscripts))
 
             if isinstance(r.expr, Reduce) and r.expr.op == "sum":
-                expr = Reduce("sum", r.expr.ranks + (hr,), _replace(r.expr.body, st.tensor, at))
+                expr = Reduce("sum", r.expr.ranks + (h,), transform(r.expr.body, summand))
             else:
-                expr = Reduce("sum", (hr,), _replace(r.expr, st.tensor, at))
+                expr = Reduce("sum", (h,), transform(r.expr, summand))
             statements.append(dataclasses.replace(r, expr=expr))
-            summed[r.tensor] = hr
+            summed[r.tensor] = h
         cascade = dataclasses.replace(cascade, statements=tuple(statements))
     return cascade, summed

@@ -269,6 +269,8 @@ class _Builder:
         self.plain: dict[str, tuple] = {}  # contribution -> (statement, read) without filters
         self.filled: set[str] = set()      # tensors whose adjoint adds filled contributions
         self._total: dict[str, bool] = {}
+        # adjoint tensors present at every point (a recurrence's step adjoint) -> ranks
+        self.everywhere: dict[str, tuple[str, ...]] = {}
         self.let_values = {let.name: let.value for let in defn.lets}
         self.statement = {st.tensor: st for st in defn.statements}
         self.args = {a.name: a for a in defn.tensor_args}
@@ -362,6 +364,7 @@ class _Builder:
                          IterativeEinsum(suffix, lhs_j, j, False, added),
                          Einsum(after, lhs_j, Access(suffix, ids_j))]
         d_step = self.fresh(f"{adjoint_name(rec.tensor)}_step")
+        self.everywhere[d_step] = lhs  # a suffix sum from a present start: never absent
         at_step = Binary("-", Binary("-", Size(rec.rank), Num(1)), Index(rec.rank))
         self.pending.append(Einsum(d_step, lhs, Access(after, tuple(
             at_step if r == rec.rank else Index(r) for r in lhs))))
@@ -552,7 +555,8 @@ class _Builder:
             self.adjoint_where[name] = self.covers(found[0].tensor) if \
                 found[0].lhs == lhs else None
             return found[0].tensor, []
-        if self.all_present(name, found) or self.same_presence(name, found):
+        if self.all_present(name, found) or self.same_presence(name, found) or \
+                self.widened(name, found):
             total: Expr = Access(found[0].tensor, tuple(Index(r) for r in lhs))
             for c in found[1:]:
                 total = Binary("+", total, Access(c.tensor, tuple(Index(r) for r in lhs)))
@@ -618,6 +622,88 @@ class _Builder:
             self.adjoint_where[name] = wheres[0]
         return same
 
+    def widened(self, name: str, found: list[Einsum]) -> bool:
+        """Whether the contributions are made present at the same points by widening the
+        ``where`` of the maps among them whose reads are present everywhere: such a map
+        moves its own ``where`` into a ``select`` and takes the others' shared one, which
+        its own implies (so it adds the same where it was present, and 0 elsewhere).
+        ``found`` is rewritten in place.  Before → after (selective attention's scores get
+        their softmax's adjoint on ``m <= p`` and the recurrence's on ``m < ps``)::
+
+            dS_1[p,m]  = dL[p,m] * ...                                  (present: m <= p)
+            dS_2[ps,m] = dFS_step[ps,m] * select(S[ps,m] > 0, 1, 0)   where m < ps
+         ->
+            dS_2[ps,m] = select(m < ps, dFS_step[ps,m] * select(S[ps,m] > 0, 1, 0), 0)
+                         where m <= ps
+
+        The others must share one proven ``where`` (:meth:`covers`) and every contribution
+        the same vanishing ranks (:meth:`same_presence`)."""
+        lhs = self.ranks(name)
+        if len(found) < 2 or not all(self.same_ranks(c.lhs, lhs) for c in found):
+            return False
+        wide = [c.where is not None and self.present_everywhere_map(c) for c in found]
+        if all(wide) or not any(wide):
+            return False
+        wheres = [self.cover_and_vanish(c, lhs) for c, w in zip(found, wide) if not w]
+        gone = self.nonempty | self.empties(name, 0)
+        if None in wheres or len(set(wheres)) != 1 or \
+                len({self.vanish.get(c.tensor, frozenset()) - gone for c in found}) != 1:
+            return False
+        target = sorted(wheres[0], key=repr)
+        rewritten = list(found)
+        for k, (c, w) in enumerate(zip(found, wide)):
+            if not w:
+                continue
+            rename = {r: Index(own) for r, own in zip(lhs, c.lhs)}
+            want = [substitute(t, rename) for t in target]
+            if not all(self.implies(conjuncts(c.where), t) for t in want):
+                return False
+            rewritten[k] = Einsum(c.tensor, c.lhs, Call("select", (c.where, c.expr, Num(0))),
+                                  conjoin(*want) if want else None)
+        for old, new in zip(found, rewritten):
+            if old is not new:
+                self.pending = [new if st is old else st for st in self.pending]
+        found[:] = rewritten
+        self.adjoint_where[name] = wheres[0]
+        return True
+
+    def present_everywhere_map(self, c: Einsum) -> bool:
+        """A contribution without reductions whose ``where`` reads no tensor and whose
+        reads are present at every point (:meth:`everywhere_read`)."""
+        return not any(isinstance(n, Reduce) for n in walk(c.expr)) and not any(
+            isinstance(n, Access) for n in walk(c.where)) and all(
+            self.everywhere_read(n) for n in walk(c.expr) if isinstance(n, Access))
+
+    def everywhere_read(self, acc: Access) -> bool:
+        if acc.tensor in self.everywhere:
+            return all(isinstance(s, Index) for s in acc.subscripts) and self.same_ranks(
+                tuple(s.rank for s in acc.subscripts), self.everywhere[acc.tensor])
+        if acc.tensor in self.args:
+            return all(self.in_bounds(sub, r)
+                       for sub, r in zip(acc.subscripts, self.args[acc.tensor].ranks))
+        return acc.tensor in self.statement and self.in_range(acc) and self.total(acc.tensor)
+
+    def cover_and_vanish(self, c: Einsum, lhs) -> frozenset | None:
+        """:meth:`covers` of ``c``, the ranks its proof assumed non-empty joining its
+        vanishing ranks (see :meth:`same_presence`)."""
+        every_output = frozenset.intersection(*(frozenset(o.ranks) for o in self.defn.outputs))
+        self.assumed = set()
+        where = self.covers(c.tensor)
+        self.vanish[c.tensor] = self.vanish.get(c.tensor, frozenset()) | (
+            frozenset(self.assumed) - frozenset(lhs) - every_output)
+        return where
+
+    def implies(self, conds: list, cond: Expr) -> bool:
+        """``cond`` holds wherever every one of ``conds`` does: one of them, always true,
+        or one integer comparison's slack exceeding another's by a non-negative amount
+        (``m < ps`` implies ``m <= ps``)."""
+        if cond in conds or self.always_holds(cond):
+            return True
+        want = self.slack(cond)
+        return want is not None and any(
+            (have := self.slack(c)) is not None and bool(
+                sympy.expand(want - have).is_nonnegative) for c in conds)
+
     # --- present everywhere (no where, reads in range, sums over non-empty ranks) --------
 
     def all_present(self, name: str, found: list[Einsum]) -> bool:
@@ -659,7 +745,7 @@ class _Builder:
         """Whether forward tensor ``name`` is present at every point: an argument, or a
         statement without a ``where`` whose reads are total, at their own ranks' indices,
         and whose reductions run over ranks that are never empty."""
-        if name in self.args or name in self.params:
+        if name in self.args or name in self.params or self.carried_everywhere(name):
             return True
         if name not in self._total:
             self._total[name] = False  # (a DAG: no cycle reaches this)
@@ -669,6 +755,15 @@ class _Builder:
                 and (not isinstance(n, Access) or (self.in_range(n) and self.total(n.tensor)))
                 for n in walk(st.expr))
         return self._total[name]
+
+    def carried_everywhere(self, name: str) -> bool:
+        """Whether iterative tensor ``name`` is present at every step: it starts from a
+        constant everywhere (``FS[0,m] = 0``, no ``where``), and a step whose update is not
+        computed carries the state (the contract's rule 2), so no step is ever absent."""
+        inits = [st for st in self.defn.statements if isinstance(st, IterativeEinsum)
+                 and st.tensor == name and st.init]
+        return len(inits) == 1 and inits[0].where is None and not any(
+            isinstance(n, Access) for n in walk(inits[0].expr))
 
     def in_range(self, node: Access) -> bool:
         """Every subscript an index of a rank of the accessed dimension's size."""
@@ -772,9 +867,12 @@ class _Builder:
             return False
         point = dict(zip(st.lhs, x.subscripts))
         if isinstance(st.expr, Reduce) and not (free_ranks(acc) & set(st.expr.ranks)) and any(
-                self.read_by(acc, _at(y, point), 0) for y in walk(st.expr.body)
+                _at(y, point) == acc or self.read_by(acc, _at(y, point), 0)
+                for y in walk(st.expr.body)
                 if isinstance(y, Access) and all(isinstance(s, Index) for s in y.subscripts)):
-            return True  # read by the fiber's values (GM[p] by SN[p,m] of SD[p] = sum[m])
+            # read by the fiber's values (GM[p] by SN[p,m] of SD[p] = sum[m]), or in the
+            # body itself (O_max[p] in O_sum[p] = sum[m](exp(L[p,m] - O_max[p])))
+            return True
         if not (free_ranks(acc) & adds):
             return False
         if not isinstance(st.expr, Reduce):  # a map: present where what it reads is
@@ -808,6 +906,8 @@ class _Builder:
             return True
         if depth > 8:
             return False
+        if acc.tensor in self.statement and self.in_range(acc) and self.total(acc.tensor):
+            return True  # present everywhere (FS_at[p,m], a carried recurrence's steps)
         if acc.tensor in self.args:  # an input read at its own ranks is in bounds, or at
             known = self.bounded_by(x, 0)  # subscripts x's presence shows are in bounds
             return all(self.in_bounds(sub, r) or (sub, r) in known
@@ -911,19 +1011,28 @@ class _Builder:
         """An integer comparison true at every point: its slack, over indices >= 0 and
         sizes >= 0 (``floor(a / b)`` as ``(a - Mod(a, b)) / b`` for a positive ``b``), is
         known non-negative by sympy (``p - p // L * L`` is ``Mod(p, L)``)."""
-        if not (isinstance(cond, Binary) and cond.op in ("<", "<=", ">", ">=", "==")):
+        slack = self.slack(cond, equal=True)
+        if slack is None:
             return False
-        a, b = integer_sympy(cond.left, self.size), integer_sympy(cond.right, self.size)
-        if a is None or b is None:
-            return False
-        slack = {"<": b - a - 1, "<=": b - a, ">": a - b - 1, ">=": a - b, "==": a - b}[cond.op]
-        slack = sympy.expand(slack.replace(
-            lambda e: isinstance(e, sympy.floor),
-            lambda e: (e.args[0].as_numer_denom()[0]
-                       - sympy.Mod(*e.args[0].as_numer_denom())) / e.args[0].as_numer_denom()[1]))
         if cond.op == "==":
             return slack == 0
         return bool(slack.is_nonnegative)
+
+    def slack(self, cond: Expr, equal: bool = False) -> sympy.Expr | None:
+        """An integer comparison's slack, non-negative exactly where it holds (``a < b``:
+        ``b - a - 1``; ``==``, with ``equal``: ``a - b``), ``floor`` rewritten as
+        :meth:`always_holds` says; None for anything else."""
+        ops = ("<", "<=", ">", ">=") + (("==",) if equal else ())
+        if not (isinstance(cond, Binary) and cond.op in ops):
+            return None
+        a, b = integer_sympy(cond.left, self.size), integer_sympy(cond.right, self.size)
+        if a is None or b is None:
+            return None
+        slack = {"<": b - a - 1, "<=": b - a, ">": a - b - 1, ">=": a - b, "==": a - b}[cond.op]
+        return sympy.expand(slack.replace(
+            lambda e: isinstance(e, sympy.floor),
+            lambda e: (e.args[0].as_numer_denom()[0]
+                       - sympy.Mod(*e.args[0].as_numer_denom())) / e.args[0].as_numer_denom()[1]))
 
     def in_bounds(self, sub: Expr, rank: str) -> bool:
         """``sub`` (over the ranks of the reading statement) stays inside ``rank``: the rank

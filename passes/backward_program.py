@@ -41,6 +41,7 @@ from .backward import backward
 from .canonicalize import canonicalize
 from .head_partials import pushed_sums
 from .map_ranks import long_ranks, long_with_lets
+from .names import fresh_name, fresh_rank
 from .tile import NotTileable
 
 
@@ -320,15 +321,226 @@ def cut_points(cascade: Definition) -> list[str]:
             if isinstance(n, Access):
                 readers.setdefault(n.tensor, []).append(st)
     cuts = []
+    # a recurrence's states, unless only copied whole again (the copy is then the cut)
+    steps = {c for c in step_copies(cascade) if not all(
+        isinstance(r.expr, Access) and r.expr.subscripts == tuple(Index(x) for x in r.lhs)
+        for r in readers.get(c, []))}
     for st in cascade.statements:
         if not isinstance(st, Einsum) or st.tensor in outputs:
             continue
         reduced = _reduced_long(st, long)
-        if reduced and _reread_along(st.tensor, reduced, readers):
+        if st.tensor in steps:  # a recurrence's states: its scan saves them once
+            cuts.append(st.tensor)
+        elif reduced and _reread_along(st.tensor, reduced, readers):
             cuts.append(st.tensor)
         elif _read_elsewhere(cascade, st.tensor) or (reduced and _totalled(cascade, st.tensor)):
             cuts.append(st.tensor)
     return cuts
+
+
+def step_copies(cascade: Definition) -> dict[str, str]:
+    """The copies of a recurrence's steps (``FS_at[ps,m] = FS[ps,m]``, see
+    :mod:`.deloop`; an adjoint's suffix ``dFS_after[psx,m] = dFS_suffix[psx,m]``) -> the
+    recurrence.  Fills (iterative over a rank of size 1) are not recurrences."""
+    ones = {let.name for let in cascade.lets if let.value == 1}
+    loops = {st.tensor for st in cascade.statements
+             if isinstance(st, IterativeEinsum) and st.iter_rank not in ones}
+    return {st.tensor: st.expr.tensor for st in cascade.statements
+            if isinstance(st, Einsum) and isinstance(st.expr, Access)
+            and st.expr.tensor in loops and st.where is None
+            and st.expr.subscripts == tuple(Index(r) for r in st.lhs)}
+
+
+def carries_states(cascade: Definition) -> str | None:
+    """A recurrence whose state spans two sequence ranks (selective attention's
+    ``FS[PS,M]``: a row of keys per query), printed, or None.  Its kernels store every
+    step's state, forward and backward, so such a backward saves ``P × M`` tensors."""
+    size_of = _size_names(cascade)
+    sequence = _sequence_sizes(cascade)
+    for st in cascade.statements:
+        if isinstance(st, IterativeEinsum) and not st.init and st.tensor in set(
+                step_copies(cascade).values()):
+            if len([r for r in st.lhs if size_of(r) in sequence]) >= 2:
+                return f"{st.tensor}[{','.join(st.lhs)}]"
+    return None
+
+
+def _shifted_reads_inlined(stage: Definition) -> Definition:
+    """A copy of an argument read at shifted subscripts, made at its readers' points, so
+    that a kernel loads the argument there (the blocked copy of a tile keeps the shift in
+    its load).  Before → after (the recurrence's step adjoint, saved reversed)::
+
+        dFS_step[p,m] = dFS_step_unshifted[PS - 1 - p, m]
+        dS_2[p,m] = select(m < p, dFS_step[p,m] * ..., 0)
+     -> dS_2[p,m] = select(m < p, dFS_step_unshifted[PS - 1 - p, m] * ..., 0)
+
+    Only a copy without ``where`` that is not a stage output, read at plain indices; a
+    read out of the argument's range is absent at the reader as it was in the copy."""
+    from .tile_loads import substitute
+
+    args = {a.name for a in stage.tensor_args}
+    outputs = {o.name for o in stage.outputs}
+    copies = {st.tensor: st for st in stage.statements if isinstance(st, Einsum)
+              and st.where is None and isinstance(st.expr, Access) and st.expr.tensor in args
+              and st.tensor not in outputs
+              and st.expr.subscripts != tuple(Index(r) for r in st.lhs)
+              and not any(isinstance(n, Access) for x in st.expr.subscripts for n in walk(x))}
+    plain = {t for t, st in copies.items() if all(
+        all(isinstance(x, Index) for x in n.subscripts) and len(n.subscripts) == len(st.lhs)
+        for other in stage.statements for e in (other.expr, other.where) if e is not None
+        for n in walk(e) if isinstance(n, Access) and n.tensor == t)}
+    if not plain:
+        return stage
+
+    def inline(n):
+        if isinstance(n, Access) and n.tensor in plain:
+            st = copies[n.tensor]
+            at = dict(zip(st.lhs, n.subscripts))
+            return Access(st.expr.tensor, tuple(substitute(x, at) for x in st.expr.subscripts),
+                          n.loc)
+        return None
+
+    return dataclasses.replace(stage, statements=tuple(
+        dataclasses.replace(st, expr=transform(st.expr, inline),
+                            where=None if st.where is None else transform(st.where, inline))
+        for st in stage.statements if st.tensor not in plain))
+
+
+def _saved_ranks(ranks: tuple[str, ...], cascade: Definition, taken: set[str]
+                 ) -> tuple[str, ...]:
+    """The ranks a saved tensor over two sequence ranks is declared over: its own, except
+    an innermost one that a ``let`` sizes, which gets a rank of its own (bound by the
+    argument), the others then the argument ranks their aliases stand for (``PSX`` ->
+    ``P``).  Declared over ``M`` (``let M = P``), a saved ``FS_at[PS,M]`` would make ``M``
+    an innermost argument dim, a head dim held whole by the argument-layout rule, and a
+    key-major stage would run one key per program; ``FS_at[P,MS]`` keeps ``M`` a sequence
+    rank in tiles."""
+    lets = {let.name: let.value for let in cascade.lets}
+    size_of, sequence = _size_names(cascade), _sequence_sizes(cascade)
+    if len(ranks) < 2 or ranks[-1] not in lets or \
+            len([r for r in ranks if size_of(r) in sequence]) < 2:
+        return ranks
+    own = {r for a in cascade.tensor_args for r in a.ranks}
+
+    def base(r: str) -> str:  # PSX -> PS -> P: the argument rank an alias stands for
+        seen = r
+        while seen in lets and lets[seen].is_Symbol:
+            seen = lets[seen].name
+        return seen if seen in own and seen not in ranks else r
+
+    lead = tuple(base(r) for r in ranks[:-1])
+    if len(set(lead)) != len(lead):
+        lead = ranks[:-1]
+    return lead + (fresh_rank(f"{ranks[-1]}S", taken),)
+
+
+def _relooped(stage: Definition) -> Definition:
+    """A forward recurrence of the stage iterates the rank it was delooped from, so that a
+    kernel runs it as the forward does (a scan over ``p`` with rows of ``m``, reading
+    ``S[p,m]`` at its step).  Before → after (``let PS = P``)::
+
+        FS[ps+1,m] = FS[ps,m] + relu(S[ps,m])   where m < ps      FS[p+1,m] = ... S[p,m] ...
+        FS_at[ps,m] = FS[ps,m]                                ->  FS_at[p,m] = FS[p,m]
+
+    Only a recurrence that reads everything at its own step (plain indices) and whose
+    alias is a ``let`` of a rank that the stage's other statements iterate; the stage's
+    statements over that rank then run at each step, which changes no value: none reads
+    another step (:mod:`.deloop` checked the forward's reads)."""
+    lets = {let.name: let.value for let in stage.lets}
+    copies = step_copies(stage)
+    out = stage
+    for copy, tensor in copies.items():
+        stmts = [st for st in out.statements if st.tensor == tensor]
+        update = next((st for st in stmts if isinstance(st, IterativeEinsum) and not st.init),
+                      None)
+        if update is None:
+            continue
+        alias = update.iter_rank
+        value = lets.get(alias)
+        if value is None or not value.is_Symbol:
+            continue
+        rank = value.name
+        others = [st for st in out.statements if st.tensor not in (tensor, copy)]
+        if not any(rank in st.lhs for st in others) or any(
+                rank in st.lhs for st in stmts) or not all(
+                isinstance(x, Index) for e in (update.expr, update.where) if e is not None
+                for a in walk(e) if isinstance(a, Access) for x in a.subscripts):
+            continue
+
+        def rename(n, alias=alias, rank=rank):
+            if isinstance(n, Index) and n.rank == alias:
+                return Index(rank)
+            if isinstance(n, Size) and n.rank == alias:
+                return Size(rank)
+            return None
+
+        def moved(st, alias=alias, rank=rank):
+            lhs = tuple(rank if r == alias else r for r in st.lhs)
+            kw = {"lhs": lhs, "expr": transform(st.expr, rename),
+                  "where": None if st.where is None else transform(st.where, rename)}
+            if isinstance(st, IterativeEinsum):
+                kw["iter_rank"] = rank if st.iter_rank == alias else st.iter_rank
+            return dataclasses.replace(st, **kw)
+
+        statements = tuple(moved(st) if st.tensor in (tensor, copy) else st
+                           for st in out.statements)
+        outputs = tuple(dataclasses.replace(o, ranks=tuple(rank if r == alias else r
+                                                           for r in o.ranks))
+                        if o.name == copy else o for o in out.outputs)
+        out = dataclasses.replace(out, statements=statements, outputs=outputs)
+    return out
+
+
+def _alias_ranks_renamed(stage: Definition) -> Definition:
+    """Each Einsum iterates the rank an alias rank of its stands for (``let PS = P``), so
+    that a kernel's rows and tiles are the stage's ranks: renaming a statement's own index
+    changes nothing its readers see (they read it by position).  Before → after::
+
+        dS_2[ps,m] = select(m < ps, dFS_step[ps,m] * ..., 0)   where m <= ps
+     -> dS_2[p,m]  = select(m < p,  dFS_step[p,m] * ..., 0)    where m <= p
+
+    Only where every reader reads the statement at that rank's own index (``dS[p,m] =
+    dS_1[p,m] + dS_2[p,m]``); not where the statement already iterates that rank, nor in
+    a stage that iterates it (a recurrence over ``P`` would run the statement at each of
+    its steps), nor for a stage output (its ranks are the program's), a recurrence, or a
+    statement reading one of those."""
+    lets = {let.name: let.value for let in stage.lets}
+    looped = set(stage.iterative_ranks)
+    kept = {o.name for o in stage.outputs} | {st.tensor for st in stage.statements
+                                               if isinstance(st, IterativeEinsum)}
+    statements, changed = [], False
+    for st in stage.statements:
+        if isinstance(st, IterativeEinsum) or st.tensor in kept or any(
+                isinstance(a, Access) and a.tensor in kept for a in walk(st.expr)):
+            statements.append(st)
+            continue
+        mine = set(st.lhs) | {r for n in walk(st.expr) if isinstance(n, Reduce) for r in n.ranks}
+        reads = [n for other in stage.statements for e in (other.expr, other.where)
+                 if e is not None for n in walk(e)
+                 if isinstance(n, Access) and n.tensor == st.tensor]
+        names = {}
+        for k, r in enumerate(st.lhs):
+            value = lets.get(r)
+            while value is not None and value.is_Symbol and value.name in lets:
+                value = lets[value.name] if lets[value.name].is_Symbol else None
+            if value is not None and value.is_Symbol and value.name not in mine \
+                    and value.name not in looped and value.name not in names.values() \
+                    and all(n.subscripts[k] == Index(value.name) for n in reads):
+                names[r] = value.name
+        if not names:
+            statements.append(st)
+            continue
+
+        def rename(n, names=names):
+            return Index(names[n.rank]) if isinstance(n, Index) and n.rank in names else None
+
+        statements.append(dataclasses.replace(
+            st, lhs=tuple(names.get(r, r) for r in st.lhs), expr=transform(st.expr, rename),
+            where=None if st.where is None else transform(st.where, rename)))
+        changed = True
+    if not changed:
+        return stage
+    return dataclasses.replace(stage, statements=tuple(statements))
 
 
 def _totalled(cascade: Definition, name: str) -> bool:
@@ -392,12 +604,15 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
     statements = tuple(st for st in cascade.statements if st.tensor in needed)
     grads = {o.name: o for o in cascade.outputs}
     outs = tuple(grads.get(o) or Output(o, cascade.tensor_ranks(o), dtype) for o in outputs)
-    saved = tuple(TensorArg(t, cascade.tensor_ranks(t), dtype) for t in sorted(inputs)
+    taken = {r for a in cascade.tensor_args for r in a.ranks} | {x.name for x in cascade.lets}
+    saved = tuple(TensorArg(t, _saved_ranks(cascade.tensor_ranks(t), cascade, taken), dtype)
+                  for t in sorted(inputs)
                   if any(isinstance(n, Access) and n.tensor == t
                          for st in statements for e in (st.expr, st.where)
                          for n in (walk(e) if e is not None else ())))
-    return dataclasses.replace(cascade, name=name, params=cascade.params + saved,
-                               outputs=outs, statements=statements)
+    return _alias_ranks_renamed(_relooped(_shifted_reads_inlined(dataclasses.replace(
+        cascade, name=name, params=cascade.params + saved, outputs=outs,
+        statements=statements))))
 
 
 def _compared_extrema(cascade: Definition) -> set[str]:
@@ -431,15 +646,10 @@ def lowers(defn: Definition, backend: str, options: dict | None = None) -> str |
     options = dict(options or {})
     options.setdefault("tile", 64)
     module = Module((defn,))
-    if backend != "numpy" and any(not isinstance(st, Einsum) for st in defn.statements):
+    if backend != "numpy" and _has_fills(defn):
         one_step = {let.name for let in defn.lets if let.value == 1}
-        loops = sorted({f"{st.tensor} over {st.iter_rank}" for st in defn.statements
-                        if not isinstance(st, Einsum) and st.iter_rank not in one_step})
-        if loops:
-            return (f"{defn.name}: it runs the recurrences {', '.join(loops)} (a forward prefix "
-                    f"sum recomputed, or an adjoint's suffix sum), and a backward "
-                    f"stage has no kernel form for a recurrence (the numpy backend runs it)")
-        fills = sorted({st.tensor for st in defn.statements if not isinstance(st, Einsum)})
+        fills = sorted({st.tensor for st in defn.statements if isinstance(st, IterativeEinsum)
+                        and st.iter_rank in one_step})
         return (f"{defn.name}: gradient contributions added after filling their absent "
                 f"points with 0 ({', '.join(fills)}): the compiler could not prove each "
                 f"present wherever its tensor is, and kernels have no form for the fill")
@@ -695,7 +905,8 @@ def _stages(cascade: Definition, backend: str, items: list[str], name: str, opti
     stages, made = [], set()
     for i, group in enumerate(groups):
         stage = stage_definition(cascade, f"{name}_{i}", group, made, dtype, recompute)
-        quadratic = _quadratic_output(cascade, stage) if backend != "numpy" else None
+        quadratic = _quadratic_output(cascade, stage) if backend != "numpy" and \
+            not carries_states(cascade) else None
         if quadratic is not None:
             raise NotTileable(f"{name}: stage {i} ({', '.join(group)}) would save "
                               f"{quadratic}, a tensor over two sequence ranks: the backward "
@@ -740,15 +951,21 @@ def _quadratic_output(cascade: Definition, stage: Definition) -> str | None:
     ranks are the positions of the float arguments (the rank before the innermost one:
     ``Q[H,P,E]``'s P, ``K[HK,M,E]``'s M); heads are not."""
     size_of = _size_names(cascade)
-    floats = [a for a in cascade.tensor_args
-              if len(a.ranks) >= 2 and a.dtype not in ("i32", "i64", "bool")]
-    inner = Counter(size_of(a.ranks[-1]) for a in floats)
-    # contracted on their innermost dim with another argument (Q·K over E): rows of data
-    sequence = {size_of(a.ranks[-2]) for a in floats if inner[size_of(a.ranks[-1])] >= 2}
+    sequence = _sequence_sizes(cascade)
     for o in stage.outputs:
         if len([r for r in o.ranks if size_of(r) in sequence]) >= 2:
             return f"{o.name}[{','.join(o.ranks)}]"
     return None
+
+
+def _sequence_sizes(cascade: Definition) -> set[str]:
+    """The sizes of the sequence ranks (see :func:`_quadratic_output`)."""
+    size_of = _size_names(cascade)
+    floats = [a for a in cascade.tensor_args
+              if len(a.ranks) >= 2 and a.dtype not in ("i32", "i64", "bool")]
+    inner = Counter(size_of(a.ranks[-1]) for a in floats)
+    # contracted on their innermost dim with another argument (Q·K over E): rows of data
+    return {size_of(a.ranks[-2]) for a in floats if inner[size_of(a.ranks[-1])] >= 2}
 
 
 def _size_names(cascade: Definition):
@@ -774,7 +991,11 @@ def _in_statement_order(cascade: Definition, names: list[str]) -> list[str]:
 
 
 def _has_fills(cascade: Definition) -> bool:
-    return any(not isinstance(st, Einsum) for st in cascade.statements)
+    """Whether ``cascade`` fills a contribution (an iterative statement over a rank of
+    size 1; a recurrence, forward or adjoint, is not one)."""
+    ones = {let.name for let in cascade.lets if let.value == 1}
+    return any(isinstance(st, IterativeEinsum) and st.iter_rank in ones
+               for st in cascade.statements)
 
 
 def _locate(defn: Definition, rank: str) -> tuple[str, str, int]:

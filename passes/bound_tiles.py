@@ -236,7 +236,7 @@ class TileBounder:
     def live(self) -> TileRange | None:
         """The union over the updates of the tiles every guard of the update may pass."""
         r = self.r
-        if r.tile is None or r.row is None:
+        if r.tile is None:  # (no row rank: a kernel whose rows are its grid's)
             return None
         per_update = []
         for _, guards in self.tp.guards:

@@ -97,7 +97,19 @@ def loopless_roles(tp: TileProgram) -> RankRoles:
 
 
 def classify_ranks(tp: TileProgram, statements) -> RankRoles:
-    """Row, tile, grid and vector ranks from how the statements use them."""
+    """Row, tile, grid and vector ranks from how the statements use them.  A rank that a
+    ``let`` makes a sequence rank counts as one (selective attention's keys ``M = P``,
+    read by its saved states ``FS_at[p,m]`` beside ``K[m,e]``, are the rows of its
+    key-major stage, not one key per program) unless the kernel would then hold it whole
+    (its map over ``p`` and ``m``, whose keys stay one per program)."""
+    long = long_with_lets(tp.cascade)
+    roles = _classified(tp, statements, long)
+    if any(r in long for r in roles.vector if r not in (roles.row, roles.tile)):
+        return _classified(tp, statements, long_ranks(tp.cascade))
+    return roles
+
+
+def _classified(tp: TileProgram, statements, long: frozenset[str]) -> RankRoles:
     defn = tp.cascade
     inputs = {a.name for a in defn.tensor_args}
     streamed = _streamed_inputs(tp, statements, inputs)
@@ -123,7 +135,6 @@ def classify_ranks(tp: TileProgram, statements) -> RankRoles:
     # sum[m](dS[p,m] * K[m,e]) whose scores contract e too is held whole
     # and, beside a row, a long state rank only the streamed inputs read (the head h of a
     # key-major dV[h,m,f] = sum[p](dO[h,p,f] * A[h,p,m])) is one per program, not held whole
-    long = long_ranks(defn)
     has_row = any(r not in in_streamed for r in state_ranks)
     # (a rows × keys input, a bias B[p,m] or selective attention's stored steps, reads the
     # sequence rank p beside the keys alone: p stays a row; the keys' head h is read beside
@@ -285,6 +296,14 @@ def _no_split_sums(k: Kernel, roles: RankRoles, body=()) -> RankRoles:
     every program overwriting ``dV_1`` with its own query's share."""
     tp = k.tiles
     long = long_with_lets(tp.cascade)  # (a split-K cascade's combine over W is its own kernel)
+    if roles.row is not None and roles.row not in long and any(
+            isinstance(n, Reduce) and roles.row in n.ranks
+            for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue) for n in walk(st.expr)):
+        # a head dim the kernel contracts is held whole, not split into row blocks: a
+        # key-major dK[m,e] whose scores sum over e, with m a grid rank (its keys' rows are
+        # a head dim by the argument-layout rule: a saved D[P,M]), had its e in blocks, each
+        # program summing a part of the scores
+        roles = dataclasses.replace(roles, row=None)
     split_ranks = set(roles.grid) | ({roles.row} if roles.row else set())
     for st in (*tp.prologue, *tp.inits, *body, *tp.epilogue):
         for n in walk(st.expr):

@@ -877,7 +877,10 @@ def _tile_access(t: _Tiling, acc: Access) -> Access:
     pos = _input_position(t, acc)
     if pos is None:
         return Access(name, tuple(_tile_subscript(t, s) for s in acc.subscripts), loc=acc.loc)
-    rest = tuple(s for i, s in enumerate(acc.subscripts) if i != pos)
+    shifted = _shifted_dims(acc, pos, [s.rank if isinstance(s, Index) else ""
+                                       for s in acc.subscripts])
+    rest = tuple(Index(shifted[i][0]) if i in shifted else s
+                 for i, s in enumerate(acc.subscripts) if i != pos)
     return Access(_blocked_input(t, name, pos, acc), t.tile_index + rest, loc=acc.loc)
 
 
@@ -912,15 +915,56 @@ def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
     others = [r for i, r in enumerate(ranks) if i != pos]
     if len(set(others)) < len(others):  # a diagonal read (X[m, h, h]): the declared ranks
         ranks = list(arg.ranks)
-    key = (name, pos, tuple(ranks))
+    subs = list(_ids(ranks))
+    shifted = _shifted_dims(acc, pos, ranks)
+    for i, (rank, sub) in shifted.items():
+        ranks[i], subs[i] = rank, sub
+    key = (name, pos, tuple(ranks), tuple(subs))
     if key not in t.blocked:
-        subs = list(_ids(ranks))
         subs[pos] = t.position
         lhs = (t.r1, t.r0) + tuple(r for i, r in enumerate(ranks) if i != pos)
-        exact = t.presence.in_range(arg, pos, Index(t.rank)) and ranks == list(arg.ranks)
+        exact = t.presence.in_range(arg, pos, Index(t.rank)) and ranks == list(arg.ranks) \
+            and not shifted
         where = None if exact else Binary("<", t.position, Size(t.rank))
         t.blocked[key] = Einsum(t.fresh("B" + name), lhs, Access(name, tuple(subs)), where)
     return t.blocked[key].tensor
+
+
+def _shift_or_reflection(e: Expr) -> bool:
+    """``e`` adds and subtracts sizes, numbers and one index (``P - 1 - p``, ``p + M - P``):
+    a shift or a reflection of that rank, one element per index (not a group ``h // G``)."""
+    indices = 0
+
+    def visit(n: Expr) -> bool:
+        nonlocal indices
+        if isinstance(n, Index):
+            indices += 1
+            return True
+        if isinstance(n, (Size, Num)):
+            return True
+        return isinstance(n, Binary) and n.op in ("+", "-") and visit(n.left) and visit(n.right)
+
+    return visit(e) and indices == 1
+
+
+def _shifted_dims(acc: Access, pos: int, ranks: list[str]) -> dict[int, tuple[str, Expr]]:
+    """Dims of a blocked input read at an expression of one rank that no other dim reads
+    (a reversed row ``X[P - 1 - p, m]``): dim -> (that rank, the expression).  The copy
+    reads the input there, ``BX[m1,m0,p] = X[P - 1 - p, m1 * M0 + m0]``, and is read at
+    plain ``p`` (a kernel reads a value it holds at its own indices only)."""
+    out = {}
+    for i, sub in enumerate(acc.subscripts):
+        if i == pos or isinstance(sub, Index) or any(isinstance(n, Access) for n in walk(sub)):
+            continue
+        free = free_ranks(sub)
+        if len(free) != 1 or not _shift_or_reflection(sub):
+            continue
+        (rank,) = free
+        if any(r == rank for j, r in enumerate(ranks) if j != i) or any(
+                rank in free_ranks(s) for j, s in enumerate(acc.subscripts) if j != i):
+            continue
+        out[i] = (rank, sub)
+    return out
 
 
 def _bound(t: _Tiling, expr: Expr, where: Expr | None) -> Expr | None:

@@ -192,6 +192,15 @@ class _Propagation:
             return _scale(x.amount * _POSITIVE_HOMOGENEOUS[e.fn], x.idx)
         raise Unknown(f"{e.fn} of a moving value")
 
+    def _untouched_recurrence(self, st) -> None:
+        """An iterative statement must not move (a state that a shift moved would carry
+        the move to later steps, which this analysis does not follow): selective
+        attention's ``FS[p+1,m] = FS[p,m] + relu(S[p,m])`` reads no shift, unchanged."""
+        moved = [e for e in (st.expr, st.where) if e is not None and not self.expr(e).unchanged]
+        if moved:
+            raise Unknown("an iterative cascade whose state moves")
+        self.of[st.tensor] = UNCHANGED
+
     @staticmethod
     def _constant(eff: Effect) -> Effect:
         if not eff.unchanged:
@@ -201,7 +210,8 @@ class _Propagation:
     def run(self) -> bool:
         for st in self.defn.statements:
             if not isinstance(st, Einsum):
-                raise Unknown("an iterative cascade")
+                self._untouched_recurrence(st)
+                continue
             if st.tensor == self.shifted:
                 continue
             if st.where is not None:
@@ -243,7 +253,7 @@ def shifts(defn: Definition) -> frozenset[str]:
     out = set()
     for st in defn.statements:
         if not isinstance(st, Einsum):
-            return frozenset()
+            continue
         ops = {n.op for n in walk(st.expr) if isinstance(n, Reduce)} | \
             {n.fn for n in walk(st.expr) if isinstance(n, Call)}
         if ops & {"max", "min"} and is_shift(defn, st.tensor):

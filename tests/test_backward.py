@@ -18,6 +18,8 @@ from attnc.einsum_ir.ir import Module
 from attnc.einsum_ir.printer import print_module
 from attnc.frontends import parse, parse_file
 from attnc.passes.backward import NotDifferentiable, backward
+from attnc.passes.canonicalize import canonicalize
+from attnc.passes.shift_invariance import shifts
 
 from conftest import EXAMPLES
 from example_refs import EXAMPLES as REFS
@@ -182,28 +184,31 @@ def test_a_recurrence_that_is_not_a_prefix_sum_is_refused_with_the_reason(update
         backward(defn)
 
 
-def _filled_everywhere(defn):
+def _filled_everywhere(defn, nonempty=frozenset()):
     """The backward with every sum of contributions filled (no presence proof): the
     reference the proven plain sums must equal."""
     import attnc.passes.backward as module
 
-    original = module._Builder.same_presence
+    original = module._Builder.same_presence, module._Builder.widened
     module._Builder.same_presence = lambda self, name, found: False
+    module._Builder.widened = lambda self, name, found: False
     try:
-        return backward(defn)
+        return backward(defn, None, nonempty)
     finally:
-        module._Builder.same_presence = original
+        module._Builder.same_presence, module._Builder.widened = original
 
 
-def _same_gradients(defn, seeds, lo: int = 0, hi: int = 5) -> None:
+def _same_gradients(defn, seeds, lo: int = 0, hi: int = 5, nonempty=frozenset()) -> None:
     """The proven cascade and the all-fills one agree exactly in presence (absent outputs
-    are 0) and to rounding in value, on sizes that include 0."""
+    are 0) and to rounding in value, on sizes that include 0 (but for ``nonempty``)."""
     from attnc.backends.check import random_sizes
 
-    proven, filled = backward(defn), _filled_everywhere(defn)
+    proven, filled = backward(defn, None, nonempty), _filled_everywhere(defn, nonempty)
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        args, params = random_call(defn, rng, random_sizes(defn, rng, lo, hi))
+        sizes = random_sizes(defn, rng, lo, hi)
+        sizes.update({r: max(1, sizes[r]) for r in nonempty if r in sizes})
+        args, params = random_call(defn, rng, sizes)
         douts = [rng.standard_normal(o.shape)
                  for o in _tuple(interpret(defn, *args, **params))]
         for got, want, out in zip(_tuple(interpret(proven, *args, *douts, **params)),
@@ -286,6 +291,37 @@ def test_a_masked_sum_with_a_point_its_mask_always_admits_is_present(mask, plain
         assert sn_filled()  # the proof needs the witness
     finally:
         module._Builder.witnessed_fiber = original
+
+
+def test_a_narrower_mask_over_reads_present_everywhere_is_widened_not_filled():
+    """Selective attention's scores get the softmax's adjoint on ``m <= p`` and the
+    recurrence's step adjoint on ``m < ps``; the latter reads only what is present
+    everywhere (the suffix sum of a constant start, the scores), so it moves its mask into
+    a ``select`` and takes ``m <= p``: a plain sum, no P x M fill.  The recurrence's
+    states count as present everywhere (a constant start, carried) and the softmax's row
+    max is a shift beside the recurrence.  The gradients equal the all-fills backward's on
+    sizes from 0 (E >= 1, the rank the kernels assume); with the rule off the fill is back."""
+    import attnc.passes.backward as module
+
+    defn = parse_file(EXAMPLES / "selective.attn").definitions[0]
+    assert shifts(canonicalize(defn)) == {"O_max"}
+
+    def fills(bw):
+        ones = {let.name for let in bw.lets if let.value == 1}
+        return [st.tensor for st in bw.statements
+                if type(st).__name__ == "IterativeEinsum" and st.iter_rank in ones]
+
+    bw = backward(defn, None, frozenset({"E"}))
+    assert not fills(bw), print_module(Module((bw,)))
+    widened = next(st for st in bw.statements if st.tensor == "dS_2")
+    assert "select" in repr(widened.expr) and "'<='" in repr(widened.where)
+    _same_gradients(defn, range(6), lo=0, hi=6, nonempty=frozenset({"E"}))
+    original = module._Builder.widened
+    module._Builder.widened = lambda self, name, found: False
+    try:
+        assert set(fills(backward(defn, None, frozenset({"E"})))) == {"dS_1_filled", "dS_2_filled"}
+    finally:
+        module._Builder.widened = original
 
 
 RELATIVE_TABLE = """

@@ -192,7 +192,7 @@ def test_numpy_backward_matches_the_cascade(tmp_path, name):
                                   "differential.attn", "linear_causal.attn", "softpick.attn",
                                   "rwkv.attn", "prefix_lm.attn", "linear.attn",
                                   "fusemax/deferred_2pass.attn", "cosine.attn", "gla.attn",
-                                  "infini.attn"])
+                                  "infini.attn", "selective.attn"])
 def test_triton_backward_stages_match_the_cascade(tmp_path, name):
     d, mod = _compiled(tmp_path, name, "triton", tile=16)  # several tiles per row
     _check_module(mod, d, "triton", seeds=(0,))
@@ -227,7 +227,8 @@ def test_torch_autograd_and_torch_compile_fullgraph(tmp_path):
         assert mod.causal_softmax(Q, K, V).grad_fn is None
 
 
-@pytest.mark.parametrize("name", ["causal.attn", "linear.attn", "gla.attn", "infini.attn"])
+@pytest.mark.parametrize("name", ["causal.attn", "linear.attn", "gla.attn", "infini.attn",
+                                  "selective.attn"])
 def test_cuda_backward_under_emulation(tmp_path, monkeypatch, name):
     pytest.importorskip("torch")
     monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
@@ -252,10 +253,6 @@ def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_pat
     with pytest.raises(NotTileable, match=r"would save S\[P,M\], a tensor over two "
                                           r"sequence ranks"):
         backward_program(halves, "triton")
-    # selective attention's recurrence over the queries (numpy runs its backward)
-    with pytest.raises(NotTileable, match=r"runs the recurrences FS over PS \(a forward "
-                                          r"prefix sum recomputed, or an adjoint's suffix sum\)"):
-        backward_program(_example("selective.attn"), "triton")
     (tmp_path / "two_masks.attn").write_text(two_masks)
     r = subprocess.run([sys.executable, "-m", "attnc", "compile", str(tmp_path / "two_masks.attn"),
                         "--backend", "triton", "--grad", "-o", str(tmp_path)],
@@ -266,6 +263,35 @@ def test_a_backward_without_kernels_is_refused_with_the_stage_and_reason(tmp_pat
                         "--grad", "-o", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "def causal_softmax_backward(" in (tmp_path / "causal.py").read_text()
+
+
+def test_selective_attention_trains_on_kernels_saving_its_recurrence_states():
+    """Selective attention's state FS[p,m] carries a row of keys per query, so its kernels
+    store every step's state, forward and backward (P x M, as the forward's scan does).
+    The backward program: a scan over the queries saving the states ``FS_at`` (the
+    recurrence iterates ``p`` again, as the forward, so one kernel runs it); the row
+    statistics; the step adjoints ``dFS_at_1``; their suffix sum, a scan over the
+    reversed queries; then dQ query-major and dK with dV key-major, reading the saved
+    states at their points (declared over a key rank of their own, so the key-major
+    stage holds row blocks of keys, not one key per program).  The numbers are checked
+    in ``test_triton_backward_stages_match_the_cascade`` and under CUDA emulation."""
+    from attnc.backends import compile_module
+
+    bp = backward_program(_example("selective.attn"), "triton")
+    scan = bp.stages[0]
+    assert [o.name for o in scan.outputs] == ["FS_at"]
+    assert {st.iter_rank for st in scan.statements if isinstance(st, ir.IterativeEinsum)} == {"P"}
+    suffix = next(s for s in bp.stages if "dFS_step_unshifted" in {o.name for o in s.outputs})
+    assert any(isinstance(st, ir.IterativeEinsum) for st in suffix.statements)
+    assert "dFS_at_1" in {a.name for a in suffix.tensor_args}
+    key_major = next(s for s in bp.stages if {"dK", "dV"} <= {o.name for o in s.outputs})
+    saved = next(a for a in key_major.tensor_args if a.name == "FS_at")
+    assert saved.ranks[0] == "P" and saved.ranks[1] not in ("M", "P"), saved
+    lowered = []
+    compile_module(ir.Module((key_major,)), "triton", "stage", options={"tile": 64},
+                   after_lowering=lambda stage, p: lowered.append(p))
+    program = lowered[-1].programs[0] if hasattr(lowered[-1], "programs") else lowered[-1]
+    assert program.kernels[0].roles.row == "M", program.kernels[0].roles
 
 
 def test_check_grad_compares_the_backward_program_with_the_interpreter():

@@ -458,3 +458,41 @@ attention gla_parts(Q[P,E], K[M,E], V[M,F], LG[M]) -> O[P,F] {
     fn = load_generated(tmp_path / "gla_parts.py").gla_parts
     assert all(r.ok for r in check_definition(module.definitions[0], fn, seed=2))
     assert np.isfinite(fn(np.ones((2, 3)), np.ones((5, 3)), np.ones((5, 2)), -np.ones(5))).all()
+
+
+def test_a_head_dim_the_kernel_contracts_is_held_whole_not_split_into_row_blocks(tmp_path):
+    """A key-major kernel over a saved ``D[P,M]`` (``M`` innermost: a head dim by the
+    argument-layout rule, so one key per program) took the head dim ``e`` as its row:
+    each program summed the scores ``S = sum[e](Q * K)`` over its block of ``e`` only,
+    wrong once E exceeded a row block (E = 40 here; 32-row blocks on the CPU).  A row
+    rank a statement contracts is now held whole (no row rank), and the Triton
+    interpreter agrees with the Einsum interpreter."""
+    import numpy as np
+
+    pytest.importorskip("torch")
+    from attnc.backends import compile_module, load_generated, write_atomic
+    from attnc.backends.check import random_call, torch_caller
+    from attnc.einsum_ir.interpreter import interpret
+    from attnc.frontends import parse
+
+    spec = """
+attention keys_by_head(Q[P,E], K[M,E], D[P,M]) -> dK[M,E] {
+  S[p,m] = Q[p,e] * K[m,e]
+  dS[p,m] = D[p,m] * S[p,m]   where m <= p
+  dK[m,e] = dS[p,m] * Q[p,e]
+}"""
+    module = parse(spec, "keys_by_head.attn")
+    lowered = []
+    _, files = compile_module(module, "triton", "keys_by_head", options={"tile": 16},
+                              after_lowering=lambda stage, p: lowered.append(p))
+    program = lowered[-1].programs[0] if hasattr(lowered[-1], "programs") else lowered[-1]
+    roles = program.kernels[0].roles
+    assert roles.row is None and "E" in roles.vector, roles
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    fn = load_generated(tmp_path / "keys_by_head.py").keys_by_head
+    defn = module.definitions[0]
+    args, _ = random_call(defn, np.random.default_rng(0), {"P": 37, "M": 29, "E": 40})
+    got = torch_caller(fn, "cpu")(*args)
+    want = interpret(defn, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -625,3 +625,37 @@ def test_blocked_copies_keep_the_ranks_an_input_is_read_at_unless_they_repeat():
     rng = np.random.default_rng(0)
     args = [rng.standard_normal(s) for s in ((3, 2), (11, 2), (11, 4), (11, 2, 3), (2, 11))]
     assert_same(src, out, args)
+
+
+REVERSED_BIAS = """attention reversed_bias(Q[P,E], K[M,E], V[M,F], B[P,N]) -> O[P,F] {
+  S[p,m] = Q[p,e] * K[m,e] + B[P - 1 - p, m]
+  O[p,f] = exp(S[p,m] - max[m](S[p,m])) * V[m,f] / sum[m](exp(S[p,m] - max[m](S[p,m])))   where m <= p
+}"""
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_an_input_read_at_a_reversed_row_is_blocked_at_that_row(tmp_path, monkeypatch, backend):
+    """``B[P - 1 - p, m]`` (a row read reversed; B's own key rank N, so its blocked copy
+    keeps the bound ``m < M``): the copy reads the input at the reversed row,
+    ``BB[m1,m0,p] = B[P - 1 - p, m1 * M0 + m0]``, and the tile reads it at plain ``p``.
+    Blocked at B's own row and read shifted, the copy was a computed value a kernel cannot
+    read at another row, and both kernel backends refused the spec ("BB is read with a
+    shifted subscript"); the numpy backend compiled it.  Now each matches the interpreter
+    (a backward stage reads selective attention's saved step adjoints the same way)."""
+    pytest.importorskip("torch")
+    from attnc.backends import compile_module, load_generated, write_atomic
+    from attnc.backends.check import check_definition, torch_caller
+
+    module = parse(REVERSED_BIAS, "reversed_bias.attn")
+    blocked = online(canonicalize(defer_normalization(module.definitions[0])), tile=4)
+    copy = next(st for st in blocked.statements if st.tensor == "BB")
+    assert print_ir(copy).startswith("BB[m1,m0,p] = B[P - 1 - p, m1 * M0 + m0]"), print_ir(copy)
+    if backend == "cuda":
+        monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    _, files = compile_module(module, backend, "rev", options={"tile": 16})
+    for fname, text in files.items():
+        write_atomic(tmp_path / fname, text)
+    fn = load_generated(tmp_path / "rev.py").reversed_bias
+    assert all(r.ok for r in check_definition(module.definitions[0], torch_caller(fn, "cpu"),
+                                              tolerance=2e-5))
+

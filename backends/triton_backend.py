@@ -149,6 +149,7 @@ class KernelRenderer(TileRendererBase):
         self.trusted = None         # (probe body, probe, body) of full tiles trusting their pages
         self.blocks: set = set()         # layouts of the blocks loaded and reduced
         self.has_dot = False             # some reduction is a tl.dot (rows at least 16)
+        self.dots: set = set()           # the tile's products (each once, however rendered)
         self.segment = False             # a stream-K worker: the tile loop runs one segment
         self.outputs: list = []          # what the kernel stores (set by the kernel builder)
         self.defn = self.tp.cascade
@@ -572,7 +573,9 @@ class KernelRenderer(TileRendererBase):
         filled with the reduction's identity (see :meth:`TileRendererBase.reduce`)."""
         fill = {"sum": "0.0", "max": "float('-inf')", "min": "float('inf')"}[e.op]
         code = self.expand(body.code, body.layout, lay)
-        if body.layout != lay:
+        if body.layout != lay and _number(code):  # (a constant body: max[p0](1))
+            code = f"tl.full({self.shape(lay)}, {code}, tl.float32)"
+        elif body.layout != lay:
             code = f"tl.broadcast_to({code}, {self.shape(lay)})"
         # only terms along the reduced ranks change which points count; the others stay
         # in the result's presence (their lanes are absent whatever the reduction gives)
@@ -638,6 +641,7 @@ class KernelRenderer(TileRendererBase):
         if not all(set(o.layout) <= {m.ra, m.rb} and not o.is_bool for o in outer):
             return None
         self.has_dot = True
+        self.dots.add(repr(e))
         r, ra, rb = m.r, m.ra, m.rb
         ac = self.operand(m.a, (ra, r), r)
         bc = self.operand(m.b, (r, rb), r)
@@ -1427,12 +1431,17 @@ def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> Kern
 
 def _state_width(kr: KernelRenderer) -> str:
     """Launcher code: the loop-state floats per row, the sum over the states of their
-    held ranks' block sizes (a row scalar counts 1)."""
+    held ranks' block sizes (a row scalar counts 1), and a tile's width for each product
+    past two in the loop body (its result is live beside the states: a backward stage's
+    ``dO · V`` and ``dS · K`` beside ``Q · K``, as FlashAttention-2's smaller backward
+    blocks)."""
     held = set(kr.ranks.vector) - {kr.ranks.row, kr.ranks.tile}
     terms = []
     for st in kr.tp.inits:
         ranks = [r for r in st.lhs if r in held and r != st.iter_rank]
         terms.append(" * ".join(f"_pow2({pyname(r)})" for r in ranks) or "1")
+    if kr.ranks.tile and len(kr.dots) > 2:
+        terms.append(f"{len(kr.dots) - 2} * {kr.tp.tile_size}")
     return " + ".join(terms) or "1"
 
 
@@ -1591,3 +1600,13 @@ def _op_namespace(module: KernelModule, stem: str) -> str:
 
     text = __version__ + "\n" + "\n".join(print_definition(p.cascade) for p in module.programs)
     return f"attnc_{pyname(stem)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _number(code: str) -> bool:
+    """Whether rendered code is a number literal (``1.0``), which ``tl.broadcast_to``
+    does not take."""
+    try:
+        float(code)
+    except ValueError:
+        return False
+    return True

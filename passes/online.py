@@ -58,8 +58,10 @@ running ``RM``, rescale ``PRM``; ``SD`` → ``SLD``, ``RD``; ``SN`` → ``SLN``;
   the source tensor and tests it — ``RD[M1,p] > 0`` for a sum of the shifted
   exponential itself (its max point contributes ``exp(0) = 1``),
   ``RM[M1,p] > -inf`` for a max — and, if none exists, a presence state
-  ``R<T>_seen`` (0, then 1 once a tile contributes).  So a fully masked row
-  gives 0, never NaN.  The first rescale ``exp(-inf - RM[1,p])`` is 0.
+  ``R<T>_seen`` (0, then 1 once a tile contributes), over the ranks that
+  presence depends on (one per key for a key-major ``dK_1[m,e]``: marked from
+  the tile's mask, the ranks it needs non-empty tested apart).  So a fully
+  masked row gives 0, never NaN.  The first rescale ``exp(-inf - RM[1,p])`` is 0.
 
 When a max cannot be made one-pass, :func:`online_blockers` names the
 dependency that blocks it (the pass leaves that rank alone).
@@ -656,7 +658,8 @@ class _Tiling:
     running: dict[str, str] = field(default_factory=dict)     # reduction -> running state
     blocked: dict[tuple[str, int], Einsum] = field(default_factory=dict)
     rescales: dict[tuple, Einsum] = field(default_factory=dict)
-    seen: dict[str, tuple[IterativeEinsum, IterativeEinsum]] = field(default_factory=dict)
+    # presence states by (reduction, ranks kept): (init, update, the local maps it reads)
+    seen: dict[tuple, tuple[IterativeEinsum, IterativeEinsum, tuple]] = field(default_factory=dict)
 
     @property
     def rank(self) -> str:
@@ -807,6 +810,7 @@ def _convert(region: Region, tile: int) -> Definition:
     finals = _finals(t)
     inits = [_init(t, st) for st in region.reductions.values()]
     statements = (list(t.blocked.values()) + inits + [s[0] for s in t.seen.values()] + body
+                  + [x for s in t.seen.values() for x in s[2]]
                   + list(t.rescales.values()) + updates + [s[1] for s in t.seen.values()] + finals)
     lets = defn.lets + (SizeLet(r0, sympy.Integer(tile)),
                         SizeLet(r1, sympy.ceiling(size_symbol(region.rank) / size_symbol(r0))))
@@ -1067,7 +1071,7 @@ def _guards(t: _Tiling, reads: list[Access], scope: tuple[str, ...]) -> list[Exp
     candidates = states + [Access(n, _ids(st.lhs)) for n, st in t.region.reductions.items()
                            if set(st.lhs) <= set(scope)]
     guards: list[Expr] = []
-    for acc in states:
+    for acc in sorted(states, key=lambda a: _guard_order(t, a, candidates)):
         key = t.presence.access(acc)
         if key <= covered:
             continue
@@ -1075,6 +1079,21 @@ def _guards(t: _Tiling, reads: list[Access], scope: tuple[str, ...]) -> list[Exp
                       or _seen_guard(t, key, candidates))
         covered |= key
     return guards
+
+
+def _guard_order(t: _Tiling, acc: Access, candidates: list[Access]) -> tuple:
+    """Which state's presence to test first: the one whose presence says the most beyond
+    ranks being non-empty, one a final state witnesses, then the one with fewest ranks;
+    the others' presence is then often implied, or differs by an extent (``E > 0``).
+    Before → after (a ``dQ`` stage: ``dQ_1[p,e]`` reads ``dQ_1_sum[p,e]``, present where
+    some key is, and ``dSD_1[p]``, present there when E > 0 too)::
+
+        where RdQ_1_sum_seen[M1,p,e] != 0 and E > 0      (a presence state per p and e)
+     -> where RdSD_1_seen[M1,p] != 0                      (one per p, and no other)
+    """
+    key = t.presence.access(acc)
+    conditioned = [a for a in key if not (a[0] == "exists" and not a[2])]
+    return (-len(conditioned), _witness(t, key, candidates) is None, len(acc.subscripts))
 
 
 def _witness(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr | None:
@@ -1148,12 +1167,78 @@ def _seen_guard(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr:
     acc = min((a for a in candidates if t.presence.access(a) == key),
               key=lambda a: len(a.subscripts))
     name = acc.tensor
-    if name not in t.seen:
-        st = t.region.reductions[name]
+    st = t.region.reductions[name]
+    # ranks the presence does not depend on (a head dim held whole: dK_1[m,e] is present
+    # where some query's mask admits m, for every e alike) are not the state's, when the
+    # tile's own mask says where it contributes (_some_point)
+    kept = tuple(i for i, r in enumerate(st.lhs) if r in _mentioned_ranks(key))
+    lhs = tuple(st.lhs[i] for i in kept)
+    where = _some_point(t, key, lhs) if len(kept) < len(st.lhs) else None
+    if where is None:
+        kept, lhs, label = tuple(range(len(st.lhs))), st.lhs, (name, st.lhs)
+    else:  # (one state for every reduction whose tiles contribute at the same points)
+        label = ("point", lhs, where)
+    if label not in t.seen:
         seen = t.fresh(t.running[name] + "_seen")
-        lhs = (t.r1,) + st.lhs
-        init = IterativeEinsum(seen, lhs, t.r1, True, Num(0), loc=st.loc)
-        mark = Binary("+", Num(1), Binary("*", Num(0), t.local(name)))
-        t.seen[name] = (init, IterativeEinsum(seen, lhs, t.r1, False, mark, loc=st.loc))
-    final = Access(t.seen[name][0].tensor, (Size(t.r1),) + acc.subscripts)
+        init = IterativeEinsum(seen, (t.r1,) + lhs, t.r1, True, Num(0), loc=st.loc)
+        points = ()
+        source = t.local(name)
+        if where is not None:
+            points = (Einsum(t.fresh(f"L{t.region.rank}_any"), (t.r1,) + lhs,
+                             Reduce("max", (t.r0,), Num(1)), where),)
+            source = Access(points[0].tensor, _ids((t.r1,) + lhs))
+        marked = Binary("+", Num(1), Binary("*", Num(0), source))
+        update = IterativeEinsum(seen, (t.r1,) + lhs, t.r1, False, marked, loc=st.loc)
+        t.seen[label] = (init, update, points)
+    final = Access(t.seen[label][0].tensor,
+                   (Size(t.r1),) + tuple(acc.subscripts[i] for i in kept))
+    if t.seen[label][2]:
+        return conjoin(Binary("!=", final, Num(0)), _extent_guard(frozenset(
+            a for a in key if a[0] == "exists" and not a[2])))
     return Binary("!=", final, Num(0))  # 1 + 0 * NaN is NaN: still seen (see _test)
+
+
+def _some_point(t: _Tiling, key: frozenset, lhs: tuple[str, ...]) -> Expr | None:
+    """Where a tile has a point of a reduction present at ``key``, over ``lhs`` alone:
+    ``key``'s one condition over the streamed rank, tiled (its other atoms say only that
+    ranks are not empty, which the guard tests apart).  Before → after (a key-major
+    ``dK_1[m,e]``, present where some query's mask admits key ``m``; ``dV_1[m,f]`` shares
+    the state)::
+
+        RdK_1_seen[p1+1,m,e] = 1 + 0 * LdK_1[p1,m,e]                  (a state per m and e)
+     -> LdK_1_any[p1,m] = max[p0](1)   where m <= p1 * P0 + p0 + M - P and p1 * P0 + p0 < P
+        RdK_1_seen[p1+1,m] = 1 + 0 * LdK_1_any[p1,m]                  (one per m)
+
+    None when the key has another kind of condition, or several."""
+    conditioned = [a for a in key if not (a[0] == "exists" and not a[2])]
+    if len(conditioned) != 1:
+        return None
+    atom = conditioned[0]
+    if atom[0] != "exists" or len(atom) != 3 or tuple(atom[1]) != (t.region.rank,) or any(
+            c[0] != "where" for c in atom[2]):
+        return None
+    conds = atom[2]
+    where = conjoin(*(_tile(t, c[1]) for c in sorted(conds, key=repr)),
+                    Binary("<", t.position, Size(t.region.rank)))
+    if free_ranks(where) - {t.r1, t.r0} - set(lhs) or any(
+            isinstance(n, Access) for n in walk(where)):
+        return None
+    return where
+
+
+def _mentioned_ranks(key: frozenset) -> set[str]:
+    """Every rank a presence key's atoms name (the ranks an element's presence depends on)."""
+    out: set[str] = set()
+
+    def visit(x) -> None:
+        if isinstance(x, str):
+            out.add(x)
+        elif isinstance(x, (tuple, frozenset, set, list)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, Expr):
+            out.update(free_ranks(x))
+            out.update(n.rank for n in walk(x) if isinstance(n, (Index, Size)))
+
+    visit(key)
+    return out

@@ -659,3 +659,29 @@ def test_an_input_read_at_a_reversed_row_is_blocked_at_that_row(tmp_path, monkey
     assert all(r.ok for r in check_definition(module.definitions[0], torch_caller(fn, "cpu"),
                                               tolerance=2e-5))
 
+
+def test_a_presence_state_keeps_only_the_ranks_its_presence_depends_on():
+    """A key-major ``dK_1[m,e]`` is present where some query's mask admits key ``m``, for
+    every ``e`` alike: its presence state is one per key, marked from the tile's own mask
+    (``LP_any[p1,m] = max[p0](1) where m <= ...``), and ``dV_1[m,f]`` shares it (two
+    ``[M, E]`` and ``[M, F]`` states before, as wide as the accumulators).  In the dQ
+    stage, ``dQ_1[p,e]`` reads ``dQ_1_sum[p,e]`` and ``dSD_1[p]``; testing ``dSD_1``'s
+    per-row state first covers both (``where RdQ_1_sum_seen[M1,p,e] != 0 and E > 0``
+    before).  The gradients are checked against the interpreter in
+    ``test_backward_program``; here, that the states are per row."""
+    from attnc.passes.backward_program import backward_program
+
+    bp = backward_program(parse_file(EXAMPLES_DIR / "causal.attn").definitions[0], "triton")
+
+    def presence_states(outputs):
+        stage = next(s for s in bp.stages if outputs <= {o.name for o in s.outputs})
+        tiled = online(canonicalize(stage), tile=16)
+        return tiled, {st.tensor: st.lhs for st in tiled.statements
+                       if isinstance(st, IterativeEinsum) and st.tensor.endswith("_seen")}
+
+    tiled, states = presence_states({"dK", "dV"})
+    assert list(states.values()) == [("P1", "M")], states
+    marks = [st for st in tiled.statements if st.tensor.endswith("_any")]
+    assert len(marks) == 1 and print_ir(marks[0]).startswith("LP_any[p1,m] = max[p0](1)   where")
+    _, states = presence_states({"dQ"})
+    assert all(len(lhs) == 2 for lhs in states.values()), states

@@ -128,6 +128,7 @@ def _compile_with_backward(module, backend, stem, names, options, stop_after, af
                            fused, after_lowering):
     """The module, its definitions' backward stages, and the chain functions appended to
     the generated Python file."""
+    from ..passes.tile import NotTileable
     from .backward_chain import programs_for, render_chains, with_stages
 
     chosen = get_backend(backend)
@@ -136,12 +137,46 @@ def _compile_with_backward(module, backend, stem, names, options, stop_after, af
         stage_options["tile"] = chosen.tile
     programs = programs_for(module, backend, stage_options)
     stage_names = frozenset(s.name for p in programs for s in p.stages)
-    stages, files = compile_module(with_stages(module, programs), backend, stem, names,
-                                   options, stop_after, after_each, fused, after_lowering,
-                                   choose_form_for=stage_names)
+    staged = with_stages(module, programs)
+    tiles = backward_tiles(module, programs, backend, options)
+    try:
+        stages, files = compile_module(staged, backend, stem, names,
+                                       dict(options or {}, tiles=tiles) if tiles else options,
+                                       stop_after, after_each, fused, after_lowering,
+                                       choose_form_for=stage_names)
+    except NotTileable:
+        if not tiles:
+            raise
+        stages, files = compile_module(staged, backend, stem, names, options, stop_after,
+                                       after_each, fused, after_lowering,
+                                       choose_form_for=stage_names)
     files = dict(files)
     files[f"{stem}.py"] += render_chains(module, programs, chosen.runtime)
     return stages, files
+
+
+BACKWARD_TILE = 32  # the key (or query) tile of a backward stage on Triton
+
+
+def backward_tiles(module: Module, programs, backend: str, options: dict | None
+                   ) -> dict[str, int]:
+    """Stage name -> its tile: on Triton, when the caller chose none, every backward stage
+    that makes gradients streams tiles of 32, as FlashAttention-2's and Triton's tutorial
+    backward kernels do (their row carries two head dims of state and four tile products:
+    at 64, ``attnc kernels --grad`` counts 536 bytes of spills in causal's dK/dV stage and
+    120 in its dQ stage; at 32, 88 and 16).  A stage of the forward's statistics alone
+    keeps the forward's tile.  Empty when nothing changes."""
+    from ..passes.canonicalize import canonicalize
+
+    if backend != "triton" or (options or {}).get("tile") is not None:
+        return {}
+    tiles = {}
+    for d, program in zip(module.definitions, programs):
+        forward = {st.tensor for st in canonicalize(d).statements}
+        for stage in program.stages:
+            if not all(o.name in forward for o in stage.outputs):
+                tiles[stage.name] = BACKWARD_TILE
+    return tiles
 
 
 def choose_form(module: Module, stages, backend: str, options: dict, names=None,

@@ -391,7 +391,7 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
     contiguous.  ``grad``: the backward program's stages too (``NAME_backward_<i>``, each
     stage's kernels; the adjoints and saved statistics take the sizes of what they adjoin)."""
     from ..frontends import parse_file
-    from . import choose_form, compile_module
+    from . import backward_tiles, choose_form, compile_module
 
     if dtype not in FLOAT_POINTER:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(FLOAT_POINTER)}")
@@ -399,11 +399,14 @@ def kernel_report(spec_path: str | Path, sizes: dict[str, int], dtype: str = "bf
     stem = Path(spec_path).stem
     stages, files = compile_module(module, "triton", stem, backward=grad)
     text = files[f"{stem}.py"]
-    if grad:
+    options: dict = {"tile": 64}
+    if grad:  # the stages with the tiles the compiled module gave them
         from .backward_chain import programs_for, with_stages
 
-        module = with_stages(module, programs_for(module, "triton", {"tile": 64}))
-    programs = choose_form(module, stages, "triton", {"tile": 64})[1].programs
+        backward_programs = programs_for(module, "triton", {"tile": 64})
+        options["tiles"] = backward_tiles(module, backward_programs, "triton", None)
+        module = with_stages(module, backward_programs)
+    programs = choose_form(module, stages, "triton", options)[1].programs
     with tempfile.TemporaryDirectory(prefix="attnc_kernels_") as tmp:
         return _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
                                   Path(tmp))

@@ -102,10 +102,9 @@ def _choice(args) -> tuple[list[str] | None, dict]:
     if getattr(args, "O0", False) and names is None:
         names = ["canonicalize"]
     _check_passes(names, getattr(args, "stop_after", None))
-    tile = getattr(args, "tile", None)
+    tile = getattr(args, "tile", None)  # None: each backend's own (and a backward stage's)
     if getattr(args, "backend", None):
-        backend = _backend(args.backend)  # validated here: a later ValueError is a bug
-        tile = backend.tile if tile is None else tile
+        _backend(args.backend)  # validated here: a later ValueError is a bug
     options = {"tile": tile, "workers": getattr(args, "workers", None)}
     if getattr(args, "size", None):
         options["sizes"] = {k: v for k, v in _parse_sizes(args.size, zero=True).items() if v > 0}

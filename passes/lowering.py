@@ -109,7 +109,9 @@ def lower(defn: Definition, target: Target, options: dict | None = None,
           stop_after: str | None = None) -> Program:
     """Lower one optimised definition to a kernel program for ``target``.  ``source`` is
     the cascade before the ``online`` pass, which a multi-kernel program re-partitions."""
-    options = options or {}
+    from .pipeline import options_for
+
+    options = options_for(options, defn.name)
     steps: list[tuple[str, Callable[[Program], Program]]] = [
         ("map-ranks", lambda p: map_ranks(p, target.packs_heads)),
         ("bound-tiles", lambda p: bound_tiles(p, target.scalar_grid)),

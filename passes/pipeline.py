@@ -94,6 +94,16 @@ def resolve(names: list[str] | tuple[str, ...] | None) -> list[Stage]:
     return [PASSES[n] for n in names]
 
 
+def options_for(options: dict | None, name: str) -> dict:
+    """``options`` for definition ``name``: its own tile where ``options["tiles"]`` names
+    one (a backward stage's narrower key tile, see ``backends.backward_tiles``)."""
+    options = dict(options or {})
+    tile = options.get("tiles", {}).get(name)
+    if tile is not None:
+        options["tile"] = tile
+    return options
+
+
 def apply(stage: Stage, module: Module, options: dict | None = None) -> Module:
     return dataclasses.replace(module, definitions=tuple(bounded(stage, d, options)
                                                          for d in module.definitions))
@@ -106,7 +116,7 @@ def bounded(stage: Stage, defn: Definition, options: dict | None = None) -> Defi
 
         reassociate: pass bound 1 -> 2     =>   reassociate keeps its input (bound 1)
     """
-    out = stage(defn, options)
+    out = stage(defn, options_for(options, defn.name))
     if out == defn or raises_bound(defn, out):
         return defn
     return out

@@ -346,8 +346,9 @@ def prefill(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
 # ----------------------------------------------------------------------------
 
 
-def compile_grad(spec: Path, tile: int, tmp: Path):
-    """The Triton module with its backward program (NAME differentiable)."""
+def compile_grad(spec: Path, tile: int | None, tmp: Path):
+    """The Triton module with its backward program (NAME differentiable); ``tile`` None:
+    the defaults (64 for the forward, 32 for the backward's gradient stages)."""
     module = parse_file(spec)
     _, files = compile_module(module, "triton", spec.stem, None, {"tile": tile}, backward=True)
     path = tmp / f"{spec.stem}_grad_t{tile}.py"
@@ -411,7 +412,7 @@ def train(tmp: Path, device: str, sizes: list[int], smoke: bool) -> None:
             flops = 3.5 * 4 * B * H * D * visible_pairs(n, kind, window)
             row, note = {}, ""
             try:
-                module, gen = compile_grad(EXAMPLES / spec, 64 if not smoke else 16, tmp)
+                module, gen = compile_grad(EXAMPLES / spec, None if not smoke else 16, tmp)
                 fn = getattr(gen, module.definitions[0].name)
                 if label not in errors:
                     errors[label] = (grad_errors(module, gen, device, half),

@@ -881,11 +881,10 @@ def _tile_access(t: _Tiling, acc: Access) -> Access:
     pos = _input_position(t, acc)
     if pos is None:
         return Access(name, tuple(_tile_subscript(t, s) for s in acc.subscripts), loc=acc.loc)
-    shifted = _shifted_dims(acc, pos, [s.rank if isinstance(s, Index) else ""
-                                       for s in acc.subscripts])
+    blocked, shifted = _blocked_input(t, name, pos, acc)
     rest = tuple(Index(shifted[i][0]) if i in shifted else s
                  for i, s in enumerate(acc.subscripts) if i != pos)
-    return Access(_blocked_input(t, name, pos, acc), t.tile_index + rest, loc=acc.loc)
+    return Access(blocked, t.tile_index + rest, loc=acc.loc)
 
 
 def _tile_subscript(t: _Tiling, e: Expr) -> Expr:
@@ -908,11 +907,14 @@ def _input_position(t: _Tiling, acc: Access) -> int | None:
     return None if any(t.rank in free_ranks(s) for s in others) else plain[0]
 
 
-def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
-    """``BK[m1,m0,e] = K[m1 * M0 + m0, e]`` (absent past the end), made on first use.  A dim
-    the read indexes by a plain rank of another name keeps that rank (the adjoint
-    ``dO[BX,PX,H,F]`` read at ``dO[b,p,h,f]``: ``BdO[p1,p0,B,H,F] = dO[b, p1 * P0 + p0, h,
-    f]``, which the kernel's grid rank B indexes; over BX it would be a rank held whole)."""
+def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access, shift: bool = True
+                   ) -> tuple[str, dict[int, tuple[str, Expr]]]:
+    """``BK[m1,m0,e] = K[m1 * M0 + m0, e]`` (absent past the end), made on first use, and
+    the dims read shifted (:func:`_shifted_dims`), which the reader reads at the plain
+    rank.  A dim the read indexes by a plain rank of another name keeps that rank (the
+    adjoint ``dO[BX,PX,H,F]`` read at ``dO[b,p,h,f]``: ``BdO[p1,p0,B,H,F] = dO[b, p1 * P0 +
+    p0, h, f]``, which the kernel's grid rank B indexes; over BX it would be a rank held
+    whole)."""
     arg = next(a for a in t.region.defn.tensor_args if a.name == name)
     ranks = [s.rank if isinstance(s, Index) and i != pos else r
              for i, (s, r) in enumerate(zip(acc.subscripts, arg.ranks))]
@@ -920,9 +922,12 @@ def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
     if len(set(others)) < len(others):  # a diagonal read (X[m, h, h]): the declared ranks
         ranks = list(arg.ranks)
     subs = list(_ids(ranks))
-    shifted = _shifted_dims(acc, pos, ranks)
+    shifted = _shifted_dims(acc, pos) if shift else {}
     for i, (rank, sub) in shifted.items():
         ranks[i], subs[i] = rank, sub
+    others = [r for i, r in enumerate(ranks) if i != pos]
+    if len(set(others)) < len(others):  # a shifted rank names another dim: not shifted
+        return _blocked_input(t, name, pos, acc, shift=False)
     key = (name, pos, tuple(ranks), tuple(subs))
     if key not in t.blocked:
         subs[pos] = t.position
@@ -931,7 +936,7 @@ def _blocked_input(t: _Tiling, name: str, pos: int, acc: Access) -> str:
             and not shifted
         where = None if exact else Binary("<", t.position, Size(t.rank))
         t.blocked[key] = Einsum(t.fresh("B" + name), lhs, Access(name, tuple(subs)), where)
-    return t.blocked[key].tensor
+    return t.blocked[key].tensor, shifted
 
 
 def _shift_or_reflection(e: Expr) -> bool:
@@ -951,7 +956,7 @@ def _shift_or_reflection(e: Expr) -> bool:
     return visit(e) and indices == 1
 
 
-def _shifted_dims(acc: Access, pos: int, ranks: list[str]) -> dict[int, tuple[str, Expr]]:
+def _shifted_dims(acc: Access, pos: int) -> dict[int, tuple[str, Expr]]:
     """Dims of a blocked input read at an expression of one rank that no other dim reads
     (a reversed row ``X[P - 1 - p, m]``): dim -> (that rank, the expression).  The copy
     reads the input there, ``BX[m1,m0,p] = X[P - 1 - p, m1 * M0 + m0]``, and is read at
@@ -964,8 +969,7 @@ def _shifted_dims(acc: Access, pos: int, ranks: list[str]) -> dict[int, tuple[st
         if len(free) != 1 or not _shift_or_reflection(sub):
             continue
         (rank,) = free
-        if any(r == rank for j, r in enumerate(ranks) if j != i) or any(
-                rank in free_ranks(s) for j, s in enumerate(acc.subscripts) if j != i):
+        if any(rank in free_ranks(s) for j, s in enumerate(acc.subscripts) if j != i):
             continue
         out[i] = (rank, sub)
     return out

@@ -122,9 +122,9 @@ from ..einsum_ir.printer import print_expr
 from ..einsum_ir.schedule import dataflow_graph, statement_reads
 from .canonicalize import canonicalize
 from .names import fresh_rank
-from .defer_normalization import (Capture, Presence, conjoin, fresh_name, is_reduction,
-                                  linear_terms, multiply, positive, simplify, substitute,
-                                  substitute_atom, taken_names, varying)
+from .defer_normalization import (Capture, Presence, atom_ranks, conjoin, fresh_name,
+                                  is_reduction, linear_terms, multiply, positive, simplify,
+                                  substitute, substitute_atom, taken_names, varying)
 from .passcount import count_passes
 
 SHIFT_FUNCTIONS = ("exp", "exp2")
@@ -1175,7 +1175,8 @@ def _seen_guard(t: _Tiling, key: frozenset, candidates: list[Access]) -> Expr:
     # ranks the presence does not depend on (a head dim held whole: dK_1[m,e] is present
     # where some query's mask admits m, for every e alike) are not the state's, when the
     # tile's own mask says where it contributes (_some_point)
-    kept = tuple(i for i, r in enumerate(st.lhs) if r in _mentioned_ranks(key))
+    depends = frozenset().union(*(atom_ranks(a) for a in key))
+    kept = tuple(i for i, r in enumerate(st.lhs) if r in depends)
     lhs = tuple(st.lhs[i] for i in kept)
     where = _some_point(t, key, lhs) if len(kept) < len(st.lhs) else None
     if where is None:
@@ -1229,20 +1230,3 @@ def _some_point(t: _Tiling, key: frozenset, lhs: tuple[str, ...]) -> Expr | None
         return None
     return where
 
-
-def _mentioned_ranks(key: frozenset) -> set[str]:
-    """Every rank a presence key's atoms name (the ranks an element's presence depends on)."""
-    out: set[str] = set()
-
-    def visit(x) -> None:
-        if isinstance(x, str):
-            out.add(x)
-        elif isinstance(x, (tuple, frozenset, set, list)):
-            for y in x:
-                visit(y)
-        elif isinstance(x, Expr):
-            out.update(free_ranks(x))
-            out.update(n.rank for n in walk(x) if isinstance(n, (Index, Size)))
-
-    visit(key)
-    return out

@@ -421,14 +421,8 @@ def _saved_ranks(ranks: tuple[str, ...], cascade: Definition, taken: set[str]
             len([r for r in ranks if size_of(r) in sequence]) < 2:
         return ranks
     own = {r for a in cascade.tensor_args for r in a.ranks}
-
-    def base(r: str) -> str:  # PSX -> PS -> P: the argument rank an alias stands for
-        seen = r
-        while seen in lets and lets[seen].is_Symbol:
-            seen = lets[seen].name
-        return seen if seen in own and seen not in ranks else r
-
-    lead = tuple(base(r) for r in ranks[:-1])
+    lead = tuple(size_of(r) if size_of(r) in own and size_of(r) not in ranks else r
+                 for r in ranks[:-1])  # PSX -> PS -> P: the argument rank it stands for
     if len(set(lead)) != len(lead):
         lead = ranks[:-1]
     return lead + (fresh_rank(f"{ranks[-1]}S", taken),)
@@ -504,7 +498,7 @@ def _alias_ranks_renamed(stage: Definition) -> Definition:
     a stage that iterates it (a recurrence over ``P`` would run the statement at each of
     its steps), nor for a stage output (its ranks are the program's), a recurrence, or a
     statement reading one of those."""
-    lets = {let.name: let.value for let in stage.lets}
+    size_of = _size_names(stage)
     looped = set(stage.iterative_ranks)
     kept = {o.name for o in stage.outputs} | {st.tensor for st in stage.statements
                                                if isinstance(st, IterativeEinsum)}
@@ -520,13 +514,11 @@ def _alias_ranks_renamed(stage: Definition) -> Definition:
                  if isinstance(n, Access) and n.tensor == st.tensor]
         names = {}
         for k, r in enumerate(st.lhs):
-            value = lets.get(r)
-            while value is not None and value.is_Symbol and value.name in lets:
-                value = lets[value.name] if lets[value.name].is_Symbol else None
-            if value is not None and value.is_Symbol and value.name not in mine \
-                    and value.name not in looped and value.name not in names.values() \
-                    and all(n.subscripts[k] == Index(value.name) for n in reads):
-                names[r] = value.name
+            base = size_of(r)
+            if base != r and base not in mine and base not in looped \
+                    and base not in names.values() \
+                    and all(n.subscripts[k] == Index(base) for n in reads):
+                names[r] = base
         if not names:
             statements.append(st)
             continue

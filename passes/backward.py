@@ -8,7 +8,7 @@ reads a floating-point tensor ``X`` the adjoint ``dT`` flows back as
 
 with the statement's ``where`` (a point that is not computed contributes nothing).  A
 reduction's body is differentiated the same way (sum: the body's derivative; max and min:
-the points that attain it share the adjoint evenly).  Before → after (one statement)::
+the first point that attains it, in its ranks' order, takes the adjoint).  Before → after (one statement)::
 
     QK[p,m] = Q[p,e] * K[m,e] * scale   where m <= p + M - P
 
@@ -73,6 +73,14 @@ def _is_zero(e: Expr) -> bool:
 
 def _is_one(e: Expr) -> bool:
     return isinstance(e, Num) and e.value == 1
+
+
+def _position(ranks: tuple[str, ...]) -> Expr:
+    """A point's place in the row-major order of ``ranks``: ``m``; ``r * S + s`` for two."""
+    out: Expr = Index(ranks[0])
+    for r in ranks[1:]:
+        out = Binary("+", Binary("*", out, Size(r)), Index(r))
+    return out
 
 
 def _mul(a: Expr, b: Expr) -> Expr:
@@ -307,14 +315,11 @@ class _Builder:
             reduce, body = body, body.body
         seed: Expr = Access(dT, tuple(Index(r) for r in st.lhs))
         if reduce is not None and reduce.op in ("max", "min"):
-            # the points that attain it share the adjoint evenly (exact ties are not rare:
-            # a key read twice, K[m // 2, e], gives its score twice)
-            ids = tuple(Index(r) for r in st.lhs)
-            attains = Call("select", (Binary("==", body, Access(st.tensor, ids)), Num(1), Num(0)))
-            ties = Einsum(self.fresh(f"{st.tensor}_ties"), st.lhs,
-                          Reduce("sum", reduce.ranks, attains), st.where)
-            self.pending.append(ties)
-            seed = _mul(seed, Binary("/", attains, Access(ties.tensor, ids)))
+            at = self.first_attaining(st, reduce)
+            self.pending.append(at)
+            position = _position(reduce.ranks)
+            picked = Binary("==", position, Access(at.tensor, tuple(Index(r) for r in st.lhs)))
+            seed = _mul(seed, Call("select", (picked, Num(1), Num(0))))
         space = tuple(st.lhs) + (reduce.ranks if reduce is not None else ())
         reads = [n for n in walk(st.expr) if isinstance(n, Access)]
         for node in _differentiable_leaves(body, self.floats, self.params):
@@ -322,6 +327,27 @@ class _Builder:
             if _is_zero(d):
                 continue
             self.contribute(st, node, _present_where(_mul(seed, d), reads), space)
+
+    def first_attaining(self, st: Einsum, reduce: Reduce) -> Einsum:
+        """Where a max (min) reduction is attained: the first point in the order of its
+        reduced ranks (``torch.max(dim)``'s index), which takes the whole adjoint.  An index
+        and not a comparison in every stage: a kernel that recomputes ``S`` in another
+        contraction order (a key-major ``K·Qᵀ``) may round it differently from the one
+        that took the max, so ``S == N`` tested there can miss the maximum.  The ``online``
+        pass computes this index in the same pass as the max it compares with
+        (an equality factor), so the scores compared are the ones maximised.  Before →
+        after (one statement)::
+
+            N[p] = max[m](S[p,m])
+
+            N_at[p] = min[m](select(S[p,m] == N[p], m, inf))
+            dS_1[p,m] = dN[p] * select(m == N_at[p], 1, 0)
+        """
+        ids = tuple(Index(r) for r in st.lhs)
+        attains = Binary("==", st.expr.body, Access(st.tensor, ids))
+        body = Call("select", (attains, _position(reduce.ranks), Const("inf")))
+        return Einsum(self.fresh(f"{st.tensor}_at"), st.lhs, Reduce("min", reduce.ranks, body),
+                      st.where)
 
     def propagate_recurrence(self, rec: Recurrence) -> None:
         """The adjoint of a prefix sum ``T[i+1, x] = T[i, x] + E`` (:mod:`.deloop`): every

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..einsum_ir.exprs import free_ranks, transform, walk
-from ..einsum_ir.ir import (Access, Binary, Definition, Einsum, Index, IterativeEinsum, Module,
-                            Num, Output, Reduce, Size, Statement, TensorArg)
+from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Index,
+                            IterativeEinsum, Module, Num, Output, Reduce, Size, Statement,
+                            TensorArg)
 from ..einsum_ir.kernel import KernelIRError
 from ..einsum_ir.printer import print_expr
 from ..einsum_ir.schedule import dataflow_graph
@@ -577,22 +578,13 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
     """The slice of ``cascade`` computing ``outputs`` from its arguments and ``inputs``
     (earlier stages' results, ``dtype`` arguments here: float32, float64 on numpy).  Every argument of the cascade is
     kept: they bind the sizes."""
-    by_name = {st.tensor: st for st in cascade.statements}
-    if recompute_extrema:
-        inputs = set(inputs) - _compared_extrema(cascade)
-    needed: set[str] = set()
-    todo = list(outputs)
-    while todo:
-        t = todo.pop()
-        if t in needed or t in inputs or t not in by_name:
-            continue
-        needed.add(t)
-        for st in cascade.statements:
-            if st.tensor == t:
-                for e in (st.expr, st.where):
-                    for n in (walk(e) if e is not None else ()):
-                        if isinstance(n, Access):
-                            todo.append(n.tensor)
+    needed = _needed(cascade, outputs, inputs)
+    if recompute_extrema:  # only where this stage compares them
+        compared = _compared_extrema(cascade, [st for st in cascade.statements
+                                               if st.tensor in needed])
+        if compared & set(inputs):
+            inputs = set(inputs) - compared
+            needed = _needed(cascade, outputs, inputs)
     statements = tuple(st for st in cascade.statements if st.tensor in needed)
     grads = {o.name: o for o in cascade.outputs}
     outs = tuple(grads.get(o) or Output(o, cascade.tensor_ranks(o), dtype) for o in outputs)
@@ -607,26 +599,52 @@ def stage_definition(cascade: Definition, name: str, outputs: list[str],
         statements=statements))))
 
 
-def _compared_extrema(cascade: Definition) -> set[str]:
-    """Max and min reductions the cascade compares for equality (their gradient's ties,
-    ``select(S[p,m] == GM[p], 1, 0)``): a stage recomputes them from the values it
-    compares where its kernels still lower, rather than read them saved.  A saved maximum
-    came from another computation of ``S`` (another kernel, another contraction order),
-    which may round differently: then no recomputed score equals it, the tie count is 0
-    and the gradient 0/0 (a max output beside a softmax on numpy).  Where some stage would
-    then not lower (lse's and softpick's one-pass gradient stages: the maximum needs a
-    pass of its own), the program reads the saved maximum, as it did before: those rely on
-    recomputing the scores as the forward did."""
+def _needed(cascade: Definition, outputs: list[str], inputs: set[str]) -> set[str]:
+    """The tensors computing ``outputs`` needs, given ``inputs``."""
+    by_name = {st.tensor: st for st in cascade.statements}
+    needed: set[str] = set()
+    todo = list(outputs)
+    while todo:
+        t = todo.pop()
+        if t in needed or t in inputs or t not in by_name:
+            continue
+        needed.add(t)
+        for st in cascade.statements:
+            if st.tensor == t:
+                for e in (st.expr, st.where):
+                    for n in (walk(e) if e is not None else ()):
+                        if isinstance(n, Access):
+                            todo.append(n.tensor)
+    return needed
+
+
+def _compared_extrema(cascade: Definition, statements=None) -> set[str]:
+    """Max and min reductions that ``statements`` (default: the cascade's) compare for
+    equality with values (their gradient's first attaining point,
+    ``min[m](select(S[p,m] == GM[p], m, inf))``): a stage that compares one recomputes it
+    from the values it compares, where its kernels still lower, rather than read it saved.
+    A saved maximum came from another computation of ``S`` (another kernel, another
+    contraction order), which may round differently: then no recomputed score equals it
+    and the gradient would lose its point.  Where some stage would then not lower, the
+    program reads the saved maximum, as it did before: that relies on recomputing the
+    scores as the forward did."""
     extrema = {st.tensor for st in cascade.statements if isinstance(st, Einsum)
                and isinstance(st.expr, Reduce) and st.expr.op in ("max", "min")}
     out = set()
-    for st in cascade.statements:
+    for st in (cascade.statements if statements is None else statements):
         for e in (st.expr, st.where):
             for n in (walk(e) if e is not None else ()):
-                if isinstance(n, Binary) and n.op in ("==", "!="):
+                if isinstance(n, Binary) and n.op in ("==", "!=") and not _indexes(n):
                     out |= {a.tensor for a in (*walk(n.left), *walk(n.right))
                             if isinstance(a, Access) and a.tensor in extrema}
     return out
+
+
+def _indexes(comparison: Binary) -> bool:
+    """One side reads no tensor (``m == N_at[p]``, a max's first attaining point): the
+    comparison is exact wherever it is computed."""
+    return not all(any(isinstance(a, Access) for a in walk(side))
+                   for side in (comparison.left, comparison.right))
 
 
 def lowers(defn: Definition, backend: str, options: dict | None = None) -> str | None:
@@ -872,7 +890,8 @@ def _assemble(defn: Definition, source: Definition, cascade: Definition, nonempt
     zeros = tuple(o.name for o in cascade.outputs if _is_zero(cascade, o.name))
     grads = [o.name for o in cascade.outputs if o.name not in zeros]
     items = _in_statement_order(cascade, cuts) + [g for g in grads if g not in cuts]
-    forward = frozenset(st.tensor for st in canonicalize(defn).statements)
+    forward = frozenset(st.tensor for st in canonicalize(defn).statements) \
+        | first_attaining_points(cascade, defn)
     dtype = saved_dtype(backend)
     before = frozenset(filled)
     try:  # a compared maximum recomputed where it is compared, if every stage still lowers
@@ -1009,20 +1028,45 @@ def _with_stats(defn: Definition, stages, backend: str, options,
     """``defn`` returning, besides its outputs, what the leading stages make from forward
     tensors alone (``GM``, ``SD``), when that still lowers: the forward saves its row
     statistics instead of the backward recomputing them (FlashAttention-2's LSE)."""
-    forward = {st.tensor for st in canonicalize(defn).statements}
-    saved = []
+    source = canonicalize(defn)
+    forward = {st.tensor for st in source.statements}
+    saved, derived = [], []
     for stage in stages:
         names = [o.name for o in stage.outputs]
-        if not all(n in forward for n in names):
+        made = {st.tensor: st for st in stage.statements}
+        if not all(n in forward or _is_first_attaining(made.get(n), forward) for n in names):
             break
         saved += names
+        derived += [made[n] for n in names if n not in forward]
     if not saved:
         return None
-    ranks = {st.tensor: st.lhs for st in canonicalize(defn).statements}
+    ranks = {st.tensor: st.lhs for st in source.statements + tuple(derived)}
     extra = tuple(Output(n, ranks[n], dtype) for n in saved
                   if n not in {o.name for o in defn.outputs})
     out = dataclasses.replace(defn, name=f"{defn.name}_with_stats", outputs=defn.outputs + extra)
+    if derived:  # they read the canonical form's tensors
+        out = dataclasses.replace(out, statements=source.statements + tuple(derived))
     return out if lowers(out, backend, options) is None else None
+
+
+def first_attaining_points(cascade: Definition, defn: Definition) -> frozenset[str]:
+    """The backward's first attaining points of the forward's maxima (``N_at[p] =
+    min[m](select(S[p,m] == N[p], m, inf))``, see ``backward._Builder.first_attaining``):
+    functions of the forward alone, made in its stage of row statistics and saved with them
+    (one pass beside the max, :func:`attnc.passes.online._equality_shift`)."""
+    forward = {st.tensor for st in canonicalize(defn).statements}
+    return frozenset(st.tensor for st in cascade.statements if _is_first_attaining(st, forward))
+
+
+def _is_first_attaining(st, forward) -> bool:
+    if not (isinstance(st, Einsum) and isinstance(st.expr, Reduce) and st.expr.op == "min"):
+        return False
+    body = st.expr.body
+    if not (isinstance(body, Call) and body.fn == "select" and body.args[2] == Const("inf")
+            and isinstance(body.args[0], Binary) and body.args[0].op == "=="):
+        return False
+    reads = {a.tensor for a in walk(st.expr) if isinstance(a, Access)}
+    return bool(reads) and reads <= set(forward)
 
 
 def _scalars_by_rows(cascade: Definition, backend: str, options

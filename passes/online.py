@@ -165,7 +165,8 @@ class Region:
     rank: str
     maps: dict[str, Einsum]          # carry R: computed per tile
     reductions: dict[str, Einsum]    # reduce over R: local reduction + running state
-    maxes: frozenset[str]            # maxes over exactly R: the possible shifts
+    maxes: frozenset[str]            # maxes over exactly R: the possible shifts (and mins
+                                     # compared for equality: their running min)
     post: frozenset[str]             # other statements that read a reduction's result
     shifts: dict[str, tuple[Shift, ...] | None] = field(default_factory=dict)
     direct: list[tuple[Einsum, Shift]] = field(default_factory=list)
@@ -190,18 +191,48 @@ class Region:
 
 
 def candidate_maxes(defn: Definition) -> dict[str, list[str]]:
-    """Rank -> the maxes over exactly that rank whose result is read inside exp/exp2."""
+    """Rank -> the maxes over exactly that rank whose result is read inside exp/exp2, and
+    the maxes and mins over it that a ``select`` compares for equality (a gradient's
+    first attaining point, :meth:`attnc.passes.backward._Builder.first_attaining`)."""
     in_exp: set[str] = set()
     for st in defn.statements:
         for e in (st.expr, st.where):
             for n in walk(e) if e is not None else ():
                 if isinstance(n, Call) and n.fn in SHIFT_FUNCTIONS:
                     in_exp |= {a.tensor for a in walk(n) if isinstance(a, Access)}
+    compared = equality_compared(defn)
     out: dict[str, list[str]] = {}
     for st in defn.statements:
-        if _is_max_over_one(st) and st.tensor in in_exp:
+        if (_is_max_over_one(st) and st.tensor in in_exp) or \
+                (_is_extremum_over_one(st) and st.tensor in compared):
             out.setdefault(st.expr.ranks[0], []).append(st.tensor)
     return out
+
+
+def _is_extremum_over_one(st: Statement) -> bool:
+    return (is_reduction(st) and st.expr.op in ("max", "min") and len(st.expr.ranks) == 1
+            and st.expr.ranks[0] not in st.lhs)
+
+
+def equality_compared(defn: Definition) -> frozenset[str]:
+    """Tensors read as a side of the condition of ``select(X == T[...], a, b)``."""
+    out: set[str] = set()
+    for st in defn.statements:
+        for e in (st.expr, st.where):
+            for n in walk(e) if e is not None else ():
+                cond = _equality(n)
+                if cond is not None:
+                    out |= {side.tensor for side in (cond.left, cond.right)
+                            if isinstance(side, Access)}
+    return frozenset(out)
+
+
+def _equality(e: Expr) -> Binary | None:
+    """The condition of ``select(X == Y, a, b)``."""
+    if isinstance(e, Call) and e.fn == "select" and isinstance(e.args[0], Binary) \
+            and e.args[0].op == "==":
+        return e.args[0]
+    return None
 
 
 def _is_max_over_one(st: Statement) -> bool:
@@ -321,8 +352,9 @@ def analyze(defn: Definition, rank: str) -> Region:
     reductions = {st.tensor: st for st in defn.statements
                   if is_reduction(st) and rank in st.expr.ranks and rank not in st.lhs
                   and st.tensor not in whole}
+    compared = equality_compared(defn)
     maxes = frozenset(n for n, st in reductions.items() if st.expr.ranks == (rank,)
-                      and st.expr.op == "max")
+                      and (st.expr.op == "max" or (st.expr.op == "min" and n in compared)))
     region = Region(defn, rank, maps, reductions, maxes, _post(defn, maps, reductions), whole=whole)
     for name in sorted(whole & region.post):  # a step reads the previous step's reduction
         region.problems.append(
@@ -443,8 +475,19 @@ def _statement_shifts(region: Region, st: Einsum) -> tuple[Shift, ...] | None:
 
 
 def _check_reduction_shifts(region: Region, st: Einsum, found) -> None:
-    if found and st.expr.op != "sum":
-        raise Blocked(f"takes the {st.expr.op} of a shifted exponential")
+    """A sum carries any shift factors; a max or min only an equality with its own
+    identity elsewhere (``min[m](select(S == N, m, inf))``: reset, not rescaled)."""
+    if not found or st.expr.op == "sum":
+        return
+    cond = _equality(st.expr.body)
+    if len(found) == 1 and found[0].fn == "eq" and cond is not None \
+            and st.expr.body.args[2] == INITS[st.expr.op]:
+        return
+    if any(s.fn == "eq" for s in found):
+        raise Blocked(f"takes the {st.expr.op} of values selected where a running "
+                      f"{found[0].gm} is attained, other than select(X == "
+                      f"{found[0].gm}, a, {print_expr(INITS[st.expr.op])})")
+    raise Blocked(f"takes the {st.expr.op} of a shifted exponential")
 
 
 def _shifts(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
@@ -458,6 +501,10 @@ def _shifts(region: Region, st: Einsum, e: Expr) -> tuple[Shift, ...]:
         shift = _exp_shift(region, e)
         region.direct.append((st, shift))
         return (shift,)
+    eq = _equality_shift(region, st, e)
+    if eq is not None:
+        region.direct.append((st, eq))
+        return (eq,)
     if isinstance(e, Binary) and e.op == "*":
         return _shifts(region, st, e.left) + _shifts(region, st, e.right)
     if isinstance(e, Binary) and e.op == "/" and not region.reads_shift(e.right):
@@ -526,6 +573,36 @@ def _describe(e: Expr) -> str:
     return print_expr(e)
 
 
+def _equality_shift(region: Region, st: Einsum, e: Expr) -> Shift | None:
+    """``select(X == GM, a, b)`` with ``GM`` a max (min) of the region and nothing else
+    reading one: the factor ``[X == GM]``.  In a sum (``b = 0``) it is kept by the running
+    sum while the running max stays and zeroes it when the max moves (no earlier point
+    equals the new one): the rescale ``select(RM[m1] == RM[m1+1], 1, 0)``.  Before →
+    after (a max's tie count)::
+
+        NT[p] = sum[m](select(S[p,m] == N[p], 1, 0))
+
+        LNT[m1,p] = sum[m0](select(BS[m1,m0,p] == RN[m1 + 1, p], 1, 0))
+        PRN[m1,p] = select(RN[m1,p] == RN[m1 + 1, p], 1, 0)
+        RNT[m1+1,p] = LNT[m1,p] + RNT[m1,p] * PRN[m1,p]
+
+    A max or min reduction of such a select with ``b`` its identity is reset instead
+    (:func:`_update`)."""
+    cond = _equality(e)
+    if cond is None:
+        return None
+    for x, gm in ((cond.left, cond.right), (cond.right, cond.left)):
+        if isinstance(gm, Access) and gm.tensor in region.maxes and \
+                not any(region.reads_shift(y) for y in (x, *e.args[1:])):
+            whole = isinstance(st.expr, Reduce) and st.expr.op in ("max", "min") \
+                and e is st.expr.body
+            if e.args[2] != Num(0) and not whole:
+                raise Blocked(f"selects {print_expr(e.args[2])} where {gm.tensor} is not "
+                              f"attained, which no running state can rescale")
+            return Shift(gm.tensor, "eq", (), gm.subscripts)
+    return None
+
+
 def _exp_shift(region: Region, call: Call) -> Shift:
     arg = call.args[0]
     if any(isinstance(n, Access) and region.map_shifts(n.tensor) for n in walk(arg)):
@@ -536,7 +613,8 @@ def _exp_shift(region: Region, call: Call) -> Shift:
         raise Blocked(f"subtracts {len(terms)} maxima in one {call.fn}")
     sign, term = terms[0]
     term, inner = _peel(region, term)
-    if not (isinstance(term, Access) and term.tensor in region.maxes) or sign > 0:
+    if not (isinstance(term, Access) and term.tensor in region.maxes) or sign > 0 or \
+            region.reductions[term.tensor].expr.op != "max":
         raise Blocked(f"has {call.fn}({print_expr(call.args[0])}), not {call.fn}(X - max)")
     return Shift(term.tensor, call.fn, tuple(inner + outer), term.subscripts)
 
@@ -1014,9 +1092,14 @@ def _init(t: _Tiling, st: Einsum) -> IterativeEinsum:
 def _update(t: _Tiling, st: Einsum) -> IterativeEinsum:
     """``RM[m1+1] = max(RM[m1], LM[m1])``; ``RD[m1+1] = SLD[m1] + RD[m1] * PRM[m1]``."""
     before = t.state(st.tensor, "i", _ids(st.lhs))
+    shifts = t.region.shifts.get(st.tensor) or ()
     if st.expr.op == "sum":
-        factors = [before] + [_rescale(t, s) for s in t.region.shifts.get(st.tensor) or ()]
+        factors = [before] + [_rescale(t, s) for s in shifts]
         expr = Binary("+", t.local(st.tensor), multiply(factors))
+    elif shifts:  # an equality with a running max: the earlier tiles' value is reset
+        (shift,) = shifts
+        kept = Call("select", (_unmoved(t, shift), before, INITS[st.expr.op]))
+        expr = Call(st.expr.op, (kept, t.local(st.tensor)))
     else:
         expr = Call(st.expr.op, (before, t.local(st.tensor)))
     return IterativeEinsum(t.running[st.tensor], (t.r1,) + st.lhs, t.r1, False, expr, loc=st.loc)
@@ -1027,12 +1110,22 @@ def _rescale(t: _Tiling, shift: Shift) -> Access:
     if shift.rescale not in t.rescales:
         gm = t.region.reductions[shift.gm]
         ids = _ids(gm.lhs)
-        diff: Expr = Binary("-", t.state(gm.tensor, "i", ids), t.state(gm.tensor, "i+1", ids))
-        for op, c in shift.ops:
-            diff = Binary(op, diff, c)
+        if shift.fn == "eq":  # select(RM[m1,p] == RM[m1+1,p], 1, 0)
+            factor: Expr = Call("select", (_unmoved(t, shift), Num(1), Num(0)))
+        else:
+            diff: Expr = Binary("-", t.state(gm.tensor, "i", ids),
+                                t.state(gm.tensor, "i+1", ids))
+            for op, c in shift.ops:
+                diff = Binary(op, diff, c)
+            factor = Call(shift.fn, (diff,))
         name = t.fresh("P" + t.running[gm.tensor])
-        t.rescales[shift.rescale] = Einsum(name, (t.r1,) + gm.lhs, Call(shift.fn, (diff,)))
+        t.rescales[shift.rescale] = Einsum(name, (t.r1,) + gm.lhs, factor)
     return Access(t.rescales[shift.rescale].tensor, (Index(t.r1),) + shift.subs)
+
+
+def _unmoved(t: _Tiling, shift: Shift) -> Binary:
+    """``RM[m1, subs] == RM[m1+1, subs]``: the running max did not move in tile m1."""
+    return Binary("==", t.state(shift.gm, "i", shift.subs), t.state(shift.gm, "i+1", shift.subs))
 
 
 # --- after the loop -------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 Softmax subtracts its row max only for range: ``exp(S - GM) / sum(exp(S - GM))`` is the
 same for any ``GM``.  The backward uses this: a shift's adjoint is exactly zero, so it is a
-constant for differentiation (no ``dGM``, no ties of the max, and the forward's saved row
-statistic can be read instead of recomputed).  Before → after (the backward's statements)::
+constant for differentiation (no ``dGM``, no first attaining point of the max, and the
+forward's saved row statistic can be read instead of recomputed).  Before → after (the backward's statements)::
 
     dGM_1[p]    = sum[m](dSN[p,m] * (-1 * exp(QK[p,m] - GM[p])))     (gone: dGM = 0)
-    GM_ties[p]  = sum[m](select(QK[p,m] == GM[p], 1, 0))              (gone)
+    GM_at[p]    = min[m](select(QK[p,m] == GM[p], m, inf))            (gone)
 
 **The analysis.**  Perturb ``T[i] -> T[i] + c[i]`` (a different ``c`` per element) and
 propagate what happens to every expression, as one of

@@ -685,3 +685,54 @@ def test_a_presence_state_keeps_only_the_ranks_its_presence_depends_on():
     assert len(marks) == 1 and print_ir(marks[0]).startswith("LP_any[p1,m] = max[p0](1)   where")
     _, states = presence_states({"dQ"})
     assert all(len(lhs) == 2 for lhs in states.values()), states
+
+
+ATTAINED = """  S[p,m]  = Q[p,e] * K[m,e]   where m <= p + M - P
+  N[p]    = max[m](S[p,m])
+  NT[p]   = sum[m](select(S[p,m] == N[p], 1, 0))
+  NA[p]   = min[m](select(S[p,m] == N[p], m, inf))
+  L[p]    = min[m](S[p,m])
+  LA[p]   = min[m](select(L[p] == S[p,m], m, inf))"""
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 5])
+def test_where_a_max_is_attained_streams_with_it(tile):
+    """A tie count and a first attaining index (a max's gradient, :mod:`.backward`) read
+    the max through ``select(S == N, ...)``: one pass, the count zeroed and the index reset
+    when the running max moves (a min's too).  Small integer scores: ties are many, the
+    max moves often, the first ``P - M`` rows see no key."""
+    source = spec(ATTAINED, outs="(N[P], NT[P], NA[P], L[P], LA[P])")
+    derived = one_pass(source, tile=tile)
+    assert count_passes(derived).pass_bound == 1
+    text = print_ir(derived)
+    assert "select(RN[m1,p] == RN[m1 + 1, p], 1, 0)" in text
+    assert "RNA[m1+1,p] = min(select(RN[m1,p] == RN[m1 + 1, p], RNA[m1,p], inf), LNA[m1,p])" \
+        in text
+    rng = np.random.default_rng(tile)
+    ties = 0
+    for P, M in ((9, 7), (4, 11), (6, 6), (3, 13)):
+        q = rng.integers(-2, 3, (P, 2)).astype(float)
+        k = rng.integers(-2, 3, (M, 2)).astype(float)
+        expected = interpret(source, q, k, np.zeros((M, 1)))
+        actual = interpret(derived, q, k, np.zeros((M, 1)))
+        for e, a in zip(expected, actual):
+            np.testing.assert_array_equal(a, e)
+        assert np.all(expected[1][max(P - M, 0):] >= 1)
+        ties += int(np.sum(expected[1] > 1))
+    assert ties > 3
+
+
+@pytest.mark.parametrize("body, why", [
+    ("N[p] = max[m](S[p,m])\n  NA[p] = min[m](select(S[p,m] == N[p], m, 0))",
+     "NA takes the min of values selected where a running N is attained, other than "
+     "select(X == N, a, inf)"),
+    ("N[p] = max[m](S[p,m])\n  NT[p] = sum[m](select(S[p,m] == N[p], 1, 2))",
+     "NT selects 2 where N is not attained, which no running state can rescale"),
+    ("N[p] = min[m](S[p,m])\n  NA[p] = min[m](select(S[p,m] == N[p], m, inf))\n"
+     "  D[p] = sum[m](exp(S[p,m] - N[p]))",
+     "D has exp(S[p,m] - N[p]), not exp(X - max)"),
+])
+def test_an_attained_max_read_otherwise_is_refused(body, why):
+    source = spec("  S[p,m] = Q[p,e] * K[m,e]\n  " + body,
+                  outs="(N[P], NA[P])" if "NA" in body else "(N[P], NT[P])")
+    assert any(why in b for b in online_blockers(source)), online_blockers(source)

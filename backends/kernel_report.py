@@ -334,6 +334,19 @@ def _state(part, sizes: dict, namespace: dict) -> int:
         return 1
 
 
+def _rows(part, sizes: dict) -> int:
+    """The rows the launcher's row blocks cover (``part.rows``: ``P``, ``P * G`` packed,
+    ``G`` when the rows are a group's heads)."""
+    from .numpy_backend import pyname
+
+    if not part.row:
+        return 1
+    try:
+        return int(eval(part.rows, {}, {pyname(r): v for r, v in sizes.items()}))  # noqa: S307
+    except (NameError, TypeError):
+        return sizes.get(part.row, 1)
+
+
 def _row_volume(part, variant, sizes: dict) -> int:
     """The launcher's ``volume`` for a kernel: the widest block's elements per row."""
     if not part.row_blocks:
@@ -450,7 +463,7 @@ def _compile_and_count(text, stem, programs, sizes, dtype, arch, name, variants,
             for part in variant.kernels:
                 if not part.define:
                     continue
-                rows = known.get(part.row, 1) if part.row else 1
+                rows = _rows(part, known)
                 head = max([known.get(r, 64) for r in part.vector if r not in
                             (part.row, part.tile, variant.split)] or [64])
                 itemsize = 4 if dtype == "f32" else 2

@@ -320,6 +320,8 @@ class KernelRenderer(TileRendererBase):
                 pass  # a full tile lies inside the stream rank
             elif in_own_range(sub, rank):
                 pass  # m % PG over PG
+            elif self.pack and sub == self.pack.divisor and rank == self.pack.units:
+                pass  # h // G, G = H / HK exactly: the program's K/V head, below HK
             else:
                 bounds = _in_bounds(sub, code, rank)
                 if ("inb", bounds) not in self.memo:
@@ -1254,6 +1256,9 @@ def _program_lines(kr: KernelRenderer) -> list[str]:
     """From ``pid_row`` and ``pid`` (set before): grid indices, batch offsets, rank offsets."""
     r = kr.ranks
     pre = ["pid_flat = pid"] if kr.plan else []  # the program's unit, as a plan indexes it
+    if _group_rows(kr):  # the rows are one group's heads: which group is a grid index
+        pre += [f"idx_pk = (pid % {_units(kr.pack)}).to(tl.int64)",
+                f"pid = pid // {_units(kr.pack)}"]
     for g in reversed(r.grid):
         if kr.pack and g == kr.pack.rank:
             pre += [f"idx_pk = (pid % {_units(kr.pack)}).to(tl.int64)",
@@ -1293,11 +1298,25 @@ def _units(pk) -> str:
     return pyname(pk.units) if pk.units else "1"
 
 
+def _group_rows(kr: KernelRenderer) -> bool:
+    """The rows are the packed heads of one group (a decode without a query rank,
+    ``map_ranks._rows_of_a_group``), not (g, p) pairs."""
+    return bool(kr.pack) and kr.ranks.row == kr.pack.rank
+
+
 def _packed_row_lines(kr: KernelRenderer) -> list[str]:
     """Rows of a packed block: (g, p) pairs, g-major; p_first..p_last bound the block's p
-    (exact when the block lies within one g, else all of 0..P-1)."""
+    (exact when the block lies within one g, else all of 0..P-1).  Rows that are the
+    group's heads: g alone, p_first..p_last the block's heads."""
     row, pk = kr.ranks.row, kr.pack
     v, n = row.lower(), pyname(row)
+    if _group_rows(kr):
+        return [f"offs_{v} = pid_row * BLOCK_{row} + tl.arange(0, BLOCK_{row})",
+                f"rng_{v} = offs_{v} < {_group(pk)}",
+                f"pk_{v} = idx_pk * {_group(pk)} + offs_{v}",
+                f"p_first = idx_pk * {_group(pk)} + pid_row * BLOCK_{row}",
+                f"p_last = idx_pk * {_group(pk)} + tl.minimum(pid_row * BLOCK_{row} + "
+                f"BLOCK_{row}, {_group(pk)}) - 1"]
     return [f"offs_{v} = pid_row * BLOCK_{row} + tl.arange(0, BLOCK_{row})",
             f"rng_{v} = offs_{v} < {n} * {_group(pk)}",
             f"pk_{v} = offs_{v} % {n}",
@@ -1406,12 +1425,15 @@ def _row_count(kr: KernelRenderer) -> str:
     if kr.ranks.row is None:
         return "1"
     n = pyname(kr.ranks.row)
+    if _group_rows(kr):
+        return _group(kr.pack)
     return f"{n} * {_group(kr.pack)}" if kr.pack else n
 
 
 def _grid_sizes(kr: KernelRenderer) -> tuple[str, ...]:
-    return tuple(_units(kr.pack) if kr.pack and g == kr.pack.rank else pyname(g)
-                 for g in kr.ranks.grid)
+    units = (_units(kr.pack),) if _group_rows(kr) else ()
+    return units + tuple(_units(kr.pack) if kr.pack and g == kr.pack.rank else pyname(g)
+                         for g in kr.ranks.grid)
 
 
 def _part(kr: KernelRenderer, kernel: str, outputs, workspace: set[str]) -> KernelPart:

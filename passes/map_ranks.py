@@ -277,7 +277,31 @@ def map_kernel_ranks(k: Kernel, packs_heads: bool) -> Kernel:
     roles = classify_ranks(k.tiles, body)
     if packs_heads and k.role != "combine" and not _reduces_row(k.tiles, body, roles):
         roles = dataclasses.replace(roles, packing=head_packing(k.tiles, body, roles))
+        roles = _rows_of_a_group(k.tiles, roles)
     return dataclasses.replace(k, roles=_no_split_sums(k, roles, body))
+
+
+def _rows_of_a_group(tp: TileProgram, roles: RankRoles) -> RankRoles:
+    """A decode without a query rank (``Q[B,H,E]``, ``O[B,H,F]``): classify found no row, so
+    a head dim of the output (the value dim ``f``) became the row, and packing made rows of
+    ``(g, f)`` pairs: each head's scores were recomputed for every ``f`` and ``P·V`` summed
+    element-wise.  When some state lacks that row (the running max over keys ``RM[b,h]``,
+    one per query head), the rows are the group's query heads themselves: ``Q·Kᵀ`` and
+    ``P·V`` are products over ``G`` rows (padded to a block), K and V tiles are loaded in
+    one layout, and ``f`` is held whole.  Before → after (paged decode, GQA)::
+
+        grid (B, H)  rows F  vector (F, M0, E)  packed H by G per HK
+        grid (B)     rows H  vector (H, M0, F, E)  packed H by G per HK
+    """
+    pk = roles.packing
+    if pk is None or roles.row is None or roles.row == pk.rank or \
+            roles.row in long_with_lets(tp.cascade) or \
+            all(roles.row in st.lhs for st in tp.inits):
+        return roles
+    first = (pk.rank, roles.tile) if roles.tile else (pk.rank,)  # canonical: row, tile, ...
+    return dataclasses.replace(roles, row=pk.rank,
+                               grid=tuple(g for g in roles.grid if g != pk.rank),
+                               vector=first + tuple(v for v in roles.vector if v not in first))
 
 
 def _reduces_row(tp: TileProgram, body, roles: RankRoles) -> bool:

@@ -409,6 +409,46 @@ def test_packed_heads_match_interpreter(P, variant, tmp_path, monkeypatch):
     assert relative_error(got.numpy(), want) < 1e-5
 
 
+DECODE_WITHOUT_QUERIES = """
+attention decode(Q[B,H,E], K[B,M,HK,E], V[B,M,HK,F], L[B]: i32, SLOPE[H],
+                 scale = 1/sqrt(E)) -> O[B,H,F] {
+  let G = H / HK
+  S[b,h,m] = Q[b,h,e] * K[b, m, h // G, e] * scale + SLOPE[h] * m   where m < L[b]
+  O[b,h,f] = (exp(S[b,h,m] - max[m](S[b,h,m])) * V[b, m, h // G, f]
+              / sum[m](exp(S[b,h,m] - max[m](S[b,h,m]))))
+}
+"""
+
+
+@pytest.mark.parametrize("H, HK", [(8, 2), (40, 2), (20, 20), (6, 1)])
+@pytest.mark.parametrize("variant", [None, ("ATTNC_SPLIT", "3"), ("ATTNC_STREAM_K", "5")])
+def test_a_decode_without_query_rank_packs_the_group_heads_as_rows(H, HK, variant, tmp_path,
+                                                                   monkeypatch):
+    """With no query rank the value dim f was the row: rows of (g, f) pairs recomputed each
+    head's scores for every f and summed P·V element-wise.  The rows are now the group's
+    heads (``map_ranks._rows_of_a_group``): two products per tile, K and V tiles in one
+    layout.  Groups of 4, of 20 (two row blocks of 16), MHA (one head per group) and MQA,
+    a per-head slope, lengths from 0, against the interpreter."""
+    module = parse(DECODE_WITHOUT_QUERIES, "decode.attn")
+    gen = compile_module(module, "decode.attn", tmp_path)
+    code = Path(gen.__file__).read_text()
+    assert "pk_h = idx_pk * G + offs_h" in code and "pk_f" not in code
+    assert "(offs_f)[:, None]" not in code  # V read [M0, F], as K is read [M0, E]
+    defn = module.definitions[0]
+    rng = np.random.default_rng(H + HK)
+    sizes = {"B": 3, "H": H, "HK": HK, "M": 45, "E": 8, "F": 5}
+    args, params = random_call(defn, rng, sizes)
+    args[3] = np.array([0, 45, 17], dtype=np.int32)
+    want = interpret(defn, *args, **params)
+    if variant:
+        monkeypatch.setenv(*variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = gen.decode(*[to_torch(a, torch.float32) for a in args], **params)
+    assert np.all(got.numpy()[0] == 0)
+    assert relative_error(got.numpy(), want) < 1e-5
+
+
 def test_autotune_measures_each_shape_class_once(causal_module, monkeypatch):
     """ATTNC_AUTOTUNE=1: every configuration is timed the first time a shape class (rows,
     tiles and programs as powers of two, head dims, dtypes) is seen; the fastest is reused."""

@@ -17,6 +17,11 @@ from its name (:func:`combines`):
 * a running sum ``R[i+1] = R[i] + X[i]`` merges by ``sum[w]``;
 * a presence flag ``R[i+1] = 1 + 0 * X[i]`` (a constant update) by ``max[w]``
   (``min[w]`` if the constant is below the init);
+* where a running max ``A`` is attained (``online``'s equality factor, a max's first
+  attaining point for its gradient): a sum ``R[i+1] = X[i] + R[i] * select(A[i] ==
+  A[i+1], 1, 0)`` merges as a rescaled sum, by ``sum[w](R_w * select(A_w == A, 1, 0))``;
+  a reset ``R[i+1] = min(select(A[i] == A[i+1], R[i], inf), X[i])`` by ``min[w](select(A_w
+  == A, R_w, inf))`` (max likewise): only workers that saw the merged max count;
 * anything else raises :class:`SplitKUnsupported`, naming the state and its update
   (:func:`split_k_blockers` lists the reason without raising).
 
@@ -198,8 +203,9 @@ def _check_outside(loop: _Loop) -> None:
 class Combine:
     """How one state's per-worker final values merge.
 
-    ``kind`` is ``"max"``, ``"min"``, ``"sum"`` or ``"rescaled"``; a rescaled sum
-    names its running max ``by`` and its rescale factor ``factor``
+    ``kind`` is ``"max"``, ``"min"``, ``"sum"``, ``"rescaled"`` or ``"reset max"`` /
+    ``"reset min"``; a rescaled sum (and a reset) names its running max ``by`` and its
+    rescale factor ``factor``
     (``exp(c*(A[i] - A[i+1]))`` in the update's index variables) and ``by_subs``,
     the subscripts it reads ``A`` at.
     """
@@ -303,8 +309,49 @@ def _where_reads_state(loop: _Loop, e: Expr) -> bool:
     return False
 
 
+def _reset_combine(loop: _Loop, st: IterativeEinsum, found: dict[str, Combine]
+                   ) -> Combine | None:
+    """``R[i+1] = min(select(A[i] == A[i+1], R[i], inf), X[i])`` (max: ``-inf``)."""
+    e, before = st.expr, _own_before(st)
+    if not (isinstance(e, Call) and e.fn in ("max", "min") and len(e.args) == 2):
+        return None
+    for kept, increment in ((e.args[0], e.args[1]), (e.args[1], e.args[0])):
+        if isinstance(kept, Call) and kept.fn == "select" and kept.args[1] == before \
+                and kept.args[2] == IDENTITY[e.fn]:
+            by = _attained(loop, kept.args[0], found)
+            if by is not None:  # the increment reads A[i+1] (where it is attained): online's
+                if _reads_own(st, increment):  # invariant, not re-proven here
+                    raise _unsupported(loop, st, "which reads the state in its increment")
+                return Combine(st.tensor, f"reset {e.fn}", by[0], kept.args[0], by[1])
+    return None
+
+
+IDENTITY = {"max": Unary("-", Const("inf")), "min": Const("inf")}
+
+
+def _attained(loop: _Loop, cond: Expr, found: dict[str, Combine]
+              ) -> tuple[str, tuple[Expr, ...]] | None:
+    """``A[i, subs] == A[i+1, subs]`` (the running max or min ``A`` did not move): (A, subs)."""
+    if not (isinstance(cond, Binary) and cond.op == "==" and isinstance(cond.left, Access)
+            and isinstance(cond.right, Access) and cond.left.tensor == cond.right.tensor
+            and loop.is_state(cond.left.tensor)):
+        return None
+    a, b = cond.left, cond.right
+    if sorted([loop.step(a) or "?", loop.step(b) or "?"]) != ["i", "i+1"] or \
+            _without_step(loop, a) != _without_step(loop, b):
+        return None
+    if found.get(a.tensor, Combine(a.tensor, "")).kind not in ("max", "min"):
+        return None
+    return a.tensor, _without_step(loop, a)
+
+
 def _rescaled_combine(loop: _Loop, st: IterativeEinsum, found: dict[str, Combine]) -> Combine:
-    """``R[i+1] = X[i] + R[i] * F[i]``, ``F = exp(c*(A[i] - A[i+1]))``, ``X ~ exp(-c*A[i+1])``."""
+    """``R[i+1] = X[i] + R[i] * F[i]``, ``F = exp(c*(A[i] - A[i+1]))``, ``X ~ exp(-c*A[i+1])``;
+    or ``F = select(A[i] == A[i+1], 1, 0)``, whose ``X`` is taken where ``A[i+1]`` is
+    attained (``online`` establishes it; not re-proven here)."""
+    reset = _reset_combine(loop, st, found)
+    if reset is not None:
+        return reset
     before = _own_before(st)
     terms = linear_terms(st.expr)
     scaled = [t for s, t in terms if s > 0 and before in product_factors(t)]
@@ -318,6 +365,10 @@ def _rescaled_combine(loop: _Loop, st: IterativeEinsum, found: dict[str, Combine
         raise _unsupported(loop, st, "which is not R * (one rescale factor) plus an increment "
                            "free of R")
     by, factor, subs, scale = _rescale(loop, st, factors[0], found)
+    if scale is None:  # an equality factor: X counts where A[i+1] is attained
+        if st.tensor not in loop.inits or loop.inits[st.tensor].expr != Num(0):
+            raise _unsupported(loop, st, "and a rescaled sum must start from 0")
+        return Combine(st.tensor, "rescaled", by, factor, subs)
     try:
         c = _coefficient(loop, increment, Access(by, _at(loop, by, subs, "i+1")))
     except _NotRelative as why:
@@ -352,6 +403,10 @@ def _rescale(loop: _Loop, st: IterativeEinsum, factor: Expr, found: dict[str, Co
         factor, where = loop.inline(factor)
         if loop.reads_state(where):
             raise _unsupported(loop, st, "whose rescale factor has a where that reads the state")
+    if isinstance(factor, Call) and factor.fn == "select" and factor.args[1:] == (Num(1), Num(0)):
+        by = _attained(loop, factor.args[0], found)
+        if by is not None:
+            return by[0], factor, by[1], None
     if not (isinstance(factor, Call) and factor.fn in SHIFT_FUNCTIONS):
         raise _unsupported(loop, st, f"whose factor {print_expr(factor)} is not exp(c*(A[i] - "
                            "A[i+1])) of a running max A")
@@ -708,11 +763,25 @@ def _state_ranks(split: _Split, name: str) -> tuple[str, ...]:
 
 def _merge_statements(split: _Split, merges: dict[str, Combine], finals) -> list[Statement]:
     """Maxes and mins first, then the shared rescale factors, then the sums."""
-    plain = [_merge_plain(split, m, finals[n]) for n, m in merges.items() if m.kind != "rescaled"]
+    plain = [_merge_plain(split, m, finals[n]) for n, m in merges.items()
+             if m.kind in ("max", "min", "sum")]
     factors: dict[tuple, Einsum] = {}
     sums = [_merge_rescaled(split, m, finals, factors) for m in merges.values()
             if m.kind == "rescaled"]
-    return plain + list(factors.values()) + sums
+    resets = [_merge_reset(split, m, finals) for m in merges.values()
+              if m.kind.startswith("reset")]
+    return plain + list(factors.values()) + sums + resets
+
+
+def _merge_reset(split: _Split, merge: Combine, finals) -> Einsum:
+    """``CRNA[p] = min[w](select(RN[w,MT,p] == CRN[p], RNA[w,MT,p], inf))``: the workers
+    whose running max is the merged one."""
+    op = merge.kind.split()[1]
+    ranks = _state_ranks(split, merge.state)
+    seen = Binary("==", _final(split, merge.by, merge.by_subs),
+                  Access(finals[merge.by], merge.by_subs))
+    kept = Call("select", (seen, _final(split, merge.state, _ids(ranks)), IDENTITY[op]))
+    return Einsum(finals[merge.state], ranks, Reduce(op, (split.worker,), kept))
 
 
 def _merge_plain(split: _Split, merge: Combine, name: str) -> Einsum:

@@ -328,3 +328,39 @@ attention count(X[U,M]) -> C[U] {{
             expected[w, u] = end - first
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_array_equal(interpret(out, np.zeros((units, tiles))), np.full(units, tiles))
+
+
+ATTAINED = """attention t(Q[P,E], K[M,E], V[M,F]) -> (N[P], NT[P], NA[P], L[P], LA[P]) {
+  S[p,m]  = Q[p,e] * K[m,e]   where m <= p + M - P
+  N[p]    = max[m](S[p,m])
+  NT[p]   = sum[m](select(S[p,m] == N[p], 1, 0))
+  NA[p]   = min[m](select(S[p,m] == N[p], m, inf))
+  L[p]    = min[m](S[p,m])
+  LA[p]   = min[m](select(L[p] == S[p,m], m, inf))
+}"""
+
+
+@pytest.mark.parametrize("tile", [1, 2, 5])
+def test_where_a_max_is_attained_merges_across_workers(tile):
+    """A tie count (a sum zeroed when the running max moves) merges as a rescaled sum by
+    ``select(A_w == A, 1, 0)``; a first attaining index (reset when it moves) by
+    ``min[w](select(A_w == A, R_w, inf))``: only the workers that saw the merged max count.
+    Small integer scores (ties across workers, a max in a late worker), empty rows, split-K
+    and stream-K against the source."""
+    source = spec(ATTAINED)
+    derived = online(defer_normalization(source), tile)
+    kinds = {c.kind for c in combines(derived).values()}
+    assert {"rescaled", "reset min", "max", "min"} <= kinds, kinds
+    forms = [split_k(derived, w) for w in WORKERS] + [stream_k(derived, w) for w in (2, 7)]
+    text = print_ir(forms[1])
+    assert "min[w](select(RN[w,MT,p] == CRN[p], RNA[w,MT,p], inf))" in text, text
+    for out in forms:
+        round_trips(out)
+    rng = np.random.default_rng(tile)
+    for P, M in ((9, 7), (4, 23), (6, 6)):
+        q = rng.integers(-2, 3, (P, 2)).astype(float)
+        k = rng.integers(-2, 3, (M, 2)).astype(float)
+        expected = interpret(source, q, k, np.zeros((M, 1)))
+        for out in forms:
+            for e, a in zip(expected, interpret(out, q, k, np.zeros((M, 1)))):
+                np.testing.assert_array_equal(a, e)

@@ -473,8 +473,10 @@ class KernelRenderer(TileRendererBase):
         layout = self.canon(set().union(set(), *(free_ranks(s) & set(self.ranks.vector)
                                                  for s in e.subscripts)))
         ctype = self.ctype(name)
-        addr = f"{cname(name)}[boff_{name} + {' + '.join(offset) or '0'}]"
         terms = list(_merge_terms(terms))
+        if not index and any(_indirect(s) for s in e.subscripts) and len(layout) > 1:
+            offset, terms = self.per_key(e, offset, terms)
+        addr = f"{cname(name)}[boff_{name} + {' + '.join(offset) or '0'}]"
         mask = _conj([t.code for t in terms if not t.code.startswith("(FULL_ || ")]
                      + [t.code for t in copy_terms])
         if index:
@@ -500,6 +502,41 @@ class KernelRenderer(TileRendererBase):
             out = CVal(f"attnc_to_float({self.at(buf)})", layout, tuple(terms), loaded=True,
                        buf=buf if ctype == "scalar_t" else None)
         return out
+
+    def per_key(self, e: Access, offset: list[str], terms: list[Term]
+                ) -> tuple[list[str], list[Term]]:
+        """A gathered tile's address terms and presence that depend on the key alone,
+        computed once per key of the tile (one thread a key) instead of in every element
+        of the copy and of every block that tests the loaded values' presence.  Before →
+        after (a paged cache, ``PG`` a runtime size: a division per element)::
+
+            s_kc[i_m0][i_e] = (m // PG < NB && pt ok && e < E) ? KC[pt * s0 + (m % PG) * s1
+                + hk * s2 + e * s3] : 0
+            ->
+            s_kc_at[i_m0] = pt * s0 + (m % PG) * s1;  s_kc_ok[i_m0] = m // PG < NB && pt ok
+            s_kc[i_m0][i_e] = (s_kc_ok[i_m0] && e < E) ? KC[s_kc_at[i_m0] + hk * s2 + e * s3] : 0
+        """
+        key = self.ranks.tile
+        if key is None or not self.in_loop:
+            return offset, terms
+        vector = set(self.ranks.vector)
+        along = [k for k, sub in enumerate(e.subscripts) if free_ranks(sub) & vector == {key}]
+        per_key = [t for t in terms if t.layout == (key,) and not t.code.startswith("(FULL_ || ")]
+        if not any(key in free_ranks(sub) for k in along for n in walk(e.subscripts[k])
+                   if isinstance(n, Access) for sub in n.subscripts):
+            return offset, terms  # (an index read once per program, CU[b] + m, streams as is)
+        lines, out, kept = [], list(offset), list(terms)
+        at = self.buffer(f"{e.tensor.lower()}_at", (key,), "int64_t")
+        lines.append(f"{self.at(at)} = {' + '.join(offset[k] for k in along)};")
+        for k in along:  # (positions kept: a 16-byte copy rewrites the last one)
+            out[k] = f"(long long){self.at(at)}" if k == along[0] else "0LL"
+        if len(per_key) > 1:
+            ok = self.buffer(f"{e.tensor.lower()}_ok", (key,), "bool")
+            lines.append(f"{self.at(ok)} = {_conj([t.code for t in per_key])};")
+            kept = [Term(self.at(ok), (key,))] + [t for t in terms if t not in per_key]
+        self.elementwise((key,), lines, reads_shared=True)
+        self.dirty = True
+        return out, kept
 
     # --- full tiles ----------------------------------------------------------------------
     def blocked(self, sub: Expr, rank: str) -> bool:

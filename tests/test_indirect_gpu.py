@@ -331,3 +331,21 @@ def test_a_tile_inside_one_page_reads_one_table_entry_and_contiguous_rows(PG, ke
     assert "(offs_m0 % PAGE_PG) if PAGE_PG else" in text
     args = paged_case(np.random.default_rng(PG), PG, 96 // PG, None)
     each_variant(emulate, kernels("triton", "paged_decode.attn"), args, ref_paged_decode(*args))
+
+
+@pytest.mark.parametrize("PG", [1, 4, 16])
+def test_cuda_paged_rows_addressed_once_per_key(PG, kernels, emulate):
+    """CUDA computes a gathered tile's page, slot and presence once per key of the tile
+    (``s_kc_*_at``, ``s_kc_*_ok``; before, every element of the copy and every presence
+    test divided by the runtime page size): 16-byte copies (E = F = 8, aligned) and the
+    element-wise ones (F = 6), adversarial tables, every launch."""
+    fn = kernels("cuda", "paged_decode.attn")
+    text = Path(fn.__globals__["__file__"]).with_suffix(".cu").read_text()
+    assert "_at_" in text and "_ok_" in text
+    rng = np.random.default_rng(PG + 100)
+    NB, NP = max(64 // PG, 2), max(96 // PG, 3)
+    for F in (8, 6):
+        args = [rng.standard_normal((3, 4, 8)), rng.standard_normal((NP, PG, 2, 8)),
+                rng.standard_normal((NP, PG, 2, F)), adversarial_table(rng, 3, NB, NP),
+                np.array([NB * PG, 0, NB * PG // 2 + 1], np.int32)]
+        each_variant(emulate, fn, args, ref_paged_decode(*args))

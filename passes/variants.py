@@ -90,7 +90,13 @@ def combine_program(tp: TileProgram, roles: RankRoles) -> tuple[TileProgram, Ran
                                          where=None if st.where is None else
                                          _final_reads(st.where, states, d))
                      for st in tp.epilogue)
-    statements = _prologue_needed(tp, epilogue) + epilogue
+    # an output the prologue makes (it reads no tile: T1 = min[p](K[p,0]) beside a loop
+    # over e) is the combine's to store too, so it recomputes it (before, the combine
+    # stored an output it never computed: a KernelIRError, found by tests/fuzz.py)
+    outputs = {o.name for o in d.outputs}
+    made = tuple(st for st in tp.prologue if st.tensor in outputs)
+    needed = {st.tensor for st in _prologue_needed(tp, epilogue + made)} | outputs
+    statements = tuple(st for st in tp.prologue if st.tensor in needed) + epilogue
     defn2 = dataclasses.replace(d, name=d.name + "_combine", params=args + d.scalar_params,
                                 statements=statements)
     tp2 = TileProgram(name=defn2.name, cascade=defn2, prologue=statements, loop_rank=None,

@@ -496,3 +496,46 @@ attention keys_by_head(Q[P,E], K[M,E], D[P,M]) -> dK[M,E] {
     got = torch_caller(fn, "cpu")(*args)
     want = interpret(defn, *args)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+OUTPUT_BEFORE_THE_LOOP = """
+attention d(Q[E], K[E,P]) -> (T4, T1) {
+  T1 = min[p](K[0, p] * 2)
+  T4 = min[e](K[e, 0] * Q[e])
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton", "cuda"])
+def test_an_output_made_before_the_loop_is_stored_by_the_combine(backend, monkeypatch):
+    """``T1`` reads no tile of the loop over ``e``: the prologue makes it.  The split and
+    stream-K combines store every output, so they recompute it (before: 'kernel
+    d_split_combine stores T1, which it never computes', a KernelIRError found by
+    ``python -m tests.fuzz``).  Each backend's variants against the interpreter."""
+    import tempfile
+
+    from attnc.backends import compile_module, load_generated, write_atomic
+    from attnc.backends.check import check_definition, torch_caller
+    from attnc.frontends import parse
+
+    if backend != "numpy":
+        pytest.importorskip("torch")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    module = parse(OUTPUT_BEFORE_THE_LOOP)
+    program = lower(run_pipeline(module, None, options={"tile": 16})[-1][1].definitions[0],
+                    TARGETS[backend if backend != "numpy" else "triton"], {"tile": 16})
+    combine = next(k for k in program.kernels if k.role == "combine")
+    assert "T1" in {st.tensor for st in combine.tiles.prologue}
+    with tempfile.TemporaryDirectory() as tmp:
+        _, files = compile_module(module, backend, "mod", options={"tile": 16})
+        for name, text in files.items():
+            write_atomic(Path(tmp) / name, text)
+        fn = load_generated(Path(tmp) / "mod.py").d
+        if backend != "numpy":
+            fn = torch_caller(fn, "cpu")
+        for variant in (None, ("ATTNC_SPLIT", "3"), ("ATTNC_STREAM_K", "5")):
+            if variant:
+                monkeypatch.setenv(*variant)
+            rows = check_definition(module.definitions[0], fn, seed=4,
+                                    tolerance=1e-9 if backend == "numpy" else 1e-4)
+            assert all(r.ok for r in rows), [(r.output, r.rel_error) for r in rows]

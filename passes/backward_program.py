@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..einsum_ir.exprs import free_ranks, transform, walk
-from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Index,
+from ..einsum_ir.ir import (Access, Binary, Const, Definition, Einsum, Index,
                             IterativeEinsum, Module, Num, Output, Reduce, Size, Statement,
                             TensorArg)
 from ..einsum_ir.kernel import KernelIRError
@@ -43,6 +43,7 @@ from .canonicalize import canonicalize
 from .head_partials import pushed_sums
 from .map_ranks import long_ranks, long_with_lets
 from .names import fresh_name, fresh_rank
+from .online import equality_condition
 from .tile import NotTileable
 
 
@@ -1061,9 +1062,7 @@ def first_attaining_points(cascade: Definition, defn: Definition) -> frozenset[s
 def _is_first_attaining(st, forward) -> bool:
     if not (isinstance(st, Einsum) and isinstance(st.expr, Reduce) and st.expr.op == "min"):
         return False
-    body = st.expr.body
-    if not (isinstance(body, Call) and body.fn == "select" and body.args[2] == Const("inf")
-            and isinstance(body.args[0], Binary) and body.args[0].op == "=="):
+    if equality_condition(st.expr.body) is None or st.expr.body.args[2] != Const("inf"):
         return False
     reads = {a.tensor for a in walk(st.expr) if isinstance(a, Access)}
     return bool(reads) and reads <= set(forward)

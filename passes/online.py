@@ -220,14 +220,14 @@ def equality_compared(defn: Definition) -> frozenset[str]:
     for st in defn.statements:
         for e in (st.expr, st.where):
             for n in walk(e) if e is not None else ():
-                cond = _equality(n)
+                cond = equality_condition(n)
                 if cond is not None:
                     out |= {side.tensor for side in (cond.left, cond.right)
                             if isinstance(side, Access)}
     return frozenset(out)
 
 
-def _equality(e: Expr) -> Binary | None:
+def equality_condition(e: Expr) -> Binary | None:
     """The condition of ``select(X == Y, a, b)``."""
     if isinstance(e, Call) and e.fn == "select" and isinstance(e.args[0], Binary) \
             and e.args[0].op == "==":
@@ -479,7 +479,7 @@ def _check_reduction_shifts(region: Region, st: Einsum, found) -> None:
     identity elsewhere (``min[m](select(S == N, m, inf))``: reset, not rescaled)."""
     if not found or st.expr.op == "sum":
         return
-    cond = _equality(st.expr.body)
+    cond = equality_condition(st.expr.body)
     if len(found) == 1 and found[0].fn == "eq" and cond is not None \
             and st.expr.body.args[2] == INITS[st.expr.op]:
         return
@@ -588,7 +588,7 @@ def _equality_shift(region: Region, st: Einsum, e: Expr) -> Shift | None:
 
     A max or min reduction of such a select with ``b`` its identity is reset instead
     (:func:`_update`)."""
-    cond = _equality(e)
+    cond = equality_condition(e)
     if cond is None:
         return None
     for x, gm in ((cond.left, cond.right), (cond.right, cond.left)):

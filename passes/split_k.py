@@ -89,6 +89,7 @@ from ..einsum_ir.ir import (Access, Binary, Call, Const, Definition, Einsum, Exp
 from ..einsum_ir.printer import print_expr, print_statement
 from ..einsum_ir.schedule import dataflow_graph, loop_bodies, statement_reads
 from .names import fresh_rank
+from .online import INITS
 from .defer_normalization import (conjoin, fresh_name, linear_terms, signed_sum, substitute,
                                   taken_names)
 
@@ -317,7 +318,7 @@ def _reset_combine(loop: _Loop, st: IterativeEinsum, found: dict[str, Combine]
         return None
     for kept, increment in ((e.args[0], e.args[1]), (e.args[1], e.args[0])):
         if isinstance(kept, Call) and kept.fn == "select" and kept.args[1] == before \
-                and kept.args[2] == IDENTITY[e.fn]:
+                and kept.args[2] == INITS[e.fn]:
             by = _attained(loop, kept.args[0], found)
             if by is not None:  # the increment reads A[i+1] (where it is attained): online's
                 if _reads_own(st, increment):  # invariant, not re-proven here
@@ -325,8 +326,6 @@ def _reset_combine(loop: _Loop, st: IterativeEinsum, found: dict[str, Combine]
                 return Combine(st.tensor, f"reset {e.fn}", by[0], kept.args[0], by[1])
     return None
 
-
-IDENTITY = {"max": Unary("-", Const("inf")), "min": Const("inf")}
 
 
 def _attained(loop: _Loop, cond: Expr, found: dict[str, Combine]
@@ -780,7 +779,7 @@ def _merge_reset(split: _Split, merge: Combine, finals) -> Einsum:
     ranks = _state_ranks(split, merge.state)
     seen = Binary("==", _final(split, merge.by, merge.by_subs),
                   Access(finals[merge.by], merge.by_subs))
-    kept = Call("select", (seen, _final(split, merge.state, _ids(ranks)), IDENTITY[op]))
+    kept = Call("select", (seen, _final(split, merge.state, _ids(ranks)), INITS[op]))
     return Einsum(finals[merge.state], ranks, Reduce(op, (split.worker,), kept))
 
 

@@ -19,36 +19,47 @@ follow the contract.  What differs is how a block value lives on the GPU:
   (``FULL_`` true / false): on full tiles the ``where`` tests that hold there and the
   key range test fold away;
 * a statement is rendered as a C expression over *index variables*
-  (``i_p``, ``i_m0``, ...) and evaluated by an element-wise loop in which
-  thread ``t`` owns elements ``t, t + T, t + 2T, ...`` of a block; the online
-  state uses that same mapping, so it stays in registers (``r_rnv[k_]``) and
-  is mirrored to shared memory only where another loop shape reads it;
-* a sum over one rank of two 2-D operands (``Q·Kᵀ``, ``P·V``) runs on tensor
-  cores (``nvcuda::wmma``, f32 accumulate): 16×16×16 for f16/bf16 inputs, tf32
-  16×16×8 for f32 inputs (sm_80+; ``-DATTNC_F32_IEEE``, which the launcher passes
-  unless ``ATTNC_CUDA_F32=tf32``: exact fp32 FMA instead);
-  an operand that is not a loaded tile is first converted into a shared tile of
-  the input element type (``scalar_t``);
-* other reductions use one warp per output element (shuffle reductions), and
-  compute "some point present" alongside the value when presence needs it;
+  (``i_p``, ``i_m0``, ...) and evaluated by an element-wise loop over the elements a
+  thread owns.  In a kernel with rows and a tile loop (:attr:`KernelRenderer.fragments`)
+  a value over ``[row, x]`` is spread as mma.sync's accumulators: 64 rows per block,
+  warp w owning the 16-row groups w, w + 4, ...; in a group lane l holds
+  ``(l/4, 8j + 2(l%4) + {0,1})`` and ``(l/4 + 8, ...)`` of each 8-wide column slice j
+  (``attnc_frag_row`` / ``attnc_frag_col``), and a value over ``[row]`` the rows of those
+  fragments, two per group.  Other layouts (and combines) use the flat spread: thread
+  ``t`` owns elements ``t, t + T, t + 2T, ...``.  The online state uses the mapping of its
+  layout, so it stays in registers (``r_rnv[k_]``) and is mirrored to shared memory only
+  where another loop shape reads it;
+* a sum over one rank of two 2-D operands (``Q·Kᵀ``, ``P·V``) runs on tensor cores:
+  into a fragment (``attnc_mma_frag``: ldmatrix + mma.m16n8k16 for f16/bf16, tf32
+  mma.m16n8k8 or exact FMA per fragment element for f32), with a row operand the tile
+  computed taken from its registers (``attnc_mma_frag_areg``: P of P·V, no shared round
+  trip) and a state update ``X = product + rest`` accumulating the product into the
+  state's registers (:meth:`KernelRenderer.chained_update`); elsewhere through shared
+  tiles (``nvcuda::wmma``, f32 accumulate: 16×16×16 for f16/bf16 inputs, tf32 16×16×8
+  for f32 inputs, sm_80+; ``-DATTNC_F32_IEEE``, which the launcher passes unless
+  ``ATTNC_CUDA_F32=tf32``: exact fp32 FMA instead), an operand that is not a loaded tile
+  first converted into a shared tile of the input element type (``scalar_t``);
+* reductions along the columns of a fragment fold a thread's elements, then its quad
+  (two shuffles: no shared memory, no barrier); other reductions use one warp per output
+  element (shuffle reductions); both compute "some point present" alongside the value
+  when presence needs it;
 * a value's presence is a conjunction of boolean terms (ranges, in-bounds
   tests, ``where`` filters, "any" buffers of reductions); an update not
   computed carries the state, absent outputs are stored as 0.
 
-Before → after (one statement)::
+Before → after (one statement, in a kernel of fragments)::
 
     SLD[m1,p] = sum[m0](SLN[m1,m0,p])
     ->
-    for (int o_ = warp_; o_ < BLOCK_P; o_ += ATTNC_WARPS) {
-      const int i_p = o_;
-      float acc_ = 0.0f;
-      for (int j_ = lane_; j_ < BLOCK_M0; j_ += ATTNC_WARP) {
-        const int i_m0 = j_;
-        if (((row0_ + i_p) < P) && (...where...) && (...in bounds...)) acc_ += s_sln[...];
-      }
-      acc_ = attnc_warp_sum(acc_);
-      if (lane_ == 0) s_sum_7[i_p] = acc_;
+    float r_sum_7[ATTNC_FRAG_ROWS(BLOCK_P)];
+    for (int k_ = 0; k_ < ATTNC_FRAG_ROWS(BLOCK_P); ++k_) r_sum_7[k_] = 0.0f;
+    for (int k_ = 0; k_ < ATTNC_FRAG(BLOCK_P, BLOCK_M0); ++k_) {
+      const int i_p = attnc_frag_row<BLOCK_M0>(k_, warp_, lane_);
+      const int i_m0 = attnc_frag_col<BLOCK_M0>(k_, lane_);
+      if (((row0_ + i_p) < P) && (...where...) && (...in bounds...))
+        r_sum_7[attnc_frag_slot<BLOCK_M0>(k_)] += r_sln_6[k_];
     }
+    for (int k_ = 0; k_ < ATTNC_FRAG_ROWS(BLOCK_P); ++k_) r_sum_7[k_] = attnc_quad_sum(r_sum_7[k_]);
 
 Split-K decode (``build_variant``): beside the streamed kernel, each definition whose loop
 splits gets the variant of ``split_k(defn, 2)``: a per-worker streamed kernel (grid rank W,
@@ -84,17 +95,22 @@ one block per SM or fewer than 4 tiles per row; else stream-K (about two persist
 per SM, at least 2 tiles each), else split-K (workers from the grid and the SM count).
 ``ATTNC_STREAM_K=N`` forces stream-K with N workers, ``ATTNC_SPLIT=N`` split-K with N (1: none).
 
-The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``
-(one thread per block, scalar matrix products): the launcher runs it on CPU
-tensors under ``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated
-indexing, masks and tile bounds against the interpreter without a GPU.  For f32
-inputs under ``ATTNC_CUDA_F32=tf32`` the emulation rounds the matrix-product operands
-to tf32 as the tensor cores do (``-DATTNC_EMULATE_TF32``); by default both are exact fp32.
+The generated ``.cu`` also compiles as plain C++ with ``-DATTNC_HOST_EMULATION``: a
+block's threads run as fibers on one host thread, switching at ``__syncthreads`` and at
+warp collectives, which are emulated warp by warp from the PTX ISA's layouts (shuffles,
+votes, ``ldmatrix``, ``mma.sync``).  The launcher runs it on CPU tensors under
+``ATTNC_CUDA_EMULATE=1``, which lets tests check the generated indexing, masks, tile
+bounds and fragment layouts against the interpreter without a GPU.  Inputs are emulated
+as float32; with ``ATTNC_CUDA_EMULATE_16BIT=1`` bfloat16 inputs keep 16-bit tiles (the
+ldmatrix / mma.m16n8k16 path).  For f32 inputs under ``ATTNC_CUDA_F32=tf32`` the emulation
+rounds the matrix-product operands to tf32 as the tensor cores do
+(``-DATTNC_EMULATE_TF32``); by default both are exact fp32.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from functools import cached_property
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,6 +136,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "cuda"
 MAX_BATCH_DIMS = 4
 ALIGN = 128            # bytes: every shared buffer starts on this boundary
 ROW_BLOCKS = (64, 32, 16)
+FRAGMENT_ROWS = (64,)  # a block of register fragments: 16 rows per warp (mma.sync's)
 THREADS = 128
 STATE_PER_THREAD = 64   # register-state floats per thread beyond which ptxas may spill
 
@@ -233,6 +250,9 @@ class KernelRenderer(TileRendererBase):
         self.prefetches: list[tuple[Buffer, list[str]]] = []
         self.full_split = False        # the body is specialised for full tiles (FULL_)
         self.vector_flags: dict[str, str] = {}
+        self.temporaries: set[str] = set()  # register values that are not loop state
+        self.pending: dict = {}  # fragment products not emitted yet: name -> lines(target, acc)
+        self.program_flags: dict[str, str] = {}  # a test of the program's indices -> its flag
         self.loop_start = 0
         self.indent = 1
         self.uses = self._count_uses()
@@ -257,6 +277,75 @@ class KernelRenderer(TileRendererBase):
 
     def count_code(self, layout) -> str:
         return " * ".join(self.block(r) for r in layout) or "1"
+
+    @cached_property
+    def fragments(self) -> bool:
+        """Whether [row, x] values live in mma.sync fragments: a kernel with rows and a tile
+        loop (streamed, split-K and stream-K workers).  A combine has no tile loop and keeps
+        the flat spread (its [rows, workers, x] tiles sit in shared memory, at 16 to 64
+        rows); so do kernels that gather tiles through an index tensor: the per-element page
+        arithmetic, unrolled over a fragment, took paged_prefill's tile loop from 9232 to
+        17898 SASS instructions (430 MUFU) and spilled 8 bytes.  And kernels whose [row, x]
+        state passes the register budget (:meth:`fragment_state`)."""
+        return (self.ranks.row is not None and self.ranks.loop is not None and not self.gathers
+                and self.fragment_state() <= STATE_PER_THREAD)
+
+    def fragment_state(self) -> int:
+        """Floats per thread of the [row, x] loop state as fragments of 64 rows at a head
+        dim of 128 (the bf16 instance): one output state (64) fits beside the tile's S and
+        P fragments; differential's two spilled 12 to 40 bytes on sm_80."""
+        row = self.ranks.row
+        total = 0
+        for st in self.tp.inits:
+            lay = tuple(r for r in self.ranks.vector if r in st.lhs)
+            if len(lay) == 2 and lay[0] == row:
+                total += FRAGMENT_ROWS[0] * (self.tp.tile_size if lay[1] == self.ranks.tile
+                                             else 128) // THREADS
+        return total
+
+    @cached_property
+    def gathers(self) -> bool:
+        """Whether a tile is read through an index tensor (a page table, packed offsets)."""
+        return any(isinstance(n, Access) and any(_indirect(x) for x in n.subscripts)
+                   for st in self.body + self.tp.prologue + self.tp.inits for n in walk(st.expr))
+
+    def fragment_kind(self, layout) -> str | None:
+        """How registers over ``layout`` are spread over the threads: "rx" for [row, x] (the
+        mma.sync accumulator layout, a warp's 16-row groups), "r" for [row] (each thread its
+        fragments' rows), None for the flat spread (thread t: elements t, t + T, ...)."""
+        row = self.ranks.row
+        if not self.fragments or not layout or layout[0] != row or len(layout) > 2:
+            return None
+        return "rx" if len(layout) == 2 else "r"
+
+    def reg_count(self, layout) -> str:
+        """Registers per thread of a value over ``layout``."""
+        kind = self.fragment_kind(layout)
+        if kind == "rx":
+            return f"ATTNC_FRAG({self.block(layout[0])}, {self.block(layout[1])})"
+        if kind == "r":
+            return f"ATTNC_FRAG_ROWS({self.block(layout[0])})"
+        return f"ATTNC_CEIL({self.count_code(layout)})"
+
+    def program_flag(self, code: str) -> str:
+        """A test over the program's grid indices and sizes alone, computed once per program
+        (``const bool pf_N_``) instead of in every element's mask: an integer division by a
+        runtime divisor (``attnc_floordiv(idx_h, G) < HK``) in a fragment's unrolled loop
+        was 64 divisions per tile.  A test reading the tile loop's index stays inline."""
+        loop = self.ranks.loop.lower() if self.ranks.loop else None
+        if loop and re.search(rf"\b{loop}\b", code):
+            return code
+        if code not in self.program_flags:
+            self.program_flags[code] = f"pf_{len(self.program_flags) + 1}_"
+        return self.program_flags[code]
+
+    def temporary(self, prefix: str, layout) -> str:
+        """A register array over ``layout`` for a value made in the tile (not a state)."""
+        name = self.new(f"r_{prefix}")
+        self.state_layout[name] = tuple(layout)
+        self.temporaries.add(name)
+        self.emit(f"float {name}[{self.reg_count(layout)}];")
+        return name
 
     def _count_uses(self) -> dict[str, int]:
         out: dict[str, int] = {}  # (an init may read an input: a sink starts a running max)
@@ -351,11 +440,15 @@ class KernelRenderer(TileRendererBase):
         """Replace state references: registers where the loop maps elements like the state."""
         def sub(m):
             name = m.group(1)
+            if name in self.pending:  # a product is emitted where it is first read
+                self.flush(name)
             lay = self.state_layout[name]
             if not lay:
                 return name
             if registers and lay == tuple(layout):
                 return f"{name}[k_]"
+            if registers and self.fragment_kind(layout) == "rx" and lay == tuple(layout[:1]):
+                return f"{name}[attnc_frag_slot<{self.block(layout[1])}>(k_)]"
             return self.at(self.mirror(name))
         return _STATE_REF.sub(sub, code)
 
@@ -373,12 +466,22 @@ class KernelRenderer(TileRendererBase):
     def elementwise(self, layout, body: list[str], reads_shared: bool = True) -> None:
         """Run ``body`` for every element of ``layout``, thread t owning t, t+T, ... ."""
         body = [self.resolve(b, layout, True) for b in body]
-        if reads_shared:
-            self.sync_if_dirty()
+        if reads_shared and any(_SHARED_NAME.search(b) for b in body):
+            self.sync_if_dirty()  # (a body of registers and global loads needs no barrier)
         if not layout:
             self.emit("{")
             for b in body:
                 self.emit("  " + b)
+            self.emit("}")
+            return
+        kind = self.fragment_kind(layout)
+        if kind is not None:
+            text = "\n".join(body)
+            if "[k_]" in text or "(k_)" in text:
+                self.emit("#pragma unroll")
+            self.emit(f"for (int k_ = 0; k_ < {self.reg_count(layout)}; ++k_) {{")
+            for ln in self.fragment_decode(layout, text) + body:
+                self.emit("  " + ln)
             self.emit("}")
             return
         n = self.count_code(layout)
@@ -391,6 +494,19 @@ class KernelRenderer(TileRendererBase):
             self.emit("    " + ln)
         self.emit("  }")
         self.emit("}")
+
+    def fragment_decode(self, layout, body: str) -> list[str]:
+        """The index variables of element ``k_`` of a thread's fragment over ``layout``."""
+        out = []
+        r = layout[0]
+        if re.search(rf"\b{self.ivar(r)}\b", body):
+            out.append(f"const int {self.ivar(r)} = " + (
+                f"attnc_frag_row<{self.block(layout[1])}>(k_, warp_, lane_);" if len(layout) == 2
+                else "attnc_frag_rows_row(k_, warp_, lane_);"))
+        if len(layout) == 2 and re.search(rf"\b{self.ivar(layout[1])}\b", body):
+            out.append(f"const int {self.ivar(layout[1])} = "
+                       f"attnc_frag_col<{self.block(layout[1])}>(k_, lane_);")
+        return out
 
     # --- index variables -------------------------------------------------------------
     def index_code(self, r: str) -> tuple[str, tuple[str, ...]]:
@@ -466,6 +582,8 @@ class KernelRenderer(TileRendererBase):
             elif not in_own_range(sub, rank):  # m % PG over PG: in range
                 low = "" if _nonneg(sub) else f"{code} >= 0 && "  # m // PG: never negative
                 term = Term(f"({low}{code} < {self.size(rank)})", lay)
+                if not lay:  # a test of the program's own indices (K[h // G] over HK)
+                    term = Term(self.program_flag(term.code), ())
                 if self.full_split and self.in_loop and self.blocked(sub, rank):
                     copy_terms.append(term)  # the copy keeps it; values know it holds
                     term = Term(f"(FULL_ || {term.code})", lay)
@@ -751,9 +869,12 @@ class KernelRenderer(TileRendererBase):
     # --- reductions -----------------------------------------------------------------------
     def reduction(self, e: Reduce, body: CVal, lay, terms: list[Term]) -> CVal:
         """One warp per output element reduces ``body`` over the reduced ranks of ``lay``
-        (see :meth:`TileRendererBase.reduce`)."""
+        (see :meth:`TileRendererBase.reduce`); along the columns of a fragment, the
+        threads of a quad reduce their registers (:meth:`fragment_reduction`)."""
         red = tuple(r for r in lay if r in e.ranks)
         out = tuple(r for r in lay if r not in e.ranks)
+        if self.fragment_kind(lay) == "rx" and red == lay[1:]:
+            return self.fragment_reduction(e, body, lay, terms)
         keep = [t for t in terms if not set(t.layout) & set(red)]
         inner = [t for t in terms if set(t.layout) & set(red)]
         ranges = {self.range_term(r) for r in red}
@@ -808,6 +929,45 @@ class KernelRenderer(TileRendererBase):
             out_terms += [Term(f"({self.size(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner)]
         return CVal(self.at(acc), out, tuple(out_terms))
 
+    def fragment_reduction(self, e: Reduce, body: CVal, lay, terms: list[Term]) -> CVal:
+        """``op[x](body[r, x])`` over a fragment: each thread folds its elements into its
+        rows' registers, then its quad (the 4 lanes sharing those rows) combines them by two
+        shuffles; no shared memory, no barrier.  Before → after::
+
+            for (o_ = warp_; o_ < BLOCK_R; ...) { for (j_ = lane_; ...) acc_ = max(acc_, v_);
+                                                  s_max[o_] = attnc_warp_max(acc_); }
+            ->
+            for (k_ ...) r_max[slot(k_)] = fmaxf(r_max[slot(k_)], v(k_));
+            for (k_ ...) r_max[k_] = attnc_quad_max(r_max[k_]);
+        """
+        out = lay[:1]
+        keep = [t for t in terms if lay[1] not in t.layout]
+        inner = [t for t in terms if lay[1] in t.layout]
+        need_any = bool(inner) and not all(t == self.range_term(lay[1]) for t in inner)
+        fill = {"sum": "0.0f", "max": "(-INFINITY)", "min": "INFINITY"}[e.op]
+        fold = {"sum": "{a} + {v}", "max": "fmaxf({a}, {v})", "min": "fminf({a}, {v})"}[e.op]
+        acc = self.temporary(e.op, out)
+        anyr = self.temporary("any", out) if need_any else None
+        self.emit(f"// {e.op}[{lay[1].lower()}]: the thread's elements, then its quad")
+        self.elementwise(out, [f"{acc}[k_] = {fill};"] + ([f"{anyr}[k_] = 0.0f;"] if anyr else []),
+                         reads_shared=False)
+        slot = f"attnc_frag_slot<{self.block(lay[1])}>(k_)"
+        cond = _conj([t.code for t in keep if set(t.layout) <= set(lay)] + [t.code for t in inner])
+        step = [f"{acc}[{slot}] = {fold.format(a=f'{acc}[{slot}]', v=self.num(body))};"]
+        if anyr:
+            step.append(f"{anyr}[{slot}] = 1.0f;")
+        self.elementwise(lay, [f"if ({cond}) {{ {' '.join(step)} }}" if cond else " ".join(step)])
+        quad = [f"{acc}[k_] = attnc_quad_{e.op}({acc}[k_]);"]
+        if anyr:
+            quad.append(f"{anyr}[k_] = attnc_quad_max({anyr}[k_]);")
+        self.elementwise(out, quad, reads_shared=False)
+        out_terms = list(keep)
+        if anyr:
+            out_terms.append(Term(f"($S{{{anyr}}} != 0.0f)", out))
+        elif inner:
+            out_terms += [Term(f"({self.size(t.layout[0])} > 0)", ()) for t in dict.fromkeys(inner)]
+        return CVal(f"$S{{{acc}}}", out, tuple(out_terms))
+
     def dot(self, e: Reduce, st) -> CVal | None:
         """``sum[r](A[a,r] * B[r,b] * c)`` on tensor cores; None when not that shape."""
         m = self.match_dot(e, st)
@@ -817,8 +977,77 @@ class KernelRenderer(TileRendererBase):
         outer = [self.value(f, st) for f in m.outer]
         if not all(set(o.layout) <= {ra, rb} and not o.is_bool for o in outer):
             return None
-        abuf, bbuf = self.operand(m.a), self.operand(m.b)
         c_lay = self.canon({ra, rb})
+        if self.fragment_kind(c_lay) == "rx":
+            code = self.fragment_dot(m, ra, rb, r, c_lay)
+        else:
+            code = self.shared_dot(m, ra, rb, r, c_lay)
+        terms: tuple[Term, ...] = ()
+        for s in m.scalars:
+            sv = self.value(s, st)
+            code = f"({code} * {self.num(sv)})"
+            terms = _merge_terms(terms, sv.terms)
+        for o in outer:  # a factor constant along r multiplies the product (GLA's decay)
+            code = f"({code} * {self.float_code(o, c_lay)})"
+            terms = _merge_terms(terms, o.terms)
+        a_terms, b_terms = self.dot_input_terms(m)
+        pres = self.dot_presence(a_terms, b_terms, r, ra, rb, c_lay)
+        return CVal(code, c_lay, _merge_terms(terms, pres))
+
+    def fragment_dot(self, m, ra: str, rb: str, r: str, c_lay) -> str:
+        """``sum[r](A B)`` into registers laid out as mma.sync's accumulators (the warp's
+        rows of ``c_lay``); the row operand from registers where it is a fragment the tile
+        computed (P of P·V: no shared round trip), else both from shared tiles.  The product
+        is emitted where its value is first read (:meth:`flush`), or into the state it
+        updates (:meth:`chained_update`)."""
+        row, col = c_lay
+        x_row, x_col = (m.a, m.b) if row == ra else (m.b, m.a)
+        out = self.new("r_dot")
+        self.state_layout[out] = tuple(c_lay)
+        self.temporaries.add(out)
+        kr = self.block(r)
+        if not x_row.loaded and tuple(x_row.layout) == (row, r):
+            bbuf = self.operand(x_col)
+            terms = list(x_row.terms) + [t for t in (self.range_term(q) for q in x_row.layout) if t]
+            mask = _conj(t.code for t in terms)
+            v = self.num(x_row)
+            areg = self.temporary("op", x_row.layout)
+            self.elementwise(x_row.layout, [f"{areg}[k_] = {f'{mask} ? {v} : 0.0f' if mask else v};"])
+            b_row = bbuf.layout == (r, col)
+            self.used_in[bbuf.name].add(self.phase)
+            self.pending[out] = lambda target, acc: [
+                f"// {row.lower()}·{r.lower()} (registers) x {r.lower()}·{col.lower()} on tensor cores"
+                + (f", into {target}" if acc else ""),
+                f"attnc_mma_frag_areg<{self.block(row)}, {self.block(col)}, {kr}, "
+                f"{'true' if b_row else 'false'}, {'true' if acc else 'false'}>("
+                f"{target}, {areg}, {bbuf.name}, {self.ld(bbuf)});"]
+            return f"$S{{{out}}}"
+        abuf, bbuf = self.operand(x_row), self.operand(x_col)
+        a_row, b_row = abuf.layout == (row, r), bbuf.layout == (r, col)
+        for x in (abuf, bbuf):
+            self.used_in[x.name].add(self.phase)
+        self.pending[out] = lambda target, acc: [
+            f"// {row.lower()}·{r.lower()} x {r.lower()}·{col.lower()} on tensor cores, into "
+            + (target if acc else "registers"),
+            f"attnc_mma_frag<{self.block(row)}, {self.block(col)}, {kr}, "
+            f"{'true' if a_row else 'false'}, {'true' if b_row else 'false'}, "
+            f"{'true' if acc else 'false'}>({target}, {abuf.name}, {self.ld(abuf)}, "
+            f"{bbuf.name}, {self.ld(bbuf)});"]
+        return f"$S{{{out}}}"
+
+    def flush(self, name: str, target: str | None = None) -> None:
+        """Emit the pending product ``name``: into its own registers, or (``target``) added
+        to a state's."""
+        call = self.pending.pop(name)
+        if target is None:
+            self.emit(f"float {name}[{self.reg_count(self.state_layout[name])}];")
+        self.sync_if_dirty()  # its shared operands
+        for ln in call(target or name, target is not None):
+            self.emit(ln)
+
+    def shared_dot(self, m, ra: str, rb: str, r: str, c_lay) -> str:
+        """``sum[r](A B)`` into a shared float tile over ``c_lay`` (wmma fragments)."""
+        abuf, bbuf = self.operand(m.a), self.operand(m.b)
         cbuf = self.buffer("dot", c_lay, "float")
         self.sync_if_dirty()
         a_row, b_row, c_row = abuf.layout == (ra, r), bbuf.layout == (r, rb), c_lay == (ra, rb)
@@ -831,18 +1060,7 @@ class KernelRenderer(TileRendererBase):
         for x in (abuf, bbuf, cbuf):
             self.used_in[x.name].add(self.phase)
         self.dirty = True
-        code = self.at(cbuf)
-        terms: tuple[Term, ...] = ()
-        for s in m.scalars:
-            sv = self.value(s, st)
-            code = f"({code} * {self.num(sv)})"
-            terms = _merge_terms(terms, sv.terms)
-        for o in outer:  # a factor constant along r multiplies the product (GLA's decay)
-            code = f"({code} * {self.float_code(o, c_lay)})"
-            terms = _merge_terms(terms, o.terms)
-        a_terms, b_terms = self.dot_input_terms(m)
-        pres = self.dot_presence(a_terms, b_terms, r, ra, rb, c_lay)
-        return CVal(code, c_lay, _merge_terms(terms, pres))
+        return self.at(cbuf)
 
     def masked_operand(self, x: CVal, filt: Term) -> CVal:
         """``x`` under a ``where`` term (no longer a plain load)."""
@@ -885,6 +1103,13 @@ class KernelRenderer(TileRendererBase):
         lay = self.canon(set().union(*(set(t.layout) for t in inner)))
         red = tuple(x for x in lay if x in ranks)
         out = tuple(x for x in lay if x not in ranks)
+        if self.fragment_kind(lay) == "rx" and red == lay[1:]:  # a fragment: the quads
+            anyr = self.temporary("any", out)
+            self.elementwise(out, [f"{anyr}[k_] = 0.0f;"], reads_shared=False)
+            cond = _conj(t.code for t in inner)
+            self.elementwise(lay, [f"if ({cond}) {anyr}[attnc_frag_slot<{self.block(lay[1])}>(k_)] = 1.0f;"])
+            self.elementwise(out, [f"{anyr}[k_] = attnc_quad_max({anyr}[k_]);"], reads_shared=False)
+            return Term(f"($S{{{anyr}}} != 0.0f)", out)
         buf = self.buffer("any", out, "uint8_t")
         cond = self.resolve(_conj(t.code for t in inner), lay, False)
         self.sync_if_dirty()
@@ -909,6 +1134,8 @@ class KernelRenderer(TileRendererBase):
 
     def statement(self, st) -> None:
         self.emit(f"// {print_statement(st)}")
+        if self.chained_update(st):
+            return
         val = self.value(st.expr, st)
         init = isinstance(st, IterativeEinsum) and st.init
         filt = self.filter_term(st, set(st.lhs) - ({st.iter_rank} if init else set()))
@@ -933,7 +1160,12 @@ class KernelRenderer(TileRendererBase):
             return
         calls = any(isinstance(n, (Call,)) or (isinstance(n, Binary) and n.op == "**")
                     for n in walk(st.expr))
-        if self.uses.get(st.tensor, 0) > 1 and calls and not val.code.startswith("s_"):
+        if self.uses.get(st.tensor, 0) > 1 and calls and not val.code.startswith("s_") and \
+                self.fragment_kind(layout) is not None:
+            name = self.temporary(st.tensor.lower(), layout)
+            self.elementwise(layout, [f"{name}[k_] = {code};"])
+            self.values[st.tensor] = CVal(f"$S{{{name}}}", layout, terms)
+        elif self.uses.get(st.tensor, 0) > 1 and calls and not val.code.startswith("s_"):
             buf = self.buffer(st.tensor.lower(), layout, "float")
             self.elementwise(layout, [f"{self.at(buf)} = {code};"])
             self.dirty = True
@@ -944,11 +1176,57 @@ class KernelRenderer(TileRendererBase):
             if self.in_loop and o.name == st.tensor:  # a value per step (the chunked scan)
                 self.store_output(o)
 
+    def chained_update(self, st) -> bool:
+        """A state update ``X[i+1] = D + rest`` whose ``D`` is a pending fragment product read
+        nowhere else: the product accumulates into the state's registers (one accumulation
+        chain, as ``acc = dot(p, v, acc)``), instead of a register array of its own beside
+        the state.  Before → after::
+
+            float r_dot[..]; attnc_mma_frag_areg<.., false>(r_dot, ..);
+            for (k_ ..) if (mask) r_rnv[k_] = r_dot[k_] + r_rnv_prev[k_] * prm[slot];
+            ->
+            for (k_ ..) if (mask) r_rnv[k_] = r_rnv_prev[k_] * prm[slot];
+            attnc_mma_frag_areg<.., true>(r_rnv, ..);
+
+        Where ``mask`` fails the product is added all the same, so every term of the mask
+        must be one under which that is harmless: the product's own presence (where it
+        fails, the product is 0: its operands are zero-filled where absent), a range test of
+        the layout's ranks (padding, never stored: rows and columns do not mix) or a
+        scalar.  Else (a ``where`` on the update): False, the plain update."""
+        if not isinstance(st, IterativeEinsum) or st.init or not isinstance(st.expr, Binary) \
+                or st.expr.op != "+":
+            return False
+        layout = self.lhs_layout(st)
+        if self.fragment_kind(layout) != "rx":
+            return False
+        for dot_side, rest_side in ((st.expr.left, st.expr.right), (st.expr.right, st.expr.left)):
+            if not isinstance(dot_side, Access) or self.uses.get(dot_side.tensor, 0) != 1:
+                continue
+            d = self.value(dot_side, st)
+            ref = _STATE_REF.fullmatch(d.code)
+            if ref is None or ref.group(1) not in self.pending or tuple(d.layout) != tuple(layout):
+                continue
+            rest = self.value(rest_side, st)
+            filt = self.filter_term(st, set(st.lhs))
+            allowed = set(d.terms) | {self.range_term(r) for r in layout}
+            terms = _merge_terms(d.terms, rest.terms, (filt,) if filt else ())
+            if not all(t in allowed or not t.layout for t in terms):
+                return False
+            name = f"r_{st.tensor.lower()}"
+            mask = _conj(t.code for t in terms)
+            target = f"{name}[k_]"
+            code = self.num(rest)
+            self.elementwise(layout, [f"if ({mask}) {target} = {code};" if mask else f"{target} = {code};"])
+            self.flush(ref.group(1), target=name)
+            self.values[st.tensor] = CVal(f"$S{{{name}}}", layout)
+            self.memo.pop(("mirror", name), None)
+            return True
+        return False
+
     def declare_state(self, name: str, layout) -> None:
         self.state_layout[name] = layout
         self.state_layout[f"{name}_prev"] = layout
-        n = self.count_code(layout)
-        self.emit(f"float {name}{f'[ATTNC_CEIL({n})]' if layout else ''};")
+        self.emit(f"float {name}{f'[{self.reg_count(layout)}]' if layout else ''};")
 
     # --- tile range from the guards (TileRendererBase.tile_bounds) ------------------------
     def floor_div(self, a: str, b: str) -> str:
@@ -1005,9 +1283,9 @@ class KernelRenderer(TileRendererBase):
             name = f"r_{t.lower()}"
             lay = self.state_layout[name]
             if lay:
-                self.emit(f"float {name}_prev[ATTNC_CEIL({self.count_code(lay)})];")
+                self.emit(f"float {name}_prev[{self.reg_count(lay)}];")
                 self.emit("#pragma unroll")
-                self.emit(f"for (int k_ = 0; k_ < ATTNC_CEIL({self.count_code(lay)}); ++k_) "
+                self.emit(f"for (int k_ = 0; k_ < {self.reg_count(lay)}; ++k_) "
                           f"{name}_prev[k_] = {name}[k_];")
             else:
                 self.emit(f"const float {name}_prev = {name};")
@@ -1239,6 +1517,7 @@ class KernelSpec:
     define: bool = True       # False: another variant's kernel (the shared split-K combine)
     plan: bool = False        # it probes a block mask per tile: it takes a plan's arguments
     loop: str | None = None   # the rank it loops over (a plan's tile count)
+    row_blocks: tuple = ROW_BLOCKS  # the row blocks the launcher may pick
 
 
 def _kernel_body(kr: KernelRenderer) -> list[str]:
@@ -1276,6 +1555,9 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
         prog.append(f"const long long boff_{t} = " + " + ".join(
             f"(long long)b{k}_ * a.s_{t}[{k}]" for k in range(MAX_BATCH_DIMS)) + ";")
     if r.row:
+        if kr.fragments:
+            pre.append(f"static_assert(BLOCK_{r.row} % (16 * ATTNC_WARPS) == 0, "
+                       f"\"rows in 16-row groups per warp (register fragments)\");")
         block = "(int)(unit_ % n_row_)" if stream else "blockIdx.y"
         prog.append(f"const int row0_ = {block} * BLOCK_{r.row};")
         prog.append(f"const int p_last_ = attnc_imin(row0_ + BLOCK_{r.row}, {cname(r.row)}) - 1;")
@@ -1288,6 +1570,7 @@ def _kernel_body(kr: KernelRenderer) -> list[str]:
     for name, buf in kr.buffers.items():
         decl.append(f"{buf.ctype}* {name} = reinterpret_cast<{buf.ctype}*>(smem_ + cfg::off_{name});")
     prog += [f"const bool {flag} = {code};" for flag, code in kr.vector_flags.items()]
+    prog += [f"const bool {flag} = {code};" for code, flag in kr.program_flags.items()]
     if not stream:
         return ["  " + x for x in pre + prog + decl] + body
     return ["  " + x for x in pre + decl] + _stream_k_lines(kr, prog, body)
@@ -1369,7 +1652,8 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
         state_py=state_py, instances=instances,
         out_ctypes=[_DTYPE_C[o.dtype] if o.dtype else "scalar_t" for o in kr.outputs],
         doc=print_definition(defn).rstrip(), input_ranks=input_ranks, persistent=slot is not None,
-        plan=kr.planned, loop=kr.ranks.loop)
+        plan=kr.planned, loop=kr.ranks.loop,
+        row_blocks=FRAGMENT_ROWS if kr.fragments else ROW_BLOCKS)
 
 
 def _state_layouts(kr: KernelRenderer) -> list[tuple[str, tuple[str, ...]]]:
@@ -1383,12 +1667,12 @@ def _state_layouts(kr: KernelRenderer) -> list[tuple[str, tuple[str, ...]]]:
 
 def _default_blocks(kr: KernelRenderer, blocks: list[str], head: int) -> list[int]:
     """Block sizes the launcher picks at head dim ``head`` (shared memory aside): the largest
-    row block whose register state is at most STATE_PER_THREAD floats per thread.  A rank
+    row block (a kernel of fragments: 64) whose register state is at most STATE_PER_THREAD floats per thread.  A rank
     that is a constant ``let`` (a split's key tile M0, its worker count W) takes that size."""
     fixed = {let.name: max(16, -(-int(let.value) // 16) * 16) for let in kr.defn.lets
              if getattr(let.value, "is_Integer", False)}
     sizes = {b: 2 if b == STAGES else fixed.get(b, head) for b in blocks}
-    for rows in ROW_BLOCKS:
+    for rows in FRAGMENT_ROWS if kr.fragments else ROW_BLOCKS:
         if kr.ranks.row:
             sizes[kr.ranks.row] = rows
         state = sum(-(-math.prod(sizes.get(r, kr.tp.tile_size or 1) for r in lay) // THREADS)

@@ -66,7 +66,8 @@ def test_renders_both_files(path):
     assert set(files) == {f"{stem}.cu", f"{stem}.py"}
     cu = files[f"{stem}.cu"]
     # a decode without a query rank (one query per head) has no matrix product to run there
-    assert "attnc_mma<" in cu or path in NO_CONTRACTION, "no tensor-core contraction in the kernel"
+    calls = re.findall(r"\battnc_mma(?:_frag|_frag_areg)?<BLOCK_", cu)  # (not the helpers)
+    assert calls or path in NO_CONTRACTION, "no tensor-core contraction in the kernel"
     assert "for (int m1 = tile_lo_" in cu or "for (int e1 = tile_lo_" in cu
     compile(files[f"{stem}.py"], f"{stem}.py", "exec")
 
@@ -295,10 +296,11 @@ def test_launcher_validates_under_emulation(tmp_path, monkeypatch):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
 @pytest.mark.parametrize("path,name,tag,ctype,blocks,f32", [
     # (the last block: the ring of K/V stages, STAGES_)
-    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [16, 80, 80, 2], "tf32"),  # decode, head 80
-    ("causal.attn", "causal_softmax", "f16", "__half", [16, 256, 256, 1], "tf32"),          # head 256
-    ("causal.attn", "causal_softmax", "f32", "float", [16, 64, 64, 2], "tf32"),             # tf32 wmma
-    ("causal.attn", "causal_softmax_stream", "f32", "float", [16, 64, 64, 2], "ieee"),      # fp32 FMA
+    # (the first: the row block, 64 rows in 16-row groups per warp for register fragments)
+    ("gqa_decode.attn", "gqa_decode", "bf16", "__nv_bfloat16", [64, 80, 80, 2], "tf32"),  # decode, head 80
+    ("causal.attn", "causal_softmax", "f16", "__half", [64, 256, 256, 1], "tf32"),          # head 256
+    ("causal.attn", "causal_softmax", "f32", "float", [64, 64, 64, 2], "tf32"),             # tf32 mma.sync
+    ("causal.attn", "causal_softmax_stream", "f32", "float", [64, 64, 64, 2], "ieee"),      # fp32 FMA
 ])
 def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, blocks, f32, tmp_path,
                                                       monkeypatch):
@@ -314,27 +316,36 @@ def test_launcher_builds_a_loadable_library_with_nvcc(path, name, tag, ctype, bl
 
 
 def test_launcher_picks_blocks_that_fit_registers_and_shared_memory(tmp_path):
+    import inspect
+
     pytest.importorskip("torch")
     mod = load_launcher("causal.attn", tmp_path)
     a100 = 163 * 1024
 
-    def pick(rows, head):
+    def pick(rows, head, row_blocks=(64,)):
         blocks = {"E": mod._pad16(head), "F": mod._pad16(head), "M0": 64}
         return mod._blocks("causal_softmax", "P", rows, blocks, lambda B: mod._causal_softmax_smem(B, 2),
                            lambda B: sum(-(-n // 128) for n in [B["P"], B["P"], B["P"] * B["F"]]), a100,
-                           staged=True)
-    assert pick(1, 128)["P"] == 16            # decode
-    assert pick(4096, 64)["P"] == 64
-    assert pick(4096, 128)["P"] == 32         # 64 rows: 66 state floats per thread
-    assert pick(4096, 256)["P"] == 16         # 32 rows x 256: 66 state floats per thread
+                           staged=True, row_blocks=row_blocks)
+    # the streamed kernel holds register fragments: 64 rows (16 per warp), whatever the head
+    assert "row_blocks=[64]" in inspect.getsource(mod._causal_softmax_blocks)
+    assert pick(1, 128)["P"] == pick(4096, 64)["P"] == pick(4096, 256)["P"] == 64
     assert pick(4096, 96)["E"] == 96          # non-power-of-two head dims pad to 16 only
     # K and V a tile ahead (two stages) where both stages fit, one stage past that
     assert pick(4096, 128)["STAGES_"] == 2
-    assert pick(4096, 256)["STAGES_"] == 1
+    assert pick(4096, 256)["STAGES_"] == 1    # 64 x 264 x 2 B x (1 + 2 x 2 stages) > 163 KB
     assert mod._causal_softmax_smem(dict(pick(4096, 128), STAGES_=2), 2) > \
         mod._causal_softmax_smem(dict(pick(4096, 128), STAGES_=1), 2)
     with pytest.raises(ValueError, match="shared memory"):
         pick(4096, 1024)
+
+    # a kernel of the flat spread (a combine): the largest row block whose state fits
+    def flat(rows, head):
+        return pick(rows, head, (64, 32, 16))
+    assert flat(1, 128)["P"] == 16            # decode
+    assert flat(4096, 64)["P"] == 64
+    assert flat(4096, 128)["P"] == 32         # 64 rows: 66 state floats per thread
+    assert flat(4096, 256)["P"] == 16         # 32 rows x 256: 66 state floats per thread
 
 
 # --- emulated numerics against the numpy references ------------------------------------------------
@@ -384,6 +395,40 @@ def test_emulated_kernel_matches_reference(path, case, emulated, monkeypatch):
     arrays, params = ref.make_inputs(np.random.default_rng(case), ref.sizes[case])
     got = getattr(get(path), ref.definition)(*[torch.from_numpy(a) for a in arrays], **params)
     check(got, ref.reference(*arrays, **params))
+
+
+BF16_EMULATED = ["causal.attn", "alibi.attn", "softcap.attn", "sliding_window.attn",
+                 "gqa_decode.attn", "differential.attn", "paged_decode.attn"]
+
+
+@pytest.mark.parametrize("variant", ["fused", "split", "stream"])
+@pytest.mark.parametrize("path", BF16_EMULATED)
+def test_emulated_bfloat16_tiles_run_the_16bit_fragment_path(path, variant, emulated, monkeypatch):
+    """bfloat16 inputs under ATTNC_CUDA_EMULATE_16BIT=1 keep 16-bit tiles: Q·Kᵀ from
+    ldmatrix fragments, P·V with P packed from the accumulator registers, both on
+    mma.m16n8k16 as the PTX ISA lays out its operands (the emulator's, warp by warp). A
+    wrong fragment address, a missing .trans or a mispacked pair moves whole 8x8 tiles: the
+    error is then of the output's size, not bfloat16's rounding."""
+    import torch
+
+    get, root = emulated
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE_16BIT", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(root / "cache"))
+    if variant != "fused":
+        monkeypatch.setenv("ATTNC_SPLIT" if variant == "split" else "ATTNC_STREAM_K", "3")
+    ref = EXAMPLES[path]
+    arrays, params = ref.make_inputs(np.random.default_rng(7), ref.sizes[-1])
+    tensors = [torch.from_numpy(a).bfloat16() if a.dtype.kind == "f" else torch.from_numpy(a)
+               for a in arrays]
+    rounded = [t.double().numpy() if t.is_floating_point() else a for t, a in zip(tensors, arrays)]
+    got = getattr(get(path), ref.definition)(*tensors, **params)
+    for g, e in zip(as_tuple(got), as_tuple(ref.reference(*rounded, **params))):
+        assert g.dtype == torch.bfloat16
+        g = g.double().numpy()
+        assert g.shape == e.shape and np.all(np.isfinite(g))
+        scale = max(1.0, np.max(np.abs(e), initial=0.0))
+        assert np.max(np.abs(g - e), initial=0.0) <= 2e-2 * scale
 
 
 def test_emulated_kernel_broadcasts_batch_dims(emulated, monkeypatch):
@@ -563,8 +608,8 @@ STREAM_SIZES = {
     "lse.attn": {"P": 2, "M": 77, "E": 4, "F": 6},
     "differential.attn": {"P": 2, "M": 77, "E": 4, "F": 3},
     "sinks_window.attn": {"P": 2, "M": 77, "E": 4, "F": 3, "sinks": 3, "window": 20},
-    "causal.attn": {"P": 37, "M": 45, "E": 4, "F": 3},
-    "alibi.attn": {"H": 3, "P": 37, "M": 45, "E": 4, "F": 3},
+    "causal.attn": {"P": 77, "M": 85, "E": 4, "F": 3},
+    "alibi.attn": {"H": 3, "P": 77, "M": 45, "E": 4, "F": 3},
 }
 STREAM_WORKERS = (1, 2, 3, 7, 13, 10_000)
 
@@ -588,8 +633,6 @@ def test_emulated_stream_k_matches_reference(path, workers, emulated, monkeypatc
     ref = EXAMPLES[path]
     mod = get(path)
     sizes = STREAM_SIZES[path]
-    if sizes["P"] > 16:
-        monkeypatch.setattr(mod, "_STATE_PER_THREAD", 0)  # the smallest row block: 16 rows
     calls = _spy_runs(mod, monkeypatch)
     arrays, params = batched_inputs(ref, sizes, seed=sizes["P"] + sizes["M"])
     got = getattr(mod, ref.definition)(*[torch.from_numpy(a) for a in arrays], **params)
@@ -597,8 +640,9 @@ def test_emulated_stream_k_matches_reference(path, workers, emulated, monkeypatc
     name = calls[0][0] if calls else None
     assert [c[0] for c in calls] == [name, name.removesuffix("_stream") + "_split_combine"], calls
     assert name.endswith("_stream"), calls
-    # the slots: W = _stream_slots(n_tiles, min(workers, n_tiles), M1)
-    n_row = -(-sizes["P"] // 16)
+    # the slots: W = _stream_slots(n_tiles, min(workers, n_tiles), M1); two row blocks of 64
+    # rows (register fragments: 16 per warp)
+    n_row = -(-sizes["P"] // 64)
     units = 2 * n_row * sizes.get("H", 1)
     tiles = -(-sizes["M"] // 16)
     n_tiles = units * tiles
@@ -607,7 +651,7 @@ def test_emulated_stream_k_matches_reference(path, workers, emulated, monkeypatc
 
 
 def test_emulated_stream_k_with_default_row_blocks(emulated, monkeypatch):
-    """causal at P = 37 in its default 64-row block: one row block per unit."""
+    """causal at P = 77 in its 64-row blocks: two row blocks per unit."""
     import torch
 
     get, root = emulated
@@ -702,7 +746,7 @@ def test_launcher_float32_element_type_and_flags(tmp_path, monkeypatch):
     assert mod._kernel_type(torch.float32, True) == ("f32", "float")
     assert mod._kernel_type(torch.float64, True) == ("exact", "float")
     monkeypatch.delenv("ATTNC_CUDA_F32", raising=False)  # exact float32 by default
-    assert mod._defines("f32", False) == ["-DATTNC_F32_IEEE"] and mod._defines("f32", True) == []
+    assert mod._defines("f32", False) == ["-DATTNC_F32_IEEE"] == mod._defines("f32", True)
     assert mod._defines("f16", False) == [] and mod._defines("exact", True) == []
     monkeypatch.setenv("ATTNC_CUDA_F32", "tf32")
     assert mod._defines("f32", False) == [] and mod._defines("f32", True) == ["-DATTNC_EMULATE_TF32"]

@@ -227,6 +227,7 @@ class KernelRenderer(TileRendererBase):
     bounds: TileBounds | None = None  # its tile ranges (bound-tiles)
     outputs: tuple | None = None      # what the kernel stores (default: the definition's outputs)
     slot: str | None = None           # a stream-K worker: the workspace rank indexed by ``slot_``
+    flat: bool = False                # the flat spread everywhere (no register fragments)
 
     def __post_init__(self):
         self.defn = self.tp.cascade
@@ -253,6 +254,7 @@ class KernelRenderer(TileRendererBase):
         self.temporaries: set[str] = set()  # register values that are not loop state
         self.pending: dict = {}  # fragment products not emitted yet: name -> lines(target, acc)
         self.program_flags: dict[str, str] = {}  # a test of the program's indices -> its flag
+        self.fragment_products = 0  # products rendered into register fragments
         self.loop_start = 0
         self.indent = 1
         self.uses = self._count_uses()
@@ -281,13 +283,13 @@ class KernelRenderer(TileRendererBase):
     @cached_property
     def fragments(self) -> bool:
         """Whether [row, x] values live in mma.sync fragments: a kernel with rows and a tile
-        loop (streamed, split-K and stream-K workers).  A combine has no tile loop and keeps
-        the flat spread (its [rows, workers, x] tiles sit in shared memory, at 16 to 64
-        rows); so do kernels that gather tiles through an index tensor: the per-element page
-        arithmetic, unrolled over a fragment, took paged_prefill's tile loop from 9232 to
-        17898 SASS instructions (430 MUFU) and spilled 8 bytes.  And kernels whose [row, x]
-        state passes the register budget (:meth:`fragment_state`)."""
-        return (self.ranks.row is not None and self.ranks.loop is not None and not self.gathers
+        loop (streamed, split-K and stream-K workers) whose [row, x] state passes the
+        register budget (:meth:`fragment_state`).  A combine has no tile loop and keeps the
+        flat spread (its [rows, workers, x] tiles sit in shared memory, at 16 to 64 rows);
+        so does a kernel that runs no product into a fragment (:func:`kernel_spec` renders it
+        again flat: a decode whose rows are the value dim took 4677 instructions per tile
+        with fragments against 2679 flat)."""
+        return (not self.flat and self.ranks.row is not None and self.ranks.loop is not None
                 and self.fragment_state() <= STATE_PER_THREAD)
 
     def fragment_state(self) -> int:
@@ -302,12 +304,6 @@ class KernelRenderer(TileRendererBase):
                 total += FRAGMENT_ROWS[0] * (self.tp.tile_size if lay[1] == self.ranks.tile
                                              else 128) // THREADS
         return total
-
-    @cached_property
-    def gathers(self) -> bool:
-        """Whether a tile is read through an index tensor (a page table, packed offsets)."""
-        return any(isinstance(n, Access) and any(_indirect(x) for x in n.subscripts)
-                   for st in self.body + self.tp.prologue + self.tp.inits for n in walk(st.expr))
 
     def fragment_kind(self, layout) -> str | None:
         """How registers over ``layout`` are spread over the threads: "rx" for [row, x] (the
@@ -1003,6 +999,7 @@ class KernelRenderer(TileRendererBase):
         row, col = c_lay
         x_row, x_col = (m.a, m.b) if row == ra else (m.b, m.a)
         out = self.new("r_dot")
+        self.fragment_products += 1
         self.state_layout[out] = tuple(c_lay)
         self.temporaries.add(out)
         kr = self.block(r)
@@ -1626,6 +1623,11 @@ def kernel_spec(defn: Definition, tp: TileProgram, *, name: str | None = None,
     kr = KernelRenderer(tp, ranks=ranks, bounds=bounds,
                         outputs=None if outputs is None else tuple(outputs), slot=slot)
     body = _kernel_body(kr)
+    if kr.fragments and not kr.fragment_products:  # fragments without a product: flat
+        kr = KernelRenderer(tp, ranks=ranks, bounds=bounds,
+                            outputs=None if outputs is None else tuple(outputs), slot=slot,
+                            flat=True)
+        body = _kernel_body(kr)
     input_ranks = list(dict.fromkeys(r for a in defn.tensor_args for r in a.ranks))
     lets = [(pyname(let.name), size_code(let.value, True, "math"), str(let.value)) for let in defn.lets]
     params = [(pyname(p.name), p.name, default_code(p.default) if p.default is not None else None,

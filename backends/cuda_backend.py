@@ -460,7 +460,8 @@ class KernelRenderer(TileRendererBase):
         return self.memo[key]
 
     def elementwise(self, layout, body: list[str], reads_shared: bool = True) -> None:
-        """Run ``body`` for every element of ``layout``, thread t owning t, t+T, ... ."""
+        """Run ``body`` for every element of ``layout`` a thread owns: its fragment's
+        (:meth:`fragment_kind`), else elements t, t + T, ... of thread t."""
         body = [self.resolve(b, layout, True) for b in body]
         if reads_shared and any(_SHARED_NAME.search(b) for b in body):
             self.sync_if_dirty()  # (a body of registers and global loads needs no barrier)
@@ -1663,7 +1664,8 @@ def _state_layouts(kr: KernelRenderer) -> list[tuple[str, tuple[str, ...]]]:
     loop that stores an output at every step (the chunked scan: the chunk's block it adds
     and the state it stores are register arrays of the state's size beside it; 64 rows of
     a 128-wide state spilled 400 bytes on sm_80 and sm_90)."""
-    once = [(n, lay) for n, lay in kr.state_layout.items() if not n.endswith("_prev")]
+    once = [(n, lay) for n, lay in kr.state_layout.items()
+            if not n.endswith("_prev") and n not in kr.temporaries]
     return once * 2 if kr.stepped_outputs() else once
 
 

@@ -431,6 +431,46 @@ def test_emulated_bfloat16_tiles_run_the_16bit_fragment_path(path, variant, emul
         assert np.max(np.abs(g - e), initial=0.0) <= 2e-2 * scale
 
 
+TWO_OUTPUTS = """\
+attention two(Q[P,E], K[M,E], V[M,F]) -> (AV[P,F], LSE[P]: f32) {
+  QK[p,m] = Q[p,e] * K[m,e]
+  GM[p]   = max[m](QK[p,m])
+  SN[p,m] = exp(QK[p,m] - GM[p])
+  SD[p]   = sum[m](SN[p,m])
+  LSE[p]  = GM[p] + log(SD[p])
+  AV[p,f] = SN[p,m] * V[m,f] / SD[p]
+}
+"""
+
+
+def test_emulated_bfloat16_outputs_take_the_inputs_dtype_unless_declared(tmp_path, monkeypatch):
+    """Under 16-bit emulation an undeclared output is bfloat16 like the inputs and a declared
+    f32 one float32 (the declared-16-bit check looks at the declared outputs only)."""
+    import torch
+
+    if CXX is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE", "1")
+    monkeypatch.setenv("ATTNC_CUDA_EMULATE_16BIT", "1")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    from attnc.frontends import parse
+
+    files = compile_module(parse(TWO_OUTPUTS, "two.attn"), "cuda", "two")[1]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    spec = importlib.util.spec_from_file_location("attnc_cuda_test_two", tmp_path / "two.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, 16, generator=g).bfloat16() for n in (70, 90, 90))
+    av, lse = mod.two(q, k, v)
+    assert av.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    s = q.double() @ k.double().T
+    assert float((av.double() - torch.softmax(s, -1) @ v.double()).abs().max()) < 2e-2
+    assert float((lse.double() - torch.logsumexp(s, -1)).abs().max()) < 1e-5
+
+
 def test_emulated_kernel_broadcasts_batch_dims(emulated, monkeypatch):
     import torch
 

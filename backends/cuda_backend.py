@@ -1006,11 +1006,8 @@ class KernelRenderer(TileRendererBase):
         kr = self.block(r)
         if not x_row.loaded and tuple(x_row.layout) == (row, r):
             bbuf = self.operand(x_col)
-            terms = list(x_row.terms) + [t for t in (self.range_term(q) for q in x_row.layout) if t]
-            mask = _conj(t.code for t in terms)
-            v = self.num(x_row)
             areg = self.temporary("op", x_row.layout)
-            self.elementwise(x_row.layout, [f"{areg}[k_] = {f'{mask} ? {v} : 0.0f' if mask else v};"])
+            self.elementwise(x_row.layout, [f"{areg}[k_] = {self.zero_filled(x_row)};"])
             b_row = bbuf.layout == (r, col)
             self.used_in[bbuf.name].add(self.phase)
             self.pending[out] = lambda target, acc: [
@@ -1064,6 +1061,13 @@ class KernelRenderer(TileRendererBase):
         """``x`` under a ``where`` term (no longer a plain load)."""
         return dataclasses.replace(x, terms=_merge_terms(x.terms, (filt,)), loaded=False)
 
+    def zero_filled(self, x: CVal) -> str:
+        """``x`` as a matrix-product operand: 0 where absent or out of range."""
+        terms = list(x.terms) + [t for t in (self.range_term(r) for r in x.layout) if t]
+        mask = _conj(t.code for t in terms)
+        v = self.num(x)
+        return f"{mask} ? {v} : 0.0f" if mask else v
+
     def operand(self, x: CVal) -> Buffer:
         """A 16-bit shared tile holding ``x`` (0 where absent): its load, or a converted copy."""
         if x.loaded and x.buf is not None:
@@ -1071,11 +1075,8 @@ class KernelRenderer(TileRendererBase):
         key = ("operand", x)
         if key not in self.memo:
             buf = self.buffer("op", x.layout, "scalar_t")
-            terms = list(x.terms) + [t for t in (self.range_term(r) for r in x.layout) if t]
-            mask = _conj(t.code for t in terms)
-            v = self.num(x)
             self.elementwise(x.layout, [f"{self.at(buf)} = attnc_from_float<scalar_t>("
-                                        f"{f'{mask} ? {v} : 0.0f' if mask else v});"])
+                                        f"{self.zero_filled(x)});"])
             self.dirty = True
             self.memo[key] = buf
         return self.memo[key]
